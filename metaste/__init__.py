@@ -1,0 +1,31 @@
+"""metaste: quantization-aware training that does better than the straight-through estimator.
+
+Public API::
+
+    model = metaste.quantize_model(model, bits=2)            # the substrate
+    opt = metaste.FOGZO(torch.optim.SGD(model.parameters(), lr=0.1))
+    loss = opt.step(lambda: loss_fn(model(x), y))             # the wrapper runs backward
+"""
+
+from .quant import (
+    QuantConv2d,
+    QuantLinear,
+    lookup,
+    make_surrogate,
+    quantize_model,
+    quantized_weights,
+    register,
+    surrogate_parameters,
+)
+
+__all__ = [
+    "QuantConv2d",
+    "QuantLinear",
+    "lookup",
+    "make_surrogate",
+    "quantize_model",
+    "quantized_weights",
+    "register",
+    "surrogate_parameters",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Data, models, methods and the ``metaste compare`` command shared by examples and benchmarks."""

@@ -1,0 +1,88 @@
+"""Training methods compared by ``metaste compare`` (one registry; each issue adds its own).
+
+A :class:`Method` says how to quantize the model (``quant``: overrides of the task's
+``quantize_model`` settings, or ``None`` for the float reference) and how to build the
+optimizer (``build``: from the model and a :class:`RunContext`). Every optimizer is driven the
+same way by :func:`train_step`: wrappers through ``step(closure)``, plain optimizers through
+zero_grad / backward / step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from ..optim._wrapper import OptimizerWrapper
+
+__all__ = ["Method", "RunContext", "METHODS", "register_method", "train_step", "base_optimizer"]
+
+
+@dataclass
+class RunContext:
+    """What a method may need to build its optimizer."""
+
+    optimizer: str  # "sgd" | "adam" | "adamw": the task's base optimizer
+    lr: float
+    total_steps: int
+    seed: int
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    extra: dict = field(default_factory=dict)  # method options from the command line
+
+
+def base_optimizer(model: nn.Module, ctx: RunContext, name: str | None = None) -> Optimizer:
+    """The plain torch optimizer named ``name`` (default: the task's) over model.parameters()."""
+    name = name or ctx.optimizer
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(
+            params, lr=ctx.lr, momentum=ctx.momentum, weight_decay=ctx.weight_decay
+        )
+    if name == "adam":
+        return torch.optim.Adam(params, lr=ctx.lr, weight_decay=ctx.weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=ctx.lr, weight_decay=ctx.weight_decay)
+    raise ValueError(f"Unknown base optimizer {name!r}; choose 'sgd', 'adam' or 'adamw'")
+
+
+@dataclass
+class Method:
+    name: str
+    description: str
+    quant: dict | None  # quantize_model overrides; None = float reference (no quantization)
+    build: Callable[[nn.Module, RunContext], Optimizer]
+    # forward-pass equivalents per step (an STE step = 3: forward + backward ≈ 2 forwards)
+    fwd_equiv: Callable[[RunContext], float] = lambda ctx: 3.0
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+def train_step(opt: Optimizer, closure: Callable[[], torch.Tensor]) -> float:
+    """One optimizer step on ``closure`` (which returns the loss without backward)."""
+    if isinstance(opt, OptimizerWrapper):
+        return float(opt.step(closure))
+    opt.zero_grad(set_to_none=True)
+    loss = closure()
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+register_method(
+    Method("fp32", "float model, base optimizer (the accuracy ceiling)", None, base_optimizer)
+)
+register_method(
+    Method("ste", "quantized model, plain STE with the base optimizer", {}, base_optimizer)
+)

@@ -1,0 +1,306 @@
+"""Forward quantizers (SPEC §1) as autograd Functions whose backward applies a surrogate ψ.
+
+Signed b-bit grid: Qn = 2^(b−1), Qp = 2^(b−1) − 1; forward v̂ = round(clip(v/s, −Qn, Qp))·s
+(``torch.round``: half to even). The backward never relies on ``clamp``'s own gradient:
+∂L/∂v = ∂L/∂v̂ · ψ(v/s), and for a learnable step (LSQ)
+∂v̂/∂s = round(u) − u inside [−Qn, Qp], −Qn below, Qp above, times g = 1/sqrt(N·Qp).
+
+``deferred``: a quantizer whose ``defer_surrogate`` flag is set returns ∂L/∂v = ∂L/∂v̂ (ψ ≡ 1)
+so that an optimizer wrapper can apply ψ after backward, on the complete (accumulated,
+all-reduced) gradient — the HyperSTE design (SPEC §3.1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .surrogates import Surrogate, make_surrogate
+
+__all__ = [
+    "Quantizer",
+    "FixedScaleQuantizer",
+    "LSQQuantizer",
+    "DoReFaBinaryQuantizer",
+    "ActivationLSQQuantizer",
+    "QUANTIZERS",
+    "signed_grid",
+    "check_bits",
+    "check_weight_dtype",
+]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+_S_EPS = 1e-8  # lower clamp of a learnable step size
+
+
+def check_bits(bits: int) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"bits must be an int, got {type(bits).__name__}")
+    if not 1 <= bits <= 16:
+        raise ValueError(f"Invalid bits: {bits}; metaste supports 1 <= bits <= 16")
+    return bits
+
+
+def signed_grid(bits: int) -> tuple[int, int]:
+    """(Qn, Qp) of the signed grid; binary uses Qn = Qp = 1 (SPEC §0, §2 decision)."""
+    check_bits(bits)
+    if bits == 1:
+        return 1, 1
+    return 2 ** (bits - 1), 2 ** (bits - 1) - 1
+
+
+def check_weight_dtype(w: Tensor, what: str = "weight") -> None:
+    if w.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{what} has dtype {w.dtype}; metaste quantizes float32/float64 latent weights only "
+            f"(integer and reduced-precision latents such as bfloat16 swallow the small updates "
+            f"QAT relies on). Convert with .float() first."
+        )
+
+
+def _channel_view(x: Tensor, ndim: int) -> Tensor:
+    return x.view((-1,) + (1,) * (ndim - 1))
+
+
+class _RoundQuantFn(torch.autograd.Function):
+    """v̂ = clamp(round(v/s), −Qn, Qp)·s; backward: ψ for v, the LSQ formula for s."""
+
+    @staticmethod
+    def forward(ctx, v, s, qn, qp, quantizer, grad_scale):  # type: ignore[override]
+        u = v / s
+        c = torch.clamp(torch.round(u), -qn, qp)
+        ctx.save_for_backward(v, s)
+        ctx.qn, ctx.qp, ctx.quantizer, ctx.grad_scale = qn, qp, quantizer, grad_scale
+        return c * s
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        v, s = ctx.saved_tensors
+        qn, qp, q = ctx.qn, ctx.qp, ctx.quantizer
+        u = v / s
+        gv = gs = None
+        if ctx.needs_input_grad[0]:
+            gv = g if q.defer_surrogate else g * q.surrogate.psi(u, qn, qp)
+        if ctx.needs_input_grad[1]:
+            c = torch.clamp(torch.round(u), -qn, qp)
+            dvds = torch.where(u < -qn, -qn, torch.where(u > qp, qp, c - u))
+            gs = (g * dvds).sum_to_size(s.shape) * ctx.grad_scale
+        return gv, gs, None, None, None, None
+
+
+class _SignQuantFn(torch.autograd.Function):
+    """DoReFa binary: v̂ = sign(v)·E (sign(0) = +1, E detached); backward ψ(v / u_scale)."""
+
+    @staticmethod
+    def forward(ctx, v, e, u_scale, quantizer):  # type: ignore[override]
+        ctx.save_for_backward(v, u_scale)
+        ctx.quantizer = quantizer
+        return torch.where(v >= 0, e, -e)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        v, u_scale = ctx.saved_tensors
+        q = ctx.quantizer
+        gv = g if q.defer_surrogate else g * q.surrogate.psi(v / u_scale, 1, 1)
+        return gv, None, None, None
+
+
+class Quantizer(nn.Module):
+    """Base class of weight quantizers.
+
+    Every weight quantizer exposes what optimizer wrappers need from the parameter alone:
+    ``qn``, ``qp``, ``surrogate`` (a :class:`~metaste.quant.surrogates.Surrogate`),
+    ``scale(weight)`` (the current step s, broadcastable to the weight) and
+    ``u(weight)`` = weight / scale, the surrogate's argument.
+    """
+
+    qn: int
+    qp: int
+    bits: int
+
+    def __init__(self, surrogate: Surrogate) -> None:
+        super().__init__()
+        self.surrogate = surrogate
+        self.defer_surrogate = False
+
+    @property
+    def ste_kind(self) -> str:
+        """FOGZO smoothing kind of this quantizer's STE (SPEC §4.2)."""
+        return self.surrogate.ste_kind
+
+    def scale(self, weight: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def u(self, weight: Tensor) -> Tensor:
+        return weight / self.scale(weight)
+
+    @torch.no_grad()
+    def codes(self, weight: Tensor) -> Tensor:
+        """Integer codes in [−Qn, Qp] (binary: ±1), as an integer tensor."""
+        c = torch.clamp(torch.round(weight / self.scale(weight)), -self.qn, self.qp)
+        return c.to(torch.int8 if self.bits <= 8 else torch.int32)
+
+
+class FixedScaleQuantizer(Quantizer):
+    """Uniform signed quantizer with a fixed (untrained) step ``s`` (buffer).
+
+    ``init``: ``"max"`` (s = max|v|/Qp), ``"lsq"`` (s = 2·mean|v|/sqrt(Qp)) or a float.
+    """
+
+    def __init__(
+        self,
+        weight: Tensor,
+        bits: int,
+        surrogate: Surrogate,
+        per_channel: bool = False,
+        init: str | float = "max",
+    ) -> None:
+        super().__init__(surrogate)
+        self.bits = check_bits(bits)
+        if bits == 1:
+            raise ValueError("bits=1 needs a sign quantizer: use quantizer='dorefa'")
+        self.qn, self.qp = signed_grid(bits)
+        _check_per_channel(weight, per_channel)
+        self.per_channel = per_channel
+        if isinstance(init, (int, float)):
+            s = torch.full(_scale_shape(weight, per_channel), float(init), dtype=weight.dtype)
+        elif init == "max":
+            s = _reduce(weight.detach().abs(), per_channel, "amax") / self.qp
+        elif init == "lsq":
+            s = 2 * _reduce(weight.detach().abs(), per_channel, "mean") / math.sqrt(self.qp)
+        else:
+            raise ValueError(f"Invalid init: {init!r}; choose 'max', 'lsq' or a float")
+        self.register_buffer("s", torch.clamp(s, min=_S_EPS).to(weight.device))
+
+    def scale(self, weight: Tensor) -> Tensor:
+        return self.s
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return _RoundQuantFn.apply(weight, self.s, self.qn, self.qp, self, 1.0)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, per_channel={self.per_channel}"
+
+
+class LSQQuantizer(Quantizer):
+    """LSQ (Esser et al. 2020): learnable step ``s`` (a Parameter, trained by the base optimizer),
+    init s0 = 2·mean|v|/sqrt(Qp) (per output channel if ``per_channel``), gradient scale
+    g = 1/sqrt(N·Qp) with N the elements sharing that s; s is clamped to ≥ 1e−8 in forward."""
+
+    def __init__(
+        self, weight: Tensor, bits: int, surrogate: Surrogate, per_channel: bool = False
+    ) -> None:
+        super().__init__(surrogate)
+        self.bits = check_bits(bits)
+        if bits == 1:
+            raise ValueError("bits=1 needs a sign quantizer: use quantizer='dorefa'")
+        self.qn, self.qp = signed_grid(bits)
+        _check_per_channel(weight, per_channel)
+        self.per_channel = per_channel
+        s0 = 2 * _reduce(weight.detach().abs(), per_channel, "mean") / math.sqrt(self.qp)
+        self.s = nn.Parameter(torch.clamp(s0, min=_S_EPS))
+        n = weight[0].numel() if per_channel else weight.numel()
+        self.grad_scale = 1.0 / math.sqrt(n * self.qp)
+
+    def scale(self, weight: Tensor) -> Tensor:
+        return self.s.detach().clamp(min=_S_EPS)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        s = self.s.clamp(min=_S_EPS)
+        return _RoundQuantFn.apply(weight, s, self.qn, self.qp, self, self.grad_scale)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, per_channel={self.per_channel}"
+
+
+class DoReFaBinaryQuantizer(Quantizer):
+    """DoReFa 1-bit weights: v̂ = sign(v)·E, E = mean|v| (detached), sign(0) = +1.
+
+    ``binary_surrogate_scale``: the surrogate sees u = v/E (``"E"``, default) or u = v
+    (``"one"``). With ``"E"`` the clipped STE zeroes ≈ 42 % of Gaussian weights (SPEC §1).
+    """
+
+    bits = 1
+    qn = qp = 1
+
+    def __init__(self, surrogate: Surrogate, binary_surrogate_scale: str = "E") -> None:
+        super().__init__(surrogate)
+        if binary_surrogate_scale not in ("E", "one"):
+            raise ValueError(
+                f"Invalid binary_surrogate_scale: {binary_surrogate_scale!r}; choose 'E' or 'one'"
+            )
+        self.binary_surrogate_scale = binary_surrogate_scale
+
+    def magnitude(self, weight: Tensor) -> Tensor:
+        """E = mean|v| (detached)."""
+        return weight.detach().abs().mean()
+
+    def scale(self, weight: Tensor) -> Tensor:
+        if self.binary_surrogate_scale == "E":
+            return self.magnitude(weight).clamp(min=_S_EPS)
+        return torch.ones((), dtype=weight.dtype, device=weight.device)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return _SignQuantFn.apply(weight, self.magnitude(weight), self.scale(weight), self)
+
+    @torch.no_grad()
+    def codes(self, weight: Tensor) -> Tensor:
+        return torch.where(weight >= 0, 1, -1).to(torch.int8)
+
+    def extra_repr(self) -> str:
+        return f"bits=1, binary_surrogate_scale={self.binary_surrogate_scale!r}"
+
+
+class ActivationLSQQuantizer(nn.Module):
+    """Unsigned LSQ for activations after ReLU: Qn = 0, Qp = 2^b − 1, clipped STE backward,
+    s learnable, initialised from the first training batch to 2·mean|x|/sqrt(Qp)."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.qn, self.qp = 0, 2**bits - 1
+        self.s = nn.Parameter(torch.ones(()))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.surrogate = make_surrogate("ste")
+        self.defer_surrogate = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not bool(self.initialized):
+            if not self.training:
+                raise RuntimeError(
+                    "activation quantizer used in eval mode before any training batch set its "
+                    "step size; run one forward in train mode (or recalibrate) first"
+                )
+            with torch.no_grad():
+                self.s.copy_(2 * x.detach().abs().mean() / math.sqrt(self.qp) + _S_EPS)
+                self.initialized.fill_(True)
+        gscale = 1.0 / math.sqrt(x[0].numel() * self.qp) if x.dim() > 1 else 1.0
+        return _RoundQuantFn.apply(x, self.s.clamp(min=_S_EPS), self.qn, self.qp, self, gscale)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, unsigned"
+
+
+QUANTIZERS = ("fixed", "lsq", "dorefa")
+
+
+def _check_per_channel(weight: Tensor, per_channel: bool) -> None:
+    if per_channel and weight.dim() < 2:
+        raise ValueError(
+            f"per_channel=True needs a weight with >= 2 dims (one scale per output channel), "
+            f"got shape {tuple(weight.shape)}; use per_channel=False"
+        )
+
+
+def _scale_shape(weight: Tensor, per_channel: bool) -> tuple[int, ...]:
+    return (weight.shape[0],) + (1,) * (weight.dim() - 1) if per_channel else ()
+
+
+def _reduce(x: Tensor, per_channel: bool, how: str) -> Tensor:
+    if not per_channel:
+        return getattr(x, how)()
+    flat = x.reshape(x.shape[0], -1)
+    r = flat.amax(dim=1) if how == "amax" else flat.mean(dim=1)
+    return _channel_view(r, x.dim())

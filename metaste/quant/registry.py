@@ -1,0 +1,86 @@
+"""The parameter registry: quantized weight ``Parameter`` → its quantizer (SPEC §1).
+
+Optimizer wrappers receive parameters, not modules; the registry lets them find, from the
+parameter alone, the step ``s`` (:meth:`QuantEntry.scale`), the grid (Qn, Qp), the surrogate
+and the STE kind FOGZO smooths with. Keys are held weakly by identity, so a deleted model
+leaves no trace.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["QuantEntry", "register", "lookup", "quantized_weights", "surrogate_parameters"]
+
+_REGISTRY: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+@dataclass(frozen=True)
+class QuantEntry:
+    """What a wrapper needs to know about one quantized weight."""
+
+    weight: nn.Parameter
+    quantizer: nn.Module
+
+    @property
+    def qn(self) -> int:
+        return self.quantizer.qn
+
+    @property
+    def qp(self) -> int:
+        return self.quantizer.qp
+
+    @property
+    def surrogate(self):
+        return self.quantizer.surrogate
+
+    @property
+    def ste_kind(self) -> str:
+        """``"identity"`` for round-based grids, ``"hardtanh"``/``"tanh"``/``"approxsign"``
+        for binary weights (SPEC §4.2)."""
+        return self.quantizer.ste_kind
+
+    def scale(self) -> Tensor:
+        """The current step s (detached), broadcastable to the weight."""
+        return self.quantizer.scale(self.weight.detach())
+
+    def u(self) -> Tensor:
+        """The weight in step units, u = v / s (detached)."""
+        return self.quantizer.u(self.weight.detach())
+
+
+def register(weight: nn.Parameter, quantizer: nn.Module) -> None:
+    """Record that ``weight`` is quantized by ``quantizer`` (layers call this themselves)."""
+    _REGISTRY[weight] = weakref.ref(quantizer)
+
+
+def lookup(param: Tensor) -> QuantEntry | None:
+    """The registry entry of ``param``, or ``None`` if it is not a quantized weight."""
+    ref = _REGISTRY.get(param)
+    q = ref() if ref is not None else None
+    return None if q is None else QuantEntry(param, q)
+
+
+def quantized_weights(model: nn.Module) -> Iterator[tuple[str, QuantEntry]]:
+    """(name, entry) for every quantized weight of ``model``."""
+    for name, p in model.named_parameters():
+        entry = lookup(p)
+        if entry is not None:
+            yield name, entry
+
+
+def surrogate_parameters(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """(qualified name, tensor) of every learnable surrogate parameter of ``model``.
+
+    They are buffers — outside ``model.parameters()`` so the base optimizer never trains them,
+    inside ``state_dict()`` so checkpoints keep them (SPEC §2 decision).
+    """
+    for mname, module in model.named_modules():
+        if getattr(module, "learnable", False) and hasattr(module, "param_names"):
+            for pname in module.param_names:
+                yield (f"{mname}.{pname}" if mname else pname), getattr(module, pname)
