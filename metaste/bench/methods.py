@@ -39,9 +39,7 @@ def base_optimizer(model: nn.Module, ctx: RunContext, name: str | None = None) -
     name = name or ctx.optimizer
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "sgd":
-        return torch.optim.SGD(
-            params, lr=ctx.lr, momentum=ctx.momentum, weight_decay=ctx.weight_decay
-        )
+        return torch.optim.SGD(params, lr=ctx.lr, momentum=ctx.momentum, weight_decay=ctx.weight_decay)
     if name == "adam":
         return torch.optim.Adam(params, lr=ctx.lr, weight_decay=ctx.weight_decay)
     if name == "adamw":
@@ -80,9 +78,5 @@ def train_step(opt: Optimizer, closure: Callable[[], torch.Tensor]) -> float:
     return float(loss.detach())
 
 
-register_method(
-    Method("fp32", "float model, base optimizer (the accuracy ceiling)", None, base_optimizer)
-)
-register_method(
-    Method("ste", "quantized model, plain STE with the base optimizer", {}, base_optimizer)
-)
+register_method(Method("fp32", "float model, base optimizer (the accuracy ceiling)", None, base_optimizer))
+register_method(Method("ste", "quantized model, plain STE with the base optimizer", {}, base_optimizer))

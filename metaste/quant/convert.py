@@ -153,9 +153,7 @@ def _swap(module: nn.Module, wq: Quantizer, aq: ActivationLSQQuantizer | None) -
     factory = dict(device=module.weight.device, dtype=module.weight.dtype)
     has_bias = module.bias is not None
     if type(module) is nn.Linear:
-        new = QuantLinear(
-            module.in_features, module.out_features, wq, has_bias, aq, **factory
-        )
+        new = QuantLinear(module.in_features, module.out_features, wq, has_bias, aq, **factory)
     else:
         new = QuantConv2d(
             module.in_channels,

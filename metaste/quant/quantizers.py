@@ -189,9 +189,7 @@ class LSQQuantizer(Quantizer):
     init s0 = 2·mean|v|/sqrt(Qp) (per output channel if ``per_channel``), gradient scale
     g = 1/sqrt(N·Qp) with N the elements sharing that s; s is clamped to ≥ 1e−8 in forward."""
 
-    def __init__(
-        self, weight: Tensor, bits: int, surrogate: Surrogate, per_channel: bool = False
-    ) -> None:
+    def __init__(self, weight: Tensor, bits: int, surrogate: Surrogate, per_channel: bool = False) -> None:
         super().__init__(surrogate)
         self.bits = check_bits(bits)
         if bits == 1:

@@ -117,9 +117,7 @@ def slste(u: Tensor, a: Tensor, qn: float, qp: float) -> Tensor:
     return a * ((au >= -qn) & (au <= qp)).to(u.dtype)
 
 
-def slste_grad(
-    u: Tensor, a: Tensor, qn: float, qp: float, boundary: str = "none", b: float = 0.5
-) -> Tensor:
+def slste_grad(u: Tensor, a: Tensor, qn: float, qp: float, boundary: str = "none", b: float = 0.5) -> Tensor:
     """∂ψ/∂a of SLSTE, element-wise (same shape as ``u``; SPEC §2).
 
     ``"none"``: 1{a ≤ τ(u)} = ψ/a (what autograd gives; thesis Lemma 4.5.1).
@@ -156,9 +154,7 @@ def dlste(u: Tensor, a_n: Tensor, a_p: Tensor, qn: float, qp: float) -> Tensor:
     return neg + pos
 
 
-def dlste_grad(
-    u: Tensor, a_n: Tensor, a_p: Tensor, qn: float, qp: float
-) -> tuple[Tensor, Tensor]:
+def dlste_grad(u: Tensor, a_n: Tensor, a_p: Tensor, qn: float, qp: float) -> tuple[Tensor, Tensor]:
     """(∂ψ/∂a_n, ∂ψ/∂a_p) of DLSTE, element-wise; each zero outside its side's band."""
     in_n = ((u <= 0) & (a_n * u >= -qn)).to(u.dtype)
     in_p = ((u > 0) & (a_p * u <= qp)).to(u.dtype)
@@ -210,9 +206,7 @@ class Surrogate(nn.Module):
     def ste_kind(self) -> str:
         if not self.binary:
             return "identity"
-        return {"tanh": "tanh", "approxsign": "approxsign", "pwl": "approxsign"}.get(
-            self.name, "hardtanh"
-        )
+        return {"tanh": "tanh", "approxsign": "approxsign", "pwl": "approxsign"}.get(self.name, "hardtanh")
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, binary={self.binary}"
@@ -395,7 +389,5 @@ def make_surrogate(
     if name in LEARNABLE_SURROGATES:
         if kwargs:
             raise TypeError(f"learnable surrogate {name!r} takes no extra arguments {sorted(kwargs)}")
-        return LearnableSurrogate(
-            name, weight_shape, granularity, a_min, a_max, boundary, b, binary=binary
-        )
+        return LearnableSurrogate(name, weight_shape, granularity, a_min, a_max, boundary, b, binary=binary)
     return FixedSurrogate(name, binary=binary, **kwargs)
