@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from .layers import QuantConv2d, QuantLinear
@@ -57,6 +58,7 @@ def make_weight_quantizer(
         a_min=a_min,
         a_max=a_max,
         boundary=boundary,
+        dtype=weight.dtype,
         **(surrogate_kwargs or {}),
     )
     psi.to(device=weight.device)
@@ -93,9 +95,11 @@ def quantize_model(
     """Return ``model`` with every ``nn.Linear``/``nn.Conv2d`` swapped for ``QuantLinear``/
     ``QuantConv2d`` (exact types only; subclasses are left alone).
 
-    Weights and biases are copied exactly. The last such layer (in ``named_modules`` order)
-    stays in full precision unless ``keep_last=False`` (the thesis's setting); ``keep_fp``
-    names more modules to keep, e.g. the first layer.
+    Weights and biases are copied exactly; the global RNG state is left untouched (building the
+    new layers draws no random numbers from the caller's stream). The last such layer (in
+    ``named_modules`` order, i.e. registration order) stays in full precision unless
+    ``keep_last=False`` (the thesis's setting); ``keep_fp`` names more modules to keep, e.g. the
+    first layer — a single name or several; naming a container keeps everything inside it.
 
     Args:
         bits: weight bits, 1..16 (1 = DoReFa binary, needs ``quantizer="dorefa"``).
@@ -112,7 +116,7 @@ def quantize_model(
     check_bits(bits)
     if act_bits is not None:
         check_bits(act_bits)
-    keep = set(keep_fp)
+    keep = {keep_fp} if isinstance(keep_fp, str) else set(keep_fp)
     names = {n for n, _ in model.named_modules()}
     missing = sorted(keep - names)
     if missing:
@@ -140,7 +144,7 @@ def quantize_model(
         binary_surrogate_scale=binary_surrogate_scale,
     )
     for name, module in list(model.named_modules()):
-        if name in keep or type(module) not in _SWAPPABLE:
+        if type(module) not in _SWAPPABLE or any(name == k or name.startswith(k + ".") for k in keep):
             continue
         wq = make_weight_quantizer(module.weight, **qkw)
         aq = ActivationLSQQuantizer(act_bits).to(module.weight.device) if act_bits else None
@@ -150,6 +154,14 @@ def quantize_model(
 
 
 def _swap(module: nn.Module, wq: Quantizer, aq: ActivationLSQQuantizer | None) -> nn.Module:
+    device = module.weight.device
+    # the layer constructors run reset_parameters (random init, overwritten below): fork the RNG
+    # so that quantizing a model does not shift the caller's random stream
+    with torch.random.fork_rng(devices=[device] if device.type != "cpu" else [], device_type=device.type):
+        return _build_swapped(module, wq, aq)
+
+
+def _build_swapped(module: nn.Module, wq: Quantizer, aq: ActivationLSQQuantizer | None) -> nn.Module:
     factory = dict(device=module.weight.device, dtype=module.weight.dtype)
     has_bias = module.bias is not None
     if type(module) is nn.Linear:

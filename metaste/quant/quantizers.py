@@ -164,7 +164,9 @@ class FixedScaleQuantizer(Quantizer):
         self.qn, self.qp = signed_grid(bits)
         _check_per_channel(weight, per_channel)
         self.per_channel = per_channel
-        if isinstance(init, (int, float)):
+        if isinstance(init, (int, float)) and not isinstance(init, bool):
+            if not (math.isfinite(init) and init > 0):
+                raise ValueError(f"Invalid init step: {init}; a float init must be finite and > 0")
             s = torch.full(_scale_shape(weight, per_channel), float(init), dtype=weight.dtype)
         elif init == "max":
             s = _reduce(weight.detach().abs(), per_channel, "amax") / self.qp

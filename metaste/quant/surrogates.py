@@ -127,7 +127,7 @@ def slste_grad(u: Tensor, a: Tensor, qn: float, qp: float, boundary: str = "none
     au = a * u
     inside = ((au >= -qn) & (au <= qp)).to(u.dtype)
     if boundary == "none":
-        return inside.expand_as(u) if inside.shape != u.shape else inside
+        return inside
     if boundary != "window":
         raise ValueError(f"Invalid boundary: {boundary!r}; choose one of {BOUNDARIES}")
     safe_u = torch.where(u == 0, torch.ones_like(u), u)
@@ -189,7 +189,9 @@ class Surrogate(nn.Module):
     """Base class: ``psi(u, qn, qp)`` evaluates ψ element-wise for a weight in step units.
 
     ``ste_kind`` is the smoothing kind FOGZO uses for a weight with this surrogate (SPEC §4.2):
-    ``"identity"`` for round-based quantizers, a sign kind for binary weights.
+    ``"identity"`` for round-based quantizers, a sign kind for binary weights: ``tanh`` → tanh;
+    ``approxsign``, ``pwl``, ``plste``, ``dlste`` (triangular at a = 1) → approxsign; the rest
+    (``ste``, ``hardtanh``, ``fd``, ``slste``, ``identity``: box-shaped) → hardtanh.
     """
 
     name: str = ""
@@ -206,7 +208,11 @@ class Surrogate(nn.Module):
     def ste_kind(self) -> str:
         if not self.binary:
             return "identity"
-        return {"tanh": "tanh", "approxsign": "approxsign", "pwl": "approxsign"}.get(self.name, "hardtanh")
+        if self.name == "tanh":
+            return "tanh"
+        if self.name in ("approxsign", "pwl", "plste", "dlste"):
+            return "approxsign"
+        return "hardtanh"
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, binary={self.binary}"
@@ -379,15 +385,21 @@ def make_surrogate(
     a_max: float = A_MAX_DEFAULT,
     boundary: str = "none",
     b: float = 0.5,
+    dtype: torch.dtype = torch.float32,
     **kwargs: float,
 ) -> Surrogate:
     """Build a surrogate by name: a fixed one (``kwargs``: ``h``, ``temperature``) or a learnable
-    one (``weight_shape``, ``granularity``, clamp, boundary)."""
+    one (``weight_shape``, ``granularity``, clamp, boundary, parameter ``dtype``). ``granularity``
+    and ``boundary`` are validated for every name, so a typo never passes silently."""
     if not isinstance(name, str):
         raise TypeError(f"surrogate must be a name (str), got {type(name).__name__}")
     _check_name(name, SURROGATES, "surrogate")
+    _check_name(granularity, GRANULARITIES, "granularity")
+    _check_name(boundary, BOUNDARIES, "boundary")
     if name in LEARNABLE_SURROGATES:
         if kwargs:
             raise TypeError(f"learnable surrogate {name!r} takes no extra arguments {sorted(kwargs)}")
-        return LearnableSurrogate(name, weight_shape, granularity, a_min, a_max, boundary, b, binary=binary)
+        return LearnableSurrogate(
+            name, weight_shape, granularity, a_min, a_max, boundary, b, binary=binary, dtype=dtype
+        )
     return FixedSurrogate(name, binary=binary, **kwargs)
