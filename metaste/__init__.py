@@ -10,22 +10,28 @@ Public API::
 from .quant import (
     QuantConv2d,
     QuantLinear,
+    export_quantized,
     lookup,
     make_surrogate,
     quantize_model,
     quantized_weights,
+    recalibrate_bn,
     register,
     surrogate_parameters,
+    to_integer_model,
 )
 
 __all__ = [
     "QuantConv2d",
     "QuantLinear",
+    "export_quantized",
     "lookup",
     "make_surrogate",
     "quantize_model",
     "quantized_weights",
+    "recalibrate_bn",
     "register",
     "surrogate_parameters",
+    "to_integer_model",
 ]
 __version__ = "0.1.0"

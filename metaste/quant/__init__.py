@@ -1,6 +1,8 @@
 """The quantization substrate: forward quantizers, surrogates, layers, conversion, registry."""
 
+from .bn import recalibrate_bn
 from .convert import make_weight_quantizer, quantize_model
+from .export import IntegerConv2d, IntegerLinear, QuantizedWeight, export_quantized, to_integer_model
 from .layers import QuantConv2d, QuantLayer, QuantLinear
 from .quantizers import (
     ActivationLSQQuantizer,
@@ -17,19 +19,25 @@ __all__ = [
     "DoReFaBinaryQuantizer",
     "FixedScaleQuantizer",
     "FixedSurrogate",
+    "IntegerConv2d",
+    "IntegerLinear",
     "LSQQuantizer",
     "LearnableSurrogate",
     "QuantConv2d",
     "QuantEntry",
     "QuantLayer",
     "QuantLinear",
+    "QuantizedWeight",
     "Quantizer",
     "Surrogate",
+    "export_quantized",
     "lookup",
     "make_surrogate",
     "make_weight_quantizer",
     "quantize_model",
     "quantized_weights",
+    "recalibrate_bn",
     "register",
     "surrogate_parameters",
+    "to_integer_model",
 ]
