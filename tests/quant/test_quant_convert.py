@@ -100,7 +100,9 @@ def test_quantized_cnn_output_equals_a_hand_built_fake_quant_forward_with_activa
         seen[name] = s
         return torch.clamp(torch.round(t / s), 0, 7) * s
 
-    h = torch.relu(nn.functional.conv2d(act(0, x), _fake_quant(model[0].weight.detach(), 2), model[0].bias, padding=1))
+    h = torch.relu(
+        nn.functional.conv2d(act(0, x), _fake_quant(model[0].weight.detach(), 2), model[0].bias, padding=1)
+    )
     h = torch.relu(nn.functional.conv2d(act(2, h), _fake_quant(model[2][0].weight.detach(), 2), stride=2))
     h = model[4](h.flatten(1))
     h = torch.relu(nn.functional.linear(act(5, h), _fake_quant(model[5].weight.detach(), 2), model[5].bias))

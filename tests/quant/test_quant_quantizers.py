@@ -102,7 +102,9 @@ def test_quantizer_backward_multiplies_by_a_learnable_psi_at_its_current_paramet
         psi = p[0] * ((p[0] * u >= -2) & (p[0] * u <= 1))
     else:
         a_n, a_p = (p[0], p[0]) if surrogate == "plste" else p
-        psi = torch.where(u <= 0, (2 * a_n * (1 + a_n * u / 2)).clamp(min=0), (2 * a_p * (1 - a_p * u)).clamp(min=0))
+        psi = torch.where(
+            u <= 0, (2 * a_n * (1 + a_n * u / 2)).clamp(min=0), (2 * a_p * (1 - a_p * u)).clamp(min=0)
+        )
     torch.testing.assert_close(w.grad, g * psi)
     assert not torch.equal(w.grad, g * (u.abs() <= 1))  # the parameters mattered
 

@@ -214,7 +214,9 @@ def test_slste_window_dpsi_da_matches_hand_table():
 
 
 @pytest.mark.parametrize("granularity", ["element", "channel", "tensor"])
-@pytest.mark.parametrize("name,boundary", [("slste", "none"), ("slste", "window"), ("plste", "none"), ("dlste", "none")])
+@pytest.mark.parametrize(
+    "name,boundary", [("slste", "none"), ("slste", "window"), ("plste", "none"), ("dlste", "none")]
+)
 def test_psi_differentiable_gradient_is_dpsi_summed_to_the_parameter_shape(granularity, name, boundary):
     gen = torch.Generator().manual_seed(1)
     shape = (4, 6)
