@@ -13,6 +13,7 @@ all-reduced) gradient — the HyperSTE design (SPEC §3.1).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -255,7 +256,8 @@ class DoReFaBinaryQuantizer(Quantizer):
 
 class ActivationLSQQuantizer(nn.Module):
     """Unsigned LSQ for activations after ReLU: Qn = 0, Qp = 2^b − 1, clipped STE backward,
-    s learnable, initialised from the first training batch to 2·mean|x|/sqrt(Qp)."""
+    s learnable, initialised from the first training batch to 2·mean|x|/sqrt(Qp). Negative
+    inputs in that batch raise a warning: the unsigned grid clips them to 0."""
 
     def __init__(self, bits: int) -> None:
         super().__init__()
@@ -272,6 +274,13 @@ class ActivationLSQQuantizer(nn.Module):
                 raise RuntimeError(
                     "activation quantizer used in eval mode before any training batch set its "
                     "step size; run one forward in train mode (or recalibrate) first"
+                )
+            if bool((x < 0).any()):
+                warnings.warn(
+                    f"unsigned {self.bits}-bit activation quantizer got negative inputs (min "
+                    f"{x.min().item():.3g}); they are clipped to 0. Put it after a ReLU, or keep the "
+                    "layer that reads them in full precision (quantize_model(..., keep_fp=[name])).",
+                    stacklevel=1,
                 )
             with torch.no_grad():
                 self.s.copy_(2 * x.detach().abs().mean() / math.sqrt(self.qp) + _S_EPS)

@@ -88,6 +88,7 @@ def test_quantized_mlp_output_equals_a_hand_built_fake_quant_forward(bits):
     assert torch.equal(q(x), ref)
 
 
+@pytest.mark.filterwarnings("ignore:unsigned .*negative inputs")
 def test_quantized_cnn_output_equals_a_hand_built_fake_quant_forward_with_activation_quantizers():
     model = _cnn()
     q = metaste.quantize_model(model, bits=2, act_bits=3)

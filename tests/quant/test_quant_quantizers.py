@@ -1,6 +1,7 @@
 """Forward quantizers and their backward (SPEC §1): LSQ, fixed, DoReFa, activation LSQ."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -154,6 +155,7 @@ def test_dorefa_backward_uses_u_over_e_or_over_one(scale):
     assert torch.equal(expected != 0, torch.tensor(pattern, dtype=torch.bool))
 
 
+@pytest.mark.filterwarnings("ignore:unsigned .*negative inputs")
 def test_activation_quantizer_is_unsigned_lsq_initialised_from_the_first_batch():
     x = torch.rand(16, 5, dtype=torch.float32) * 3 - 0.5
     aq = ActivationLSQQuantizer(2)
@@ -173,3 +175,13 @@ def test_activation_quantizer_refuses_eval_before_its_step_is_set():
     aq = ActivationLSQQuantizer(4).eval()
     with pytest.raises(RuntimeError, match="eval mode"):
         aq(torch.rand(2, 3))
+
+
+def test_activation_quantizer_warns_once_when_its_first_batch_has_negative_inputs():
+    aq = ActivationLSQQuantizer(2)
+    with pytest.warns(UserWarning, match="negative inputs"):
+        aq(torch.tensor([[-1.0, 2.0]]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        aq(torch.tensor([[-1.0, 2.0]]))
+        ActivationLSQQuantizer(2)(torch.rand(3, 4))
