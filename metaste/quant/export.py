@@ -34,8 +34,8 @@ class QuantizedWeight:
 
     ``codes``: int8 (bits ≤ 8) or int32, in [−Qn, Qp] (binary ±1); ``scale``: a scalar or one
     step per output channel, broadcastable to ``codes``; ``bias`` as in the float layer;
-    ``act_bits``/``act_scale``: the input-activation quantizer (unsigned, codes in [0, 2^b − 1])
-    if the layer has one.
+    ``act_bits``/``act_scale``: the input-activation quantizer, if the layer has one (codes in
+    [−Qn, Qp] of its signed or unsigned grid).
     """
 
     codes: Tensor

@@ -177,11 +177,27 @@ def test_activation_quantizer_refuses_eval_before_its_step_is_set():
         aq(torch.rand(2, 3))
 
 
-def test_activation_quantizer_warns_once_when_its_first_batch_has_negative_inputs():
-    aq = ActivationLSQQuantizer(2)
+def test_unsigned_activation_quantizer_warns_once_when_its_first_batch_has_negative_inputs():
+    aq = ActivationLSQQuantizer(2, signed=False)
     with pytest.warns(UserWarning, match="negative inputs"):
         aq(torch.tensor([[-1.0, 2.0]]))
+    assert (aq.qn, aq.qp) == (0, 3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         aq(torch.tensor([[-1.0, 2.0]]))
-        ActivationLSQQuantizer(2)(torch.rand(3, 4))
+        ActivationLSQQuantizer(2, signed=False)(torch.rand(3, 4))
+
+
+def test_activation_quantizer_picks_the_signed_grid_from_a_first_batch_with_negatives():
+    aq = ActivationLSQQuantizer(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = aq(torch.tensor([[-1.0, 2.0, 0.5]]))
+    assert bool(aq.signed) and (aq.qn, aq.qp) == (4, 3)
+    assert (y < 0).any()
+    fresh = ActivationLSQQuantizer(3)
+    fresh.load_state_dict(aq.state_dict())
+    assert (fresh.qn, fresh.qp) == (4, 3)
+    relu_fed = ActivationLSQQuantizer(3)
+    relu_fed(torch.rand(4, 5))
+    assert not bool(relu_fed.signed) and (relu_fed.qn, relu_fed.qp) == (0, 7)
