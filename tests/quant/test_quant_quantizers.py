@@ -158,7 +158,7 @@ def test_dorefa_backward_uses_u_over_e_or_over_one(scale):
 @pytest.mark.filterwarnings("ignore:unsigned .*negative inputs")
 def test_activation_quantizer_is_unsigned_lsq_initialised_from_the_first_batch():
     x = torch.rand(16, 5, dtype=torch.float32) * 3 - 0.5
-    aq = ActivationLSQQuantizer(2)
+    aq = ActivationLSQQuantizer(2, signed=False)
     out = aq(x.requires_grad_())
     s0 = 2 * x.detach().abs().mean() / math.sqrt(3)
     torch.testing.assert_close(aq.s.detach(), s0)
