@@ -1,5 +1,6 @@
 """Optimizer wrappers: FOGZO (SPEC §4) and HyperSTE (SPEC §3)."""
 
 from ._wrapper import NonFiniteLossError, OptimizerWrapper
+from .hyperste import HyperSTE
 
-__all__ = ["NonFiniteLossError", "OptimizerWrapper"]
+__all__ = ["HyperSTE", "NonFiniteLossError", "OptimizerWrapper"]

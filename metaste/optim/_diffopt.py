@@ -1,0 +1,135 @@
+"""The base optimizer's update as a differentiable function of the surrogate parameters (SPEC §3.2).
+
+This is the one place where metaste builds ``v_{t+1}(θ) = OPT(v_t, g_t ⊙ ψ(u_t; θ), state_t)``
+with a graph back to θ. Every hypergradient method (``delayed`` here; the horizon methods
+``fagu``/``pfagu``/``lgatt`` of SPEC §3.3–3.4) uses it the same way::
+
+    rec = record_update(optimizer, params)        # before optimizer.step(): v_t, state_t, hparams
+    optimizer.step()                              # the real update, untouched
+    ...
+    theta = [a.detach().requires_grad_()]         # leaf copies of the surrogate parameters
+    grads = [g_t * psi_differentiable(surrogate, u_t, qn, qp, theta)]
+    v_next = differentiable_update(rec, grads)    # v_{t+1} as a function of theta
+    h = torch.autograd.grad(v_next, theta, grad_outputs=[dL_dv_next])   # ⟨λ, ∂v_{t+1}/∂θ⟩
+
+An :class:`UpdateRecord` holds detached clones only (no graph), so it can be kept across steps
+and saved in a ``state_dict`` (:meth:`UpdateRecord.state_dict`): a checkpoint taken between
+recording and use resumes exactly.
+
+How the differentiable update is computed: torch.optim's own ``differentiable=True`` mode
+(SGD, Adam, AdamW, NAdam, RAdam, Adamax, Adagrad, Adadelta, RMSprop, Rprop, ASGD) drives a
+fresh instance of the base optimizer's class over cloned parameters and cloned state, so the
+real optimizer and parameters are never touched. Three repairs:
+
+* SGD with momentum detaches its first momentum buffer (``buf = grad.detach().clone()``); the
+  clone starts from a zero buffer with ``dampening = 0`` instead, which gives the same value
+  (``0·m + 1·grad``) with the graph kept.
+* Optimizers that divide by a root of a second-moment estimate (everything except SGD/ASGD)
+  have an infinite derivative where that estimate is exactly 0; autograd turns it into NaN
+  (0·∞). Elements whose surrogate gradient is exactly 0 are therefore fed to the clone as
+  detached zeros: their contribution to the hypergradient is dropped (it is 0 for SLSTE in
+  ``boundary="none"`` mode anyway, where ψ = 0 ⇒ ∂ψ/∂a = 0).
+* An optimizer class without a ``differentiable`` mode (third-party) falls back to treating the
+  update as ``v − lr·g`` for the hypergradient only, with a warning.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = ["UpdateRecord", "record_update", "differentiable_update", "has_differentiable_mode"]
+
+# optimizers whose update is linear in the gradient: no second-moment root, nothing to mask
+_LINEAR_IN_GRAD = (torch.optim.SGD, torch.optim.ASGD)
+
+
+def has_differentiable_mode(optimizer_cls: type[Optimizer]) -> bool:
+    """Whether ``optimizer_cls`` takes torch.optim's ``differentiable=True`` flag."""
+    return "differentiable" in inspect.signature(optimizer_cls.__init__).parameters
+
+
+def _clone_value(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, Tensor) else copy.deepcopy(value)
+
+
+@dataclass
+class UpdateRecord:
+    """Inputs of one base-optimizer update of some parameters, detached (no graph).
+
+    Attributes:
+        optimizer_cls: the base optimizer's class.
+        params: v_t, one clone per parameter.
+        states: the optimizer state of each parameter *before* the update (cloned).
+        groups: the hyperparameters of each parameter's group at the update (no ``"params"``),
+            e.g. the ``lr`` a scheduler had set.
+    """
+
+    optimizer_cls: type[Optimizer]
+    params: list[Tensor]
+    states: list[dict[str, Any]]
+    groups: list[dict[str, Any]]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"params": self.params, "states": self.states, "groups": self.groups}
+
+    @classmethod
+    def from_state_dict(cls, optimizer_cls: type[Optimizer], sd: dict[str, Any]) -> UpdateRecord:
+        return cls(optimizer_cls, list(sd["params"]), list(sd["states"]), list(sd["groups"]))
+
+
+def record_update(optimizer: Optimizer, params: list[Tensor]) -> UpdateRecord:
+    """Snapshot what :func:`differentiable_update` needs; call it right before ``optimizer.step()``."""
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    groups = [{k: _clone_value(v) for k, v in group_of[id(p)].items() if k != "params"} for p in params]
+    states = [{k: _clone_value(v) for k, v in optimizer.state.get(p, {}).items()} for p in params]
+    return UpdateRecord(type(optimizer), [p.detach().clone() for p in params], states, groups)
+
+
+def differentiable_update(record: UpdateRecord, grads: list[Tensor]) -> list[Tensor]:
+    """v_{t+1} for each recorded parameter, as a differentiable function of ``grads``.
+
+    ``grads`` are the gradients the update would have used (same order as ``record.params``),
+    typically ``g ⊙ ψ(u; θ)`` with a graph to θ. The record is not modified.
+    """
+    cls = record.optimizer_cls
+    if not has_differentiable_mode(cls):
+        warnings.warn(
+            f"{cls.__name__} has no differentiable=True mode: the hypergradient treats its update "
+            "as v - lr*g (plain SGD); use a torch.optim optimizer for the exact update",
+            stacklevel=2,
+        )
+        return [p - g * float(hp["lr"]) for p, g, hp in zip(record.params, grads, record.groups)]
+    mask = not issubclass(cls, _LINEAR_IN_GRAD)
+    clones, groups = [], []
+    for p, hp in zip(record.params, record.groups):
+        hp = {k: _clone_value(v) for k, v in hp.items()}
+        hp["differentiable"] = True
+        for flag in ("foreach", "fused"):  # differentiable mode is single-tensor only
+            if flag in hp:
+                hp[flag] = False
+        clone = p.clone()  # a leaf that does not require grad: in-place updates build the graph
+        clones.append(clone)
+        groups.append({**hp, "params": [clone]})
+    # the constructor's defaults decide whether step() runs with grad enabled
+    sig = inspect.signature(cls.__init__).parameters
+    opt = cls(groups, differentiable=True, **{f: False for f in ("foreach", "fused") if f in sig})
+    for clone, g, state, group in zip(clones, grads, record.states, opt.param_groups):
+        state = {k: _clone_value(v) for k, v in state.items()}
+        if issubclass(cls, torch.optim.SGD) and group["momentum"] != 0 and "momentum_buffer" not in state:
+            # SGD's first step detaches buf = grad; 0·m + 1·grad is the same value with the graph
+            state["momentum_buffer"] = torch.zeros_like(clone)
+            group["dampening"] = 0.0
+        if state:
+            opt.state[clone] = state
+        # exact-zero surrogate gradients enter as detached zeros (see the module docstring)
+        clone.grad = torch.where(g.detach() == 0, g.detach(), g) if mask else g
+    opt.step()
+    return clones

@@ -1,0 +1,1 @@
+"""HyperSTE methods (SPEC §3): one module per method, dispatched by ``HyperSTE(method=...)``."""

@@ -1,0 +1,162 @@
+"""``method="analytical"``: the self-consistent SLSTE update of thesis 4.1/4.3/4.6.1 (SPEC §3.1).
+
+The math is the plain function :func:`analytical_update`; :class:`Analytical` is the
+bookkeeping (history g⁻, d⁻, η_w; diagnostics) around it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ...quant.surrogates import slste, slste_grad
+from ._common import HyperMethod, HyperOptions, ManagedWeight
+
+__all__ = ["Analytical", "analytical_update", "AnalyticalResult", "REGIONS"]
+
+REGIONS = ("unique_identity", "unique_scaling", "overlap", "gap")
+
+
+class AnalyticalResult(NamedTuple):
+    a: Tensor  # a' before clamping
+    regions: dict[str, Tensor]  # boolean masks, one per name in REGIONS (a partition)
+    halvings: Tensor  # m per element (0 where η_a was not halved)
+    unresolved: Tensor  # boolean: gap elements past max_halvings (a' = a)
+
+
+def analytical_update(
+    a: Tensor, u: Tensor, c: Tensor, eta_a: float, qn: float, qp: float, resolve: str, max_halvings: int
+) -> AnalyticalResult:
+    """a' solving a' = a + η_a·c·ψ(u; a') element-wise (SLSTE, SPEC §3.1).
+
+    r = 1 − a·u/Qp (u > 0), 1 + a·u/Qn (u < 0), 1 (u = 0); x = η_a·c.
+    identity a' = a is legal iff r ≤ 0; scaling a' = a/(1 − x) is legal iff x < r.
+    Regions: unique identity (r ≤ 0, x ≥ r), unique scaling (r > 0, x < r), overlap (r ≤ 0,
+    x < r), gap (r > 0, x ≥ r). ``resolve``:
+
+    * ``"halve"``: overlap → identity; gap → scaling with x·2^−m, m ≥ 1 the smallest integer with
+      x·2^−m < r; past ``max_halvings`` a' = a.
+    * ``"threshold"``: identity iff r ≤ 0, else scaling with the full x; where 1 − x ≤ 0, the
+      ``"halve"`` result. (SPEC writes r < 0; r = 0 is "clipped" by SPEC's own edge rule, and
+      with ≤ the three modes agree everywhere except the gap, as SPEC §3.1 states.)
+    * ``"passive"``: identity in overlap and gap.
+    """
+    x = eta_a * c
+    r = torch.where(u > 0, 1 - a * u / qp, torch.where(u < 0, 1 + a * u / qn, torch.ones_like(u)))
+    clipped = r <= 0
+    legal_scaling = x < r
+    regions = {
+        "unique_identity": clipped & ~legal_scaling,
+        "unique_scaling": ~clipped & legal_scaling,
+        "overlap": clipped & legal_scaling,
+        "gap": ~clipped & ~legal_scaling,
+    }
+    gap = regions["gap"]
+    scaled = a / (1 - x)
+    # halving count in the gap: x ≥ r > 0 there, m = floor(log2(x/r)) + 1, capped, then made exact
+    cap = max_halvings + 1
+    ratio = torch.where(gap, x / torch.where(gap, r, torch.ones_like(r)), torch.ones_like(r))
+    m = (torch.floor(torch.log2(ratio)) + 1).clamp(1, cap)
+    m = torch.where(gap & (torch.ldexp(x, -m) >= r), (m + 1).clamp(max=cap), m)  # log2 rounded down
+    m = torch.where(gap & (m > 1) & (torch.ldexp(x, 1 - m) < r), m - 1, m)  # log2 rounded up
+    unresolved = gap & ((m > max_halvings) | (torch.ldexp(x, -m) >= r))
+    halved = gap & ~unresolved
+    # ldexp scales by an exact power of two: x·2^−m carries no rounding of its own
+    a_halve = torch.where(
+        regions["unique_scaling"], scaled, torch.where(halved, a / (1 - torch.ldexp(x, -m)), a)
+    )
+    if resolve == "halve":
+        a_new, halving = a_halve, gap
+    elif resolve == "threshold":
+        halving = ~clipped & (1 - x <= 0)  # scaling with the full x would flip a's sign: halve
+        a_new = torch.where(clipped, a, torch.where(halving, a_halve, scaled))
+    else:  # "passive"
+        a_new, halving = torch.where(regions["unique_scaling"], scaled, a), torch.zeros_like(gap)
+    halvings = torch.where(halving & halved, m, torch.zeros_like(m))
+    return AnalyticalResult(a_new, regions, halvings, halving & unresolved)
+
+
+class Analytical(HyperMethod):
+    """Per step, on the complete ∂L_t/∂v̂_t = g (SPEC §3.1)::
+
+    c  = η_w⁻ · g · g⁻ · d⁻          (0 on the first step: no history)
+    a' = clamp(analytical_update(a, u_t, c, η_a), a_min, a_max)
+    p.grad = g · ψ(u_t; a')          (the base SGD step uses this)
+    g⁻, d⁻, η_w⁻ ← g, ∂ψ(u_t; a')/∂a, the lr of this step's update
+    """
+
+    name = "analytical"
+    default_boundary = "window"
+
+    def __init__(self, optimizer: Optimizer, managed: list[ManagedWeight], opts: HyperOptions) -> None:
+        super().__init__(optimizer, managed, opts)
+        self.group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        # history per managed weight: (g⁻, d⁻, η_w⁻) or None before the first step
+        self.history: list[tuple[Tensor, Tensor, float] | None] = [None] * len(managed)
+
+    @classmethod
+    def check(cls, optimizer: Optimizer, managed: list[ManagedWeight], opts: HyperOptions) -> None:
+        hint = 'use method="delayed", which works with any torch.optim optimizer'
+        if not isinstance(optimizer, torch.optim.SGD):
+            raise ValueError(
+                f"method='analytical' needs torch.optim.SGD (its update rule is derived for plain "
+                f"SGD), got {type(optimizer).__name__}; {hint}"
+            )
+        for i, g in enumerate(optimizer.param_groups):
+            if g["momentum"] != 0 or g["nesterov"] or g["maximize"]:
+                raise ValueError(
+                    f"method='analytical' needs SGD without momentum, nesterov or maximize; param "
+                    f"group {i} has momentum={g['momentum']}, nesterov={g['nesterov']}, "
+                    f"maximize={g['maximize']}; set momentum=0 or {hint}"
+                )
+        for mw in managed:
+            s = mw.surrogate
+            if s.name != "slste" or s.granularity != "element":
+                raise ValueError(
+                    f"method='analytical' supports only SLSTE with granularity='element' (its branch "
+                    f"rule is per element); weight {mw.name!r} has surrogate {s.name!r} with "
+                    f"granularity={s.granularity!r}. Quantize with surrogate='slste', "
+                    f"granularity='element', or {hint}"
+                )
+
+    def before_update(self, step: int) -> None:
+        o = self.opts
+        self.step_stats = {}
+        sq_norm = 0.0
+        for i, mw in enumerate(self.managed):
+            g = mw.param.grad
+            if g is None:  # weight not used by this loss: the base optimizer skips it too
+                continue
+            s, a, u = mw.surrogate, mw.surrogate.a, mw.u()
+            hist = self.history[i]
+            c = torch.zeros_like(g) if hist is None else hist[2] * g * hist[0] * hist[1]
+            res = analytical_update(a, u, c, self.hyper_lr(i, c), mw.qn, mw.qp, o.resolve, o.max_halvings)
+            a.copy_(res.a.clamp(s.a_min, s.a_max))
+            psi = slste(u, a, mw.qn, mw.qp)
+            mw.param.grad = g * psi
+            sq_norm += float(((c * psi) ** 2).sum())  # ∂L_t/∂a = −c·ψ(u_t; a')
+            self.history[i] = (
+                g,
+                slste_grad(u, a, mw.qn, mw.qp, s.boundary, s.b),
+                float(self.group_of[id(mw.param)]["lr"]),
+            )
+            n = g.numel()
+            stats = {k: float(v.sum()) / n for k, v in res.regions.items()}
+            stats["halvings"] = float(res.halvings.sum())
+            stats["halved_frac"] = float((res.halvings > 0).sum()) / n
+            stats["unresolved_frac"] = float(res.unresolved.sum()) / n
+            stats["clipped_frac"] = float((psi == 0).sum()) / n
+            self.step_stats[mw.name] = stats
+        self.hypergrad_norm = sq_norm**0.5
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["history"] = [None if h is None else {"g": h[0], "d": h[1], "lr": h[2]} for h in self.history]
+        return sd
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        super().load_state_dict(sd)
+        self.history = [None if h is None else (h["g"], h["d"], h["lr"]) for h in sd["history"]]
