@@ -29,6 +29,9 @@ real optimizer and parameters are never touched. Three repairs:
   (0·∞). Elements whose surrogate gradient is exactly 0 are therefore fed to the clone as
   detached zeros: their contribution to the hypergradient is dropped (it is 0 for SLSTE in
   ``boundary="none"`` mode anyway, where ψ = 0 ⇒ ∂ψ/∂a = 0).
+* (Not a repair, a property of torch:) the differentiable Adam family computes its bias
+  correction from the float32 ``step`` tensor, so the clone's v_{t+1} equals the real one to
+  float32 rounding of that factor (1 − β₂ in float32: relative ~1e-5), also for float64 parameters.
 * An optimizer class without a ``differentiable`` mode (third-party) falls back to treating the
   update as ``v − lr·g`` for the hypergradient only, with a warning.
 """

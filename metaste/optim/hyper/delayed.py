@@ -153,7 +153,8 @@ class Delayed(HyperMethod):
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         super().load_state_dict(sd)
         self.hyper_opt.load_state_dict(sd["hyper_opt"])
-        self.h, self.pairs, self.skipped = list(sd["h"]), sd["pairs"], sd["skipped"]
+        self.h = [t.clone() for t in sd["h"]]  # accumulated in place: never alias the caller's dict
+        self.pairs, self.skipped = sd["pairs"], sd["skipped"]
         self.hypergrad = list(sd["hypergrad"])
         p = sd.get("pending")
         self.pending = (

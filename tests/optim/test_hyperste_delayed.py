@@ -1,0 +1,259 @@
+"""HyperSTE(method="delayed") and the _diffopt machinery (SPEC §3.2, §3.5)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _hyperste_helpers import batches, clone_run, loss_fn, quantized_mlp, set_surrogate_params, smooth_model
+
+import metaste
+from metaste import HyperSTE
+from metaste.optim._diffopt import differentiable_update, record_update
+from metaste.quant.surrogates import psi_differentiable
+
+OPTIMIZERS = {
+    "sgd": (torch.optim.SGD, dict(lr=0.1)),
+    "sgd_momentum": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
+    "adam": (torch.optim.Adam, dict(lr=1e-2)),
+    "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+}
+
+WARMUP = 4  # steps of the bare optimizer before the checked pair (Adam's first step is sign-like)
+
+
+def _smooth_setup(name):
+    cls, kw = OPTIMIZERS[name]
+    data = [(x.double(), y) for x, y in batches(WARMUP + 2, size=16)]
+    data = [
+        (torch.randn(16, 6, generator=torch.Generator().manual_seed(i), dtype=torch.float64), y)
+        for i, (_, y) in enumerate(data)
+    ]
+    model = smooth_model()
+    opt = cls(model.parameters(), **kw)
+    for x, y in data[:WARMUP]:
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+    return model, opt, data[WARMUP:]
+
+
+def _delayed_hypergradient(model, opt, pair):
+    m, o = clone_run(model, opt)
+    h_opt = HyperSTE(o, method="delayed", hyper_lr=1.0, hyper_lr_mode="raw", boundary="none")
+    for x, y in pair:
+        h_opt.step(lambda x=x, y=y: loss_fn(m, x, y))
+    return h_opt.method.hypergrad[0]
+
+
+def _loss_after_perturbed_step(model, opt, pair, theta):
+    """L_{t+1} where only step t's backward uses ``theta`` (the forward keeps its a)."""
+    m, o = clone_run(model, opt)
+    q = m[0].weight_quant
+    (x0, y0), (x1, y1) = pair
+    with torch.no_grad():
+        q.surrogate.a.copy_(theta)
+    o.zero_grad()
+    loss_fn(m, x0, y0).backward()
+    o.step()
+    with torch.no_grad():
+        return float(loss_fn(m, x1, y1))
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_delayed_hypergradient_matches_central_finite_differences(name):
+    model, opt, pair = _smooth_setup(name)
+    h = _delayed_hypergradient(model, opt, pair)
+    theta = model[0].weight_quant.surrogate.a.clone()
+    assert h.abs().max() > 0
+    g = torch.Generator().manual_seed(7)
+    eps = 1e-6
+    for _ in range(2):
+        d = torch.randn(theta.shape, generator=g, dtype=torch.float64)
+        lp = _loss_after_perturbed_step(model, opt, pair, theta + eps * d)
+        lm = _loss_after_perturbed_step(model, opt, pair, theta - eps * d)
+        fd = (lp - lm) / (2 * eps)
+        assert float((h * d).sum()) == pytest.approx(fd, rel=1e-4, abs=1e-10)
+
+
+def test_delayed_hypergradient_matches_higher_unrolled_sgd():
+    higher = pytest.importorskip("higher")
+    model, opt, pair = _smooth_setup("sgd")
+    h = _delayed_hypergradient(model, opt, pair)
+    m, o = clone_run(model, opt)
+    theta = m[0].weight_quant.surrogate.a.clone().requires_grad_()
+    (x0, y0), (x1, y1) = pair
+    with higher.innerloop_ctx(m, o, copy_initial_weights=True) as (fm, dopt):
+        # the backward's ψ(u; θ) now carries a graph to θ (higher differentiates with create_graph)
+        fm[0].weight_quant.surrogate.a = theta
+        dopt.step(loss_fn(fm, x0, y0))
+        (h_ref,) = torch.autograd.grad(loss_fn(fm, x1, y1), theta)
+    torch.testing.assert_close(h, h_ref, rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "cls,kw",
+    [
+        (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+        (torch.optim.Adam, dict(lr=1e-2, amsgrad=True)),
+        (torch.optim.AdamW, dict(lr=1e-2)),
+        (torch.optim.NAdam, dict(lr=1e-2)),
+        (torch.optim.RAdam, dict(lr=1e-2)),
+        (torch.optim.RMSprop, dict(lr=1e-2, momentum=0.5)),
+        (torch.optim.Adagrad, dict(lr=1e-2)),
+        (torch.optim.Adamax, dict(lr=1e-2)),
+        (torch.optim.Adadelta, dict(lr=1.0)),
+    ],
+)
+def test_differentiable_update_equals_the_real_update_and_has_finite_hypergradient(cls, kw):
+    """The clone's v_{t+1} equals the real optimizer's, on the first step (SGD buffer repair) and a
+    later one, and ⟨λ, ∂v/∂θ⟩ is finite although some gradient elements are exactly zero."""
+    model = quantized_mlp(dtype=torch.float64)
+    set_surrogate_params(model, 0.5, 1.5)
+    opt = cls(model.parameters(), **kw)
+    entries = [e for _, e in metaste.quantized_weights(model)]
+    params = [e.weight for e in entries]
+    for e in entries:
+        e.quantizer.defer_surrogate = True  # p.grad = raw ∂L/∂v̂; ψ applied below
+    for x, y in batches(2, size=16, dtype=torch.float64):
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        raw = [p.grad for p in params]
+        thetas = [e.surrogate.a.clone().requires_grad_() for e in entries]
+        grads = [
+            g * psi_differentiable(e.surrogate, e.u(), e.qn, e.qp, [t])
+            for g, e, t in zip(raw, entries, thetas)
+        ]
+        assert any(bool((g == 0).any()) for g in grads)  # clipped elements: exact zeros
+        rec = record_update(opt, params)
+        v_next = differentiable_update(rec, grads)
+        for p, g in zip(params, grads):
+            p.grad = g.detach()
+        opt.step()
+        for v, p, v0 in zip(v_next, params, rec.params):
+            # torch's differentiable Adam family computes the bias correction from the float32
+            # step tensor: the update agrees to float32 rounding, not float64
+            torch.testing.assert_close(v.detach() - v0, p.detach() - v0, rtol=1e-4, atol=1e-12)
+        lam = [torch.randn_like(p) for p in params]
+        hs = torch.autograd.grad(v_next, thetas, grad_outputs=lam, allow_unused=True)
+        assert all(h is None or bool(torch.isfinite(h).all()) for h in hs)
+
+
+def test_delayed_equals_analytical_identity_on_unique_scaling_elements():
+    """SPEC §3.5: k = 2, SGD, the same boundary mode. Delayed's h = −c·ψ(u; a); with x = η_a·c,
+    delayed moves a by a·x and analytical by a·x/(1 − x), exactly (not to O(η_a²))."""
+    ETA = 3000.0  # raw η_a: c ≈ 1e-5 here, so x = η_a·c reaches 0.1 and more
+    base = quantized_mlp(dtype=torch.float64, quantizer="fixed")
+    set_surrogate_params(base, 0.7, 1.3)
+    data = batches(2, size=64, dtype=torch.float64)
+    runs = {}
+    for method in ("analytical", "delayed"):
+        m = copy.deepcopy(base)
+        opt = HyperSTE(
+            torch.optim.SGD(m.parameters(), lr=0.5),
+            method=method,
+            hyper_lr=ETA,
+            hyper_lr_mode="raw",
+            boundary="window",
+            model=m,
+        )
+        hist = []
+        for x, y in data:
+            u = [e.u() for _, e in metaste.quantized_weights(m)]
+            opt.step(lambda x=x, y=y: loss_fn(m, x, y))
+            hist.append((u, copy.deepcopy(opt.state_dict()["metaste"]["method"])))
+        runs[method] = (m, opt, hist)
+    a0 = [t for _, t in metaste.surrogate_parameters(base)]
+    _, an_opt, an_hist = runs["analytical"]
+    entries = [e for _, e in metaste.quantized_weights(base)]
+    for i, e in enumerate(entries):
+        h0, h1 = an_hist[0][1]["history"][i], an_hist[1][1]["history"][i]
+        c = h0["lr"] * h1["g"] * h0["g"] * h0["d"]
+        u1 = an_hist[1][0][i]
+        h = runs["delayed"][1].method.hypergrad[i]
+        psi = e.surrogate.psi(u1, e.qn, e.qp, [a0[i]])
+        torch.testing.assert_close(h, -c * psi, rtol=1e-12, atol=1e-300)  # SPEC §3.5, to rounding
+        x = ETA * c
+        a = a0[i]
+        r = torch.where(
+            u1 > 0, 1 - a * u1 / e.qp, torch.where(u1 < 0, 1 + a * u1 / e.qn, torch.ones_like(u1))
+        )
+        scaling = (r > 0) & (x < r)
+        assert scaling.float().mean() > 0.5 and (x[scaling].abs() > 0.1).any()
+        a_d = runs["delayed"][0].get_buffer(f"{_layer(base, e)}.weight_quant.surrogate.a")
+        a_an = runs["analytical"][0].get_buffer(f"{_layer(base, e)}.weight_quant.surrogate.a")
+        torch.testing.assert_close((a_d - a)[scaling], (a * x)[scaling], rtol=1e-9, atol=1e-15)
+        torch.testing.assert_close((a_an - a)[scaling], (a * x / (1 - x))[scaling], rtol=1e-9, atol=1e-15)
+
+
+def _layer(model, entry):
+    return next(
+        n for n, mod in model.named_modules() if getattr(mod, "weight_quant", None) is entry.quantizer
+    )
+
+
+@pytest.mark.parametrize("accumulate", ["first", "sum", "mean"])
+def test_delayed_updates_only_at_window_ends_and_stays_clamped(accumulate):
+    model = quantized_mlp(surrogate="plste", granularity="channel")
+    opt = HyperSTE(
+        torch.optim.Adam(model.parameters(), lr=1e-2),
+        method="delayed",
+        hyper_lr=0.5,
+        window=3,
+        accumulate=accumulate,
+    )
+    prev = [t.clone() for _, t in metaste.surrogate_parameters(model)]
+    for t, (x, y) in enumerate(batches(9)):
+        opt.step(lambda x=x, y=y: loss_fn(model, x, y))
+        now = [p.clone() for _, p in metaste.surrogate_parameters(model)]
+        changed = any(not torch.equal(a, b) for a, b in zip(prev, now))
+        assert changed == (t % 3 == 2)
+        for s in (e.surrogate for _, e in metaste.quantized_weights(model)):
+            assert bool((s.a >= s.a_min).all() and (s.a <= s.a_max).all())
+        prev = now
+    d = opt.diagnostics
+    assert d["hypergrad_norm"] > 0 and d["skipped_windows"] == 0
+    assert {"mean", "q50", "frac_at_min", "frac_at_max", "hist", "clipped_frac"} <= set(
+        next(iter(d["layers"].values()))
+    )
+
+
+def test_delayed_with_a_hyper_optimizer_and_dlste():
+    model = quantized_mlp(surrogate="dlste", granularity="tensor")
+    opt = HyperSTE(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        method="delayed",
+        hyper_lr=0.05,
+        hyper_optimizer=torch.optim.Adam,
+        hyper_optimizer_kwargs={"betas": (0.8, 0.9)},
+    )
+    for x, y in batches(4):
+        opt.step(lambda x=x, y=y: F.cross_entropy(model(x), y))
+    a = [t for _, t in metaste.surrogate_parameters(model)]
+    assert all(not torch.equal(t, torch.ones_like(t)) for t in a)
+    assert opt.state_dict()["metaste"]["method"]["hyper_opt"]["state"]
+
+
+class _Plain(torch.optim.Optimizer):
+    """A third-party optimizer without torch.optim's differentiable mode."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-g["lr"])
+
+
+def test_optimizer_without_differentiable_mode_falls_back_to_sgd_with_a_warning():
+    model = quantized_mlp()
+    opt = HyperSTE(_Plain(model.parameters()), method="delayed", hyper_lr=0.1)
+    with pytest.warns(UserWarning, match="no differentiable=True mode"):
+        for x, y in batches(2):
+            opt.step(lambda x=x, y=y: loss_fn(model, x, y))
+    assert opt.diagnostics["hypergrad_norm"] > 0
