@@ -1,0 +1,122 @@
+"""HyperSTE(method="analytical"): the branch rule of SPEC §3.1 against a hand-computed table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _hyperste_helpers import batches, loss_fn, quantized_mlp
+
+import metaste
+from metaste import HyperSTE
+from metaste.optim.hyper.analytical import REGIONS, analytical_update
+
+QN, QP = 2, 1  # 2-bit grid
+# (a, u, c, region, a' for halve, threshold, passive); η_a = 1, max_halvings = 10
+TABLE = [
+    # u = 0.5: r = 1 − a·u/Qp = 0.5; x = 0.25 < r → unique scaling, a/(1 − x)
+    (1.0, 0.5, 0.25, "unique_scaling", 4 / 3, 4 / 3, 4 / 3),
+    (2.0, 0.25, 0.25, "unique_scaling", 8 / 3, 8 / 3, 8 / 3),
+    # u < 0: r = 1 + a·u/Qn = 0.5; x = −1 → a/2
+    (1.0, -1.0, -1.0, "unique_scaling", 0.5, 0.5, 0.5),
+    # u = 0: r = 1
+    (1.0, 0.0, 0.5, "unique_scaling", 2.0, 2.0, 2.0),
+    # u = 2: r = −1 (clipped), x = 0.5 ≥ r → unique identity
+    (1.0, 2.0, 0.5, "unique_identity", 1.0, 1.0, 1.0),
+    # exactly on the band edge (a·u = Qp): r = 0 counts as clipped
+    (1.0, 1.0, 0.1, "unique_identity", 1.0, 1.0, 1.0),
+    # clipped and x = −2 < r = −1 → overlap: identity in every mode
+    (1.0, 2.0, -2.0, "overlap", 1.0, 1.0, 1.0),
+    (1.0, -3.0, -1.0, "overlap", 1.0, 1.0, 1.0),  # r = 1 − 1.5 = −0.5
+    # gap, x = 0.75 ≥ r = 0.5: halve m = 1 → x = 0.375 → 1.6; threshold: full x → 4; passive: a
+    (1.0, 0.5, 0.75, "gap", 1.6, 4.0, 1.0),
+    # gap, x = 3: halve m = 3 → 0.375 → 1.6; threshold: 1 − x ≤ 0 → the halve result
+    (1.0, 0.5, 3.0, "gap", 1.6, 1.6, 1.0),
+    # gap, x = 1000 needs m = 11 > max_halvings = 10: not updated
+    (1.0, 0.5, 1000.0, "gap", 1.0, 1.0, 1.0),
+]
+
+
+@pytest.mark.parametrize("mode_index,resolve", [(4, "halve"), (5, "threshold"), (6, "passive")])
+def test_analytical_branch_rule_matches_the_hand_computed_table(mode_index, resolve):
+    cols = list(zip(*TABLE))
+    a, u, c = (torch.tensor(col, dtype=torch.float64) for col in cols[:3])
+    res = analytical_update(a, u, c, 1.0, QN, QP, resolve, max_halvings=10)
+    torch.testing.assert_close(res.a, torch.tensor(cols[mode_index], dtype=torch.float64), rtol=1e-15, atol=0)
+    for name in REGIONS:
+        expected = torch.tensor([row[3] == name for row in TABLE])
+        assert torch.equal(res.regions[name], expected), name
+    assert torch.equal(sum(res.regions[n].long() for n in REGIONS), torch.ones(len(TABLE), dtype=torch.long))
+    if resolve == "halve":
+        assert res.halvings.tolist()[-3:] == [1.0, 3.0, 0.0]
+        assert res.unresolved.tolist() == [False] * (len(TABLE) - 1) + [True]
+
+
+def test_halving_count_is_the_smallest_power_of_two_even_at_exact_ties():
+    # x·2^−m == r exactly must halve once more (legal scaling needs x·2^−m < r)
+    u = torch.full((4,), 0.5, dtype=torch.float64)  # r = 0.5
+    c = torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=torch.float64)
+    res = analytical_update(torch.ones(4, dtype=torch.float64), u, c, 1.0, QN, QP, "halve", 30)
+    assert res.halvings.tolist() == [2.0, 3.0, 1.0, 2.0]
+
+
+def test_max_halvings_zero_leaves_every_gap_element_unchanged():
+    res = analytical_update(torch.ones(1), torch.tensor([0.5]), torch.tensor([0.75]), 1.0, QN, QP, "halve", 0)
+    assert res.a.item() == 1.0 and res.unresolved.item()
+
+
+def test_analytical_keeps_a_in_the_clamp_and_reports_fractions_summing_to_one():
+    model = quantized_mlp()
+    opt = HyperSTE(torch.optim.SGD(model.parameters(), lr=0.2, weight_decay=1e-4), hyper_lr=0.5, model=model)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for x, y in batches(8):
+        opt.step(lambda x=x, y=y: loss_fn(model, x, y))
+        sched.step()
+        d = opt.diagnostics
+        assert sum(d["branch_fractions"].values()) == pytest.approx(1.0)
+        for layer in d["layers"].values():
+            assert sum(layer[r] for r in REGIONS) == pytest.approx(1.0)
+    for _, e in metaste.quantized_weights(model):
+        s = e.surrogate
+        assert bool((s.a >= s.a_min).all() and (s.a <= s.a_max).all())
+        assert not torch.equal(s.a, torch.ones_like(s.a))
+    layer = next(iter(d["layers"].values()))
+    assert {
+        "mean",
+        "min",
+        "max",
+        "q05",
+        "q50",
+        "q95",
+        "hist",
+        "frac_at_min",
+        "frac_at_max",
+        "clipped_frac",
+    } <= set(layer)
+    assert d["hypergrad_norm"] > 0
+
+
+def test_analytical_uses_the_lr_of_the_previous_update():
+    """η_w in c is the lr the previous update used (LR schedulers change it between steps)."""
+    model = quantized_mlp()
+    opt = HyperSTE(torch.optim.SGD(model.parameters(), lr=0.2), hyper_lr=0.0)
+    x, y = batches(1)[0]
+    opt.step(lambda: loss_fn(model, x, y))
+    opt.param_groups[0]["lr"] = 0.05
+    opt.step(lambda: loss_fn(model, x, y))
+    lrs = [h["lr"] for h in opt.state_dict()["metaste"]["method"]["history"]]
+    assert lrs == [0.05] * len(lrs)  # recorded for the next step: this step's update used 0.05
+
+
+def test_normalized_hyper_lr_moves_a_by_about_hyper_lr_per_step():
+    model = quantized_mlp()
+    opt = HyperSTE(torch.optim.SGD(model.parameters(), lr=0.1), hyper_lr=0.01, resolve="passive")
+    data = batches(6)
+    for x, y in data:
+        before = [t.clone() for _, t in metaste.surrogate_parameters(model)]
+        opt.step(lambda x=x, y=y: loss_fn(model, x, y))
+    rel = torch.cat(
+        [((t - b) / b).flatten() for (_, t), b in zip(metaste.surrogate_parameters(model), before)]
+    )
+    moved = rel[rel != 0]
+    rms = float(moved.pow(2).mean().sqrt())
+    assert 0.003 < rms < 0.03

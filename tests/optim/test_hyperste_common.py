@@ -1,0 +1,188 @@
+"""HyperSTE wrapper conventions (SPEC §5): bit-identity when switched off, validation, resume."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from _hyperste_helpers import batches, loss_fn, mlp, quantized_mlp
+
+import metaste
+from metaste import HyperSTE
+
+BASES = [
+    (torch.optim.SGD, dict(lr=0.1)),
+    (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)),
+    (torch.optim.Adam, dict(lr=1e-2)),
+    (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    (torch.optim.NAdam, dict(lr=1e-2)),
+    (torch.optim.RAdam, dict(lr=1e-2)),
+    (torch.optim.RMSprop, dict(lr=1e-2)),
+    (torch.optim.Adagrad, dict(lr=1e-2)),
+]
+
+
+def _bare_run(cls, kw, data, surrogate="slste"):
+    model = quantized_mlp(surrogate=surrogate)
+    opt = cls(model.parameters(), **kw)
+    for x, y in data:
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+    return model
+
+
+@pytest.mark.parametrize("cls,kw", BASES, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_hyper_lr_zero_is_bit_identical_to_the_bare_optimizer(cls, kw):
+    data = batches(5)
+    ref = _bare_run(cls, kw, data)
+    methods = ["delayed"] + (["analytical"] if cls is torch.optim.SGD and not kw.get("momentum") else [])
+    for method in methods:
+        model = quantized_mlp()
+        opt = HyperSTE(cls(model.parameters(), **kw), method=method, hyper_lr=0.0, window=2)
+        for x, y in data:
+            opt.step(lambda x=x, y=y: loss_fn(model, x, y))
+        for (n, p), (_, q) in zip(model.state_dict().items(), ref.state_dict().items()):
+            assert torch.equal(p, q), (method, n)
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _changed_nothing(model, before):
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for _, e in metaste.quantized_weights(model):
+        assert e.quantizer.defer_surrogate is False
+        assert getattr(e.surrogate, "boundary", "none") == "none"
+
+
+@pytest.mark.parametrize(
+    "build,match",
+    [
+        (lambda m: HyperSTE(torch.optim.Adam(m.parameters())), "needs torch.optim.SGD.*delayed"),
+        (
+            lambda m: HyperSTE(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)),
+            "without momentum.*delayed",
+        ),
+        (lambda m: HyperSTE(torch.optim.SGD(m.parameters(), lr=0.1), method="delayed", window=1), "window"),
+        (lambda m: HyperSTE(torch.optim.SGD(m.parameters(), lr=0.1), hyper_lr=-1.0), "hyper_lr"),
+        (lambda m: HyperSTE(torch.optim.SGD(m.parameters(), lr=0.1), hyper_lr=float("nan")), "hyper_lr"),
+        (lambda m: HyperSTE(torch.optim.SGD(m.parameters(), lr=0.1), method="fancy"), "Unknown method"),
+        (lambda m: HyperSTE(torch.optim.SGD(m.parameters(), lr=0.1), resolve="x"), "resolve"),
+        (lambda m: HyperSTE(torch.optim.SGD(m.parameters(), lr=0.1), accumulate="x"), "accumulate"),
+        (
+            lambda m: HyperSTE(torch.optim.SGD(m.parameters(), lr=0.1), hyper_optimizer=torch.optim.Adam),
+            "'delayed' only",
+        ),
+    ],
+)
+def test_bad_input_raises_a_clear_error_and_changes_nothing(build, match):
+    model = quantized_mlp()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        build(model)
+    _changed_nothing(model, before)
+
+
+@pytest.mark.parametrize("granularity", ["channel", "tensor"])
+def test_analytical_with_coarse_granularity_raises(granularity):
+    model = quantized_mlp(granularity=granularity)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="granularity='element'.*delayed"):
+        HyperSTE(torch.optim.SGD(model.parameters(), lr=0.1))
+    _changed_nothing(model, before)
+
+
+@pytest.mark.parametrize(
+    "model_fn", [lambda: mlp(), lambda: metaste.quantize_model(mlp(), bits=2, surrogate="ste")]
+)
+def test_model_without_learnable_surrogate_raises(model_fn):
+    model = model_fn()
+    with pytest.raises(ValueError, match="no quantized weight with a learnable surrogate"):
+        HyperSTE(torch.optim.SGD(model.parameters(), lr=0.1), method="delayed")
+
+
+def test_a_weight_cannot_be_managed_twice_and_release_hands_psi_back():
+    model = quantized_mlp()
+    opt = HyperSTE(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="already managed"):
+        HyperSTE(torch.optim.SGD(model.parameters(), lr=0.1))
+    opt.release()
+    assert all(not e.quantizer.defer_surrogate for _, e in metaste.quantized_weights(model))
+    HyperSTE(torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def _roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.parametrize(
+    "method,cls,kw",
+    [
+        ("delayed", torch.optim.Adam, dict(window=3, accumulate="sum", hyper_optimizer=torch.optim.Adam)),
+        ("delayed", torch.optim.SGD, dict(window=2)),
+        ("analytical", torch.optim.SGD, dict()),
+    ],
+)
+@pytest.mark.parametrize("split", [1, 4])
+def test_state_dict_resume_mid_window_equals_the_unsplit_run_bitwise(method, cls, kw, split):
+    data = batches(7)
+    lr = 0.01 if cls is torch.optim.Adam else 0.1
+
+    def build():
+        m = quantized_mlp(surrogate="slste")
+        return m, HyperSTE(cls(m.parameters(), lr=lr), method=method, hyper_lr=0.05, **kw)
+
+    m_ref, o_ref = build()
+    for x, y in data:
+        o_ref.step(lambda x=x, y=y: loss_fn(m_ref, x, y))
+    m1, o1 = build()
+    for x, y in data[:split]:
+        o1.step(lambda x=x, y=y: loss_fn(m1, x, y))
+    ckpt = _roundtrip({"model": m1.state_dict(), "opt": o1.state_dict()})
+    o1.release()
+    m2, o2 = build()
+    m2.load_state_dict(ckpt["model"])
+    o2.load_state_dict(ckpt["opt"])
+    for x, y in data[split:]:
+        o2.step(lambda x=x, y=y: loss_fn(m2, x, y))
+    for (n, p), (_, q) in zip(m2.state_dict().items(), m_ref.state_dict().items()):
+        assert torch.equal(p, q), n
+    assert not all(torch.equal(t, torch.ones_like(t)) for _, t in metaste.surrogate_parameters(m_ref))
+
+
+def test_loading_a_state_dict_of_another_method_raises():
+    m = quantized_mlp()
+    sd = HyperSTE(torch.optim.SGD(m.parameters(), lr=0.1), method="delayed").state_dict()
+    m2 = quantized_mlp()
+    with pytest.raises(ValueError, match="method='delayed'"):
+        HyperSTE(torch.optim.SGD(m2.parameters(), lr=0.1)).load_state_dict(copy.deepcopy(sd))
+
+
+@pytest.mark.parametrize("method", ["analytical", "delayed"])
+def test_gradient_accumulation_over_micro_batches_gives_the_same_a_as_one_big_batch(method):
+    """The closure loops over micro-batches and returns their mean loss: the rule sees the summed
+    gradient (ψ applied after backward), as for one big batch."""
+    data = batches(4, size=32, dtype=torch.float64)
+    results = []
+    for micro in (1, 4):
+        model = quantized_mlp(dtype=torch.float64)
+        opt = HyperSTE(torch.optim.SGD(model.parameters(), lr=0.2), method=method, hyper_lr=0.05)
+        for x, y in data:
+
+            def closure(x=x, y=y):
+                parts = zip(x.chunk(micro), y.chunk(micro))
+                return sum(loss_fn(model, xb, yb) for xb, yb in parts) / micro
+
+            opt.step(closure)
+        results.append([t.clone() for _, t in metaste.surrogate_parameters(model)])
+    assert not all(torch.equal(t, torch.ones_like(t)) for t in results[0])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
