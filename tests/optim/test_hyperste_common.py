@@ -43,7 +43,7 @@ def test_hyper_lr_zero_is_bit_identical_to_the_bare_optimizer(cls, kw):
         model = quantized_mlp()
         opt = HyperSTE(cls(model.parameters(), **kw), method=method, hyper_lr=0.0, window=2)
         for x, y in data:
-            opt.step(lambda x=x, y=y: loss_fn(model, x, y))
+            opt.step(lambda x=x, y=y, m=model: loss_fn(m, x, y))
         for (n, p), (_, q) in zip(model.state_dict().items(), ref.state_dict().items()):
             assert torch.equal(p, q), (method, n)
 
@@ -177,9 +177,8 @@ def test_gradient_accumulation_over_micro_batches_gives_the_same_a_as_one_big_ba
         opt = HyperSTE(torch.optim.SGD(model.parameters(), lr=0.2), method=method, hyper_lr=0.05)
         for x, y in data:
 
-            def closure(x=x, y=y):
-                parts = zip(x.chunk(micro), y.chunk(micro))
-                return sum(loss_fn(model, xb, yb) for xb, yb in parts) / micro
+            def closure(x=x, y=y, m=model, k=micro):
+                return sum(loss_fn(m, xb, yb) for xb, yb in zip(x.chunk(k), y.chunk(k))) / k
 
             opt.step(closure)
         results.append([t.clone() for _, t in metaste.surrogate_parameters(model)])
