@@ -7,7 +7,7 @@ Public API::
     loss = opt.step(lambda: loss_fn(model(x), y))             # the wrapper runs backward
 """
 
-from .optim import HyperSTE
+from .optim import FOGZO, HyperSTE
 from .quant import (
     QuantConv2d,
     QuantLinear,
@@ -23,6 +23,7 @@ from .quant import (
 )
 
 __all__ = [
+    "FOGZO",
     "HyperSTE",
     "QuantConv2d",
     "QuantLinear",

@@ -1,6 +1,7 @@
 """Optimizer wrappers: FOGZO (SPEC §4) and HyperSTE (SPEC §3)."""
 
 from ._wrapper import NonFiniteLossError, OptimizerWrapper
+from .fogzo import FOGZO
 from .hyperste import HyperSTE
 
-__all__ = ["HyperSTE", "NonFiniteLossError", "OptimizerWrapper"]
+__all__ = ["FOGZO", "HyperSTE", "NonFiniteLossError", "OptimizerWrapper"]

@@ -1,0 +1,562 @@
+"""FOGZO: First-Order-Guided Zeroth-Order gradients for quantized weights (SPEC §4).
+
+The class :class:`FOGZO` does the bookkeeping (β schedule, managed parameters, RNG and buffer
+hygiene, DDP, checkpoints); the math is the plain function :func:`fogzo_estimate`, which reads
+against SPEC §4.3 line by line. The (ε̄, p̄, sampler) table of §4.2 is in
+:mod:`metaste.optim._smoothing`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from ..quant.registry import lookup
+from ._smoothing import SMOOTHINGS, STE_KINDS, derive_seed, noise, rademacher
+from ._wrapper import Closure, NonFiniteLossError, OptimizerWrapper, check_closure, check_loss
+
+__all__ = ["FOGZO", "fogzo_estimate", "RESTORE_MODES"]
+
+RESTORE_MODES = ("copy", "inplace")
+ScaleSpec = Tensor | float | Callable[[], Tensor | float]
+
+
+def fogzo_estimate(
+    weights: Sequence[Tensor],
+    grads: Sequence[Tensor | None],
+    eps: Sequence[Tensor],
+    kinds: Sequence[str],
+    loss_at: Callable[[], float],
+    *,
+    beta: float,
+    n: int,
+    seed: int,
+    step: int,
+    one_sided: bool = False,
+    loss0: float | None = None,
+    restore: str = "copy",
+    keep_noise: bool = False,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[list[Tensor] | None, Tensor]:
+    """The FOGZO estimate G of SPEC §4.3 for the managed tensors ``weights`` (v_k).
+
+    ``grads[k]`` is the STE gradient g_k (``None``: zero), ``eps[k]`` = ε̄·s_k (broadcastable to
+    v_k), ``kinds[k]`` its STE kind, ``loss_at()`` the loss at the current (perturbed) weights
+    as a float. The weights are perturbed in place and restored (``restore="copy"``: bitwise;
+    ``"inplace"``: +1, −2, +1, within a few ulp of max|v|); ``loss_at`` is called 2n times (n if
+    ``one_sided``, then c_i = L₊ − ``loss0``). ``reduce`` averages the c_i across processes.
+    ``grads`` are overwritten with G. Returns (G per tensor, c), or (None, c) if some c_i is
+    not finite (the caller keeps g).
+
+    The noise z_ik is regenerated from ``derive_seed(seed, step, i, k)`` each time it is used
+    (``keep_noise=True`` keeps the n·D values instead: same result, fewer regenerations)::
+
+        N  = ‖ε ⊙ g‖₂ over all tensors; ĝ = ε ⊙ g / N  (0 if N is 0 or not finite)
+        for i in 1..n:
+            d_i = √β σ_i ĝ + √(1−β) z_i
+            c_i = [L(v + ε⊙d_i) − L(v − ε⊙d_i)] / 2
+        G = (1/n) Σ_i c_i d_i ⊘ ε  =  g·√β Σ_i σ_i c_i / (nN)  +  Σ_i √(1−β) c_i/n · z_i ⊘ ε
+    """
+    # 1. ĝ = ε⊙g / N with N = ‖ε⊙g‖ over all managed tensors jointly
+    norm = _joint_norm(grads, eps) if beta > 0 else 0.0
+    inv_norm = 1.0 / norm if 0.0 < norm < math.inf else 0.0
+    # ε⊙d_i = a σ_i (ε²⊙g) + b (ε⊙z_i): a = √β/N, b = √(1−β)
+    a, b = math.sqrt(beta) * inv_norm, math.sqrt(1.0 - beta)
+    sigmas = [rademacher(seed, step, i) for i in range(n)]
+    eps2 = [e * e for e in eps]
+    beps = [e * b for e in eps]
+    kept: dict[tuple[int, int], Tensor] = {}
+
+    def z(i: int, k: int) -> Tensor:
+        if (i, k) in kept:
+            return kept[(i, k)]
+        v = weights[k]
+        zik = noise(kinds[k], v.shape, derive_seed(seed, step, i, k), v.device, v.dtype)
+        if keep_noise:
+            kept[(i, k)] = zik
+        return zik
+
+    def delta(i: int, k: int) -> Tensor:  # ε_k ⊙ d_ik, a fresh tensor
+        g = grads[k]
+        if b == 0.0:  # β = 1: d_i = σ_i ĝ, no noise
+            return g * (eps2[k] * (a * sigmas[i])) if g is not None else torch.zeros_like(weights[k])
+        w = z(i, k) * beps[k] if keep_noise else z(i, k).mul_(beps[k])
+        if a != 0.0 and g is not None:
+            w.addcmul_(g, eps2[k], value=a * sigmas[i])
+        return w
+
+    def shift(i: int, alpha: float) -> None:  # v += alpha · ε⊙d_i, tensor by tensor
+        for k, v in enumerate(weights):
+            v.add_(delta(i, k), alpha=alpha)
+
+    # 2. c_i from 2 (one-sided: 1) no-grad passes at v ± ε⊙d_i
+    originals = [v.clone() for v in weights] if restore == "copy" else None
+    c = torch.empty(n, dtype=torch.float64)
+    offset = (0, 0.0)  # (i, m): the weights are now v + m·ε⊙d_i
+    try:
+        for i in range(n):
+            shift(i, 1.0)
+            offset = (i, 1.0)
+            plus = loss_at()
+            if one_sided:
+                c[i] = plus - loss0
+            else:
+                if originals is not None:
+                    for v, v0 in zip(weights, originals):
+                        v.lerp_(v0, 2.0)  # v0 − (v⁺ − v0): the mirror image, no regeneration
+                else:
+                    shift(i, -2.0)
+                offset = (i, -1.0)
+                c[i] = (plus - loss_at()) / 2
+            if originals is not None:
+                for v, v0 in zip(weights, originals):
+                    v.copy_(v0)
+            else:
+                shift(i, -offset[1])
+            offset = (i, 0.0)
+    finally:
+        if offset[1] != 0.0:  # a pass raised: put the weights back before re-raising
+            if originals is not None:
+                for v, v0 in zip(weights, originals):
+                    v.copy_(v0)
+            else:
+                shift(offset[0], -offset[1])
+    del originals
+    if reduce is not None:
+        c = reduce(c)
+    if not bool(torch.isfinite(c).all()):
+        return None, c
+
+    # 3. G = g·√β Σσ_i c_i/(nN) + Σ_i √(1−β) c_i/n · z_i ⊘ ε   (replaces g)
+    cs = c.tolist()
+    scale_g = a * sum(s * ci for s, ci in zip(sigmas, cs)) / n
+    out = []
+    for k, v in enumerate(weights):
+        G = grads[k] if grads[k] is not None else torch.zeros_like(v)
+        if scale_g != 0.0:
+            G.mul_(scale_g)
+        else:
+            G.zero_()  # ĝ = 0: drop g (even a non-finite one) exactly
+        if b != 0.0:
+            for i in range(n):
+                G.addcdiv_(z(i, k), eps[k], value=b * cs[i] / n)
+        out.append(G)
+    return out, c
+
+
+def _joint_norm(grads: Sequence[Tensor | None], eps: Sequence[Tensor]) -> float:
+    """N = ‖ε ⊙ g‖₂ over all tensors, without a tensor-sized temporary for a scalar ε."""
+    total = 0.0
+    for g, e in zip(grads, eps):
+        if g is None:
+            continue
+        if e.numel() == 1:
+            nk = float(torch.linalg.vector_norm(g)) * float(e)
+        else:
+            nk = float(torch.linalg.vector_norm(g * e))
+        total += nk * nk
+    return math.sqrt(total)
+
+
+@dataclass(frozen=True)
+class _Managed:
+    param: Tensor
+    scale: Callable[[], Tensor | float]
+    kind: str
+
+
+class FOGZO(OptimizerWrapper):
+    r"""First-Order-Guided Zeroth-Order gradients (Yang & Aamodt, NeurIPS 2025) on any optimizer.
+
+    Example::
+
+        model = metaste.quantize_model(net, bits=2, quantizer="fixed", surrogate="identity")
+        opt = metaste.FOGZO(torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10_000)
+        for x, y in loader:
+            loss = opt.step(lambda: F.cross_entropy(model(x), y))  # no backward in the closure
+
+    For every *managed* weight (a quantized weight found in metaste's registry, or one named in
+    ``scales=``) the STE gradient g is replaced by a central-difference zeroth-order estimate
+    along random directions tilted toward the normalized STE gradient; every other parameter
+    (biases, norms, LSQ's step s) keeps its backprop gradient and is never perturbed.
+    Per step t (SPEC §4.3–§4.5)::
+
+        β = β_t;  L₀ = closure() with backward → g            (RNG state saved before)
+        ε = ε̄·s per managed tensor (ε̄ from its STE kind, SPEC §4.2)
+        N = ‖ε⊙g‖ over all managed tensors;  ĝ = ε⊙g / N
+        for i = 1..n:                                           (no_grad, train mode, RNG reset)
+            d_i = √β σ_i ĝ + √(1−β) z_i,   σ_i = ±1, z_i ∼ p̄ per element
+            c_i = [L(v + ε⊙d_i) − L(v − ε⊙d_i)] / 2          (float64; one-sided: L(v+ε⊙d_i) − L₀)
+        c ← mean over DDP ranks
+        v.grad = G = (1/n) Σ_i c_i d_i ⊘ ε                      (replaces g)
+        optimizer.step();  return L₀
+
+    Schedule: β_t = 1 − (1 − β_min)·min(1, t/T), T = ``total_steps``, t = 0, 1, … counts every
+    ``step()`` call; steps t < ⌊``ste_fraction``·T⌋ are plain STE steps (the paper's
+    "r % STE + (100 − r) % FOGZO"). n-SPSA is ``beta_schedule=lambda t: 0.0``; its clean pass
+    runs without backward unless an unmanaged parameter requires grad.
+
+    Args:
+        optimizer: the base ``torch.optim.Optimizer`` (its ``param_groups`` and ``state`` are
+            shared, so LR schedulers, ``zero_grad`` and ``add_param_group`` work on either).
+        n (int, default 1): directions per step; a step costs 1 forward+backward + 2n no-grad
+            forwards (n with ``one_sided``).
+        beta_min (float, default ``None`` = 1 − 1/D, D = number of managed elements): the
+            final β in [0, 1]. The paper tunes it close to 1 (0.999 for an 8k-weight MLP).
+        total_steps (int, default ``None``): T, required when β decays (``beta_min < 1`` and no
+            ``beta_schedule``) or ``ste_fraction > 0``.
+        beta_schedule (callable, default ``None``): ``beta_schedule(t) -> float`` in [0, 1]
+            overrides the linear schedule; it is not saved by ``state_dict`` (pass it again).
+        ste_fraction (float, default 0.0): the fraction r of ``total_steps`` run as plain STE.
+        one_sided (bool, default False): c_i = L(v + ε⊙d_i) − L₀: n instead of 2n extra
+            forwards, the same expectation, more variance.
+        seed (int, default 0): with the step and sample index, determines σ_i and z_i
+            (identical on every DDP rank; the stream depends on the device type only).
+        restore (str, default ``"copy"``): ``"copy"`` keeps a copy of the managed weights
+            during the no-grad passes, restores them bitwise and mirrors v⁺ into v⁻ without
+            regenerating the noise (fastest: 2 noise draws per sample); ``"inplace"`` adds
+            +1, −2, +1 times ε⊙d_i (no copy, 4 draws per sample; the restored weights are
+            within 4 ulp of max|v| per tensor).
+        keep_noise (bool, default False): keep the n·D noise values of a step instead of
+            regenerating them: one draw per sample, n·D floats more memory, identical results.
+        scales (mapping, default ``None``): manage weights metaste's registry does not know
+            (a model fake-quantized by another library): ``{weight: s}`` or
+            ``{weight: (s, ste_kind)}`` with s the step size (a positive float, a tensor
+            broadcastable to the weight, or a zero-arg callable returning either, called every
+            step) and ``ste_kind`` one of ``"identity"`` (round-based grids, the default),
+            ``"hardtanh"``, ``"tanh"``, ``"approxsign"`` (binary weights). Entries override the
+            registry for the same weight.
+        process_group (default ``None``): the group the c_i are averaged over when
+            torch.distributed is initialized (``None``: the default group).
+
+    Notes:
+        * The closure returns the loss without calling ``backward`` and may be called 1 + 2n
+          times per step; each perturbed call runs under ``no_grad`` in the model's current
+          (train) mode with the torch RNG reset to its state before the clean call, so dropout
+          masks and random augmentations match; afterwards the RNG continues from its state
+          after the clean call. Python's ``random`` and NumPy's global RNG are not reset.
+        * Buffers of every module that runs during the perturbed passes (BatchNorm running
+          statistics) are restored after each of them: only the clean pass updates them.
+        * Under DDP the weight gradients are already averaged by backward; FOGZO averages the
+          c_i, so every rank computes the same G.
+        * A non-finite L₊/L₋ keeps g for that step (with β ≡ 0 and no backward there is no g:
+          the managed weights then get no gradient), counts ``state["fogzo_fallbacks"]`` and
+          warns once. Managed weights must be float32/float64: bf16 latents swallow the
+          perturbation.
+        * Gradient accumulation: the closure may loop over micro-batches and return the mean.
+          AMP: run the closure's forward under ``torch.autocast``; a ``GradScaler`` is not
+          needed on CPU/bf16 and is not supported (the wrapper runs backward itself).
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        n: int = 1,
+        beta_min: float | None = None,
+        total_steps: int | None = None,
+        beta_schedule: Callable[[int], float] | None = None,
+        ste_fraction: float = 0.0,
+        one_sided: bool = False,
+        seed: int = 0,
+        restore: str = "copy",
+        keep_noise: bool = False,
+        scales: Mapping[Tensor, ScaleSpec | tuple[ScaleSpec, str]] | None = None,
+        process_group: Any = None,
+    ) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"Invalid n: {n!r}; the number of directions must be an int >= 1")
+        if beta_min is not None and not 0.0 <= beta_min <= 1.0:
+            raise ValueError(f"Invalid beta_min: {beta_min}; it must lie in [0, 1]")
+        if total_steps is not None and (
+            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
+        ):
+            raise ValueError(f"Invalid total_steps: {total_steps!r}; it must be an int >= 1")
+        if not 0.0 <= ste_fraction <= 1.0:
+            raise ValueError(f"Invalid ste_fraction: {ste_fraction}; it must lie in [0, 1]")
+        if beta_schedule is not None and not callable(beta_schedule):
+            raise TypeError(f"beta_schedule must be callable t -> beta, got {type(beta_schedule).__name__}")
+        decays = beta_schedule is None and (beta_min is None or beta_min < 1.0)
+        if total_steps is None and (decays or ste_fraction > 0):
+            raise ValueError(
+                "total_steps is required: "
+                + (
+                    f"ste_fraction={ste_fraction} is a fraction of it"
+                    if ste_fraction > 0
+                    else "β decays linearly from 1 to beta_min (default 1 - 1/D) over total_steps; "
+                    "pass total_steps=<training steps>, or a constant schedule such as "
+                    "beta_schedule=lambda t: 0.999"
+                )
+            )
+        if restore not in RESTORE_MODES:
+            raise ValueError(f"Invalid restore: {restore!r}; choose one of {RESTORE_MODES}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        super().__init__(optimizer)
+        self.n = n
+        self.beta_min = beta_min
+        self.total_steps = total_steps
+        self.beta_schedule = beta_schedule
+        self.ste_fraction = float(ste_fraction)
+        self.one_sided = bool(one_sided)
+        self.seed = seed
+        self.restore = restore
+        self.keep_noise = bool(keep_noise)
+        self.process_group = process_group
+        self._scales = self._parse_scales(scales)
+        self._warned_fallback = False
+        managed = self._managed()
+        if not managed:
+            raise ValueError(
+                "FOGZO found no managed parameters: none of the optimizer's parameters is a "
+                "quantized weight. Quantize the model with metaste.quantize_model(...) before "
+                "building the optimizer, or name the fake-quantized weights with "
+                "scales={weight: step_size}"
+            )
+        for m in managed:
+            self._check_scale(m)
+        self.state.setdefault("fogzo_step", 0)
+        self.state.setdefault("fogzo_fallbacks", 0)
+
+    # -- configuration -----------------------------------------------------------------------
+
+    def _parse_scales(self, scales: Mapping | None) -> dict[Tensor, _Managed]:
+        if scales is None:
+            return {}
+        if not isinstance(scales, Mapping):
+            raise TypeError(f"scales must be a dict weight -> s or (s, kind), got {type(scales).__name__}")
+        own = {id(p) for p in self.params()}
+        parsed: dict[Tensor, _Managed] = {}
+        for p, spec in scales.items():
+            if not isinstance(p, Tensor) or id(p) not in own:
+                raise ValueError("scales= names a tensor that is not a parameter of the wrapped optimizer")
+            s, kind = spec if isinstance(spec, tuple) else (spec, "identity")
+            if kind not in STE_KINDS:
+                raise ValueError(f"Invalid STE kind {kind!r} in scales=; choose one of {STE_KINDS}")
+            fn = s if callable(s) else (lambda s=s: s)
+            parsed[p] = _Managed(p, fn, kind)
+        return parsed
+
+    def _managed(self) -> list[_Managed]:
+        """The managed weights, in parameter order (registry entries or ``scales=``)."""
+        out = []
+        for p in self.params():
+            if not p.requires_grad:
+                continue
+            m = self._scales.get(p)
+            if m is None:
+                entry = lookup(p)
+                if entry is None:
+                    continue
+                m = _Managed(p, entry.scale, entry.ste_kind)
+            if p.dtype not in (torch.float32, torch.float64):
+                raise TypeError(
+                    f"FOGZO manages a weight of shape {tuple(p.shape)} with dtype {p.dtype}; managed "
+                    "latent weights must be float32 (or float64): bf16/fp16 latents swallow the "
+                    "perturbation ε⊙d. Keep the latent weights in float32 (autocast the forward)"
+                )
+            out.append(m)
+        return out
+
+    def _eps(self, m: _Managed) -> Tensor:
+        s = m.scale()
+        s = torch.as_tensor(s, dtype=m.param.dtype, device=m.param.device).detach()
+        return s * SMOOTHINGS[m.kind].eps_bar
+
+    def _check_scale(self, m: _Managed) -> None:
+        e = self._eps(m)
+        try:
+            torch.broadcast_shapes(e.shape, m.param.shape)
+        except RuntimeError as err:
+            raise ValueError(
+                f"the step size of a weight of shape {tuple(m.param.shape)} has shape {tuple(e.shape)}, "
+                "which does not broadcast to it"
+            ) from err
+        if not bool(torch.all(e > 0) & torch.all(torch.isfinite(e))):
+            raise ValueError(f"the step size of a weight of shape {tuple(m.param.shape)} must be finite, > 0")
+
+    def beta_at(self, t: int, num_managed: int | None = None) -> float:
+        """β_t (SPEC §4.4); ``num_managed`` = D for the default β_min = 1 − 1/D."""
+        if self.beta_schedule is not None:
+            beta = float(self.beta_schedule(t))
+            if not 0.0 <= beta <= 1.0:
+                raise ValueError(f"Invalid beta: beta_schedule({t}) = {beta}; it must lie in [0, 1]")
+            return beta
+        if num_managed is None:
+            num_managed = sum(m.param.numel() for m in self._managed())
+        beta_min = self.beta_min if self.beta_min is not None else 1.0 - 1.0 / num_managed
+        if beta_min == 1.0:
+            return 1.0
+        return 1.0 - (1.0 - beta_min) * min(1.0, t / self.total_steps)
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
+        """One FOGZO step on ``closure`` (returns the loss, no backward); returns the clean loss."""
+        name = type(self).__name__
+        check_closure(closure, name)
+        t = self.state["fogzo_step"]
+        if t < math.floor(self.ste_fraction * (self.total_steps or 0)):
+            loss = self._evaluate(closure)
+            self.optimizer.step()
+            self.state["fogzo_step"] = t + 1
+            return loss
+        managed = self._managed()
+        beta = self.beta_at(t, sum(m.param.numel() for m in managed))
+        weights = [m.param for m in managed]
+        is_managed = {id(p) for p in weights}
+        needs_backward = beta > 0 or any(p.requires_grad and id(p) not in is_managed for p in self.params())
+        devices = {p.device for p in weights}
+        rng_before = _RngState(devices)
+        loss = self._evaluate(closure) if needs_backward else self._evaluate_without_backward(closure)
+        rng_after = _RngState(devices)
+        all_grads = [(p, p.grad) for p in self.params()]
+
+        def loss_at() -> float:
+            rng_before.restore()
+            with torch.no_grad():
+                value = closure()
+            check_loss(value, name)
+            buffers.restore()
+            return float(value)
+
+        with torch.no_grad(), _BufferGuard() as buffers:
+            eps = [self._eps(m) for m in managed]
+            try:
+                G, c = fogzo_estimate(
+                    weights,
+                    [p.grad for p in weights],
+                    eps,
+                    [m.kind for m in managed],
+                    loss_at,
+                    beta=beta,
+                    n=self.n,
+                    seed=self.seed,
+                    step=t,
+                    one_sided=self.one_sided,
+                    loss0=float(loss),
+                    restore=self.restore,
+                    keep_noise=self.keep_noise,
+                    reduce=lambda c: self._all_reduce_mean(c, weights[0].device),
+                )
+            finally:
+                rng_after.restore()
+                for p, g in all_grads:  # a closure that zeroes grads (set_to_none) cannot lose them
+                    p.grad = g
+        if G is None:
+            self.state["fogzo_fallbacks"] += 1
+            if not self._warned_fallback:
+                self._warned_fallback = True
+                warnings.warn(
+                    f"FOGZO step {t}: a perturbed loss was not finite (c = {c.tolist()}); kept the STE "
+                    "gradient for this step (counted in state['fogzo_fallbacks']; warning once)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        else:
+            for p, g in zip(weights, G):
+                p.grad = g
+        self.optimizer.step()
+        self.state["fogzo_step"] = t + 1
+        return loss
+
+    def _evaluate_without_backward(self, closure: Closure) -> Tensor:
+        """The clean pass of n-SPSA (β = 0, nothing else needs grad): forward only."""
+        self._zero_grads()
+        with torch.no_grad():
+            loss = closure()
+        check_loss(loss, type(self).__name__)
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLossError(
+                f"the closure returned a non-finite loss ({loss.item()}); no weight was changed. "
+                "Lower the learning rate or check the data for NaN/inf"
+            )
+        return loss.detach()
+
+    def _all_reduce_mean(self, c: Tensor, device: torch.device) -> Tensor:
+        if not (dist.is_available() and dist.is_initialized()):
+            return c
+        world = dist.get_world_size(self.process_group)
+        if world == 1:
+            return c
+        on_device = c.to(device)
+        dist.all_reduce(on_device, group=self.process_group)
+        return on_device.cpu() / world
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def _wrapper_state_dict(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "n": self.n,
+            "beta_min": self.beta_min,
+            "total_steps": self.total_steps,
+            "ste_fraction": self.ste_fraction,
+            "one_sided": self.one_sided,
+        }
+
+    def _load_wrapper_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores the trajectory-defining settings (the step count and fallback count come
+        back with the base optimizer's state)."""
+        self.seed = state["seed"]
+        self.n = state["n"]
+        self.beta_min = state["beta_min"]
+        self.total_steps = state["total_steps"]
+        self.ste_fraction = state["ste_fraction"]
+        self.one_sided = state["one_sided"]
+        self.state.setdefault("fogzo_step", 0)
+        self.state.setdefault("fogzo_fallbacks", 0)
+
+    def __repr__(self) -> str:
+        return (
+            f"FOGZO(n={self.n}, beta_min={self.beta_min}, total_steps={self.total_steps}, "
+            f"one_sided={self.one_sided}, restore={self.restore!r}, {self.optimizer!r})"
+        )
+
+
+class _RngState:
+    """The torch RNG state of the CPU and of the CUDA devices the managed weights live on."""
+
+    def __init__(self, devices: set[torch.device]) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = {d: torch.cuda.get_rng_state(d) for d in devices if d.type == "cuda"}
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for d, s in self.cuda.items():
+            torch.cuda.set_rng_state(s, d)
+
+
+class _BufferGuard:
+    """Snapshots the buffers of every module the first time it runs inside the context (via a
+    global forward pre-hook); :meth:`restore` puts them back, so perturbed passes leave no trace
+    in BatchNorm running statistics."""
+
+    def __init__(self) -> None:
+        self.saved: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {}
+
+    def _pre_hook(self, module: nn.Module, args: Any) -> None:
+        if module not in self.saved:
+            self.saved[module] = [(b, b.clone()) for b in module.buffers(recurse=False)]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for pairs in self.saved.values():
+                for buf, copy in pairs:
+                    buf.copy_(copy)
+
+    def __enter__(self) -> _BufferGuard:
+        self.handle = nn.modules.module.register_module_forward_pre_hook(self._pre_hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+        self.restore()
