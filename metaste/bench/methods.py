@@ -80,3 +80,51 @@ def train_step(opt: Optimizer, closure: Callable[[], torch.Tensor]) -> float:
 
 register_method(Method("fp32", "float model, base optimizer (the accuracy ceiling)", None, base_optimizer))
 register_method(Method("ste", "quantized model, plain STE with the base optimizer", {}, base_optimizer))
+
+
+# --- HyperSTE (SPEC §3.1–3.2) ------------------------------------------------------------------
+# RunContext.extra keys read by these methods (all optional): hyper_lr (default 0.01),
+# hyper_lr_mode ("normalized" | "raw"), window (2), accumulate ("first" | "sum" | "mean"),
+# resolve ("halve" | "threshold" | "passive"). The surrogate is part of the name (quantization is
+# fixed per method): delayed-<sgd|adam>[-plste|-dlste]; SLSTE otherwise.
+
+
+def _hyperste(method: str, optimizer: str):
+    def build(model: nn.Module, ctx: RunContext) -> Optimizer:
+        from ..optim.hyperste import HyperSTE  # here, not at the top: this block is appended
+
+        if optimizer == "sgd":  # analytical needs plain SGD: the task's momentum is not used
+            base = torch.optim.SGD(
+                [p for p in model.parameters() if p.requires_grad], lr=ctx.lr, weight_decay=ctx.weight_decay
+            )
+        else:
+            base = base_optimizer(model, ctx, optimizer)
+        keys = ("hyper_lr", "hyper_lr_mode", "window", "accumulate", "resolve")
+        kw = {k: ctx.extra[k] for k in keys if k in ctx.extra}
+        if method == "analytical":
+            kw.pop("window", None), kw.pop("accumulate", None)
+        else:
+            kw.pop("resolve", None)
+        return HyperSTE(base, method=method, model=model, **kw)
+
+    return build
+
+
+register_method(
+    Method(
+        "analytical",
+        "HyperSTE analytical SLSTE (per element, SGD without momentum; SPEC §3.1)",
+        {"surrogate": "slste", "granularity": "element"},
+        _hyperste("analytical", "sgd"),
+    )
+)
+for _opt in ("sgd", "adam"):
+    for _surr in ("slste", "plste", "dlste"):
+        register_method(
+            Method(
+                f"delayed-{_opt}" + ("" if _surr == "slste" else f"-{_surr}"),
+                f"HyperSTE delayed updates, {_surr.upper()}, {_opt.upper()} (k = 2; SPEC §3.2)",
+                {"surrogate": _surr},
+                _hyperste("delayed", _opt),
+            )
+        )
