@@ -62,8 +62,8 @@ class HyperSTE(OptimizerWrapper):
     The learning rate of θ (``hyper_lr``):
 
     * ``hyper_lr_mode="normalized"`` (default): η_a = ``hyper_lr`` / RMS of the hypergradient
-      (a bias-corrected running mean square over its nonzero entries, factor ``normalize_beta``,
-      per surrogate tensor). ``hyper_lr=0.01`` means "a moves by about 1 % per update"
+      (a bias-corrected running mean square over its entries, factor ``normalize_beta``, per
+      surrogate tensor). ``hyper_lr=0.01`` means "a moves by about 1 % per update"
       (analytical: the relative step x = η_a·c has RMS ≈ 0.01; delayed: the step η_a·h has RMS ≈
       0.01 with a ≈ 1), independent of the model, the loss scale and the weight lr.
     * ``hyper_lr_mode="raw"``: η_a = ``hyper_lr`` as in the thesis. c is a product of two

@@ -64,9 +64,10 @@ class HyperLR:
 
     ``"raw"``: η_a = ``hyper_lr``. ``"normalized"``: η_a = ``hyper_lr`` / RMS, with RMS² a
     bias-corrected exponential moving average (factor ``beta``) of the mean square of the
-    *nonzero* entries of the hypergradient, this step's included. Then η_a·(hypergradient) has an
-    RMS of about ``hyper_lr``: with a ≈ 1, a moves by about ``hyper_lr`` per update, whatever
-    the model, loss scale or learning rate. Until a tensor has seen a nonzero hypergradient its
+    hypergradient's entries, this step's included. Then η_a·(hypergradient) has an RMS of about
+    ``hyper_lr``: with a ≈ 1, a moves by about ``hyper_lr`` per update, whatever the model, loss
+    scale or learning rate (elements with a zero hypergradient, e.g. clipped ones, count in the
+    mean: the others move a little more). Until a tensor has seen a nonzero hypergradient its
     η_a is 0 (there is nothing to move it by).
     """
 
@@ -79,9 +80,8 @@ class HyperLR:
         """η_a for tensor ``i`` given this update's hypergradient ``h``."""
         if self.mode == "raw":
             return self.hyper_lr
-        nnz = int(torch.count_nonzero(h))
-        if nnz:
-            mean_sq = float((h.double() ** 2).sum()) / nnz
+        mean_sq = float(torch.linalg.vector_norm(h)) ** 2 / h.numel()
+        if mean_sq > 0:
             self.ema[i] = self.beta * self.ema[i] + (1 - self.beta) * mean_sq
             self.count[i] += 1
         if self.count[i] == 0:

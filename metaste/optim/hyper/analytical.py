@@ -45,7 +45,9 @@ def analytical_update(
     * ``"passive"``: identity in overlap and gap.
     """
     x = eta_a * c
-    r = torch.where(u > 0, 1 - a * u / qp, torch.where(u < 0, 1 + a * u / qn, torch.ones_like(u)))
+    au = a * u
+    # u > 0: 1 − a·u/Qp is the smaller one; u < 0: 1 + a·u/Qn; u = 0: both are 1
+    r = torch.minimum(1 - au / qp, 1 + au / qn)
     clipped = r <= 0
     legal_scaling = x < r
     regions = {
@@ -54,29 +56,34 @@ def analytical_update(
         "overlap": clipped & legal_scaling,
         "gap": ~clipped & ~legal_scaling,
     }
-    gap = regions["gap"]
     scaled = a / (1 - x)
-    # halving count in the gap: x ≥ r > 0 there, m = floor(log2(x/r)) + 1, capped, then made exact
+    a_halve = torch.where(regions["unique_scaling"], scaled, a)
+    halvings = torch.zeros_like(a)
+    unresolved = torch.zeros_like(clipped)
+    # the gap is usually a small fraction: the halving count is computed on its elements only
+    gi = regions["gap"].nonzero(as_tuple=True)
+    xg, rg = x[gi], r[gi]  # x ≥ r > 0 here
     cap = max_halvings + 1
-    ratio = torch.where(gap, x / torch.where(gap, r, torch.ones_like(r)), torch.ones_like(r))
-    m = (torch.floor(torch.log2(ratio)) + 1).clamp(1, cap)
-    m = torch.where(gap & (torch.ldexp(x, -m) >= r), (m + 1).clamp(max=cap), m)  # log2 rounded down
-    m = torch.where(gap & (m > 1) & (torch.ldexp(x, 1 - m) < r), m - 1, m)  # log2 rounded up
-    unresolved = gap & ((m > max_halvings) | (torch.ldexp(x, -m) >= r))
-    halved = gap & ~unresolved
+    m = (torch.floor(torch.log2(xg / rg)) + 1).clamp(1, cap)  # smallest m with x·2^−m < r ...
+    m = torch.where(torch.ldexp(xg, -m) >= rg, (m + 1).clamp(max=cap), m)  # ... if log2 rounded down
+    m = torch.where((m > 1) & (torch.ldexp(xg, 1 - m) < rg), m - 1, m)  # ... or up
     # ldexp scales by an exact power of two: x·2^−m carries no rounding of its own
-    a_halve = torch.where(
-        regions["unique_scaling"], scaled, torch.where(halved, a / (1 - torch.ldexp(x, -m)), a)
-    )
+    xm = torch.ldexp(xg, -m)
+    bad = (m > max_halvings) | (xm >= rg)
+    a_halve[gi] = torch.where(bad, a[gi], a[gi] / (1 - xm))
     if resolve == "halve":
-        a_new, halving = a_halve, gap
+        a_new = a_halve
+        halvings[gi] = torch.where(bad, 0.0, m)
+        unresolved[gi] = bad
     elif resolve == "threshold":
-        halving = ~clipped & (1 - x <= 0)  # scaling with the full x would flip a's sign: halve
-        a_new = torch.where(clipped, a, torch.where(halving, a_halve, scaled))
+        fallback = ~clipped & (1 - x <= 0)  # scaling with the full x would flip a's sign: halve
+        a_new = torch.where(clipped, a, torch.where(fallback, a_halve, scaled))
+        use = fallback[gi]
+        halvings[gi] = torch.where(use & ~bad, m, 0.0)
+        unresolved[gi] = use & bad
     else:  # "passive"
-        a_new, halving = torch.where(regions["unique_scaling"], scaled, a), torch.zeros_like(gap)
-    halvings = torch.where(halving & halved, m, torch.zeros_like(m))
-    return AnalyticalResult(a_new, regions, halvings, halving & unresolved)
+        a_new = torch.where(regions["unique_scaling"], scaled, a)
+    return AnalyticalResult(a_new, regions, halvings, unresolved)
 
 
 class Analytical(HyperMethod):
@@ -137,14 +144,14 @@ class Analytical(HyperMethod):
             a.copy_(res.a.clamp(s.a_min, s.a_max))
             psi = slste(u, a, mw.qn, mw.qp)
             mw.param.grad = g * psi
-            sq_norm += float(((c * psi) ** 2).sum())  # ∂L_t/∂a = −c·ψ(u_t; a')
+            sq_norm += float(torch.linalg.vector_norm(c * psi)) ** 2  # ∂L_t/∂a = −c·ψ(u_t; a')
             self.history[i] = (
                 g,
                 slste_grad(u, a, mw.qn, mw.qp, s.boundary, s.b),
                 float(self.group_of[id(mw.param)]["lr"]),
             )
             n = g.numel()
-            stats = {k: float(v.sum()) / n for k, v in res.regions.items()}
+            stats = {k: float(v.count_nonzero()) / n for k, v in res.regions.items()}
             stats["halvings"] = float(res.halvings.sum())
             stats["halved_frac"] = float((res.halvings > 0).sum()) / n
             stats["unresolved_frac"] = float(res.unresolved.sum()) / n
