@@ -1,0 +1,714 @@
+"""FOGZO (SPEC §4): smoothing table, estimator statistics, reference equality, restore, RNG and
+buffers, checkpoints, bit-identity with the bare optimizer, validation, scales=, DDP."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from fogzo_reference import reference_estimate
+from scipy import integrate, stats
+from torch import nn
+
+import metaste
+from metaste import FOGZO
+from metaste.optim._smoothing import SMOOTHINGS, STE_KINDS, derive_seed, noise
+from metaste.optim._wrapper import NonFiniteLossError
+from metaste.optim.fogzo import fogzo_estimate
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def mlp(seed=0, dtype=torch.float32, binary=None, per_channel=False, quantizer="fixed", bn=False, drop=0.0):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(8, 16), nn.BatchNorm1d(16)] if bn else [nn.Linear(8, 16)]
+    layers += [nn.ReLU(), nn.Dropout(drop), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)]
+    net = nn.Sequential(*layers).to(dtype)
+    if binary is not None:
+        return metaste.quantize_model(net, bits=1, quantizer="dorefa", surrogate=binary)
+    return metaste.quantize_model(
+        net, bits=2, quantizer=quantizer, surrogate="identity", per_channel=per_channel
+    )
+
+
+def batch(seed=1, size=16, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(size, 8, generator=g, dtype=dtype), torch.randint(0, 4, (size,), generator=g)
+
+
+def closure_for(model, x, y):
+    return lambda: F.cross_entropy(model(x), y)
+
+
+def params_equal(a, b):
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def managed_inputs(model):
+    """weights, grads, eps, kinds of the registry-managed weights, as FOGZO computes them."""
+    ws, gs, es, ks = [], [], [], []
+    for _, e in metaste.quantized_weights(model):
+        ws.append(e.weight)
+        gs.append(e.weight.grad)
+        es.append(e.scale() * SMOOTHINGS[e.ste_kind].eps_bar)
+        ks.append(e.ste_kind)
+    return ws, gs, es, ks
+
+
+# -- 1. the smoothing table (SPEC §4.2) ------------------------------------------------------
+
+CDF = {
+    "identity": lambda z: np.clip((z + math.sqrt(3)) / (2 * math.sqrt(3)), 0, 1),
+    "hardtanh": lambda z: np.clip((z + math.sqrt(3)) / (2 * math.sqrt(3)), 0, 1),
+    "tanh": lambda z: (1 + np.tanh(math.pi / math.sqrt(12) * z)) / 2,
+    "approxsign": lambda z: np.where(
+        z < 0,
+        np.clip(1 + z / math.sqrt(6), 0, 1) ** 2 / 2,
+        1 - np.clip(1 - z / math.sqrt(6), 0, 1) ** 2 / 2,
+    ),
+}
+SUPPORT = {"identity": math.sqrt(3), "hardtanh": math.sqrt(3), "tanh": math.inf, "approxsign": math.sqrt(6)}
+
+
+def _pdf(kind):
+    dens = SMOOTHINGS[kind].density
+    return lambda z: float(dens(torch.tensor(z, dtype=torch.float64)))
+
+
+def _mass(kind, lo, hi):
+    """∫_lo^hi p̄ by quadrature (clipped to the support; kinks passed as break points)."""
+    r = SUPPORT[kind]
+    lo, hi = max(lo, -r), min(hi, r)
+    if hi <= lo:
+        return 0.0
+    pts = [p for p in (0.0,) if lo < p < hi] if math.isfinite(r) else None
+    return integrate.quad(_pdf(kind), lo, hi, points=pts, epsabs=1e-13, epsrel=1e-13, limit=200)[0]
+
+
+@pytest.mark.parametrize("kind", STE_KINDS)
+def test_density_has_unit_mass_zero_mean_and_unit_variance(kind):
+    r = SUPPORT[kind]
+    f = _pdf(kind)
+    opts = dict(epsabs=1e-12, epsrel=1e-12, limit=200)
+    assert integrate.quad(f, -r, r, **opts)[0] == pytest.approx(1.0, abs=1e-9)
+    assert integrate.quad(lambda z: z * f(z), -r, r, **opts)[0] == pytest.approx(0.0, abs=1e-9)
+    assert integrate.quad(lambda z: z * z * f(z), -r, r, **opts)[0] == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("kind", STE_KINDS)
+def test_smoothing_of_the_hard_function_is_the_surrogate_by_quadrature(kind):
+    sm = SMOOTHINGS[kind]
+    eb = sm.eps_bar
+    xs = np.linspace(-2.7, 2.7, 55) if kind == "identity" else np.linspace(-1.6, 1.6, 33)
+    err = 0.0
+    for x in xs:
+        if kind == "identity":  # E[round(x + ε̄z)] = Σ_k k·P(k − ½ < x + ε̄z < k + ½)
+            ks = range(math.floor(x) - 2, math.floor(x) + 3)
+            e = sum(k * _mass(kind, (k - 0.5 - x) / eb, (k + 0.5 - x) / eb) for k in ks)
+        else:  # E[sign(x + ε̄z)] = P(z > −x/ε̄) − P(z < −x/ε̄)
+            e = _mass(kind, -x / eb, math.inf) - _mass(kind, -math.inf, -x / eb)
+        err = max(err, abs(e - float(sm.soft(torch.tensor(x, dtype=torch.float64)))))
+    assert err < 1e-8
+
+
+@pytest.mark.parametrize("kind", STE_KINDS)
+def test_sampler_passes_a_ks_test_and_is_regenerated_bitwise(kind):
+    z = noise(kind, torch.Size([200_000]), derive_seed(7, 0, 0, 0), torch.device("cpu"), torch.float32)
+    assert torch.equal(
+        z, noise(kind, torch.Size([200_000]), derive_seed(7, 0, 0, 0), torch.device("cpu"), torch.float32)
+    )
+    assert stats.kstest(z.double().numpy(), CDF[kind]).pvalue > 1e-3
+    # power: the same statistic rejects a sampler whose scale is off by 2 %
+    assert stats.kstest(1.02 * z.double().numpy(), CDF[kind]).pvalue < 1e-3
+    other = noise(kind, torch.Size([200_000]), derive_seed(7, 0, 0, 1), torch.device("cpu"), torch.float32)
+    assert abs(float(torch.corrcoef(torch.stack([z, other]))[0, 1])) < 0.02
+
+
+# -- 2-4, 7. the estimator's statistics (SPEC §4.3) ------------------------------------------
+
+
+def _quadratic_problem():
+    gen = torch.Generator().manual_seed(3)
+    m = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    A = m @ m.T / 6 + torch.eye(6, dtype=torch.float64)
+    v = [
+        torch.randn(3, generator=gen, dtype=torch.float64),
+        torch.randn(3, generator=gen, dtype=torch.float64),
+    ]
+    center = torch.randn(6, generator=gen, dtype=torch.float64)
+    eps = [torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.05, dtype=torch.float64)]
+
+    def loss():
+        r = torch.cat(v) - center
+        return float(0.5 * r @ A @ r)
+
+    grad = A @ (torch.cat(v) - center)
+    return v, eps, loss, grad
+
+
+def _sample_G(v, eps, loss, g, beta, samples, kinds=("identity", "identity"), one_sided=False):
+    out = []
+    for t in range(samples):
+        grads = [g[:3].clone(), g[3:].clone()]
+        G, _ = fogzo_estimate(
+            v, grads, eps, kinds, loss, beta=beta, n=1, seed=11, step=t, one_sided=one_sided, loss0=loss()
+        )
+        out.append(torch.cat(G))
+    G = torch.stack(out)
+    return G.mean(0), G.std(0) / math.sqrt(samples)
+
+
+def _expected(beta, eps_vec, g, grad):
+    """ε⁻¹ ⊙ (β ĝĝᵀ + (1−β) I)(ε ⊙ ∇L) with ĝ = ε⊙g/‖ε⊙g‖."""
+    gh = eps_vec * g / torch.linalg.vector_norm(eps_vec * g)
+    e = eps_vec * grad
+    return (beta * gh * (gh @ e) + (1 - beta) * e) / eps_vec
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9])
+def test_mean_of_G_on_a_quadratic_matches_the_tilted_expectation(beta):
+    v, eps, loss, grad = _quadratic_problem()
+    eps_vec = torch.cat([eps[0].expand(3), eps[1].expand(3)])
+    g = grad + torch.tensor([1.5, -1.0, 0.5, 2.0, 0.0, -1.0], dtype=torch.float64)  # a biased "STE" gradient
+    mean, se = _sample_G(v, eps, loss, g, beta, 3000)
+    want = _expected(beta, eps_vec, g, grad)
+    assert torch.all((mean - want).abs() < 5 * se), (mean - want) / se
+    if beta == 0.0:
+        torch.testing.assert_close(want, grad)  # n-SPSA is unbiased for the quadratic
+        assert torch.any((g - mean).abs() > 10 * se)  # and far from the STE's g
+    else:  # power: normalizing g in raw v-coordinates (a plausible bug) lies > 8 s.e. away
+        gr = g / torch.linalg.vector_norm(g)
+        wrong = (beta * gr * (gr @ (eps_vec * grad)) + (1 - beta) * eps_vec * grad) / eps_vec
+        assert torch.any((wrong - mean).abs() > 8 * se)
+
+
+def test_one_sided_has_the_same_expectation():
+    v, eps, loss, grad = _quadratic_problem()
+    eps_vec = torch.cat([eps[0].expand(3), eps[1].expand(3)])
+    mean, se = _sample_G(v, eps, loss, grad, 0.5, 3000, one_sided=True)
+    assert torch.all((mean - _expected(0.5, eps_vec, grad, grad)).abs() < 5 * se)
+
+
+def test_beta_one_with_an_exact_ste_returns_g_through_the_wrapper():
+    torch.manual_seed(0)
+    w1 = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    w2 = nn.Parameter(torch.randn(5, dtype=torch.float64))
+    A = torch.randn(17, 17, dtype=torch.float64)
+    A = A @ A.T
+    opt = FOGZO(
+        torch.optim.SGD([w1, w2], lr=0.0),
+        beta_min=1.0,
+        scales={w1: 0.01, w2: (lambda: torch.tensor(0.7, dtype=torch.float64), "identity")},
+    )
+
+    def loss():
+        r = torch.cat([w1.flatten(), w2]) - 0.3
+        return 0.5 * r @ A @ r + r.sum()
+
+    opt.step(loss)
+    r = torch.cat([w1.detach().flatten(), w2.detach()]) - 0.3
+    grad = A @ r + 1
+    G = torch.cat([w1.grad.flatten(), w2.grad])
+    torch.testing.assert_close(G, grad, rtol=1e-6, atol=1e-9)
+
+
+def test_staircase_expectation_is_the_epanechnikov_smoothing_not_the_ste():
+    """L = Σ round(u), identity kind, β = 0: E[G](x) = 6x(1−x) on [0, ½] (the STE says 1)."""
+    xs = torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4, 0.5], dtype=torch.float64)
+    v = [xs.clone()]
+    eps = [torch.tensor(SMOOTHINGS["identity"].eps_bar, dtype=torch.float64)]  # s = 1
+
+    def loss():
+        return float(torch.round(v[0]).sum())
+
+    out = []
+    for t in range(4000):
+        G, _ = fogzo_estimate(v, [None], eps, ["identity"], loss, beta=0.0, n=1, seed=5, step=t)
+        out.append(G[0])
+    G = torch.stack(out)
+    mean, se = G.mean(0), G.std(0) / math.sqrt(len(out))
+    want = 6 * xs * (1 - xs)
+    assert torch.all((mean - want).abs() < 5 * se), (mean - want) / se
+    assert torch.all(se < 0.06)  # precise enough that the STE's E[G] = 1 fails at 0, 0.1, 0.4, 0.5
+    assert ((mean - 1).abs() > 5 * se).sum() >= 4
+
+
+def test_beta_zero_ignores_g():
+    model = mlp()
+    x, y = batch()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    ws, gs, es, ks = managed_inputs(model)
+    fake = [torch.randn_like(g) for g in gs]
+    with torch.no_grad():
+        G1, _ = fogzo_estimate(
+            ws,
+            [g.clone() for g in gs],
+            es,
+            ks,
+            lambda: float(F.cross_entropy(model(x), y)),
+            beta=0.0,
+            n=2,
+            seed=3,
+            step=4,
+        )
+        G2, _ = fogzo_estimate(
+            ws, fake, es, ks, lambda: float(F.cross_entropy(model(x), y)), beta=0.0, n=2, seed=3, step=4
+        )
+    assert all(torch.equal(a, b) for a, b in zip(G1, G2))
+
+
+def test_nspsa_clean_pass_runs_without_backward():
+    model = mlp()
+    for p in model.parameters():
+        p.requires_grad_(metaste.lookup(p) is not None)  # only the managed weights train
+    x, y = batch()
+    modes = []
+
+    def closure():
+        modes.append(torch.is_grad_enabled())
+        return F.cross_entropy(model(x), y)
+
+    opt = FOGZO(
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
+        beta_schedule=lambda t: 0.0,
+    )
+    opt.step(closure)
+    assert modes == [False, False, False]
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+# -- 5. the fast estimator equals the stored-d reference bitwise ------------------------------
+
+
+@pytest.mark.parametrize(
+    "n,one_sided,restore,beta,keep",
+    [
+        (1, False, "copy", 0.7, False),
+        (3, False, "copy", 0.7, True),
+        (2, False, "inplace", 0.7, False),
+        (2, True, "inplace", 0.3, False),
+        (2, True, "copy", 0.3, True),
+        (1, False, "copy", 1.0, False),
+        (2, False, "inplace", 0.0, False),
+    ],
+)
+@pytest.mark.parametrize("variant", ["lsq-per-channel", "tanh", "approxsign"])
+def test_fast_estimator_equals_the_stored_d_reference_bitwise(n, one_sided, restore, beta, keep, variant):
+    build = {
+        "lsq-per-channel": lambda: mlp(quantizer="lsq", per_channel=True),
+        "tanh": lambda: mlp(binary="tanh"),
+        "approxsign": lambda: mlp(binary="approxsign"),
+    }[variant]
+    fast, ref = build(), build()
+    ref.load_state_dict(fast.state_dict())
+    opt = FOGZO(
+        torch.optim.SGD(fast.parameters(), lr=0.05),
+        n=n,
+        one_sided=one_sided,
+        restore=restore,
+        keep_noise=keep,
+        beta_schedule=lambda t: beta,
+        seed=9,
+    )
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    for t in range(3):
+        x, y = batch(seed=t)
+        opt.step(closure_for(fast, x, y))
+        ref_opt.zero_grad(set_to_none=True)
+        loss0 = F.cross_entropy(ref(x), y)
+        loss0.backward()
+        ws, gs, es, ks = managed_inputs(ref)
+        with torch.no_grad():
+            G, textbook, _, _ = reference_estimate(
+                ws,
+                gs,
+                es,
+                ks,
+                lambda x=x, y=y: float(F.cross_entropy(ref(x), y)),
+                beta=beta,
+                n=n,
+                seed=9,
+                step=t,
+                one_sided=one_sided,
+                loss0=float(loss0),
+                restore=restore,
+            )
+        for w, g, tb in zip(ws, G, textbook):
+            torch.testing.assert_close(g, tb, rtol=1e-4, atol=1e-6)  # the algebra of §4.5 step 3
+            w.grad = g
+        ref_opt.step()
+        for p, q in zip(fast.parameters(), ref.parameters()):
+            assert torch.equal(p, q) and torch.equal(p.grad, q.grad)
+
+
+# -- 6. restore, buffers, RNG, closure calls ---------------------------------------------------
+
+
+def test_copy_restore_is_bitwise_and_inplace_drift_stays_within_4_ulp_per_cycle():
+    """lr = 0: "copy" restores bitwise; "inplace" (+1, −2, +1) drifts by ≤ 4 ulp of max|v| per
+    tensor after one cycle, and the drift of many cycles is a random walk (≤ 4·√cycles ulp)."""
+    x, y = batch()
+    for restore, steps in (("copy", 100), ("inplace", 1), ("inplace", 100)):
+        model = mlp(quantizer="lsq", per_channel=True)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = FOGZO(torch.optim.SGD(model.parameters(), lr=0.0), n=2, restore=restore, total_steps=100)
+        for _ in range(steps):
+            opt.step(closure_for(model, x, y))
+        for p, p0 in zip(model.parameters(), before):
+            if restore == "copy":
+                assert torch.equal(p, p0)
+            else:
+                ulp = torch.finfo(p.dtype).eps * float(p0.abs().max())
+                assert float((p.detach() - p0).abs().max()) <= 4 * ulp * math.sqrt(2 * steps)
+
+
+def test_buffers_rng_and_closure_calls_match_a_plain_ste_step():
+    x, y = batch()
+    a, b = mlp(bn=True, drop=0.3), mlp(bn=True, drop=0.3)
+    b.load_state_dict(a.state_dict())
+    masks, calls = [], [0]
+
+    def closure():
+        calls[0] += 1
+        masks.append(torch.rand(3))  # the RNG state each pass starts from
+        assert a.training
+        return F.cross_entropy(a(x), y)
+
+    opt = FOGZO(torch.optim.SGD(a.parameters(), lr=0.0), n=2, total_steps=10)
+    torch.manual_seed(123)
+    opt.step(closure)
+    after_fogzo = torch.rand(4)
+    torch.manual_seed(123)
+    torch.rand(3)
+    F.cross_entropy(b(x), y).backward()
+    after_ste = torch.rand(4)
+    assert calls[0] == 5 and all(torch.equal(m, masks[0]) for m in masks)
+    assert torch.equal(after_fogzo, after_ste)
+    for ba, bb in zip(a.buffers(), b.buffers()):
+        assert torch.equal(ba, bb)
+
+
+@pytest.mark.parametrize("n,one_sided,expected", [(1, False, 3), (3, False, 7), (3, True, 4)])
+def test_closure_call_count(n, one_sided, expected):
+    model = mlp()
+    x, y = batch()
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        return F.cross_entropy(model(x), y)
+
+    opt = FOGZO(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        n=n,
+        one_sided=one_sided,
+        total_steps=10,
+        ste_fraction=0.2,
+    )
+    counts = []
+    for _ in range(4):
+        calls[0] = 0
+        opt.step(closure)
+        counts.append(calls[0])
+    assert counts == [1, 1, expected, expected]
+
+
+def test_unmanaged_parameters_keep_their_backprop_gradient():
+    x, y = batch()
+    a, b = mlp(quantizer="lsq"), mlp(quantizer="lsq")
+    FOGZO(torch.optim.SGD(a.parameters(), lr=0.0), total_steps=10).step(closure_for(a, x, y))
+    F.cross_entropy(b(x), y).backward()
+    managed = {id(p) for p in a.parameters() if metaste.lookup(p) is not None}
+    for p, q in zip(a.parameters(), b.parameters()):
+        if id(p) not in managed:
+            assert torch.equal(p.grad, q.grad)
+        else:
+            assert not torch.equal(p.grad, q.grad)
+
+
+def test_non_finite_perturbed_loss_keeps_g_counts_and_warns_once():
+    model, ref = mlp(), mlp()
+    x, y = batch()
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        loss = F.cross_entropy(model(x), y)
+        return loss if calls[0] % 3 == 1 else loss * float("inf")
+
+    opt = FOGZO(torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10)
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        opt.step(closure)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    F.cross_entropy(ref(x), y).backward()
+    ref_opt.step()
+    assert params_equal(model, ref)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(closure)
+    assert opt.state["fogzo_fallbacks"] == 2
+
+
+# -- 8. checkpoints ---------------------------------------------------------------------------
+
+
+def test_resume_from_state_dict_continues_the_trajectory_bitwise(tmp_path):
+    def make(model, seed):
+        return FOGZO(torch.optim.Adam(model.parameters(), lr=0.01), total_steps=8, seed=seed, n=2)
+
+    data = [batch(seed=t) for t in range(8)]
+    whole = mlp()
+    opt = make(whole, 4)
+    for x, y in data:
+        opt.step(closure_for(whole, x, y))
+
+    first = mlp()
+    opt = make(first, 4)
+    for x, y in data[:3]:
+        opt.step(closure_for(first, x, y))
+    torch.save({"model": first.state_dict(), "opt": opt.state_dict()}, tmp_path / "ck.pt")
+    ck = torch.load(tmp_path / "ck.pt", weights_only=False)
+    second = mlp(seed=99)
+    second.load_state_dict(ck["model"])
+    opt = make(second, 0)  # a different seed: the checkpoint's wins
+    opt.load_state_dict(ck["opt"])
+    assert opt.state["fogzo_step"] == 3 and opt.seed == 4
+    for x, y in data[3:]:
+        opt.step(closure_for(second, x, y))
+    assert params_equal(whole, second)
+
+
+# -- bit-identity with the bare optimizer (SPEC §4.4, §5) --------------------------------------
+
+
+def _optim_db_cases():
+    from torch.testing._internal.common_optimizers import optim_db
+
+    cases = []
+    for info in optim_db:
+        if info.optim_cls not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
+            continue
+        for oi in info.optim_inputs_func(device="cpu"):
+            if any(k in oi.kwargs for k in ("fused", "capturable", "differentiable")):
+                continue
+            for foreach in (False, True):
+                cases.append(
+                    pytest.param(
+                        info.optim_cls,
+                        {**oi.kwargs, "foreach": foreach},
+                        id=f"{info.optim_cls.__name__}-{oi.desc}-foreach{foreach}",
+                    )
+                )
+    return cases
+
+
+@pytest.mark.parametrize("cls,kwargs", _optim_db_cases())
+def test_ste_fraction_one_is_bit_identical_to_the_bare_optimizer(cls, kwargs):
+    a, b = mlp(quantizer="lsq"), mlp(quantizer="lsq")
+    opt = FOGZO(cls(a.parameters(), **copy.deepcopy(kwargs)), ste_fraction=1.0, total_steps=4)
+    bare = cls(b.parameters(), **copy.deepcopy(kwargs))
+    for t in range(4):
+        x, y = batch(seed=t)
+        opt.step(closure_for(a, x, y))
+        bare.zero_grad()
+        F.cross_entropy(b(x), y).backward()
+        bare.step()
+    assert params_equal(a, b)
+
+
+# -- bad input: a clear error and untouched weights --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(n=0, total_steps=5), "Invalid n"),
+        (dict(beta_min=1.5, total_steps=5), "Invalid beta_min"),
+        (dict(beta_min=-0.1, total_steps=5), "Invalid beta_min"),
+        (dict(beta_min=0.99), "total_steps is required"),
+        (dict(), "total_steps is required"),
+        (dict(ste_fraction=0.5, beta_min=1.0), "total_steps is required"),
+        (dict(restore="swap", total_steps=5), "Invalid restore"),
+    ],
+)
+def test_invalid_arguments_raise(kwargs, match):
+    model = mlp()
+    with pytest.raises(ValueError, match=match):
+        FOGZO(torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+
+
+def test_no_managed_parameters_and_bf16_latents_are_rejected():
+    plain = nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="quantize_model.*scales="):
+        FOGZO(torch.optim.SGD(plain.parameters(), lr=0.1), total_steps=5)
+    model = mlp().to(torch.bfloat16)  # held: the registry forgets weights of a deleted model
+    with pytest.raises(TypeError, match="bfloat16"):
+        FOGZO(torch.optim.SGD(model.parameters(), lr=0.1), total_steps=5)
+
+
+@pytest.mark.parametrize(
+    "make_closure,error",
+    [
+        (lambda m, x, y: None, ValueError),
+        (lambda m, x, y: lambda: 1.0, TypeError),
+        (lambda m, x, y: lambda: F.cross_entropy(m(x), y, reduction="none"), ValueError),
+        (
+            lambda m, x, y: lambda: F.cross_entropy(m(x), y).backward() or F.cross_entropy(m(x), y),
+            RuntimeError,
+        ),
+        (lambda m, x, y: lambda: F.cross_entropy(m(x), y) * float("nan"), NonFiniteLossError),
+    ],
+    ids=["missing", "non-tensor", "non-scalar", "calls-backward", "non-finite"],
+)
+def test_bad_closures_raise_and_leave_the_weights_untouched(make_closure, error):
+    model = mlp()
+    before = copy.deepcopy(model)
+    x, y = batch()
+    opt = FOGZO(torch.optim.SGD(model.parameters(), lr=0.1), total_steps=5)
+    with pytest.raises(error):
+        opt.step(make_closure(model, x, y))
+    assert params_equal(model, before) and opt.state["fogzo_step"] == 0
+
+
+def test_a_bad_beta_schedule_raises_before_any_weight_changes():
+    model = mlp()
+    before = copy.deepcopy(model)
+    opt = FOGZO(torch.optim.SGD(model.parameters(), lr=0.1), beta_schedule=lambda t: 2.0)
+    with pytest.raises(ValueError, match="Invalid beta"):
+        opt.step(closure_for(model, *batch()))
+    assert params_equal(model, before)
+
+
+def test_a_closure_failing_in_a_perturbed_pass_leaves_the_weights_restored():
+    model = mlp()
+    before = copy.deepcopy(model)
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyError("boom")
+        return F.cross_entropy(model(x), y)
+
+    x, y = batch()
+    for restore in ("copy", "inplace"):
+        calls[0] = 0
+        opt = FOGZO(torch.optim.SGD(model.parameters(), lr=0.1), total_steps=5, restore=restore)
+        with pytest.raises(KeyError):
+            opt.step(closure)
+        for p, q in zip(model.parameters(), before.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+# -- scales=: a model quantized by someone else ------------------------------------------------
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, s):
+        return torch.clamp(torch.round(w / s), -2, 1) * s
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class UserFakeQuantLinear(nn.Linear):
+    """Another library's 2-bit fixed-step linear layer: metaste's registry does not know it."""
+
+    def __init__(self, lin: nn.Linear, s: torch.Tensor):
+        super().__init__(lin.in_features, lin.out_features)
+        self.load_state_dict({"weight": lin.weight, "bias": lin.bias})
+        self.register_buffer("s", s)
+
+    def forward(self, x):
+        return F.linear(x, _RoundSTE.apply(self.weight, self.s), self.bias)
+
+
+def test_scales_manages_a_user_fake_quant_model_like_the_registry_path():
+    ours = mlp()
+    torch.manual_seed(0)
+    theirs = nn.Sequential(*[copy.deepcopy(m) for m in ours])
+    for i, m in enumerate(ours):
+        if isinstance(m, metaste.QuantLinear):
+            theirs[i] = UserFakeQuantLinear(m, m.weight_quant.s.clone())
+    assert not any(metaste.lookup(p) is not None for p in theirs.parameters())
+    scales = {m.weight: (m.s, "identity") for m in theirs if isinstance(m, UserFakeQuantLinear)}
+    opt_a = FOGZO(torch.optim.SGD(ours.parameters(), lr=0.1), total_steps=6, seed=2)
+    opt_b = FOGZO(torch.optim.SGD(theirs.parameters(), lr=0.1), total_steps=6, seed=2, scales=scales)
+    for t in range(6):
+        x, y = batch(seed=t)
+        opt_a.step(closure_for(ours, x, y))
+        opt_b.step(closure_for(theirs, x, y))
+    assert params_equal(ours, theirs)
+
+
+def test_scales_validation():
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="not a parameter"):
+        FOGZO(opt, total_steps=5, scales={nn.Parameter(torch.ones(2)): 0.1})
+    with pytest.raises(ValueError, match="Invalid STE kind"):
+        FOGZO(opt, total_steps=5, scales={model.weight: (0.1, "sigmoid")})
+    with pytest.raises(ValueError, match="finite, > 0"):
+        FOGZO(opt, total_steps=5, scales={model.weight: 0.0})
+    with pytest.raises(ValueError, match="broadcast"):
+        FOGZO(opt, total_steps=5, scales={model.weight: torch.ones(3, 1)})
+
+
+# -- torch.distributed -------------------------------------------------------------------------
+
+DDP_STEPS = 10
+
+
+def _ddp_data():
+    return [batch(seed=t, size=16, dtype=torch.float64) for t in range(DDP_STEPS)]
+
+
+def _ddp_run(model, data):
+    opt = FOGZO(torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9), total_steps=DDP_STEPS, seed=5)
+    for x, y in data:
+        opt.step(closure_for(model, x, y))
+
+
+def _ddp_worker(rank, port, path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    model = mlp(dtype=torch.float64)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    data = [(x.chunk(2)[rank], y.chunk(2)[rank]) for x, y in _ddp_data()]
+    _ddp_run(ddp, data)
+    torch.save([p.detach() for p in model.parameters()], f"{path}.{rank}")
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_ddp_ranks_agree_and_match_one_process_on_the_whole_batch(tmp_path):
+    path = str(tmp_path / "p")
+    mp.spawn(_ddp_worker, args=(_free_port(), path), nprocs=2, join=True)
+    p0, p1 = (torch.load(f"{path}.{r}") for r in (0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1))
+    model = mlp(dtype=torch.float64)
+    start = [p.detach().clone() for p in model.parameters()]
+    _ddp_run(model, _ddp_data())
+    assert not all(torch.equal(a, b) for a, b in zip(p0, start))
+    for a, b in zip(p0, model.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-9, atol=1e-11)
