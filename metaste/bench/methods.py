@@ -128,3 +128,58 @@ for _opt in ("sgd", "adam"):
                 _hyperste("delayed", _opt),
             )
         )
+
+
+# --- FOGZO (SPEC §4) ---------------------------------------------------------------------------
+# RunContext.extra keys read by these methods (all optional): n (directions per step, default 1),
+# beta_min (default 1 − 1/D; ignored by nspsa), ste_fraction (default 0.0), restore ("copy" |
+# "inplace"), keep_noise (False). Weights use the FOGZO paper's identity STE; β decays over
+# ctx.total_steps; the noise seed is ctx.seed.
+
+
+def _fogzo(one_sided: bool, nspsa: bool):
+    def build(model: nn.Module, ctx: RunContext) -> Optimizer:
+        from ..optim.fogzo import FOGZO  # here, not at the top: this block is appended
+
+        keys = ("n", "ste_fraction", "restore", "keep_noise") + (() if nspsa else ("beta_min",))
+        kw = {k: ctx.extra[k] for k in keys if k in ctx.extra}
+        if nspsa:
+            kw["beta_schedule"] = lambda t: 0.0
+        return FOGZO(
+            base_optimizer(model, ctx), total_steps=ctx.total_steps, one_sided=one_sided, seed=ctx.seed, **kw
+        )
+
+    return build
+
+
+def _fogzo_fwd_equiv(one_sided: bool):
+    return lambda ctx: 3.0 + (1 if one_sided else 2) * ctx.extra.get("n", 1)
+
+
+register_method(
+    Method(
+        "fogzo",
+        "FOGZO, central differences, identity STE (SPEC §4); 3 + 2n forward equivalents per step",
+        {"surrogate": "identity"},
+        _fogzo(one_sided=False, nspsa=False),
+        _fogzo_fwd_equiv(False),
+    )
+)
+register_method(
+    Method(
+        "fogzo-1sided",
+        "FOGZO, one-sided differences (SPEC §4.3 option); 3 + n forward equivalents per step",
+        {"surrogate": "identity"},
+        _fogzo(one_sided=True, nspsa=False),
+        _fogzo_fwd_equiv(True),
+    )
+)
+register_method(
+    Method(
+        "nspsa",
+        "n-SPSA baseline: FOGZO with β ≡ 0 (pure zeroth order on the quantized weights)",
+        {"surrogate": "identity"},
+        _fogzo(one_sided=False, nspsa=True),
+        _fogzo_fwd_equiv(False),
+    )
+)
