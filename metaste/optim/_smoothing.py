@@ -16,12 +16,12 @@ approxsign sign  2x − x|x| on |x| ≤ 1 1/√6    tri(z/√6)/√6         √
 (√6(W₁ + W₂)/2 = √6(U₁ + U₂ − 1), the table of SPEC §4.2.)
 
 Noise is never stored: :func:`noise` regenerates z for (seed, t, i, k) from a generator seeded
-by :func:`derive_seed`. On CPU the random bits come from NumPy's PCG64 ``random_raw`` (3× faster
-than ``torch.rand``'s Mersenne Twister, which dominated the cost of a FOGZO step); on other
-devices from a ``torch.Generator`` on that device. The stream therefore depends on the device
-type, never on anything else. W = 2U − 1 is built from 22 random mantissa bits on the midpoints
-of a 2^22-level grid, so it lies strictly inside (−1, 1) and is exactly symmetric: ``atanh``
-never sees ±1.
+by :func:`derive_seed`. On CPU the random bits come from NumPy's SFC64 ``random_raw``; on other
+devices from a ``torch.Generator`` on that device, so the stream depends on the device type and
+on nothing else. W = 2U − 1 takes 16 random bits: the midpoints of a 2^16-level grid, exactly
+symmetric and strictly inside (−1, 1), so ``atanh`` never sees ±1 (tanh kind: |z| ≤ 6.5, a tail
+of mass 2^-15 is cut and the variance is 0.999). Four values per 64-bit draw make the noise
+3.5× cheaper than ``torch.rand`` (Mersenne Twister), which dominated the cost of a FOGZO step.
 """
 
 from __future__ import annotations
@@ -131,17 +131,18 @@ def rademacher(seed: int, step: int, sample: int) -> float:
 
 
 def uniform_w(count: int, seed: int, device: torch.device) -> Tensor:
-    """``count`` float32 values W = 2U − 1 ∈ (−1, 1), from a generator seeded with ``seed``."""
+    """``count`` float32 values W = 2U − 1 ∈ (−1, 1), from a generator seeded with ``seed``.
+
+    Each W uses 16 random bits k ∈ [−2^15, 2^15): W = (k + ½)/2^15, the midpoints of a
+    65 536-level grid, so W is exactly symmetric and never ±1.
+    """
     if device.type == "cpu":
-        raw = np.random.PCG64(seed).random_raw((count + 1) // 2)  # 64 random bits → two floats
-        bits = torch.from_numpy(raw).view(torch.int32)[:count]
+        raw = np.random.SFC64(seed).random_raw((count + 3) // 4)  # 64 random bits → four values
+        k = torch.from_numpy(raw.view(np.int16)[:count].astype(np.float32))  # NumPy converts 10× faster
     else:
         gen = torch.Generator(device=device).manual_seed(seed)
-        bits = torch.empty(count, dtype=torch.int32, device=device).random_(generator=gen)
-    # keep 22 mantissa bits, force the lowest one and the exponent of [2, 4): the float is
-    # 2 + (2j + 1)·2^-22, so W = float − 3 is a grid midpoint strictly inside (−1, 1)
-    bits.bitwise_and_(0x007FFFFE).bitwise_or_(0x40000001)
-    return bits.view(torch.float32).sub_(3.0)
+        k = torch.randint(-(2**15), 2**15, (count,), device=device, generator=gen).float()
+    return k.add_(0.5).mul_(2.0**-15)
 
 
 def noise(kind: str, shape: torch.Size, seed: int, device: torch.device, dtype: torch.dtype) -> Tensor:
