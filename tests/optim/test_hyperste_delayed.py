@@ -162,7 +162,7 @@ def test_delayed_equals_analytical_identity_on_unique_scaling_elements():
         hist = []
         for x, y in data:
             u = [e.u() for _, e in metaste.quantized_weights(m)]
-            opt.step(lambda x=x, y=y: loss_fn(m, x, y))
+            opt.step(lambda x=x, y=y, m=m: loss_fn(m, x, y))
             hist.append((u, copy.deepcopy(opt.state_dict()["metaste"]["method"])))
         runs[method] = (m, opt, hist)
     a0 = [t for _, t in metaste.surrogate_parameters(base)]
