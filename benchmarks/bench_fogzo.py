@@ -10,7 +10,7 @@ Time: median over interleaved repetitions (each rep times ``--steps`` steps of e
 configuration in turn, so machine noise hits all of them alike).
 Peak memory of one step, after warm-up steps: live bytes before the step (parameters, gradients,
 optimizer state, batch) + the peak of the torch CPU allocator's "Total Allocated" during the
-step (torch.profiler memory events) + the peak of NumPy's allocations during the step
+step (torch.profiler memory events, relative to its value before the step) + the peak of NumPy's allocations during the step
 (tracemalloc; FOGZO draws its CPU noise bits with NumPy, which torch's profiler does not see).
 Summing the two peaks can only overstate FOGZO's peak.
 
@@ -147,7 +147,11 @@ def peak_bytes(model, opt, step) -> int:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
         events = json.load(open(f.name))["traceEvents"]
-    torch_peak = max([0] + [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"])
+    mem = [e["args"] for e in events if e.get("name") == "[memory]"]
+    # "Total Allocated" is the allocator's running total: measure from its value before the step
+    torch_peak = max([0] + [m["Total Allocated"] for m in mem]) - (
+        mem[0]["Total Allocated"] - mem[0]["Bytes"]
+    )
     return base + torch_peak + np_peak
 
 
