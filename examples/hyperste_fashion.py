@@ -13,9 +13,7 @@ configuration and a PNG of the train-loss curves.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
-import math
 import statistics
 import time
 from pathlib import Path
@@ -27,39 +25,18 @@ from torch import nn
 
 import metaste
 from metaste import HyperSTE
+from metaste.bench import data
 from metaste.bench.methods import train_step
+from metaste.bench.models import BasicBlock
 from metaste.bench.plots import plot_surrogates
-
-DATA = Path("/usr/share/datasets/fashion-mnist")
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 9: 2.262}
+from metaste.bench.stats import mean_ci
 
 
-def load(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` images of a split, 2×2-average-pooled to 14×14, standardised."""
-    prefix = "train" if split == "train" else "t10k"
-    with gzip.open(DATA / f"{prefix}-images-idx3-ubyte.gz") as f:
-        x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)[:n]
-    with gzip.open(DATA / f"{prefix}-labels-idx1-ubyte.gz") as f:
-        y = np.frombuffer(f.read(), np.uint8, offset=8)[:n]
-    x = F.avg_pool2d(torch.tensor(x, dtype=torch.float32) / 255.0, 2)
-    return (x - 0.286) / 0.353, torch.tensor(y, dtype=torch.long)
-
-
-class Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.b1 = nn.BatchNorm2d(cout)
-        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.b2 = nn.BatchNorm2d(cout)
-        self.short = (
-            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-            if stride != 1 or cin != cout
-            else nn.Identity()
-        )
-
-    def forward(self, x):
-        return F.relu(self.b2(self.c2(F.relu(self.b1(self.c1(x))))) + self.short(x))
+def load(n_train: int, n_test: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """The first ``n_train``/``n_test`` images of the shared Fashion-MNIST loader, 2×2-average-pooled
+    to 14×14 (the loader standardises with the training mean/std)."""
+    d = data.load_fashion_mnist(n_train, n_test)
+    return (F.avg_pool2d(d.x_train, 2), d.y_train), (F.avg_pool2d(d.x_test, 2), d.y_test)
 
 
 def resnet() -> nn.Module:
@@ -68,8 +45,8 @@ def resnet() -> nn.Module:
         nn.Conv2d(1, 16, 3, 1, 1, bias=False),
         nn.BatchNorm2d(16),
         nn.ReLU(),
-        Block(16, 16, 1),
-        Block(16, 32, 2),
+        BasicBlock(16, 16, 1),
+        BasicBlock(16, 32, 2),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(32, 10),
@@ -99,9 +76,9 @@ GRANULARITY = {
 }
 
 
-def run(quant: str, cfg: tuple, seed: int, data, args) -> dict:
+def run(quant: str, cfg: tuple, seed: int, splits, args) -> dict:
     opt_name, method, surrogate, granularity = cfg
-    (xtr, ytr), (xte, yte) = data
+    (xtr, ytr), (xte, yte) = splits
     torch.manual_seed(seed)
     model = metaste.quantize_model(
         resnet(), surrogate=surrogate, granularity=granularity, keep_fp="0", **QUANT[quant]
@@ -139,13 +116,6 @@ def run(quant: str, cfg: tuple, seed: int, data, args) -> dict:
     return out
 
 
-def ci(values: list[float]) -> tuple[float, float]:
-    m = statistics.mean(values)
-    if len(values) < 2:
-        return m, float("nan")
-    return m, T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/hyperste_fashion")
@@ -161,7 +131,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = (load("train", args.train), load("test", args.test))
+    splits = load(args.train, args.test)
     jobs = [(q, n, CONFIGS[n]) for q in QUANT for n in CONFIGS]
     if args.granularity:
         jobs += [("w2-lsq", n, cfg) for n, cfg in GRANULARITY.items()]
@@ -169,7 +139,7 @@ def main() -> None:
     t0 = time.time()
     for quant, name, cfg in jobs:
         for seed in range(args.seeds):
-            r = run(quant, cfg, seed, data, args)
+            r = run(quant, cfg, seed, splits, args)
             model = r.pop("model", None)
             if model is not None and seed == 0:
                 plot_surrogates(model, out / f"surrogates_{quant}_{name}.png", f"{quant} {name} seed 0")
@@ -201,7 +171,7 @@ def report(results: dict, out: Path, args) -> None:
             acc, loss = [r["acc"] for r in runs], [r["train_loss"] for r in runs]
             da = [r["acc"] - s["acc"] for r, s in zip(runs, ref)]
             dl = [r["train_loss"] - s["train_loss"] for r, s in zip(runs, ref)]
-            (ma, ca), (ml, cl), (mda, cda), (mdl, cdl) = ci(acc), ci(loss), ci(da), ci(dl)
+            (ma, ca), (ml, cl), (mda, cda), (mdl, cdl) = mean_ci(acc), mean_ci(loss), mean_ci(da), mean_ci(dl)
             same = name.startswith("ste")
             lines.append(
                 f"| {quant} | {name} | {ma:.2f} ± {ca:.2f} | "

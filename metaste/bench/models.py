@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["mlp", "ResNet", "resnet20", "TinyLlama"]
+__all__ = ["mlp", "BasicBlock", "ResNet", "resnet20", "TinyLlama"]
 
 
 def mlp(sizes: tuple[int, ...] = (784, 10, 10)) -> nn.Sequential:
@@ -22,7 +22,7 @@ def mlp(sizes: tuple[int, ...] = (784, 10, 10)) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class _BasicBlock(nn.Module):
+class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -53,7 +53,7 @@ class ResNet(nn.Module):
         stages, cin = [], width
         for i, w in enumerate((width, 2 * width, 4 * width)):
             for j in range(blocks):
-                stages.append(_BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1))
+                stages.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1))
                 cin = w
         self.stages = nn.Sequential(*stages)
         self.head = nn.Linear(cin, num_classes)
