@@ -48,7 +48,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["UpdateRecord", "record_update", "differentiable_update", "has_differentiable_mode"]
+__all__ = [
+    "UpdateRecord",
+    "record_update",
+    "differentiable_update",
+    "differentiable_step",
+    "has_differentiable_mode",
+]
 
 # optimizers whose update is linear in the gradient: no second-moment root, nothing to mask
 _LINEAR_IN_GRAD = (torch.optim.SGD, torch.optim.ASGD)
@@ -102,30 +108,58 @@ def differentiable_update(record: UpdateRecord, grads: list[Tensor]) -> list[Ten
     ``grads`` are the gradients the update would have used (same order as ``record.params``),
     typically ``g ⊙ ψ(u; θ)`` with a graph to θ. The record is not modified.
     """
+    return differentiable_step(record, grads)[0]
+
+
+def differentiable_step(
+    record: UpdateRecord,
+    grads: list[Tensor],
+    *,
+    params: list[Tensor] | None = None,
+    states: list[dict[str, Any]] | None = None,
+) -> tuple[list[Tensor], list[dict[str, Any]]]:
+    """(v_{t+1}, state_{t+1}) per recorded parameter, differentiable in ``grads`` and, when given,
+    in ``params`` (v_t) and ``states`` (the optimizer state before the update).
+
+    ``params`` / ``states`` replace the record's detached v_t / state_t; their tensors may carry a
+    graph (e.g. leaves that require grad: LGATT's reverse sweep takes one vector-Jacobian product
+    of the whole step, SPEC §3.4) and are cloned, never modified. Without them this is
+    :func:`differentiable_update` plus the new state. The fallback for an optimizer without a
+    ``differentiable`` mode returns the state unchanged.
+    """
     cls = record.optimizer_cls
+    v0 = record.params if params is None else params
+    if states is None:
+        s0 = [{k: _clone_value(v) for k, v in st.items()} for st in record.states]
+    else:  # clone, keeping the graph: the update runs in place on the state
+        s0 = [
+            {k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in st.items()}
+            for st in states
+        ]
     if not has_differentiable_mode(cls):
         warnings.warn(
             f"{cls.__name__} has no differentiable=True mode: the hypergradient treats its update "
             "as v - lr*g (plain SGD); use a torch.optim optimizer for the exact update",
-            stacklevel=2,
+            stacklevel=3,
         )
-        return [p - g * float(hp["lr"]) for p, g, hp in zip(record.params, grads, record.groups)]
+        return [p - g * float(hp["lr"]) for p, g, hp in zip(v0, grads, record.groups)], s0
     mask = not issubclass(cls, _LINEAR_IN_GRAD)
     clones, groups = [], []
-    for p, hp in zip(record.params, record.groups):
+    for p, hp in zip(v0, record.groups):
         hp = {k: _clone_value(v) for k, v in hp.items()}
         hp["differentiable"] = True
         for flag in ("foreach", "fused"):  # differentiable mode is single-tensor only
             if flag in hp:
                 hp[flag] = False
-        clone = p.clone()  # a leaf that does not require grad: in-place updates build the graph
+        # the record's v_t: a leaf that does not require grad (in-place updates build the graph);
+        # a given v_t with a graph: a non-leaf clone
+        clone = p.clone()
         clones.append(clone)
         groups.append({**hp, "params": [clone]})
     # the constructor's defaults decide whether step() runs with grad enabled
     sig = inspect.signature(cls.__init__).parameters
     opt = cls(groups, differentiable=True, **{f: False for f in ("foreach", "fused") if f in sig})
-    for clone, g, state, group in zip(clones, grads, record.states, opt.param_groups):
-        state = {k: _clone_value(v) for k, v in state.items()}
+    for clone, g, state, group in zip(clones, grads, s0, opt.param_groups):
         if issubclass(cls, torch.optim.SGD) and group["momentum"] != 0 and "momentum_buffer" not in state:
             # SGD's first step detaches buf = grad; 0·m + 1·grad is the same value with the graph
             state["momentum_buffer"] = torch.zeros_like(clone)
@@ -135,4 +169,4 @@ def differentiable_update(record: UpdateRecord, grads: list[Tensor]) -> list[Ten
         # exact-zero surrogate gradients enter as detached zeros (see the module docstring)
         clone.grad = torch.where(g.detach() == 0, g.detach(), g) if mask else g
     opt.step()
-    return clones
+    return clones, [opt.state[c] for c in clones]
