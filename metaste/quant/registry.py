@@ -2,13 +2,12 @@
 
 Optimizer wrappers receive parameters, not modules; the registry lets them find, from the
 parameter alone, the step ``s`` (:meth:`QuantEntry.scale`), the grid (Qn, Qp), the surrogate
-and the STE kind FOGZO smooths with. Keys are held weakly by identity, so a deleted model
-leaves no trace.
+and the STE kind FOGZO smooths with. Weights are held weakly (by identity), so a deleted
+model leaves no trace.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -55,14 +54,16 @@ class QuantEntry:
 
 
 def register(weight: nn.Parameter, quantizer: nn.Module) -> None:
-    """Record that ``weight`` is quantized by ``quantizer`` (layers call this themselves)."""
-    _REGISTRY[weight] = weakref.ref(quantizer)
+    """Record that ``weight`` is quantized by ``quantizer`` (layers call this themselves).
+
+    The quantizer is held as long as the weight lives (it does not refer back to the weight), so
+    ``FOGZO(SGD(make_model().parameters()))`` still finds it after the model object is gone."""
+    _REGISTRY[weight] = quantizer
 
 
 def lookup(param: Tensor) -> QuantEntry | None:
     """The registry entry of ``param``, or ``None`` if it is not a quantized weight."""
-    ref = _REGISTRY.get(param)
-    q = ref() if ref is not None else None
+    q = _REGISTRY.get(param)
     return None if q is None else QuantEntry(param, q)
 
 

@@ -164,3 +164,13 @@ def test_float64_model_gets_float64_surrogate_parameters():
     assert q[0].weight_quant.surrogate.a.dtype == torch.float64
     q(torch.randn(3, 5, dtype=torch.float64)).sum().backward()
     assert q[0].weight.grad.dtype == torch.float64
+
+
+def test_registry_keeps_the_quantizer_of_a_weight_whose_model_was_dropped():
+    params = list(metaste.quantize_model(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), bits=2).parameters())
+    import gc
+
+    gc.collect()
+    entry = metaste.lookup(params[0])
+    assert entry is not None and entry.qp == 1
+    assert entry.scale().numel() == 1
