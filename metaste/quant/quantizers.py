@@ -18,7 +18,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .surrogates import Surrogate, make_surrogate
+from .surrogates import FixedSurrogate, Surrogate, band, make_surrogate
 
 __all__ = [
     "Quantizer",
@@ -71,23 +71,32 @@ class _RoundQuantFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v, s, qn, qp, quantizer, grad_scale):  # type: ignore[override]
         u = v / s
-        c = torch.clamp(torch.round(u), -qn, qp)
-        ctx.save_for_backward(v, s)
-        ctx.qn, ctx.qp, ctx.quantizer, ctx.grad_scale = qn, qp, quantizer, grad_scale
+        c = torch.round(u).clamp_(-qn, qp)
+        # u is saved (not recomputed from v, s): one division less in backward, one tensor of
+        # the weight's size held until backward
+        ctx.save_for_backward(u, c if ctx.needs_input_grad[1] else None)
+        ctx.qn, ctx.qp, ctx.quantizer, ctx.grad_scale, ctx.s_shape = qn, qp, quantizer, grad_scale, s.shape
         return c * s
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        v, s = ctx.saved_tensors
+        u, c = ctx.saved_tensors
         qn, qp, q = ctx.qn, ctx.qp, ctx.quantizer
-        u = v / s
-        gv = gs = None
+        gv = gs = inside = None
         if ctx.needs_input_grad[0]:
-            gv = g if q.defer_surrogate else g * q.surrogate.psi(u, qn, qp)
+            if q.defer_surrogate:
+                gv = g
+            elif isinstance(q.surrogate, FixedSurrogate) and q.surrogate.name == "ste":
+                inside = band(u, -qn, qp)  # ψ_ste, shared with ∂v̂/∂s below
+                gv = g * inside
+            else:
+                gv = g * q.surrogate.psi(u, qn, qp)
         if ctx.needs_input_grad[1]:
-            c = torch.clamp(torch.round(u), -qn, qp)
-            dvds = torch.where(u < -qn, -qn, torch.where(u > qp, qp, c - u))
-            gs = (g * dvds).sum_to_size(s.shape) * ctx.grad_scale
+            if inside is None:
+                inside = band(u, -qn, qp)
+            # ∂v̂/∂s = round(u) − u inside [−Qn, Qp]; c = −Qn below, Qp above ; in place in
+            # the mask's buffer: c + (−u·0) = c exactly
+            gs = inside.mul_(u).neg_().add_(c).mul_(g).sum_to_size(ctx.s_shape) * ctx.grad_scale
         return gv, gs, None, None, None, None
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "FixedSurrogate",
     "LearnableSurrogate",
     "make_surrogate",
+    "band",
     "ste",
     "identity",
     "hardtanh",
@@ -59,9 +60,16 @@ A_MAX_DEFAULT = 4.0
 # ---------------------------------------------------------------------------------------------
 
 
+def band(u: Tensor, lo: float, hi: float) -> Tensor:
+    """1{lo ≤ u ≤ hi} in ``u``'s dtype, as clamp(u) == u written into the clamped copy: on CPU
+    that is several times faster than a bool mask followed by ``.to(dtype)`` (NaN gives 0)."""
+    u = u.detach()  # a mask: no gradient to track
+    return torch.clamp(u, lo, hi).eq_(u)
+
+
 def ste(u: Tensor, qn: float, qp: float) -> Tensor:
     """Clipped STE: ψ = 1{−Qn ≤ u ≤ Qp} (closed interval, thesis eq. 2.2)."""
-    return ((u >= -qn) & (u <= qp)).to(u.dtype)
+    return band(u, -qn, qp)
 
 
 def identity(u: Tensor, qn: float, qp: float) -> Tensor:
@@ -113,8 +121,7 @@ def pwl(u: Tensor, qn: float, qp: float) -> Tensor:
 
 def slste(u: Tensor, a: Tensor, qn: float, qp: float) -> Tensor:
     """Scaled-linear STE: ψ = a·1{−Qn/a ≤ u ≤ Qp/a}. Mass Qn on u ≤ 0 and Qp on u > 0."""
-    au = a * u
-    return a * ((au >= -qn) & (au <= qp)).to(u.dtype)
+    return band(a * u, -qn, qp).mul_(a)
 
 
 def slste_grad(u: Tensor, a: Tensor, qn: float, qp: float, boundary: str = "none", b: float = 0.5) -> Tensor:
@@ -148,10 +155,19 @@ def plste_grad(u: Tensor, a: Tensor, qn: float, qp: float) -> Tensor:
 
 
 def dlste(u: Tensor, a_n: Tensor, a_p: Tensor, qn: float, qp: float) -> Tensor:
-    """Double-linear STE: PLSTE with ``a_n`` on u ≤ 0 and ``a_p`` on u > 0."""
-    neg = torch.clamp(2 * a_n * (1 + a_n * u / qn), min=0) * (u <= 0).to(u.dtype)
-    pos = torch.clamp(2 * a_p * (1 - a_p * u / qp), min=0) * (u > 0).to(u.dtype)
-    return neg + pos
+    """Double-linear STE: PLSTE with ``a_n`` on u ≤ 0 and ``a_p`` on u > 0, i.e.
+    ψ = max(0, 2a(1 − a·|u|/Q)) with (a, Q) = (a_n, Qn) on u ≤ 0 and (a_p, Qp) on u > 0.
+
+    Computed with a 0/1 float mask (x·1 + y·0 = x exactly) and in-place updates of fresh
+    tensors (autograd-safe): bool masks and allocations dominate the cost on CPU.
+    """
+    neg = torch.le(u.detach(), 0, out=torch.empty_like(u))
+    if a_n is a_p:  # PLSTE: the mask is only needed for Q
+        a, q = a_n, neg.mul_(qn - qp).add_(qp)
+    else:
+        a, q = a_n * neg + a_p * (1 - neg), neg * (qn - qp) + qp
+    side = u.abs().mul_(a).div_(q).neg_().add_(1)
+    return side.mul_(a).mul_(2).clamp_(min=0)
 
 
 def dlste_grad(u: Tensor, a_n: Tensor, a_p: Tensor, qn: float, qp: float) -> tuple[Tensor, Tensor]:
