@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable, Sequence, Sized
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..quant.registry import lookup
@@ -15,6 +16,7 @@ from ._wrapper import Closure, OptimizerWrapper
 from .hyper._common import HyperMethod, HyperOptions, ManagedWeight, surrogate_stats
 from .hyper.analytical import REGIONS, Analytical
 from .hyper.delayed import Delayed
+from .hyper.horizon import FAGU, LGATT, PFAGU, Horizon, horizon_options
 
 __all__ = ["HyperSTE"]
 
@@ -58,6 +60,13 @@ class HyperSTE(OptimizerWrapper):
       one-step hypergradient of the first pair (or of all within-window pairs) is applied at the
       next window by ``hyper_optimizer``. Any torch.optim optimizer (its ``differentiable=True``
       mode, :mod:`metaste.optim._diffopt`), any learnable surrogate and granularity.
+    * ``"fagu"`` / ``"pfagu"`` / ``"lgatt"`` (SPEC §3.3–3.4, thesis 4.4–4.5, FAGU / P-FAGU /
+      FLAGU): θ follows a schedule over a horizon of T steps that is learned by K replays of the
+      horizon from a snapshot, then a final pass with the learned schedule
+      (:mod:`metaste.optim.hyper.horizon`). The user's ``step`` loop is unchanged: its pass is
+      replay 0 and returns θ^0's losses; closures must be re-callable (they capture their batch);
+      the horizon's last ``step`` runs the other replays and the final pass and returns with the
+      final-pass weights. :meth:`run_horizon` takes a list of closures instead.
 
     The learning rate of θ (``hyper_lr``):
 
@@ -101,10 +110,38 @@ class HyperSTE(OptimizerWrapper):
             (SPEC §3.1; :func:`~metaste.optim.hyper.analytical.analytical_update`).
         max_halvings: analytical ``"halve"``: past this many halvings of η_a a gap element is
             not updated (default 30).
-        model: optional, only to name the layers in :attr:`diagnostics` (default: ``"w0"``, ...).
+        model: names the layers in :attr:`diagnostics` (default: ``"w0"``, ...); required by the
+            horizon methods, whose snapshot holds its buffers (BN running statistics).
+
+    Horizon methods only (:func:`~metaste.optim.hyper.horizon.horizon_options`; ``None`` = default):
+        horizon: T, the horizon in steps; or ``horizon_epochs=E`` with ``steps_per_epoch`` (an int
+            or a data loader: its ``len()``).
+        replays: K replays (θ updates) per horizon (default 50 for fagu/lgatt, 5 for pfagu).
+        schedule: ``"per_step"`` (one θ per step, the thesis's ATT; default for fagu/lgatt) or
+            ``"shared"`` (one per horizon; default for pfagu).
+        last: the last step's rule, ``"carry"`` | ``"ste"`` | ``"extra_carry"`` | ``"extra_ste"``
+            (default ``"carry"`` for T ≥ 2, ``"extra_ste"`` for T = 1; SPEC §3.3).
+        warm_start: start each horizon from the previous one's learned schedule (default True)
+            or from the initial values.
+        final_pass: after the K replays, run the horizon once more with θ^K and keep it (default
+            True); False keeps the weights of replay K−1.
+        memory_budget: bytes a horizon may keep alive (recorded batches, schedule, snapshot,
+            lgatt's trace), estimated up front; above it the first step raises
+            ``HorizonMemoryError`` (default: half the physical memory).
+        hessian: lgatt only: ``"exact"`` (default; a reverse sweep, one HVP per step) or
+            ``"diag"`` (the thesis's element-wise approximation, SGD without momentum).
+        recalibrate: ``recalibrate(model)`` called at the start of every horizon, before the
+            snapshot, e.g. ``lambda m: metaste.recalibrate_bn(m, batches)`` (thesis 5.1).
+        seed: seeds lgatt's diag probes (default 0).
     """
 
-    METHODS: dict[str, type[HyperMethod]] = {"analytical": Analytical, "delayed": Delayed}
+    METHODS: dict[str, type[HyperMethod]] = {
+        "analytical": Analytical,
+        "delayed": Delayed,
+        "fagu": FAGU,
+        "pfagu": PFAGU,
+        "lgatt": LGATT,
+    }
 
     def __init__(
         self,
@@ -123,6 +160,18 @@ class HyperSTE(OptimizerWrapper):
         resolve: str = "halve",
         max_halvings: int = 30,
         model: nn.Module | None = None,
+        horizon: int | None = None,
+        horizon_epochs: int | None = None,
+        steps_per_epoch: int | Sized | None = None,
+        replays: int | None = None,
+        schedule: str | None = None,
+        last: str | None = None,
+        warm_start: bool | None = None,
+        final_pass: bool | None = None,
+        memory_budget: float | None = None,
+        hessian: str | None = None,
+        recalibrate: Callable[[nn.Module], Any] | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__(optimizer)
         if method not in self.METHODS:
@@ -153,6 +202,24 @@ class HyperSTE(OptimizerWrapper):
                 "hyper_optimizer applies to method='delayed' only: the analytical update is its own "
                 "(SGD-derived) rule"
             )
+        hopts = horizon_options(
+            method,
+            optimizer,
+            model,
+            boundary,
+            horizon=horizon,
+            horizon_epochs=horizon_epochs,
+            steps_per_epoch=steps_per_epoch,
+            replays=replays,
+            schedule=schedule,
+            last=last,
+            warm_start=warm_start,
+            final_pass=final_pass,
+            memory_budget=memory_budget,
+            hessian=hessian,
+            recalibrate=recalibrate,
+            seed=seed,
+        )
         opts = HyperOptions(
             float(hyper_lr),
             hyper_lr_mode,
@@ -174,7 +241,11 @@ class HyperSTE(OptimizerWrapper):
             mw.quantizer.defer_surrogate = True
         self.method_name = method
         self.managed = managed
-        self.method = cls(optimizer, managed, opts)
+        self.method = (
+            cls(optimizer, managed, opts, hopts, model)
+            if issubclass(cls, Horizon)
+            else cls(optimizer, managed, opts)
+        )
         self.steps = 0
 
     def _find_managed(self, model: nn.Module | None) -> list[ManagedWeight]:
@@ -208,12 +279,33 @@ class HyperSTE(OptimizerWrapper):
 
     def step(self, closure: Closure | None = None):  # type: ignore[override]
         """One step (see the class docstring); returns the closure's loss, detached."""
+        if isinstance(self.method, Horizon):  # replays and the final pass run inside (SPEC §3.3)
+            loss = self.method.step(closure, self._evaluate)
+            self.steps += 1
+            return loss
         loss = self._evaluate(closure)
         self.method.before_update(self.steps)
         self.optimizer.step()
         self.method.after_update(self.steps)
         self.steps += 1
         return loss
+
+    def run_horizon(self, closures: Sequence[Closure], extra: Closure | None = None) -> list[Tensor]:
+        """Horizon methods: one whole horizon over ``closures`` (T re-callable closures), as T
+        ``step`` calls; returns the user-pass (θ^0) losses. ``extra``: the batch of L_T for the
+        ``extra_*`` last-step rules (default: the first closure)."""
+        if not isinstance(self.method, Horizon):
+            raise ValueError(f"run_horizon() is for the horizon methods, not method={self.method_name!r}")
+        losses = self.method.run_horizon(closures, self._evaluate, extra)
+        self.steps += len(losses)
+        return losses
+
+    def resume_horizon(self, closures: Sequence[Closure]) -> None:
+        """Horizon methods, after ``load_state_dict`` in the middle of a horizon: the closures of
+        the steps it had already run (bound to the new model), so that its replays can rerun them."""
+        if not isinstance(self.method, Horizon):
+            raise ValueError(f"resume_horizon() is for the horizon methods, not method={self.method_name!r}")
+        self.method.resume_horizon(closures)
 
     @property
     def diagnostics(self) -> dict[str, Any]:
@@ -251,6 +343,8 @@ class HyperSTE(OptimizerWrapper):
             }
         if self.method_name == "delayed":
             out["skipped_windows"] = self.method.skipped
+        if isinstance(self.method, Horizon):
+            out["horizon"] = self.method.horizon_stats()
         return out
 
     def _wrapper_state_dict(self) -> dict[str, Any]:
