@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import socket
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from _ddp import free_port, init_gloo
 from fogzo_reference import reference_estimate
 from scipy import integrate, stats
 from torch import nn
@@ -683,9 +682,7 @@ def _ddp_run(model, data):
 
 
 def _ddp_worker(rank, port, path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    init_gloo(rank, port)
     model = mlp(dtype=torch.float64)
     ddp = nn.parallel.DistributedDataParallel(model)
     data = [(x.chunk(2)[rank], y.chunk(2)[rank]) for x, y in _ddp_data()]
@@ -694,16 +691,10 @@ def _ddp_worker(rank, port, path):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_ddp_ranks_agree_and_match_one_process_on_the_whole_batch(tmp_path):
     path = str(tmp_path / "p")
-    mp.spawn(_ddp_worker, args=(_free_port(), path), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(free_port(), path), nprocs=2, join=True)
     p0, p1 = (torch.load(f"{path}.{r}") for r in (0, 1))
     assert all(torch.equal(a, b) for a, b in zip(p0, p1))
     model = mlp(dtype=torch.float64)

@@ -3,13 +3,11 @@ single-process run on the concatenated batch (SPEC §3.1)."""
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _ddp import free_port, init_gloo
 from _hyperste_helpers import batches, loss_fn, quantized_mlp
 from torch.nn.parallel import DistributedDataParallel
 
@@ -26,9 +24,7 @@ def _run(model, method, data):
 
 
 def _worker(rank, port, method, path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    init_gloo(rank, port)
     model = quantized_mlp(dtype=torch.float64)
     ddp = DistributedDataParallel(model)
     data = [(x.chunk(2)[rank], y.chunk(2)[rank]) for x, y in batches(STEPS, size=32, dtype=torch.float64)]
@@ -37,17 +33,11 @@ def _worker(rank, port, method, path):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 @pytest.mark.parametrize("method", ["analytical", "delayed"])
 def test_ddp_surrogates_agree_across_ranks_and_with_one_process_on_the_whole_batch(method, tmp_path):
     path = str(tmp_path / "a")
-    mp.spawn(_worker, args=(_free_port(), method, path), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), method, path), nprocs=2, join=True)
     a0, a1 = (torch.load(f"{path}.{r}") for r in (0, 1))
     for t0, t1 in zip(a0, a1):
         assert torch.equal(t0, t1)
