@@ -183,3 +183,56 @@ register_method(
         _fogzo_fwd_equiv(False),
     )
 )
+
+
+# --- HyperSTE horizon methods (SPEC §3.3–3.4) --------------------------------------------------
+# RunContext.extra keys read by these methods (all optional): hyper_lr (0.01), hyper_lr_mode,
+# horizon (steps; default: the whole run for fagu/lgatt — the thesis's single FAGU/FLAGU horizon —
+# and total_steps // 10 for pfagu), replays (K; default 5 for all three here, not the thesis's 50,
+# to keep `metaste compare` affordable), schedule, last. The task's base optimizer is used. Test-
+# metric points inside a horizon see the user's pass (replay 0); the last one sees the final pass.
+
+
+def _horizon_replays(ctx: RunContext) -> int:
+    return int(ctx.extra.get("replays", 5))
+
+
+def _horizon(method: str):
+    def build(model: nn.Module, ctx: RunContext) -> Optimizer:
+        from ..optim.hyperste import HyperSTE  # here, not at the top: this block is appended
+
+        default_t = max(1, ctx.total_steps // 10) if method == "pfagu" else ctx.total_steps
+        kw = {k: ctx.extra[k] for k in ("hyper_lr", "hyper_lr_mode", "schedule", "last") if k in ctx.extra}
+        return HyperSTE(
+            base_optimizer(model, ctx),
+            method=method,
+            model=model,
+            horizon=int(ctx.extra.get("horizon", default_t)),
+            replays=_horizon_replays(ctx),
+            **kw,
+        )
+
+    return build
+
+
+register_method(
+    Method(
+        "pwl",
+        "quantized model, fixed piecewise-linear STE (PLSTE at a = 1; the PLSTE/DLSTE baseline)",
+        {"surrogate": "pwl"},
+        base_optimizer,
+    )
+)
+for _m, _cost in (("fagu", 0.0), ("pfagu", 0.0), ("lgatt", 4.0)):
+    for _surr in ("slste", "plste", "dlste"):
+        register_method(
+            Method(
+                _m + ("" if _surr == "slste" else f"-{_surr}"),
+                f"HyperSTE {_m} (SPEC §3.3–3.4), {_surr.upper()}; K replays + final pass ≈ 3(K+1)"
+                + (" + 4K (reverse sweep)" if _cost else "")
+                + " forward equivalents per step",
+                {"surrogate": _surr},
+                _horizon(_m),
+                lambda ctx, c=_cost: 3.0 * (_horizon_replays(ctx) + 1) + c * _horizon_replays(ctx),
+            )
+        )
