@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 import torch
 
+from ..quant.quantizers import QUANTIZERS
+from ..quant.surrogates import SURROGATES
 from .compare import compare, format_table, plot_curves, save_results
 from .methods import METHODS
 from .tasks import TASKS, get_task
@@ -44,7 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--methods", default="fp32,ste", help="comma-separated; see --list-methods")
     c.add_argument("--bits", type=int, default=None, help="weight bits (default: the task's)")
     c.add_argument(
-        "--quantizer", default="lsq", choices=("lsq", "fixed"), help="multi-bit quantizer (1 bit: DoReFa)"
+        "--quantizer",
+        default=None,
+        choices=QUANTIZERS,
+        help="weight quantizer (default: the task's; 1 bit: dorefa)",
+    )
+    c.add_argument(
+        "--surrogate",
+        default=None,
+        choices=SURROGATES,
+        help="surrogate ψ of the quantized methods that do not fix their own (default: ste)",
     )
     c.add_argument("--seeds", type=int, default=3, help="number of paired seeds (0..N-1)")
     c.add_argument("--first-seed", type=int, default=0)
@@ -72,12 +84,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     task = get_task(args.task)
     if args.lr is not None:
-        task.lr = args.lr
+        task = dataclasses.replace(task, lr=args.lr)  # a copy: the registry keeps its default
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bits = args.bits if args.bits is not None else task.bits
     steps = args.steps if args.steps is not None else task.steps
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     out = args.out / args.task
+    quant = _key_values(args.quant_opt, "--quant-opt")
+    if args.surrogate is not None:
+        quant["surrogate"] = args.surrogate
     print(
         f"# metaste compare: task={task.name} ({task.description}); bits={bits}, steps={steps}, seeds={seeds}"
     )
@@ -87,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         seeds,
         steps=steps,
         bits=bits,
-        quantizer=args.quantizer,
-        quant_overrides=_key_values(args.quant_opt, "--quant-opt"),
+        quantizer=args.quantizer or task.quantizer,
+        quant_overrides=quant,
         extra=_key_values(args.method_opt, "--method-opt"),
         out=out,
         progress=not args.no_progress and sys.stderr.isatty(),
@@ -97,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(table + "\n")
-    print(
-        f"wrote {save_results(results, out / 'results.json')} and {plot_curves(task, results, out / 'curves.png')}"
-    )
+    json_path = save_results(results, out / "results.json")
+    png_path = plot_curves(task, results, out / "curves.png")
+    print(f"wrote {out / 'table.md'}, {json_path}, {json_path.with_suffix('.csv')} and {png_path}")
     return 0
 
 

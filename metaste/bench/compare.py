@@ -3,6 +3,7 @@ mean ± 95% CI, write the raw results (JSON) and the loss curves (PNG)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import time
@@ -17,7 +18,7 @@ from .methods import METHODS, RunContext, train_step
 from .stats import fmt_ci, mean_ci, paired_diff_ci
 from .tasks import Task
 
-__all__ = ["RunResult", "run_one", "compare", "format_table"]
+__all__ = ["RunResult", "run_one", "compare", "format_table", "plot_curves", "save_results"]
 
 
 @dataclass
@@ -167,7 +168,7 @@ def format_table(task: Task, results: list[RunResult], reference: str | None = "
     head = ["method", "bits", "seeds", "train loss", metric]
     if ref:
         head.append(f"Δ {task.metric} vs {reference} (paired)")
-    head += ["s / step", "fwd-equiv / step"]
+    head += ["ms / step", "fwd-equiv / step"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rs in groups.items():
         metric_vals = [r.final_metric for r in rs]
@@ -186,7 +187,7 @@ def format_table(task: Task, results: list[RunResult], reference: str | None = "
                 if name == reference or len(pairs) < 2
                 else fmt_ci(*paired_diff_ci(*zip(*pairs)), digits=2)
             )
-        row += [f"{np.median([r.sec_per_step for r in rs]) * 1e3:.1f} ms", f"{rs[0].fwd_equiv:g}"]
+        row += [fmt_ci(*mean_ci([r.sec_per_step * 1e3 for r in rs]), digits=2), f"{rs[0].fwd_equiv:g}"]
         rows.append("| " + " | ".join(row) + " |")
     return "\n".join(rows)
 
@@ -235,6 +236,18 @@ def plot_curves(task: Task, results: list[RunResult], path: Path) -> Path:
 
 
 def save_results(results: list[RunResult], path: Path) -> Path:
+    """The raw per-seed results: ``path`` (JSON, with the loss curves) and ``path`` with suffix
+    ``.csv`` (one row per method and seed: the table's inputs)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps([asdict(r) | {"final_loss": r.final_loss} for r in results], indent=1))
+    with path.with_suffix(".csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            ["method", "seed", "bits", "steps", "final_loss", "final_metric", "sec_per_step", "fwd_equiv"]
+        )
+        for r in results:
+            w.writerow(
+                [r.method, r.seed, r.bits or "fp32", len(r.losses), r.final_loss, r.final_metric]
+                + [r.sec_per_step, r.fwd_equiv]
+            )
     return path

@@ -23,6 +23,9 @@ def mlp(sizes: tuple[int, ...] = (784, 10, 10)) -> nn.Sequential:
 
 
 class BasicBlock(nn.Module):
+    """Two 3×3 conv-BN layers with a ReLU between, plus the (1×1 conv-BN when shapes change)
+    shortcut, then ReLU (He et al. 2016)."""
+
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)

@@ -91,7 +91,7 @@ class ClassificationTask(Task):
 @dataclass
 class LanguageTask(Task):
     seq_len: int = 64
-    eval_batches: int = 16
+    eval_batches: int = 4  # × 64 windows × seq_len tokens: 16k validation tokens per evaluation
 
     def batches(self, seed: int, steps: int) -> Iterator[Batch]:
         corpus = data.load_kjv()
@@ -133,7 +133,8 @@ TASKS: dict[str, Task] = {
         ),
         ClassificationTask(
             "fashion-resnet",
-            "Fashion-MNIST (10k train / 2k test subset), ResNet-8-style (1 block per stage, width 8), SGD",
+            "Fashion-MNIST (10k train / 2k test subset), ResNet-8-style (1 block per stage, width 8), "
+            "plain SGD (no momentum: the analytical HyperSTE method needs it, so STE gets the same)",
             lambda: models.ResNet(blocks=1, width=8),
             optimizer="sgd",
             lr=0.05,
@@ -152,6 +153,7 @@ TASKS: dict[str, Task] = {
             batch_size=32,
             metric="perplexity",
             bits=4,
+            eval_points=5,
         ),
     )
 }

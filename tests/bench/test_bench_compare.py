@@ -1,10 +1,13 @@
+import dataclasses
 import json
 import math
 
 import pytest
 
+from metaste import quantized_weights
 from metaste.bench import cli, stats
 from metaste.bench.compare import compare, format_table
+from metaste.bench.methods import METHODS, Method, base_optimizer, register_method
 from metaste.bench.tasks import get_task
 
 
@@ -59,6 +62,42 @@ def test_compare_command_writes_table_json_and_png(tmp_path, capsys):
     assert {r["method"] for r in rows} == {"fp32", "ste"} and all(len(r["losses"]) == 20 for r in rows)
     assert (out / "curves.png").stat().st_size > 10_000
     assert (out / "table.md").read_text().startswith("| method |")
+    csv_rows = (out / "results.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("method,seed,bits,steps,final_loss") and len(csv_rows) == 1 + 4
+
+
+def test_list_methods_prints_every_registered_method(capsys):
+    assert cli.main(["compare", "--list-methods"]) == 0
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in METHODS)
+
+
+def test_a_method_registered_later_runs_through_the_command(tmp_path, capsys):
+    seen = {}
+
+    def build(model, ctx):
+        seen["surrogates"] = {e.surrogate.name for _, e in quantized_weights(model)}
+        seen["extra"] = ctx.extra
+        return base_optimizer(model, dataclasses.replace(ctx, lr=ctx.lr / 2))
+
+    register_method(Method("test-half-lr", "plain STE at half the learning rate", {}, build))
+    try:
+        argv = [
+            "compare",
+            "--methods",
+            "ste,test-half-lr",
+            "--seeds",
+            "1",
+            "--steps",
+            "5",
+            "--out",
+            str(tmp_path),
+        ]
+        assert cli.main(argv + ["--surrogate", "pwl", "--method-opt", "foo=3", "--no-progress"]) == 0
+    finally:
+        del METHODS["test-half-lr"]
+    assert "| test-half-lr | 2 | 1 |" in capsys.readouterr().out
+    assert seen == {"surrogates": {"pwl"}, "extra": {"foo": 3}}
 
 
 def test_unknown_method_is_rejected_with_the_valid_choices():
