@@ -440,3 +440,30 @@ def test_differentiable_step_is_differentiable_in_params_and_state():
     assert float((gv * d).sum()) == pytest.approx(fd_v, rel=1e-5)
     assert float((gm * d).sum()) == pytest.approx(fd_m, rel=1e-4)
     assert math.isfinite(fd_m)
+
+
+def test_recalibrate_hook_run_horizon_and_diagnostics():
+    calls = []
+    model = quantized_mlp()
+    opt = HyperSTE(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        method="pfagu",
+        model=model,
+        horizon=2,
+        replays=2,
+        recalibrate=calls.append,
+    )
+    data = batches(4)
+    opt.step(lambda: loss_fn(model, *data[0]))
+    with pytest.raises(RuntimeError, match="middle of a horizon"):
+        opt.run_horizon([lambda: loss_fn(model, *data[2])] * 2)
+    opt.step(lambda: loss_fn(model, *data[1]))
+    with pytest.raises(ValueError, match="T=2"):
+        opt.run_horizon([lambda: loss_fn(model, *data[2])])
+    losses = opt.run_horizon([lambda x=x, y=y: loss_fn(model, x, y) for x, y in data[2:]])
+    assert len(losses) == 2 and opt.steps == 4
+    assert calls == [model, model]  # once per horizon
+    d = opt.diagnostics
+    assert d["method"] == "pfagu" and d["horizon"]["horizons_done"] == 2
+    assert len(d["horizon"]["replay_mean_loss"]) == 2 and d["horizon"]["final_mean_loss"] is not None
+    assert d["hypergrad_norm"] > 0 and d["horizon"]["memory_estimate"]["total"] > 0

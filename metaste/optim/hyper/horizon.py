@@ -542,7 +542,8 @@ class Horizon(HyperMethod):
         return out
 
     def _method_memory(self, snap_bytes: int) -> dict[str, int]:
-        raise NotImplementedError  # every subclass defines its own per-step storage
+        """The method's own storage per horizon (bytes, by name), given the snapshot's size."""
+        raise NotImplementedError
 
     def _check_memory(self, closures: Sequence[Closure]) -> None:
         est = self.estimate_memory(closures)
@@ -618,6 +619,8 @@ class Horizon(HyperMethod):
         self.closures = list(closures)
 
     def _begin(self) -> None:
+        """Start a horizon: the recalibration hook, the schedule's start (``warm_start=False``:
+        the initial values; a hyper-optimizer keeps its state either way), the snapshot S."""
         if self.hopts.recalibrate is not None:
             self.hopts.recalibrate(self.model)
         if not self.hopts.warm_start and self.horizons > 0:
@@ -723,10 +726,12 @@ class Horizon(HyperMethod):
         self.hbuf = [torch.zeros_like(s) for s in self.schedule]
 
     def _step(self, t: int, closure: Closure, evaluate: Evaluate, collect: bool) -> Tensor:
-        raise NotImplementedError  # defined by FAGU and LGATT
+        """Step t of a pass with θ_t; ``collect``: gather what the replay's hypergradient needs."""
+        raise NotImplementedError
 
     def _collect_end(self, evaluate: Evaluate) -> None:
-        raise NotImplementedError  # defined by FAGU and LGATT
+        """After a collected replay's last step: finish its hypergradient in ``self.hbuf``."""
+        raise NotImplementedError
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -999,7 +1004,7 @@ class LGATT(Horizon):
             for sl in self.slices
         ]
 
-    def _add_h(self, t: int, leaves: list[list[Tensor]], hs: dict[int, Tensor | None]) -> None:
+    def _add_h(self, t: int, hs: dict[int, Tensor | None]) -> None:
         """hbuf[row(t)] += h_t; ``hs`` maps a surrogate-tensor index to its gradient."""
         if not self._learned(t):
             return
@@ -1063,7 +1068,7 @@ class LGATT(Horizon):
                 lam_s[j] = {}
             for (n, k, leaf), g in zip(st_flat, gs[m : m + s]):
                 lam_s[idx[n]][k] = g if g is not None else torch.zeros_like(leaf)
-            self._add_h(t, leaves, dict(enumerate(gs[m + s :])))
+            self._add_h(t, dict(enumerate(gs[m + s :])))
 
     def _sweep_diag(self, lam_f: dict[int, Tensor]) -> None:
         params = self._params()
@@ -1107,7 +1112,7 @@ class LGATT(Horizon):
                     grad_outputs=zs,
                     allow_unused=True,
                 )
-            self._add_h(t, leaves, dict(zip(ks, hs)))
+            self._add_h(t, dict(zip(ks, hs)))
             for i, j, z, hzi in zip(used, js, zs, hz):
                 d = z * hzi if hzi is not None else torch.zeros_like(z)
                 hp = self.hparams[t][gi[j]]
