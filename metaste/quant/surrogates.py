@@ -162,12 +162,13 @@ def dlste(u: Tensor, a_n: Tensor, a_p: Tensor, qn: float, qp: float) -> Tensor:
     tensors (autograd-safe): bool masks and allocations dominate the cost on CPU.
     """
     neg = torch.le(u.detach(), 0, out=torch.empty_like(u))
-    if a_n is a_p:  # PLSTE: the mask is only needed for Q
-        a, q = a_n, neg.mul_(qn - qp).add_(qp)
+    # h = −Q/2: the factor 2 and the sign folded into the divisor (exact: powers of two)
+    if a_n is a_p:  # PLSTE: the mask is only needed for h
+        a, h = a_n, neg.mul_((qp - qn) / 2).sub_(qp / 2)
     else:
-        a, q = a_n * neg + a_p * (1 - neg), neg * (qn - qp) + qp
-    side = u.abs().mul_(a).div_(q).neg_().add_(1)
-    return side.mul_(a).mul_(2).clamp_(min=0)
+        a, h = a_n * neg + a_p * (1 - neg), neg * ((qp - qn) / 2) - qp / 2
+    two_side = u.abs().mul_(a).div_(h).add_(2)  # 2(1 − a·|u|/Q)
+    return two_side.mul_(a).clamp_(min=0)
 
 
 def dlste_grad(u: Tensor, a_n: Tensor, a_p: Tensor, qn: float, qp: float) -> tuple[Tensor, Tensor]:
