@@ -90,7 +90,7 @@ class _RoundQuantFn(torch.autograd.Function):
                 inside = band(u, -qn, qp)  # ψ_ste, shared with ∂v̂/∂s below
                 gv = g * inside
             else:
-                gv = g * q.surrogate.psi(u, qn, qp)
+                gv = q.surrogate.psi(u, qn, qp).mul_(g)  # psi returns a new tensor
         if ctx.needs_input_grad[1]:
             if inside is None:
                 inside = band(u, -qn, qp)

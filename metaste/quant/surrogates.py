@@ -203,7 +203,8 @@ def _check_name(value: str, valid: Sequence[str], what: str) -> None:
 
 
 class Surrogate(nn.Module):
-    """Base class: ``psi(u, qn, qp)`` evaluates ψ element-wise for a weight in step units.
+    """Base class: ``psi(u, qn, qp)`` evaluates ψ element-wise for a weight in step units and
+    returns a new tensor of ``u``'s shape (the quantizers' backward multiplies it in place).
 
     ``ste_kind`` is the smoothing kind FOGZO uses for a weight with this surrogate (SPEC §4.2):
     ``"identity"`` for round-based quantizers, a sign kind for binary weights: ``tanh`` → tanh;
