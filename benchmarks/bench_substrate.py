@@ -11,9 +11,11 @@ step) at batch 256, for:
 Models: the MLP 784-512-512-10 and the CNN (``ResNet``; by default the ``fashion-resnet`` task's
 1 block per stage, width 8 — ``--blocks 3 --width 16`` is ResNet-20). All variants of one model
 are timed in the same run, interleaved (one step of each variant per repetition, in a rotating
-order), and compared by their medians. Threads are fixed with ``torch.set_num_threads``.
+order), and compared by their medians. Threads are fixed with ``torch.set_num_threads``. The
+clock is the process's CPU time by default (``--clock cpu``: on a shared machine, time spent
+descheduled does not count); ``--clock wall`` uses ``time.perf_counter``.
 
-    python benchmarks/bench_substrate.py [--threads 1] [--reps 30] [--batch 256]
+    python benchmarks/bench_substrate.py [--threads 1] [--reps 30] [--batch 256] [--clock cpu]
 """
 
 from __future__ import annotations
@@ -42,15 +44,20 @@ def _variants(make: Callable[[], nn.Module]) -> dict[str, nn.Module]:
     return out
 
 
-def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    t0 = time.perf_counter()
+def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clock: Callable[[], float]) -> float:
+    t0 = clock()
     model.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def time_variants(
-    make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, reps: int, warmup: int = 3
+    make: Callable[[], nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    reps: int,
+    warmup: int = 3,
+    clock: Callable[[], float] = time.process_time,
 ) -> dict:
     """Median seconds per forward+backward step of each variant, interleaved over ``reps`` rounds."""
     variants = _variants(make)
@@ -59,7 +66,7 @@ def time_variants(
     for r in range(warmup + reps):
         for k in range(len(names)):
             n = names[(r + k) % len(names)]  # rotate the order: no variant always runs first
-            t = _step(variants[n], x, y)
+            t = _step(variants[n], x, y, clock)
             if r >= warmup:
                 times[n].append(t)
     return {n: statistics.median(ts) for n, ts in times.items()}
@@ -72,8 +79,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--blocks", type=int, default=1, help="CNN blocks per stage (3 = ResNet-20)")
     p.add_argument("--width", type=int, default=8, help="CNN base width (16 = ResNet-20)")
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 10, (args.batch,), generator=g)
     cases = {
@@ -87,14 +96,14 @@ def main(argv: list[str] | None = None) -> None:
         ),
     }
     print(
-        f"# torch {torch.__version__}, {args.threads} thread(s), batch {args.batch}, {args.reps} reps (medians)"
+        f"# torch {torch.__version__}, {args.threads} thread(s), batch {args.batch}, {args.reps} reps (medians), {args.clock} clock"
     )
     print(
         "| model | float ms | 2-bit ste ms | slste ms | plste ms | fake-quant / float | slste / ste | plste / ste |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for name, (make, x) in cases.items():
-        t = time_variants(make, x, y, args.reps)
+        t = time_variants(make, x, y, args.reps, clock=clock)
         ratios = [
             t["2-bit ste"] / t["float"],
             t["2-bit slste"] / t["2-bit ste"],
