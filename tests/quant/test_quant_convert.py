@@ -167,7 +167,9 @@ def test_float64_model_gets_float64_surrogate_parameters():
 
 
 def test_registry_keeps_the_quantizer_of_a_weight_whose_model_was_dropped():
-    params = list(metaste.quantize_model(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), bits=2).parameters())
+    params = list(
+        metaste.quantize_model(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), bits=2).parameters()
+    )
     import gc
 
     gc.collect()
