@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from _ddp import free_port, init_gloo
+from _optim_db import optim_db_cases
 from fogzo_reference import reference_estimate
 from scipy import integrate, stats
 from torch import nn
@@ -491,28 +492,7 @@ def test_resume_from_state_dict_continues_the_trajectory_bitwise(tmp_path):
 # -- bit-identity with the bare optimizer (SPEC §4.4, §5) --------------------------------------
 
 
-def _optim_db_cases():
-    from torch.testing._internal.common_optimizers import optim_db
-
-    cases = []
-    for info in optim_db:
-        if info.optim_cls not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
-            continue
-        for oi in info.optim_inputs_func(device="cpu"):
-            if any(k in oi.kwargs for k in ("fused", "capturable", "differentiable")):
-                continue
-            for foreach in (False, True):
-                cases.append(
-                    pytest.param(
-                        info.optim_cls,
-                        {**oi.kwargs, "foreach": foreach},
-                        id=f"{info.optim_cls.__name__}-{oi.desc}-foreach{foreach}",
-                    )
-                )
-    return cases
-
-
-@pytest.mark.parametrize("cls,kwargs", _optim_db_cases())
+@pytest.mark.parametrize("cls,kwargs", optim_db_cases((torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)))
 def test_ste_fraction_one_is_bit_identical_to_the_bare_optimizer(cls, kwargs):
     a, b = mlp(quantizer="lsq"), mlp(quantizer="lsq")
     opt = FOGZO(cls(a.parameters(), **copy.deepcopy(kwargs)), ste_fraction=1.0, total_steps=4)

@@ -8,25 +8,15 @@ import io
 import pytest
 import torch
 from _hyperste_helpers import batches, loss_fn, mlp, quantized_mlp
+from _optim_db import optim_db_cases
 
 import metaste
 from metaste import HyperSTE
 
-BASES = [
-    (torch.optim.SGD, dict(lr=0.1)),
-    (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)),
-    (torch.optim.Adam, dict(lr=1e-2)),
-    (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
-    (torch.optim.NAdam, dict(lr=1e-2)),
-    (torch.optim.RAdam, dict(lr=1e-2)),
-    (torch.optim.RMSprop, dict(lr=1e-2)),
-    (torch.optim.Adagrad, dict(lr=1e-2)),
-]
-
 
 def _bare_run(cls, kw, data, surrogate="slste"):
     model = quantized_mlp(surrogate=surrogate)
-    opt = cls(model.parameters(), **kw)
+    opt = cls(model.parameters(), **copy.deepcopy(kw))
     for x, y in data:
         opt.zero_grad()
         loss_fn(model, x, y).backward()
@@ -34,14 +24,26 @@ def _bare_run(cls, kw, data, surrogate="slste"):
     return model
 
 
-@pytest.mark.parametrize("cls,kw", BASES, ids=lambda v: getattr(v, "__name__", str(v)))
+DB_CLASSES = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+)
+
+
+@pytest.mark.parametrize("cls,kw", optim_db_cases(DB_CLASSES))
 def test_hyper_lr_zero_is_bit_identical_to_the_bare_optimizer(cls, kw):
     data = batches(5)
     ref = _bare_run(cls, kw, data)
-    methods = ["delayed"] + (["analytical"] if cls is torch.optim.SGD and not kw.get("momentum") else [])
+    plain_sgd = cls is torch.optim.SGD and not kw.get("momentum") and not kw.get("maximize")
+    methods = ["delayed"] + (["analytical"] if plain_sgd else [])
     for method in methods:
         model = quantized_mlp()
-        opt = HyperSTE(cls(model.parameters(), **kw), method=method, hyper_lr=0.0, window=2)
+        opt = HyperSTE(cls(model.parameters(), **copy.deepcopy(kw)), method=method, hyper_lr=0.0, window=2)
         for x, y in data:
             opt.step(lambda x=x, y=y, m=model: loss_fn(m, x, y))
         for (n, p), (_, q) in zip(model.state_dict().items(), ref.state_dict().items()):
