@@ -467,3 +467,25 @@ def test_recalibrate_hook_run_horizon_and_diagnostics():
     assert d["method"] == "pfagu" and d["horizon"]["horizons_done"] == 2
     assert len(d["horizon"]["replay_mean_loss"]) == 2 and d["horizon"]["final_mean_loss"] is not None
     assert d["hypergrad_norm"] > 0 and d["horizon"]["memory_estimate"]["total"] > 0
+
+
+def test_a_diverging_replay_rolls_back_its_schedule_and_the_final_pass_runs():
+    model = quantized_mlp()
+    opt = HyperSTE(
+        torch.optim.SGD(model.parameters(), lr=0.1), method="fagu", model=model, horizon=2, replays=3
+    )
+    data, calls = batches(2), [0]
+
+    def closure(x, y):
+        calls[0] += 1
+        loss = loss_fn(model, x, y)
+        return loss * float("nan") if calls[0] == 4 else loss  # replay 1's second step
+
+    theta0 = opt.method.schedule[0].clone()
+    for x, y in data:
+        opt.step(lambda x=x, y=y: closure(x, y))
+    m = opt.method
+    assert m.nonfinite == 1 and len(m.losses) == 1  # replay 1 stopped, no replay 2
+    assert torch.equal(m.schedule[0], theta0)  # back to θ^0, the last schedule with a finite run
+    assert len(m.final_losses) == 2 and all(math.isfinite(v) for v in m.final_losses)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())

@@ -471,6 +471,11 @@ class Horizon(HyperMethod):
         return not (t == self.hopts.horizon - 1 and self.hopts.last == "ste")
 
     @torch.no_grad()
+    def _set_schedule(self, values: list[Tensor]) -> None:
+        for s, x in zip(self.schedule, values):
+            s.copy_(x)  # in place: the hyper-optimizer holds these tensors
+
+    @torch.no_grad()
     def _load_theta(self, values: list[Tensor]) -> None:
         for t, v in zip(self.tensors, values):
             t.copy_(v)
@@ -635,20 +640,26 @@ class Horizon(HyperMethod):
     def _finish(self, evaluate: Evaluate) -> None:
         rng_end = _Rng({p.device for p in self._params()})  # the user's stream continues from here
         hp_end = self._group_hparams()
-        self._end_replay(evaluate)
-        for r in range(1, self.hopts.replays):
+        stopped, good = False, [s.clone() for s in self.schedule]
+        for r in range(self.hopts.replays):
             self.replay = r
-            prev = [s.clone() for s in self.schedule]
+            if r > 0:  # replay 0 was the user's pass
+                try:
+                    self.losses.append(self._pass(evaluate, collect=True))
+                except NonFiniteLossError:  # θ^r diverged: back to θ^{r−1}, stop replaying
+                    self._set_schedule(good)
+                    self.nonfinite, stopped = self.nonfinite + 1, True
+                    break
+            good = [s.clone() for s in self.schedule]  # θ^r gave a finite trajectory
             try:
-                self.losses.append(self._pass(evaluate, collect=True))
-            except NonFiniteLossError:  # θ^r diverged: keep θ^{r−1}, stop replaying
-                self.nonfinite += 1
-                with torch.no_grad():
-                    for s, x in zip(self.schedule, prev):
-                        s.copy_(x)
+                # False: a non-finite hypergradient (θ unchanged; replaying would only repeat it)
+                stopped = not self._end_replay(evaluate)
+            except NonFiniteLossError:  # L_T on the extra batch: θ stays θ^r
+                self._set_schedule(good)
+                self.nonfinite, stopped = self.nonfinite + 1, True
+            if stopped:
                 break
-            self._end_replay(evaluate)
-        if self.hopts.final_pass:
+        if self.hopts.final_pass or stopped:  # a stopped replay may have left a partial trajectory
             self.final_losses = self._pass(evaluate, collect=False)
         rng_end.restore()
         self._set_hparams(hp_end)
@@ -666,12 +677,13 @@ class Horizon(HyperMethod):
             out.append(float(self._step(t, closure, evaluate, collect)))
         return out
 
-    def _end_replay(self, evaluate: Evaluate) -> None:
+    def _end_replay(self, evaluate: Evaluate) -> bool:
         """After a collected replay: the last-step rule's extra loss, the method's hypergradient,
-        then θ ← clamp(θ − η_a·h)."""
+        then θ ← clamp(θ − η_a·h). False if the hypergradient was not finite (θ unchanged)."""
         self._collect_end(evaluate)
-        self._update_schedule(self.hbuf)
+        ok = self._update_schedule(self.hbuf)
         self._reset_collection()
+        return ok
 
     def _extra_loss(self, evaluate: Evaluate) -> dict[int, Tensor]:
         """L_T on the extra batch at the weights after the last step, with θ_{T−1} (extra_carry) or
@@ -694,12 +706,12 @@ class Horizon(HyperMethod):
         return grads
 
     @torch.no_grad()
-    def _update_schedule(self, h: list[Tensor]) -> None:
+    def _update_schedule(self, h: list[Tensor]) -> bool:
         self.hypergrad = [x.clone() for x in h]
         self.hypergrad_norm = float(sum(float((x.double() ** 2).sum()) for x in h)) ** 0.5
         if not all(bool(torch.isfinite(x).all()) for x in h):
             self.skipped += 1
-            return
+            return False
         etas = [self.hyper_lr(k, x) for k, x in enumerate(h)]
         if self.hyper_opt is not None:
             for s, x, eta in zip(self.schedule, h, etas):
@@ -719,6 +731,7 @@ class Horizon(HyperMethod):
                     s[T - 1] = s[T - 2]  # tied (the row is never read; kept equal for warm starts)
                 if per_step and self.hopts.last == "ste":
                     s[T - 1] = 1.0
+        return True
 
     # -- per-method parts ----------------------------------------------------------------------
 
