@@ -3,11 +3,14 @@
 Public API::
 
     model = metaste.quantize_model(model, bits=2)            # the substrate
-    opt = metaste.FOGZO(torch.optim.SGD(model.parameters(), lr=0.1))
+    opt = metaste.FOGZO(torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10_000)
     loss = opt.step(lambda: loss_fn(model(x), y))             # the wrapper runs backward
+
+    model = metaste.quantize_model(model, bits=2, surrogate="slste")   # a learnable surrogate
+    opt = metaste.HyperSTE(torch.optim.SGD(model.parameters(), lr=0.1), method="analytical")
 """
 
-from .optim import FOGZO, HyperSTE
+from .optim import FOGZO, HorizonMemoryError, HyperSTE, NonFiniteLossError
 from .quant import (
     QuantConv2d,
     QuantLinear,
@@ -24,7 +27,9 @@ from .quant import (
 
 __all__ = [
     "FOGZO",
+    "HorizonMemoryError",
     "HyperSTE",
+    "NonFiniteLossError",
     "QuantConv2d",
     "QuantLinear",
     "export_quantized",

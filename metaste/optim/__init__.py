@@ -2,6 +2,7 @@
 
 from ._wrapper import NonFiniteLossError, OptimizerWrapper
 from .fogzo import FOGZO
+from .hyper.horizon import HorizonMemoryError
 from .hyperste import HyperSTE
 
-__all__ = ["FOGZO", "HyperSTE", "NonFiniteLossError", "OptimizerWrapper"]
+__all__ = ["FOGZO", "HorizonMemoryError", "HyperSTE", "NonFiniteLossError", "OptimizerWrapper"]
