@@ -261,7 +261,7 @@ class HyperSTE(OptimizerWrapper):
                     f"weight {names.get(id(p), f'w{k}')!r} is already managed by another HyperSTE; "
                     "call .release() on that one first"
                 )
-            managed.append(ManagedWeight(names.get(id(p), f"w{k}"), p, entry.quantizer))
+            managed.append(ManagedWeight(p, entry.quantizer, names.get(id(p), f"w{k}")))
         if not managed:
             raise ValueError(
                 "HyperSTE found no quantized weight with a learnable surrogate among the optimizer's "

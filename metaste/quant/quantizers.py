@@ -140,6 +140,15 @@ class Quantizer(nn.Module):
         """FOGZO smoothing kind of this quantizer's STE (SPEC §4.2)."""
         return self.surrogate.ste_kind
 
+    def _set_grid(self, weight: Tensor, bits: int, per_channel: bool) -> None:
+        """The signed multi-bit grid of the round-based quantizers (fixed-scale, LSQ)."""
+        self.bits = check_bits(bits)
+        if bits == 1:
+            raise ValueError("bits=1 needs a sign quantizer: use quantizer='dorefa'")
+        self.qn, self.qp = signed_grid(bits)
+        _check_per_channel(weight, per_channel)
+        self.per_channel = per_channel
+
     def scale(self, weight: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -168,12 +177,7 @@ class FixedScaleQuantizer(Quantizer):
         init: str | float = "max",
     ) -> None:
         super().__init__(surrogate)
-        self.bits = check_bits(bits)
-        if bits == 1:
-            raise ValueError("bits=1 needs a sign quantizer: use quantizer='dorefa'")
-        self.qn, self.qp = signed_grid(bits)
-        _check_per_channel(weight, per_channel)
-        self.per_channel = per_channel
+        self._set_grid(weight, bits, per_channel)
         if isinstance(init, (int, float)) and not isinstance(init, bool):
             if not (math.isfinite(init) and init > 0):
                 raise ValueError(f"Invalid init step: {init}; a float init must be finite and > 0")
@@ -181,7 +185,7 @@ class FixedScaleQuantizer(Quantizer):
         elif init == "max":
             s = _reduce(weight.detach().abs(), per_channel, "amax") / self.qp
         elif init == "lsq":
-            s = 2 * _reduce(weight.detach().abs(), per_channel, "mean") / math.sqrt(self.qp)
+            s = lsq_init(weight, self.qp, per_channel)
         else:
             raise ValueError(f"Invalid init: {init!r}; choose 'max', 'lsq' or a float")
         self.register_buffer("s", torch.clamp(s, min=_S_EPS).to(weight.device))
@@ -203,14 +207,8 @@ class LSQQuantizer(Quantizer):
 
     def __init__(self, weight: Tensor, bits: int, surrogate: Surrogate, per_channel: bool = False) -> None:
         super().__init__(surrogate)
-        self.bits = check_bits(bits)
-        if bits == 1:
-            raise ValueError("bits=1 needs a sign quantizer: use quantizer='dorefa'")
-        self.qn, self.qp = signed_grid(bits)
-        _check_per_channel(weight, per_channel)
-        self.per_channel = per_channel
-        s0 = 2 * _reduce(weight.detach().abs(), per_channel, "mean") / math.sqrt(self.qp)
-        self.s = nn.Parameter(torch.clamp(s0, min=_S_EPS))
+        self._set_grid(weight, bits, per_channel)
+        self.s = nn.Parameter(torch.clamp(lsq_init(weight, self.qp, per_channel), min=_S_EPS))
         n = weight[0].numel() if per_channel else weight.numel()
         self.grad_scale = 1.0 / math.sqrt(n * self.qp)
 
@@ -322,6 +320,11 @@ class ActivationLSQQuantizer(nn.Module):
 
 
 QUANTIZERS = ("fixed", "lsq", "dorefa")
+
+
+def lsq_init(weight: Tensor, qp: int, per_channel: bool) -> Tensor:
+    """LSQ's initial step s0 = 2·mean|v|/sqrt(Qp), per output channel if ``per_channel``."""
+    return 2 * _reduce(weight.detach().abs(), per_channel, "mean") / math.sqrt(qp)
 
 
 def _check_per_channel(weight: Tensor, per_channel: bool) -> None:

@@ -19,7 +19,7 @@ __all__ = ["QuantEntry", "register", "lookup", "quantized_weights", "surrogate_p
 _REGISTRY: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class QuantEntry:
     """What a wrapper needs to know about one quantized weight."""
 

@@ -104,3 +104,18 @@ def clone_run(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[nn.Module, 
     opt2 = type(opt)(m2.parameters(), **{k: v for k, v in opt.defaults.items() if k in sig})
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # load_state_dict shares tensors
     return m2, opt2
+
+
+WARMUP = 4  # bare-optimizer steps before the checked steps (Adam's first step is sign-like)
+
+
+def warmed_up_smooth_model(cls, kw: dict, data: list) -> tuple[nn.Module, torch.optim.Optimizer, list]:
+    """The smooth stand-in model (SPEC §3.5) after WARMUP bare steps of ``cls(**kw)`` on the
+    first batches of ``data``; returns (model, optimizer, the remaining batches)."""
+    model = smooth_model()
+    opt = cls(model.parameters(), **kw)
+    for x, y in data[:WARMUP]:
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+    return model, opt, data[WARMUP:]

@@ -7,7 +7,15 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from _hyperste_helpers import batches, clone_run, loss_fn, quantized_mlp, set_surrogate_params, smooth_model
+from _hyperste_helpers import (
+    WARMUP,
+    batches,
+    clone_run,
+    loss_fn,
+    quantized_mlp,
+    set_surrogate_params,
+    warmed_up_smooth_model,
+)
 
 import metaste
 from metaste import HyperSTE
@@ -21,8 +29,6 @@ OPTIMIZERS = {
     "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
 }
 
-WARMUP = 4  # steps of the bare optimizer before the checked pair (Adam's first step is sign-like)
-
 
 def _smooth_setup(name):
     cls, kw = OPTIMIZERS[name]
@@ -31,13 +37,7 @@ def _smooth_setup(name):
         (torch.randn(16, 6, generator=torch.Generator().manual_seed(i), dtype=torch.float64), y)
         for i, (_, y) in enumerate(data)
     ]
-    model = smooth_model()
-    opt = cls(model.parameters(), **kw)
-    for x, y in data[:WARMUP]:
-        opt.zero_grad()
-        loss_fn(model, x, y).backward()
-        opt.step()
-    return model, opt, data[WARMUP:]
+    return warmed_up_smooth_model(cls, kw, data)
 
 
 def _delayed_hypergradient(model, opt, pair):

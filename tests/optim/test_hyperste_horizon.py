@@ -9,13 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _hyperste_helpers import (
+    WARMUP,
     SmoothSLSTEQuantizer,
     batches,
     clone_run,
     loss_fn,
     quantized_mlp,
     set_surrogate_params,
-    smooth_model,
+    warmed_up_smooth_model,
 )
 from torch import nn
 
@@ -29,7 +30,6 @@ OPTIMIZERS = {
     "sgd_momentum": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
     "adam": (torch.optim.Adam, dict(lr=1e-2)),
 }
-WARMUP = 4  # bare-optimizer steps before the horizon (Adam's first step is sign-like)
 
 
 def _data(n, seed=0):
@@ -44,13 +44,7 @@ def _smooth_setup(name, n):
     """Smooth stand-in model (SPEC §3.5) after WARMUP bare steps, and n more batches."""
     cls, kw = OPTIMIZERS[name]
     data = _data(WARMUP + n)
-    model = smooth_model()
-    opt = cls(model.parameters(), **kw)
-    for x, y in data[:WARMUP]:
-        opt.zero_grad()
-        loss_fn(model, x, y).backward()
-        opt.step()
-    return model, opt, data[WARMUP:]
+    return warmed_up_smooth_model(cls, kw, data)
 
 
 def _horizon_hypergradient(model, opt, steps, extra, method, **kw):

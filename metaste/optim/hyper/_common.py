@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ...quant.surrogates import LearnableSurrogate
+from ...quant.registry import QuantEntry
 
 __all__ = ["ManagedWeight", "HyperOptions", "HyperLR", "HyperMethod", "surrogate_stats"]
 
@@ -19,29 +19,17 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 HIST_BINS = 20
 
 
-@dataclass(eq=False)
-class ManagedWeight:
-    """A quantized weight whose learnable surrogate HyperSTE trains."""
+@dataclass(frozen=True, eq=False)
+class ManagedWeight(QuantEntry):
+    """A quantized weight whose learnable surrogate HyperSTE trains: its registry entry
+    (``qn``, ``qp``, ``surrogate``, ``u()`` — u = v/s now, detached: in ``step`` the u of the
+    forward that made the grad) plus a name for the diagnostics."""
 
-    name: str
-    param: nn.Parameter
-    quantizer: nn.Module
-
-    @property
-    def surrogate(self) -> LearnableSurrogate:
-        return self.quantizer.surrogate
+    name: str = ""
 
     @property
-    def qn(self) -> int:
-        return self.quantizer.qn
-
-    @property
-    def qp(self) -> int:
-        return self.quantizer.qp
-
-    def u(self) -> Tensor:
-        """u = v / s now (detached): in ``step`` this is the u of the forward that made the grad."""
-        return self.quantizer.u(self.param.detach())
+    def param(self) -> nn.Parameter:
+        return self.weight
 
 
 @dataclass(frozen=True)
