@@ -106,6 +106,14 @@ def clone_run(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[nn.Module, 
     return m2, opt2
 
 
+# base optimizers of the finite-difference checks on the smooth stand-in model
+OPTIMIZERS = {
+    "sgd": (torch.optim.SGD, dict(lr=0.1)),
+    "sgd_momentum": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
+    "adam": (torch.optim.Adam, dict(lr=1e-2)),
+    "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+}
+
 WARMUP = 4  # bare-optimizer steps before the checked steps (Adam's first step is sign-like)
 
 

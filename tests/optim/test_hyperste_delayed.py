@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _hyperste_helpers import (
+    OPTIMIZERS,
     WARMUP,
     batches,
     clone_run,
@@ -21,13 +22,6 @@ import metaste
 from metaste import HyperSTE
 from metaste.optim._diffopt import differentiable_update, record_update
 from metaste.quant.surrogates import psi_differentiable
-
-OPTIMIZERS = {
-    "sgd": (torch.optim.SGD, dict(lr=0.1)),
-    "sgd_momentum": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
-    "adam": (torch.optim.Adam, dict(lr=1e-2)),
-    "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
-}
 
 
 def _smooth_setup(name):

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _hyperste_helpers import (
+    OPTIMIZERS,
     WARMUP,
     SmoothSLSTEQuantizer,
     batches,
@@ -24,12 +25,6 @@ import metaste
 from metaste import HyperSTE
 from metaste.optim._diffopt import differentiable_step, record_update
 from metaste.optim.hyper.horizon import HorizonMemoryError
-
-OPTIMIZERS = {
-    "sgd": (torch.optim.SGD, dict(lr=0.1)),
-    "sgd_momentum": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
-    "adam": (torch.optim.Adam, dict(lr=1e-2)),
-}
 
 
 def _data(n, seed=0):
