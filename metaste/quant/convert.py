@@ -39,6 +39,7 @@ def make_weight_quantizer(
     a_max: float = A_MAX_DEFAULT,
     boundary: str = "none",
     binary_surrogate_scale: str = "E",
+    fixed_init: str | float = "max",
 ) -> Quantizer:
     """Build the weight quantizer (with its surrogate) for one weight tensor."""
     check_bits(bits)
@@ -66,7 +67,7 @@ def make_weight_quantizer(
         return DoReFaBinaryQuantizer(psi, binary_surrogate_scale)
     if quantizer == "lsq":
         return LSQQuantizer(weight, bits, psi, per_channel)
-    return FixedScaleQuantizer(weight, bits, psi, per_channel)
+    return FixedScaleQuantizer(weight, bits, psi, per_channel, init=fixed_init)
 
 
 def _last_layer_name(model: nn.Module) -> str | None:
@@ -87,6 +88,7 @@ def quantize_model(
     a_max: float = A_MAX_DEFAULT,
     boundary: str = "none",
     binary_surrogate_scale: str = "E",
+    fixed_init: str | float = "max",
     act_bits: int | None = None,
     keep_last: bool = True,
     keep_fp: Iterable[str] = (),
@@ -103,7 +105,9 @@ def quantize_model(
 
     Args:
         bits: weight bits, 1..16 (1 = DoReFa binary, needs ``quantizer="dorefa"``).
-        quantizer: ``"lsq"`` (learnable step), ``"fixed"`` (max|v|/Qp, frozen) or ``"dorefa"``.
+        quantizer: ``"lsq"`` (learnable step), ``"fixed"`` (frozen step) or ``"dorefa"``.
+        fixed_init: the frozen step of ``quantizer="fixed"``: ``"max"`` (max|v|/Qp), ``"lsq"``
+            (the LSQ init 2·mean|v|/√Qp, the FOGZO paper's MNIST set-up) or a float.
         surrogate: a name of :data:`metaste.quant.surrogates.SURROGATES`; ``surrogate_kwargs``
             passes ``h`` to ``fd`` or ``temperature`` to ``tanh``.
         per_channel: one step per output channel (LSQ/fixed).
@@ -142,6 +146,7 @@ def quantize_model(
         a_max=a_max,
         boundary=boundary,
         binary_surrogate_scale=binary_surrogate_scale,
+        fixed_init=fixed_init,
     )
     for name, module in list(model.named_modules()):
         if type(module) not in _SWAPPABLE or any(name == k or name.startswith(k + ".") for k in keep):

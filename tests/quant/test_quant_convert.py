@@ -176,3 +176,18 @@ def test_registry_keeps_the_quantizer_of_a_weight_whose_model_was_dropped():
     entry = metaste.lookup(params[0])
     assert entry is not None and entry.qp == 1
     assert entry.scale().numel() == 1
+
+
+def test_fixed_init_lsq_sets_the_lsq_formula_step_and_freezes_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 4))
+    q = metaste.quantize_model(model, bits=2, quantizer="fixed", fixed_init="lsq", keep_last=False)
+    for fp, ql in ((model[0], q[0]), (model[2], q[2])):
+        expected = 2 * fp.weight.detach().abs().mean() / math.sqrt(1)  # Qp = 1 at 2 bits
+        torch.testing.assert_close(ql.weight_quant.s, expected.reshape_as(ql.weight_quant.s))
+        assert not isinstance(ql.weight_quant.s, nn.Parameter)
+    q_max = metaste.quantize_model(model, bits=3, quantizer="fixed", keep_last=False)
+    torch.testing.assert_close(
+        q_max[0].weight_quant.s,
+        (model[0].weight.detach().abs().max() / 3).reshape_as(q_max[0].weight_quant.s),
+    )
