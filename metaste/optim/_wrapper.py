@@ -1,12 +1,13 @@
-"""What FOGZO and HyperSTE share (SPEC §5): param_groups/state sharing, closure checks,
+"""What FOGZO and HyperSTE share (docs/design.md §5): param_groups/state sharing, closure checks,
 state_dict nesting.
 
 A wrapper *is* a ``torch.optim.Optimizer`` whose ``param_groups`` list and ``state`` dict are
 the wrapped optimizer's own objects, so LR schedulers, ``zero_grad`` and ``add_param_group``
-work on either. Per-parameter wrapper tensors live in ``state[p]`` under prefixed keys and
-wrapper-wide scalars under string keys of ``state`` (Schedule-Free style): one
-``state_dict()`` saves everything. Wrapper state that is not per-parameter or that is not a
-plain value goes under ``state_dict()["metaste"]`` via :meth:`_wrapper_state_dict`.
+work on either. ``state`` holds only what the base optimizer puts there (per-parameter
+tensors), so the usual "move the optimizer state to a device" loop keeps working; everything
+the wrapper keeps (step counters, history, schedules, hyper-optimizer state) goes under
+``state_dict()["metaste"]`` via :meth:`_wrapper_state_dict`: one ``state_dict()`` saves
+everything.
 """
 
 from __future__ import annotations
@@ -97,15 +98,16 @@ class OptimizerWrapper(Optimizer):
             p.grad = None
 
     def _evaluate(self, closure: Closure | None, *, backward: bool = True) -> Tensor:
-        """Zero the gradients, call ``closure`` under grad mode, check what it returns, run
-        ``backward`` (unless ``backward=False``) and return the detached loss.
+        """Zero the gradients, call ``closure``, check what it returns, run ``backward`` and return
+        the detached loss. ``backward=False`` (FOGZO's n-SPSA clean pass, where nothing needs a
+        gradient) runs the closure under ``no_grad`` and skips backward.
 
         Raises a clear error — before any weight changes — for a missing closure, a non-tensor
         or non-scalar return, a closure that ran backward itself and a non-finite loss.
         """
         check_closure(closure, type(self).__name__)
         self._zero_grads()
-        with torch.enable_grad():
+        with torch.enable_grad() if backward else torch.no_grad():
             loss = closure()
         check_loss(loss, type(self).__name__)
         if any(p.grad is not None for p in self.params()):

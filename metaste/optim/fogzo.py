@@ -3,7 +3,7 @@
 The class :class:`FOGZO` does the bookkeeping (β schedule, managed parameters, RNG and buffer
 hygiene, DDP, checkpoints); the math is the plain function :func:`fogzo_estimate`, which reads
 against SPEC §4.3 line by line. The (ε̄, p̄, sampler) table of §4.2 is in
-:mod:`metaste.optim._smoothing`.
+:mod:`metaste.optim.smoothing`.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim import Optimizer
 
 from ..quant.registry import lookup
-from ._smoothing import SMOOTHINGS, STE_KINDS, derive_seed, noise, rademacher
-from ._wrapper import Closure, NonFiniteLossError, OptimizerWrapper, check_closure, check_loss
+from ._snapshot import BufferGuard, RngState
+from ._wrapper import Closure, OptimizerWrapper, check_closure, check_loss
+from .smoothing import SMOOTHINGS, STE_KINDS, derive_seed, noise, rademacher
 
 __all__ = ["FOGZO", "fogzo_estimate", "RESTORE_MODES"]
 
@@ -250,7 +251,7 @@ class FOGZO(OptimizerWrapper):
         * Under DDP the weight gradients are already averaged by backward; FOGZO averages the
           c_i, so every rank computes the same G.
         * A non-finite L₊/L₋ keeps g for that step (with β ≡ 0 and no backward there is no g:
-          the managed weights then get no gradient), counts ``state["fogzo_fallbacks"]`` and
+          the managed weights then get no gradient), counts it in :attr:`fallbacks` and
           warns once. Managed weights must be float32/float64: bf16 latents swallow the
           perturbation.
         * Gradient accumulation: the closure may loop over micro-batches and return the mean.
@@ -325,8 +326,8 @@ class FOGZO(OptimizerWrapper):
             )
         for m in managed:
             self._check_scale(m)
-        self.state.setdefault("fogzo_step", 0)
-        self.state.setdefault("fogzo_fallbacks", 0)
+        self.steps = 0  # t: step() calls so far
+        self.fallbacks = 0  # steps that kept the STE gradient (a non-finite perturbed loss)
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -405,11 +406,11 @@ class FOGZO(OptimizerWrapper):
         """One FOGZO step on ``closure`` (returns the loss, no backward); returns the clean loss."""
         name = type(self).__name__
         check_closure(closure, name)
-        t = self.state["fogzo_step"]
+        t = self.steps
         if t < math.floor(self.ste_fraction * (self.total_steps or 0)):
             loss = self._evaluate(closure)
             self.optimizer.step()
-            self.state["fogzo_step"] = t + 1
+            self.steps = t + 1
             return loss
         managed = self._managed()
         beta = self.beta_at(t, sum(m.param.numel() for m in managed))
@@ -417,9 +418,9 @@ class FOGZO(OptimizerWrapper):
         is_managed = {id(p) for p in weights}
         needs_backward = beta > 0 or any(p.requires_grad and id(p) not in is_managed for p in self.params())
         devices = {p.device for p in weights}
-        rng_before = _RngState(devices)
-        loss = self._evaluate(closure) if needs_backward else self._evaluate_without_backward(closure)
-        rng_after = _RngState(devices)
+        rng_before = RngState(devices)
+        loss = self._evaluate(closure, backward=needs_backward)
+        rng_after = RngState(devices)
         all_grads = [(p, p.grad) for p in self.params()]
 
         def loss_at() -> float:
@@ -430,7 +431,7 @@ class FOGZO(OptimizerWrapper):
             buffers.restore()
             return float(value)
 
-        with torch.no_grad(), _BufferGuard() as buffers:
+        with torch.no_grad(), BufferGuard() as buffers:
             eps = [self._eps(m) for m in managed]
             try:
                 G, c = fogzo_estimate(
@@ -454,12 +455,12 @@ class FOGZO(OptimizerWrapper):
                 for p, g in all_grads:  # a closure that zeroes grads (set_to_none) cannot lose them
                     p.grad = g
         if G is None:
-            self.state["fogzo_fallbacks"] += 1
+            self.fallbacks += 1
             if not self._warned_fallback:
                 self._warned_fallback = True
                 warnings.warn(
                     f"FOGZO step {t}: a perturbed loss was not finite (c = {c.tolist()}); kept the STE "
-                    "gradient for this step (counted in state['fogzo_fallbacks']; warning once)",
+                    "gradient for this step (counted in FOGZO.fallbacks; warning once)",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -467,21 +468,8 @@ class FOGZO(OptimizerWrapper):
             for p, g in zip(weights, G):
                 p.grad = g
         self.optimizer.step()
-        self.state["fogzo_step"] = t + 1
+        self.steps = t + 1
         return loss
-
-    def _evaluate_without_backward(self, closure: Closure) -> Tensor:
-        """The clean pass of n-SPSA (β = 0, nothing else needs grad): forward only."""
-        self._zero_grads()
-        with torch.no_grad():
-            loss = closure()
-        check_loss(loss, type(self).__name__)
-        if not math.isfinite(loss.item()):
-            raise NonFiniteLossError(
-                f"the closure returned a non-finite loss ({loss.item()}); no weight was changed. "
-                "Lower the learning rate or check the data for NaN/inf"
-            )
-        return loss.detach()
 
     def _all_reduce_mean(self, c: Tensor, device: torch.device) -> Tensor:
         if not (dist.is_available() and dist.is_initialized()):
@@ -503,62 +491,23 @@ class FOGZO(OptimizerWrapper):
             "total_steps": self.total_steps,
             "ste_fraction": self.ste_fraction,
             "one_sided": self.one_sided,
+            "steps": self.steps,
+            "fallbacks": self.fallbacks,
         }
 
     def _load_wrapper_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores the trajectory-defining settings (the step count and fallback count come
-        back with the base optimizer's state)."""
+        """Restores the trajectory-defining settings, the step count and the fallback count."""
         self.seed = state["seed"]
         self.n = state["n"]
         self.beta_min = state["beta_min"]
         self.total_steps = state["total_steps"]
         self.ste_fraction = state["ste_fraction"]
         self.one_sided = state["one_sided"]
-        self.state.setdefault("fogzo_step", 0)
-        self.state.setdefault("fogzo_fallbacks", 0)
+        self.steps = state["steps"]
+        self.fallbacks = state["fallbacks"]
 
     def __repr__(self) -> str:
         return (
             f"FOGZO(n={self.n}, beta_min={self.beta_min}, total_steps={self.total_steps}, "
             f"one_sided={self.one_sided}, restore={self.restore!r}, {self.optimizer!r})"
         )
-
-
-class _RngState:
-    """The torch RNG state of the CPU and of the CUDA devices the managed weights live on."""
-
-    def __init__(self, devices: set[torch.device]) -> None:
-        self.cpu = torch.get_rng_state()
-        self.cuda = {d: torch.cuda.get_rng_state(d) for d in devices if d.type == "cuda"}
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        for d, s in self.cuda.items():
-            torch.cuda.set_rng_state(s, d)
-
-
-class _BufferGuard:
-    """Snapshots the buffers of every module the first time it runs inside the context (via a
-    global forward pre-hook); :meth:`restore` puts them back, so perturbed passes leave no trace
-    in BatchNorm running statistics."""
-
-    def __init__(self) -> None:
-        self.saved: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {}
-
-    def _pre_hook(self, module: nn.Module, args: Any) -> None:
-        if module not in self.saved:
-            self.saved[module] = [(b, b.clone()) for b in module.buffers(recurse=False)]
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for pairs in self.saved.values():
-                for buf, copy in pairs:
-                    buf.copy_(copy)
-
-    def __enter__(self) -> _BufferGuard:
-        self.handle = nn.modules.module.register_module_forward_pre_hook(self._pre_hook)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.handle.remove()
-        self.restore()

@@ -59,7 +59,7 @@ class HyperSTE(OptimizerWrapper):
     * ``"delayed"`` (SPEC §3.2, thesis A.2): θ frozen over windows of ``window`` steps; the
       one-step hypergradient of the first pair (or of all within-window pairs) is applied at the
       next window by ``hyper_optimizer``. Any torch.optim optimizer (its ``differentiable=True``
-      mode, :mod:`metaste.optim._diffopt`), any learnable surrogate and granularity.
+      mode, :mod:`metaste.optim.diffopt`), any learnable surrogate and granularity.
     * ``"fagu"`` / ``"pfagu"`` / ``"lgatt"`` (SPEC §3.3–3.4, thesis 4.4–4.5, FAGU / P-FAGU /
       FLAGU): θ follows a schedule over a horizon of T steps that is learned by K replays of the
       horizon from a snapshot, then a final pass with the learned schedule

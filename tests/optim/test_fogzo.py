@@ -20,9 +20,9 @@ from torch import nn
 
 import metaste
 from metaste import FOGZO
-from metaste.optim._smoothing import SMOOTHINGS, STE_KINDS, derive_seed, noise
 from metaste.optim._wrapper import NonFiniteLossError
 from metaste.optim.fogzo import fogzo_estimate
+from metaste.optim.smoothing import SMOOTHINGS, STE_KINDS, derive_seed, noise
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -457,7 +457,7 @@ def test_non_finite_perturbed_loss_keeps_g_counts_and_warns_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step(closure)
-    assert opt.state["fogzo_fallbacks"] == 2
+    assert opt.fallbacks == 2
 
 
 # -- 8. checkpoints ---------------------------------------------------------------------------
@@ -483,10 +483,26 @@ def test_resume_from_state_dict_continues_the_trajectory_bitwise(tmp_path):
     second.load_state_dict(ck["model"])
     opt = make(second, 0)  # a different seed: the checkpoint's wins
     opt.load_state_dict(ck["opt"])
-    assert opt.state["fogzo_step"] == 3 and opt.seed == 4
+    assert opt.steps == 3 and opt.seed == 4
     for x, y in data[3:]:
         opt.step(closure_for(second, x, y))
     assert params_equal(whole, second)
+
+
+def test_fogzo_keeps_only_per_parameter_tensors_in_the_shared_state():
+    """The base optimizer's ``state`` holds nothing of FOGZO's: the usual "move every state
+    tensor to a device" loop works, and the step/fallback counters live under state_dict()["metaste"]."""
+    model = mlp(quantizer="lsq")
+    opt = FOGZO(torch.optim.Adam(model.parameters(), lr=1e-3), total_steps=10)
+    x, y = batch(seed=0)
+    for _ in range(2):
+        opt.step(closure_for(model, x, y))
+    assert all(isinstance(k, torch.Tensor) for k in opt.state)
+    for st in opt.state.values():
+        for v in st.values():
+            v.to("cpu")  # every value is a tensor (Adam's step, exp_avg, exp_avg_sq)
+    sd = opt.state_dict()
+    assert (sd["metaste"]["steps"], sd["metaste"]["fallbacks"]) == (2, 0)
 
 
 # -- bit-identity with the bare optimizer (SPEC §4.4, §5) --------------------------------------
@@ -557,7 +573,7 @@ def test_bad_closures_raise_and_leave_the_weights_untouched(make_closure, error)
     opt = FOGZO(torch.optim.SGD(model.parameters(), lr=0.1), total_steps=5)
     with pytest.raises(error):
         opt.step(make_closure(model, x, y))
-    assert params_equal(model, before) and opt.state["fogzo_step"] == 0
+    assert params_equal(model, before) and opt.steps == 0
 
 
 def test_a_bad_beta_schedule_raises_before_any_weight_changes():

@@ -1,4 +1,4 @@
-"""HyperSTE(method="delayed") and the _diffopt machinery (SPEC §3.2, §3.5)."""
+"""HyperSTE(method="delayed") and the diffopt machinery (SPEC §3.2, §3.5)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from _hyperste_helpers import (
 
 import metaste
 from metaste import HyperSTE
-from metaste.optim._diffopt import differentiable_update, record_update
+from metaste.optim.diffopt import differentiable_update, record_update
 from metaste.quant.surrogates import psi_differentiable
 
 

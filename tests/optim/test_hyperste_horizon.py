@@ -1,4 +1,4 @@
-"""HyperSTE horizon methods fagu / pfagu / lgatt (SPEC §3.3–3.5) and _diffopt.differentiable_step."""
+"""HyperSTE horizon methods fagu / pfagu / lgatt (SPEC §3.3–3.5) and diffopt.differentiable_step."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from torch import nn
 
 import metaste
 from metaste import HyperSTE
-from metaste.optim._diffopt import differentiable_step, record_update
+from metaste.optim.diffopt import differentiable_step, record_update
 from metaste.optim.hyper.horizon import HorizonMemoryError
 
 

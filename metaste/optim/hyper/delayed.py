@@ -1,6 +1,6 @@
 """``method="delayed"``: θ frozen over windows of k steps, one-step hypergradients from inside the
 window applied at the next window (thesis A.2, SPEC §3.2). Any optimizer, any learnable ψ,
-any granularity; the update's derivative comes from :mod:`metaste.optim._diffopt`.
+any granularity; the update's derivative comes from :mod:`metaste.optim.diffopt`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ...quant.surrogates import psi_differentiable
-from .._diffopt import UpdateRecord, differentiable_update, record_update
+from ..diffopt import UpdateRecord, differentiable_update, record_update
 from ._common import HyperMethod, HyperOptions, ManagedWeight
 
 __all__ = ["Delayed"]
@@ -23,7 +23,7 @@ class Delayed(HyperMethod):
 
         λ_t = g_t ⊙ ψ(u_t; θ)                              (p.grad for the base step)
         if a pair (t−1, t) was recorded:                   (θ_t = θ_{t−1} inside the window)
-            h += ⟨λ_t, ∂v_t/∂θ⟩   via _diffopt: v_t(θ) = OPT(v_{t−1}, g_{t−1} ⊙ ψ(u_{t−1}; θ))
+            h += ⟨λ_t, ∂v_t/∂θ⟩   via diffopt: v_t(θ) = OPT(v_{t−1}, g_{t−1} ⊙ ψ(u_{t−1}; θ))
         record step t if j < k−1 and (accumulate != "first" or j = 0)
         base step
         if j = k−1:  θ ← clamp(hyper_opt step on h (÷(k−1) for "mean"), a_min, a_max)

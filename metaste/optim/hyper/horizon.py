@@ -17,7 +17,7 @@ learned schedule (the *final pass*)::
     restore S; run the T steps with θ^K; keep the result          (final_pass=True)
 
 The base optimizer's update as a function of θ (and of v_t and its state, for lgatt) comes from
-:mod:`metaste.optim._diffopt`; nothing here re-derives an optimizer.
+:mod:`metaste.optim.diffopt`; nothing here re-derives an optimizer.
 
 The step-driven API (SPEC §3.3 decision): the user's ``opt.step(closure)`` loop is unchanged. The
 user's pass over a horizon is replay 0: each ``step`` runs with θ^0, returns that step's loss and
@@ -46,8 +46,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ...quant.surrogates import psi_differentiable
-from .._diffopt import UpdateRecord, differentiable_step, differentiable_update, record_update
 from .._wrapper import Closure, NonFiniteLossError, check_closure
+from ..diffopt import UpdateRecord, differentiable_step, differentiable_update, record_update
 from ._common import HyperMethod, HyperOptions, ManagedWeight
 
 __all__ = [
@@ -807,7 +807,7 @@ class FAGU(Horizon):
     In a collected replay, step t+1 (after its backward) gives::
 
         λ_{t+1} = g_{t+1} ⊙ ψ(u_{t+1}; θ_{t+1})                     (θ_{t+1} from the same schedule)
-        h_t     = ⟨λ_{t+1}, ∂v_{t+1}/∂θ_t⟩,   v_{t+1}(θ) = OPT(v_t, g_t ⊙ ψ(u_t; θ), state_t)   (_diffopt)
+        h_t     = ⟨λ_{t+1}, ∂v_{t+1}/∂θ_t⟩,   v_{t+1}(θ) = OPT(v_t, g_t ⊙ ψ(u_t; θ), state_t)   (diffopt)
 
     the thesis's eq. 4.13 for any torch.optim optimizer (SGD: ∂v_{t+1}/∂θ_t = −η_w g_t ⊙ ∂ψ_t/∂θ).
     h_{T−1} needs L_T: the ``extra_*`` rules evaluate it on one extra batch. Memory: one pending
@@ -939,14 +939,14 @@ class LGATT(Horizon):
     it, for t = F−1 … 0: restore x_t, recompute step t on its batch with θ_t as autograd leaves and
     ψ applied inside the quantizer's backward (so every ∂v̂/∂v, also the one inside g_t, is the
     surrogate ψ(u_t; θ_t): H_t = ∂(g_t ⊙ ψ_t)/∂v_t of the surrogate gradient), build x_{t+1} by
-    :func:`~metaste.optim._diffopt.differentiable_step` (differentiable in v_t, the optimizer
+    :func:`~metaste.optim.diffopt.differentiable_step` (differentiable in v_t, the optimizer
     state and θ_t) and take ONE vector-Jacobian product with (λ_{t+1}, λ^state_{t+1}): it gives
     λ_t, λ^state_t and h_t (one Hessian-vector product per step). Only one step's graph exists at
     a time: memory grows as T × |x|, not with an unrolled create_graph trajectory. On the smooth
     stand-in model (forward Ψ with Ψ' = ψ) this is the exact derivative of L_F (tested against
     finite differences with SGD and Adam). Two approximations remain: SLSTE's ∂ψ/∂a is autograd's
     (``boundary="none"``; ``"window"`` is refused) and, for Adam-like optimizers, elements with an
-    exactly zero surrogate gradient enter the update as constants (``_diffopt``'s masking).
+    exactly zero surrogate gradient enter the update as constants (``diffopt``'s masking).
 
     ``hessian="diag"`` (the thesis's element-wise approximation, eqs. 4.18–4.22: products of
     (1 − η_w ∂²L_t/∂v_t²)): the same sweep restricted to the managed weights and SGD without
@@ -954,7 +954,7 @@ class LGATT(Horizon):
     estimate of the diagonal of the surrogate Hessian H_t (z Rademacher, seeded by
     (seed, horizon, replay, t); d_t is exact when H_t is diagonal and unbiased otherwise)::
 
-        μ_F = λ_F (managed weights),  h_t = ⟨μ_{t+1}, ∂v_{t+1}/∂θ_t⟩ (_diffopt),
+        μ_F = λ_F (managed weights),  h_t = ⟨μ_{t+1}, ∂v_{t+1}/∂θ_t⟩ (diffopt),
         μ_t = (1 − η_w,t·(d_t + wd_t)) ⊙ μ_{t+1}
 
     The adjoints of every other parameter are dropped. The thesis accumulates the products forward

@@ -1,0 +1,182 @@
+"""Snapshots, RNG states and buffer guards: what FOGZO and the horizon methods of HyperSTE need to
+run a closure again without leaving a trace (docs/design.md §5.3).
+
+* :class:`RngState` — the torch RNG (CPU and the given CUDA devices), optionally also Python's
+  ``random`` and NumPy's global RNG. FOGZO resets the torch RNG before every perturbed pass
+  (identical dropout masks); a horizon replay resets all of them (identical batches drawn by the
+  user's own code).
+* :class:`BufferGuard` — restores the buffers (BatchNorm running statistics) of every module that
+  ran inside the context: FOGZO's perturbed passes update nothing.
+* :class:`Snapshot` — parameters, optimizer state, buffers and RNG at one moment: the start of a
+  horizon and every step of LGATT's trace.
+* :func:`captured_bytes` — what a recorded closure keeps alive (the horizon's memory estimate).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = ["RngState", "BufferGuard", "Snapshot", "clone_value", "captured_bytes"]
+
+
+def clone_value(value: Any) -> Any:
+    """A detached clone of a tensor; anything else as it is."""
+    return value.detach().clone() if isinstance(value, Tensor) else value
+
+
+class RngState:
+    """The torch RNG state of the CPU and of ``devices`` (CUDA ones only), and with
+    ``python=True`` also of Python's ``random`` and NumPy's global RNG."""
+
+    def __init__(self, devices: Iterable[torch.device] = (), *, python: bool = False) -> None:
+        self.torch = torch.get_rng_state()
+        self.cuda = {d.index: torch.cuda.get_rng_state(d) for d in set(devices) if d.type == "cuda"}
+        self.python = random.getstate() if python else None
+        self.numpy = np.random.get_state() if python else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.torch)
+        for index, state in self.cuda.items():
+            torch.cuda.set_rng_state(state, index)
+        if self.python is not None:
+            random.setstate(self.python)
+        if self.numpy is not None:
+            np.random.set_state(self.numpy)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, Any]) -> RngState:
+        rng = cls.__new__(cls)
+        rng.__dict__.update(sd)
+        return rng
+
+
+class BufferGuard:
+    """Snapshots the buffers of every module the first time it runs inside the context (via a
+    global forward pre-hook); :meth:`restore` puts them back, and leaving the context does too."""
+
+    def __init__(self) -> None:
+        self.saved: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {}
+
+    def _pre_hook(self, module: nn.Module, args: Any) -> None:
+        if module not in self.saved:
+            self.saved[module] = [(b, b.clone()) for b in module.buffers(recurse=False)]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for pairs in self.saved.values():
+                for buf, copy in pairs:
+                    buf.copy_(copy)
+
+    def __enter__(self) -> BufferGuard:
+        self.handle = nn.modules.module.register_module_forward_pre_hook(self._pre_hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+        self.restore()
+
+
+@dataclass
+class Snapshot:
+    """Values of some parameters, their optimizer state and some buffers at one moment, and the
+    RNG state (``None`` if not needed). All tensors are detached clones."""
+
+    params: list[Tensor]
+    states: list[dict[str, Any]]
+    buffers: list[Tensor]
+    rng: RngState | None
+
+    @classmethod
+    def capture(
+        cls, params: list[Tensor], optimizer: torch.optim.Optimizer, buffers: list[Tensor], with_rng: bool
+    ) -> Snapshot:
+        states = [{k: clone_value(v) for k, v in optimizer.state.get(p, {}).items()} for p in params]
+        rng = RngState({p.device for p in params}, python=True) if with_rng else None
+        return cls([p.detach().clone() for p in params], states, [b.detach().clone() for b in buffers], rng)
+
+    @torch.no_grad()
+    def restore(
+        self,
+        params: list[Tensor],
+        optimizer: torch.optim.Optimizer,
+        buffers: list[Tensor],
+        *,
+        state: bool = True,
+    ) -> None:
+        """Copy the values back (``state=False``: not the optimizer state) and reset the RNG."""
+        for p, x in zip(params, self.params):
+            p.copy_(x)
+        for b, x in zip(buffers, self.buffers):
+            b.copy_(x)
+        if state:
+            for p, st in zip(params, self.states):
+                if st:
+                    optimizer.state[p] = {k: clone_value(v) for k, v in st.items()}
+                else:
+                    optimizer.state.pop(p, None)
+        if self.rng is not None:
+            self.rng.restore()
+
+    def nbytes(self) -> int:
+        ts = (
+            self.params + self.buffers + [v for s in self.states for v in s.values() if isinstance(v, Tensor)]
+        )
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "params": self.params,
+            "states": self.states,
+            "buffers": self.buffers,
+            "rng": None if self.rng is None else self.rng.state_dict(),
+        }
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, Any]) -> Snapshot:
+        rng = None if sd["rng"] is None else RngState.from_state_dict(sd["rng"])
+        return cls(list(sd["params"]), list(sd["states"]), list(sd["buffers"]), rng)
+
+
+def captured_bytes(fn: Any, exclude: set[int], depth: int = 0) -> int:
+    """Bytes of the tensors a closure captures (cells, defaults, ``functools.partial`` arguments;
+    tuples / lists / dicts of them), excluding storages in ``exclude`` (the model's own tensors) —
+    an estimate of what recording the closure keeps alive. Modules are not entered."""
+    if depth > 4:
+        return 0
+    if isinstance(fn, Tensor):
+        ptr = fn.untyped_storage().data_ptr()
+        if ptr in exclude:
+            return 0
+        exclude.add(ptr)
+        return fn.untyped_storage().nbytes()
+    if isinstance(fn, (tuple, list)):
+        return sum(captured_bytes(x, exclude, depth + 1) for x in fn)
+    if isinstance(fn, dict):
+        return sum(captured_bytes(x, exclude, depth + 1) for x in fn.values())
+    if isinstance(fn, nn.Module):
+        return 0
+    parts: list[Any] = []
+    if callable(fn):
+        parts += [c.cell_contents for c in (getattr(fn, "__closure__", None) or ()) if _cell_filled(c)]
+        parts += list(getattr(fn, "__defaults__", None) or ())
+        parts += list((getattr(fn, "__kwdefaults__", None) or {}).values())
+        parts += list(getattr(fn, "args", ()) or ()) + list((getattr(fn, "keywords", None) or {}).values())
+    return sum(captured_bytes(x, exclude, depth + 1) for x in parts)
+
+
+def _cell_filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+    except ValueError:
+        return False
+    return True
