@@ -8,37 +8,54 @@ Public API::
 
     model = metaste.quantize_model(model, bits=2, surrogate="slste")   # a learnable surrogate
     opt = metaste.HyperSTE(torch.optim.SGD(model.parameters(), lr=0.1), method="analytical")
+    opt = metaste.HyperSTE(base, method=metaste.Delayed(window=3, hyper_optimizer="adam"))
+
+The design (what each module computes, the formulas and their sources, every decision) is in
+docs/design.md. Registry internals (``lookup``, ``register``) are in :mod:`metaste.quant`; the
+math users and tests call is in :mod:`metaste.optim.smoothing`, :mod:`metaste.optim.diffopt`,
+:func:`metaste.optim.fogzo_estimate` and :func:`metaste.optim.analytical_update`.
 """
 
-from .optim import FOGZO, HorizonMemoryError, HyperSTE, NonFiniteLossError
+from .optim import (
+    FAGU,
+    FOGZO,
+    LGATT,
+    PFAGU,
+    Analytical,
+    Delayed,
+    HorizonMemoryError,
+    HyperSTE,
+    NonFiniteLossError,
+)
 from .quant import (
     QuantConv2d,
     QuantLinear,
     export_quantized,
-    lookup,
     make_surrogate,
     quantize_model,
     quantized_weights,
     recalibrate_bn,
-    register,
     surrogate_parameters,
     to_integer_model,
 )
 
 __all__ = [
     "FOGZO",
-    "HorizonMemoryError",
     "HyperSTE",
+    "Analytical",
+    "Delayed",
+    "FAGU",
+    "PFAGU",
+    "LGATT",
+    "HorizonMemoryError",
     "NonFiniteLossError",
     "QuantConv2d",
     "QuantLinear",
     "export_quantized",
-    "lookup",
     "make_surrogate",
     "quantize_model",
     "quantized_weights",
     "recalibrate_bn",
-    "register",
     "surrogate_parameters",
     "to_integer_model",
 ]

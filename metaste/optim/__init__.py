@@ -1,8 +1,24 @@
-"""Optimizer wrappers: FOGZO (SPEC §4) and HyperSTE (SPEC §3)."""
+"""Optimizer wrappers: FOGZO (docs/design.md §4) and HyperSTE (docs/design.md §3), and the math
+they are built from: :mod:`.smoothing` (FOGZO's smoothing table and noise), :mod:`.diffopt` (the
+update as a differentiable function of the surrogate parameters; the one-step hypergradient),
+:func:`~.fogzo.fogzo_estimate` and :func:`~.hyper.analytical.analytical_update`."""
 
 from ._wrapper import NonFiniteLossError, OptimizerWrapper
-from .fogzo import FOGZO
-from .hyper.horizon import HorizonMemoryError
+from .fogzo import FOGZO, fogzo_estimate
+from .hyper import FAGU, LGATT, PFAGU, Analytical, Delayed, HorizonMemoryError, analytical_update
 from .hyperste import HyperSTE
 
-__all__ = ["FOGZO", "HorizonMemoryError", "HyperSTE", "NonFiniteLossError", "OptimizerWrapper"]
+__all__ = [
+    "FOGZO",
+    "HyperSTE",
+    "Analytical",
+    "Delayed",
+    "FAGU",
+    "PFAGU",
+    "LGATT",
+    "HorizonMemoryError",
+    "NonFiniteLossError",
+    "OptimizerWrapper",
+    "analytical_update",
+    "fogzo_estimate",
+]

@@ -1,5 +1,5 @@
 """Snapshots, RNG states and buffer guards: what FOGZO and the horizon methods of HyperSTE need to
-run a closure again without leaving a trace (docs/design.md §5.3).
+run a closure again without leaving a trace (docs/design.md §3.3, §4.5).
 
 * :class:`RngState` — the torch RNG (CPU and the given CUDA devices), optionally also Python's
   ``random`` and NumPy's global RNG. FOGZO resets the torch RNG before every perturbed pass

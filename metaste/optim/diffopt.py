@@ -1,8 +1,11 @@
-"""The base optimizer's update as a differentiable function of the surrogate parameters (SPEC §3.2).
+"""The base optimizer's update as a differentiable function of the surrogate parameters
+(docs/design.md §3.2), and the one-step hypergradient built on it.
 
 This is the one place where metaste builds ``v_{t+1}(θ) = OPT(v_t, g_t ⊙ ψ(u_t; θ), state_t)``
-with a graph back to θ. Every hypergradient method (``delayed`` here; the horizon methods
-``fagu``/``pfagu``/``lgatt`` of SPEC §3.3–3.4) uses it the same way::
+with a graph back to θ. Every hypergradient method (``delayed``; the horizon methods
+``fagu``/``pfagu``/``lgatt``, docs/design.md §3.3–3.4) uses it the same way; the one-step
+hypergradient ⟨λ_{t+1}, ∂v_{t+1}/∂θ_t⟩ of ``delayed`` and ``fagu`` is
+:func:`one_step_hypergradient`::
 
     rec = record_update(optimizer, params)        # before optimizer.step(): v_t, state_t, hparams
     optimizer.step()                              # the real update, untouched
@@ -41,6 +44,7 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,12 +52,16 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..quant.registry import QuantEntry
+from ..quant.surrogates import psi_differentiable
+
 __all__ = [
     "UpdateRecord",
     "record_update",
     "differentiable_update",
     "differentiable_step",
     "has_differentiable_mode",
+    "one_step_hypergradient",
 ]
 
 # optimizers whose update is linear in the gradient: no second-moment root, nothing to mask
@@ -123,7 +131,7 @@ def differentiable_step(
 
     ``params`` / ``states`` replace the record's detached v_t / state_t; their tensors may carry a
     graph (e.g. leaves that require grad: LGATT's reverse sweep takes one vector-Jacobian product
-    of the whole step, SPEC §3.4) and are cloned, never modified. Without them this is
+    of the whole step, docs/design.md §3.4) and are cloned, never modified. Without them this is
     :func:`differentiable_update` plus the new state. The fallback for an optimizer without a
     ``differentiable`` mode returns the state unchanged.
     """
@@ -170,3 +178,45 @@ def differentiable_step(
         clone.grad = torch.where(g.detach() == 0, g.detach(), g) if mask else g
     opt.step()
     return clones, [opt.state[c] for c in clones]
+
+
+def one_step_hypergradient(
+    record: UpdateRecord,
+    entries: Sequence[QuantEntry],
+    grads: Sequence[Tensor],
+    us: Sequence[Tensor],
+    thetas: Sequence[Sequence[Tensor]],
+    lams: Sequence[Tensor | None],
+) -> list[list[Tensor | None]]:
+    """h = ⟨λ_{t+1}, ∂v_{t+1}/∂θ_t⟩ for each recorded weight and each of its surrogate tensors
+    (docs/design.md §3.2; thesis eq. 4.13 and A.2)::
+
+        v_{t+1}(θ) = OPT(v_t, g_t ⊙ ψ(u_t; θ), state_t)          (differentiable_update)
+        h          = ∂⟨λ_{t+1}, v_{t+1}(θ)⟩/∂θ  at θ = θ_t         (one vector-Jacobian product)
+
+    ``record`` is the update v_t → v_{t+1} of the weights ``entries`` (their surrogate, Qn, Qp),
+    ``grads``/``us`` their raw gradients g_t = ∂L_t/∂v̂_t and u_t, ``thetas`` the surrogate
+    parameters θ_t used (values; leaf copies are made here), ``lams`` λ_{t+1} = g_{t+1} ⊙ ψ_{t+1}
+    (``None``: the weight got no gradient at t+1; its h are ``None``). For plain SGD,
+    ∂v_{t+1}/∂θ = −η_w·g_t ⊙ ∂ψ(u_t; θ)/∂θ; any torch.optim optimizer works through its
+    differentiable mode.
+    """
+    leaves, diff_grads = [], []
+    for e, g, u, theta in zip(entries, grads, us, thetas):
+        th = [x.detach().clone().requires_grad_() for x in theta]
+        leaves.append(th)
+        diff_grads.append(g * psi_differentiable(e.surrogate, u, e.qn, e.qp, th))
+    v_next = differentiable_update(record, diff_grads)
+    keep = [n for n, lam in enumerate(lams) if lam is not None]  # weights with a gradient at t+1
+    flat = [x for n in keep for x in leaves[n]]
+    hs = iter(
+        torch.autograd.grad(
+            [v_next[n] for n in keep], flat, grad_outputs=[lams[n] for n in keep], allow_unused=True
+        )
+        if keep
+        else ()
+    )
+    return [
+        [next(hs) for _ in leaves[n]] if lams[n] is not None else [None] * len(leaves[n])
+        for n in range(len(lams))
+    ]

@@ -1,4 +1,4 @@
-"""FOGZO (SPEC §4): smoothing table, estimator statistics, reference equality, restore, RNG and
+"""FOGZO (docs/design.md §4): smoothing table, estimator statistics, reference equality, restore, RNG and
 buffers, checkpoints, bit-identity with the bare optimizer, validation, scales=, DDP."""
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def managed_inputs(model):
     return ws, gs, es, ks
 
 
-# -- 1. the smoothing table (SPEC §4.2) ------------------------------------------------------
+# -- 1. the smoothing table (docs/design.md §4.2) ------------------------------------------------------
 
 CDF = {
     "identity": lambda z: np.clip((z + math.sqrt(3)) / (2 * math.sqrt(3)), 0, 1),
@@ -132,7 +132,7 @@ def test_sampler_passes_a_ks_test_and_is_regenerated_bitwise(kind):
     assert abs(float(torch.corrcoef(torch.stack([z, other]))[0, 1])) < 0.02
 
 
-# -- 2-4, 7. the estimator's statistics (SPEC §4.3) ------------------------------------------
+# -- 2-4, 7. the estimator's statistics (docs/design.md §4.3) ------------------------------------------
 
 
 def _quadratic_problem():
@@ -269,7 +269,7 @@ def test_beta_zero_ignores_g():
 def test_nspsa_clean_pass_runs_without_backward():
     model = mlp()
     for p in model.parameters():
-        p.requires_grad_(metaste.lookup(p) is not None)  # only the managed weights train
+        p.requires_grad_(metaste.quant.lookup(p) is not None)  # only the managed weights train
     x, y = batch()
     modes = []
 
@@ -427,7 +427,7 @@ def test_unmanaged_parameters_keep_their_backprop_gradient():
     a, b = mlp(quantizer="lsq"), mlp(quantizer="lsq")
     FOGZO(torch.optim.SGD(a.parameters(), lr=0.0), total_steps=10).step(closure_for(a, x, y))
     F.cross_entropy(b(x), y).backward()
-    managed = {id(p) for p in a.parameters() if metaste.lookup(p) is not None}
+    managed = {id(p) for p in a.parameters() if metaste.quant.lookup(p) is not None}
     for p, q in zip(a.parameters(), b.parameters()):
         if id(p) not in managed:
             assert torch.equal(p.grad, q.grad)
@@ -505,7 +505,7 @@ def test_fogzo_keeps_only_per_parameter_tensors_in_the_shared_state():
     assert (sd["metaste"]["steps"], sd["metaste"]["fallbacks"]) == (2, 0)
 
 
-# -- bit-identity with the bare optimizer (SPEC §4.4, §5) --------------------------------------
+# -- bit-identity with the bare optimizer (docs/design.md §4.4, §5) --------------------------------------
 
 
 @pytest.mark.parametrize("cls,kwargs", optim_db_cases((torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)))
@@ -638,7 +638,7 @@ def test_scales_manages_a_user_fake_quant_model_like_the_registry_path():
     for i, m in enumerate(ours):
         if isinstance(m, metaste.QuantLinear):
             theirs[i] = UserFakeQuantLinear(m, m.weight_quant.s.clone())
-    assert not any(metaste.lookup(p) is not None for p in theirs.parameters())
+    assert not any(metaste.quant.lookup(p) is not None for p in theirs.parameters())
     scales = {m.weight: (m.s, "identity") for m in theirs if isinstance(m, UserFakeQuantLinear)}
     opt_a = FOGZO(torch.optim.SGD(ours.parameters(), lr=0.1), total_steps=6, seed=2)
     opt_b = FOGZO(torch.optim.SGD(theirs.parameters(), lr=0.1), total_steps=6, seed=2, scales=scales)

@@ -1,4 +1,4 @@
-"""HyperSTE wrapper conventions (SPEC §5): bit-identity when switched off, validation, resume."""
+"""HyperSTE wrapper conventions (docs/design.md §5): bit-identity when switched off, validation, resume."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def test_hyper_lr_zero_is_bit_identical_to_the_bare_optimizer(cls, kw):
     methods = ["delayed"] + (["analytical"] if plain_sgd else [])
     for method in methods:
         model = quantized_mlp()
-        opt = HyperSTE(cls(model.parameters(), **copy.deepcopy(kw)), method=method, hyper_lr=0.0, window=2)
+        window = {"window": 2} if method == "delayed" else {}
+        opt = HyperSTE(cls(model.parameters(), **copy.deepcopy(kw)), method=method, hyper_lr=0.0, **window)
         for x, y in data:
             opt.step(lambda x=x, y=y, m=model: loss_fn(m, x, y))
         for (n, p), (_, q) in zip(model.state_dict().items(), ref.state_dict().items()):
@@ -75,10 +76,9 @@ def _changed_nothing(model, before):
         (lambda m: HyperSTE(torch.optim.SGD(m.parameters(), lr=0.1), hyper_lr=float("nan")), "hyper_lr"),
         (lambda m: HyperSTE(torch.optim.SGD(m.parameters(), lr=0.1), method="fancy"), "Unknown method"),
         (lambda m: HyperSTE(torch.optim.SGD(m.parameters(), lr=0.1), resolve="x"), "resolve"),
-        (lambda m: HyperSTE(torch.optim.SGD(m.parameters(), lr=0.1), accumulate="x"), "accumulate"),
         (
-            lambda m: HyperSTE(torch.optim.SGD(m.parameters(), lr=0.1), hyper_optimizer=torch.optim.Adam),
-            "'delayed' only",
+            lambda m: HyperSTE(torch.optim.SGD(m.parameters(), lr=0.1), method="delayed", accumulate="x"),
+            "accumulate",
         ),
     ],
 )
@@ -88,6 +88,57 @@ def test_bad_input_raises_a_clear_error_and_changes_nothing(build, match):
     with pytest.raises(ValueError, match=match):
         build(model)
     _changed_nothing(model, before)
+
+
+@pytest.mark.parametrize(
+    "kw,method,bad",
+    [
+        (dict(method="delayed", resolve="halve"), "delayed", "resolve"),
+        (dict(method="delayed", resolve="threshold"), "delayed", "resolve"),
+        (dict(method="analytical", window=5), "analytical", "window"),
+        (dict(accumulate="sum"), "analytical", "accumulate"),
+        (dict(hyper_optimizer=torch.optim.Adam), "analytical", "hyper_optimizer"),
+        (dict(method="fagu", horizon=3, window=7), "fagu", "window"),
+        (dict(method="delayed", horizon=3), "delayed", "horizon"),
+        (dict(method="fagu", horizon=3, hessian="diag"), "fagu", "hessian"),
+        (dict(method="pfagu", horizon=3, seed=1), "pfagu", "seed"),
+    ],
+)
+def test_an_option_the_method_does_not_use_raises_type_error_naming_the_method_and_its_options(
+    kw, method, bad
+):
+    model = quantized_mlp()
+    before = _snapshot(model)
+    with pytest.raises(
+        TypeError, match=rf"method='{method}' does not take {bad}; its options are hyper_lr, "
+    ):
+        HyperSTE(torch.optim.SGD(model.parameters(), lr=0.1), model=model, **kw)
+    _changed_nothing(model, before)
+
+
+def test_an_options_object_equals_the_keyword_shorthand_and_refuses_extra_keywords():
+    from metaste.optim.hyper import Delayed
+
+    data = batches(6)
+    runs = []
+    for method in (Delayed(window=3, hyper_optimizer="adam", hyper_lr=0.05), "delayed"):
+        model = quantized_mlp(surrogate="plste")
+        kw = (
+            {}
+            if not isinstance(method, str)
+            else dict(window=3, hyper_optimizer=torch.optim.Adam, hyper_lr=0.05)
+        )
+        opt = HyperSTE(torch.optim.SGD(model.parameters(), lr=0.1), method=method, **kw)
+        assert isinstance(opt.method.hyper_opt, torch.optim.Adam)
+        for x, y in data:
+            opt.step(lambda x=x, y=y, m=model: loss_fn(m, x, y))
+        runs.append(model.state_dict())
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[1][k]), k
+    with pytest.raises(TypeError, match="put them in the options object"):
+        HyperSTE(torch.optim.SGD(quantized_mlp().parameters(), lr=0.1), method=Delayed(), window=3)
+    with pytest.raises(ValueError, match="Unknown hyper_optimizer 'adamm'"):
+        Delayed(hyper_optimizer="adamm")
 
 
 @pytest.mark.parametrize("granularity", ["channel", "tensor"])

@@ -1,4 +1,4 @@
-"""quantize_model, the layers and the parameter registry (SPEC §1)."""
+"""quantize_model, the layers and the parameter registry (docs/design.md §1)."""
 
 import copy
 import math
@@ -173,7 +173,7 @@ def test_registry_keeps_the_quantizer_of_a_weight_whose_model_was_dropped():
     import gc
 
     gc.collect()
-    entry = metaste.lookup(params[0])
+    entry = metaste.quant.lookup(params[0])
     assert entry is not None and entry.qp == 1
     assert entry.scale().numel() == 1
 

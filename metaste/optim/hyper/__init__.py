@@ -1,1 +1,36 @@
-"""HyperSTE methods (SPEC §3): one module per method, dispatched by ``HyperSTE(method=...)``."""
+"""HyperSTE methods (docs/design.md §3): one module per method, each with an options object that
+validates itself (``HyperSTE(opt, method=Delayed(window=3))``) and the runtime it builds.
+
+========== ============================ ============================================
+method     options                      module
+========== ============================ ============================================
+analytical :class:`Analytical`          :mod:`.analytical` (+ ``analytical_update``)
+delayed    :class:`Delayed`             :mod:`.delayed`
+fagu       :class:`FAGU`                :mod:`.fagu` (replay protocol: :mod:`.horizon`)
+pfagu      :class:`PFAGU`               :mod:`.fagu`
+lgatt      :class:`LGATT`               :mod:`.lgatt` (``reverse_sweep``, ``diagonal_sweep``)
+========== ============================ ============================================
+"""
+
+from ._common import HyperMethod, MethodOptions
+from .analytical import Analytical, analytical_update
+from .delayed import Delayed
+from .fagu import FAGU, PFAGU
+from .horizon import HorizonMemoryError, HorizonOptions
+from .lgatt import LGATT
+
+METHODS: dict[str, type[MethodOptions]] = {cls.name: cls for cls in (Analytical, Delayed, FAGU, PFAGU, LGATT)}
+
+__all__ = [
+    "METHODS",
+    "Analytical",
+    "Delayed",
+    "FAGU",
+    "PFAGU",
+    "LGATT",
+    "HorizonOptions",
+    "HorizonMemoryError",
+    "HyperMethod",
+    "MethodOptions",
+    "analytical_update",
+]

@@ -1,9 +1,19 @@
-"""What every HyperSTE method shares (SPEC §3): the managed weights, the hyper learning rate
-(raw or normalised), the method interface, and the surrogate statistics of the diagnostics."""
+"""What every HyperSTE method shares (docs/design.md §3): the options every method takes, the
+managed weights, the surrogate learning rate (raw or normalised), the runtime interface with its
+step protocol, the λ = g ⊙ ψ loop, the hyper-descent step and the diagnostics' statistics.
+
+A method is two objects: its *options* (a frozen dataclass that validates itself, e.g.
+:class:`~metaste.optim.hyper.delayed.Delayed`; what the user passes as ``HyperSTE(method=...)``)
+and its *runtime* (a :class:`HyperMethod` subclass the options build once the managed weights are
+known; it holds the state and answers ``step``, ``diagnostics`` and ``state_dict``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -12,11 +22,24 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ...quant.registry import QuantEntry
+from ...quant.surrogates import BOUNDARIES
+from .._wrapper import Closure
+from ..diffopt import UpdateRecord, one_step_hypergradient
 
-__all__ = ["ManagedWeight", "HyperOptions", "HyperLR", "HyperMethod", "surrogate_stats"]
+__all__ = [
+    "MethodOptions",
+    "HyperMethod",
+    "ManagedWeight",
+    "HyperLR",
+    "PendingStep",
+    "resolve_hyper_optimizer",
+    "surrogate_stats",
+]
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 HIST_BINS = 20
+Evaluate = Callable[[Closure], Tensor]
+HyperOptimizerSpec = type[Optimizer] | Callable[..., Optimizer] | str | None
 
 
 @dataclass(frozen=True, eq=False)
@@ -32,23 +55,97 @@ class ManagedWeight(QuantEntry):
         return self.weight
 
 
-@dataclass(frozen=True)
-class HyperOptions:
-    """The validated keyword arguments of :class:`~metaste.optim.hyperste.HyperSTE`."""
+def resolve_hyper_optimizer(spec: HyperOptimizerSpec) -> Callable[..., Optimizer] | None:
+    """A hyper-optimizer factory ``(params, lr=..., **kwargs) -> Optimizer`` from a class, a
+    callable or the name of a ``torch.optim`` optimizer (case-insensitive, e.g. ``"adam"``)."""
+    if spec is None or (callable(spec) and not isinstance(spec, str)):
+        return spec
+    if isinstance(spec, str):
+        names = {
+            n.lower(): getattr(torch.optim, n)
+            for n in dir(torch.optim)
+            if isinstance(getattr(torch.optim, n), type) and issubclass(getattr(torch.optim, n), Optimizer)
+        }
+        names.pop("optimizer", None)
+        if spec.lower() not in names:
+            raise ValueError(
+                f"Unknown hyper_optimizer {spec!r}; give a torch.optim name, one of {sorted(names)}"
+            )
+        return names[spec.lower()]
+    raise TypeError(
+        f"hyper_optimizer must be a torch.optim.Optimizer class, a callable (params, lr=..., **kwargs) "
+        f"or a torch.optim name such as 'adam', got {type(spec).__name__}"
+    )
 
-    hyper_lr: float
-    hyper_lr_mode: str
-    normalize_beta: float
-    hyper_optimizer: Any
-    hyper_optimizer_kwargs: dict
-    window: int
-    accumulate: str
-    resolve: str
-    max_halvings: int
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Options every HyperSTE method takes; subclasses add their own fields and validate them in
+    ``__post_init__`` (``ValueError``/``TypeError`` naming the bad value).
+
+    Args:
+        hyper_lr: learning rate of θ (default 0.01), ≥ 0; 0 leaves θ unchanged and the run
+            bit-identical to the bare optimizer (docs/design.md §3.5).
+        hyper_lr_mode: ``"normalized"`` (default: η_a = hyper_lr / RMS of the hypergradient) or
+            ``"raw"`` (η_a = hyper_lr, as in the thesis).
+        normalize_beta: EMA factor of the normalisation (default 0.99), in [0, 1).
+        boundary: SLSTE's ∂ψ/∂a mode set on every managed surrogate: ``"none"`` or ``"window"``
+            (docs/design.md §2.3). ``None``: the method's default.
+        boundary_width: b of the window mode (default 0.5).
+    """
+
+    name: ClassVar[str]
+    default_boundary: ClassVar[str] = "none"
+    runtime: ClassVar[type[HyperMethod]]
+
+    hyper_lr: float = 0.01
+    hyper_lr_mode: str = "normalized"
+    normalize_beta: float = 0.99
+    boundary: str | None = None
+    boundary_width: float = 0.5
+
+    def __post_init__(self) -> None:
+        h = self.hyper_lr
+        if isinstance(h, bool) or not isinstance(h, numbers.Real) or not math.isfinite(h) or h < 0:
+            raise ValueError(f"Invalid hyper_lr: {h!r}; it must be a finite number >= 0 (0 freezes θ)")
+        if self.hyper_lr_mode not in ("normalized", "raw"):
+            raise ValueError(f"Invalid hyper_lr_mode: {self.hyper_lr_mode!r}; choose 'normalized' or 'raw'")
+        if not 0 <= self.normalize_beta < 1:
+            raise ValueError(f"Invalid normalize_beta: {self.normalize_beta}; it must be in [0, 1)")
+        if self.boundary is not None and self.boundary not in BOUNDARIES:
+            raise ValueError(f"Invalid boundary: {self.boundary!r}; choose one of {BOUNDARIES} or None")
+        if not self.boundary_width > 0:
+            raise ValueError(f"Invalid boundary_width: {self.boundary_width}; it must be > 0")
+        object.__setattr__(self, "hyper_lr", float(h))
+        object.__setattr__(self, "normalize_beta", float(self.normalize_beta))
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> MethodOptions:
+        """``cls(**kwargs)``, with a ``TypeError`` naming the method and its valid options for a
+        keyword the method does not use (``HyperSTE(method="delayed", resolve="halve")``)."""
+        bad = sorted(set(kwargs) - set(cls.option_names()))
+        if bad:
+            raise TypeError(
+                f"method={cls.name!r} does not take {', '.join(bad)}; its options are "
+                f"{', '.join(cls.option_names())} (and HyperSTE's own: model)"
+            )
+        return cls(**kwargs)
+
+    def check(self, optimizer: Optimizer, managed: list[ManagedWeight], model: nn.Module | None) -> None:
+        """Raise a clear error if the method cannot run on this optimizer / weights / model."""
+
+    def build(
+        self, optimizer: Optimizer, managed: list[ManagedWeight], model: nn.Module | None
+    ) -> HyperMethod:
+        return self.runtime(optimizer, managed, self, model)
 
 
 class HyperLR:
-    """The surrogate learning rate η_a, one per surrogate-parameter tensor.
+    """The surrogate learning rate η_a, one per surrogate-parameter tensor (docs/design.md §3.5).
 
     ``"raw"``: η_a = ``hyper_lr``. ``"normalized"``: η_a = ``hyper_lr`` / RMS, with RMS² a
     bias-corrected exponential moving average (factor ``beta``) of the mean square of the
@@ -84,28 +181,72 @@ class HyperLR:
         self.ema, self.count = list(sd["ema"]), list(sd["count"])
 
 
+@dataclass
+class PendingStep:
+    """A recorded update v_t → v_{t+1} whose one-step hypergradient waits for λ_{t+1}: the
+    update's inputs (no graph), the raw gradients g_t and u_t of the managed weights ``idx``, and
+    (horizon methods) θ_t per surrogate tensor and t. ``None`` θ: the surrogates' current values."""
+
+    record: UpdateRecord
+    grads: list[Tensor]
+    us: list[Tensor]
+    idx: list[int]
+    theta: list[Tensor] | None = None
+    t: int | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "record": self.record.state_dict(),
+            "grads": self.grads,
+            "u": self.us,
+            "idx": self.idx,
+            "theta": self.theta,
+            "t": self.t,
+        }
+
+    @classmethod
+    def from_state_dict(cls, optimizer_cls: type[Optimizer], sd: dict[str, Any]) -> PendingStep:
+        theta = sd.get("theta")
+        return cls(
+            UpdateRecord.from_state_dict(optimizer_cls, sd["record"]),
+            list(sd["grads"]),
+            list(sd["u"]),
+            list(sd["idx"]),
+            None if theta is None else list(theta),
+            sd.get("t"),
+        )
+
+
 class HyperMethod:
-    """Interface of a HyperSTE method; :class:`~metaste.optim.hyperste.HyperSTE` calls, per step:
-    closure + backward (managed weights get the raw ∂L/∂v̂), :meth:`before_update` (must turn
-    each managed ``p.grad`` into the surrogate gradient), the base ``optimizer.step()``, then
-    :meth:`after_update`. New methods (SPEC §3.3–3.4) subclass this and register in
-    ``HyperSTE.METHODS``.
-    """
+    """The runtime of a HyperSTE method. ``HyperSTE.step`` calls :meth:`step`, whose default is
+    the per-step protocol: closure + backward (managed weights get the raw ∂L/∂v̂),
+    :meth:`before_update` (must turn each managed ``p.grad`` into the surrogate gradient), the
+    base ``optimizer.step()``, then :meth:`after_update`. The horizon methods override
+    :meth:`step` (replays run inside it)."""
 
     name: ClassVar[str]
-    default_boundary: ClassVar[str]
 
-    def __init__(self, optimizer: Optimizer, managed: list[ManagedWeight], opts: HyperOptions) -> None:
-        self.optimizer, self.managed, self.opts = optimizer, managed, opts
+    def __init__(
+        self, optimizer: Optimizer, managed: list[ManagedWeight], opts: MethodOptions, model: nn.Module | None
+    ) -> None:
+        self.optimizer, self.managed, self.opts, self.model = optimizer, managed, opts, model
+        self.name = opts.name
         self.tensors = [t for mw in managed for t in mw.surrogate.params()]
+        self.slices = _slices(managed)  # managed weight i owns self.tensors[self.slices[i]]
         self.hyper_lr = HyperLR(opts.hyper_lr, opts.hyper_lr_mode, opts.normalize_beta, len(self.tensors))
         # per-step scalars for the diagnostics, filled by the method: {layer name: {key: value}}
         self.step_stats: dict[str, dict[str, float]] = {}
         self.hypergrad_norm = 0.0
 
-    @classmethod
-    def check(cls, optimizer: Optimizer, managed: list[ManagedWeight], opts: HyperOptions) -> None:
-        """Raise a clear error if the method cannot run on this optimizer / these weights."""
+    # -- the step protocol ------------------------------------------------------------------
+
+    def step(self, closure: Closure | None, evaluate: Evaluate, t: int) -> Tensor:
+        """Step ``t``; returns the closure's loss (detached)."""
+        loss = evaluate(closure)
+        self.before_update(t)
+        self.optimizer.step()
+        self.after_update(t)
+        return loss
 
     def before_update(self, step: int) -> None:
         raise NotImplementedError
@@ -113,11 +254,98 @@ class HyperMethod:
     def after_update(self, step: int) -> None:
         """Hook after the base optimizer's step (default: nothing)."""
 
+    def run_horizon(
+        self, closures: Sequence[Closure], evaluate: Evaluate, extra: Closure | None
+    ) -> list[Tensor]:
+        raise ValueError(f"run_horizon() is for the horizon methods, not method={self.name!r}")
+
+    def resume_horizon(self, closures: Sequence[Closure]) -> None:
+        raise ValueError(f"resume_horizon() is for the horizon methods, not method={self.name!r}")
+
+    # -- shared pieces ----------------------------------------------------------------------
+
+    def surrogate_grads(self) -> tuple[dict[int, Tensor], dict[int, tuple[Tensor, Tensor]]]:
+        """λ = g ⊙ ψ(u; θ) per managed weight index (θ = the surrogate buffers now) and its
+        (g, u); records each layer's ``clipped_frac`` (ψ = 0) for the diagnostics."""
+        lam, raw = {}, {}
+        self.step_stats = {}
+        for i, mw in enumerate(self.managed):
+            g = mw.param.grad
+            if g is None:  # weight not used by this loss: the base optimizer skips it too
+                continue
+            u = mw.u()
+            psi = mw.surrogate.psi(u, mw.qn, mw.qp)
+            lam[i], raw[i] = g * psi, (g, u)
+            self.step_stats[mw.name] = {"clipped_frac": float((psi == 0).sum()) / g.numel()}
+        return lam, raw
+
+    def record_pending(
+        self, raw: dict[int, tuple[Tensor, Tensor]], theta: list[Tensor] | None = None, t: int | None = None
+    ) -> PendingStep:
+        """A :class:`PendingStep` of the coming base update; call it right before ``optimizer.step()``."""
+        from ..diffopt import record_update
+
+        idx = sorted(raw)
+        record = record_update(self.optimizer, [self.managed[i].param for i in idx])
+        return PendingStep(record, [raw[i][0] for i in idx], [raw[i][1] for i in idx], idx, theta, t)
+
+    def pending_hypergradient(
+        self, pending: PendingStep, lam: dict[int, Tensor]
+    ) -> Iterator[tuple[int, Tensor]]:
+        """(surrogate tensor index k, h_k) of ⟨λ_{t+1}, ∂v_{t+1}/∂θ_t⟩ for the pending step
+        (:func:`~metaste.optim.diffopt.one_step_hypergradient`); weights without λ_{t+1} give none."""
+        entries = [self.managed[i] for i in pending.idx]
+        if pending.theta is None:
+            thetas = [list(mw.surrogate.params()) for mw in entries]
+        else:
+            thetas = [pending.theta[self.slices[i]] for i in pending.idx]
+        lams = [lam.get(i) for i in pending.idx]
+        hs = one_step_hypergradient(pending.record, entries, pending.grads, pending.us, thetas, lams)
+        for i, hi in zip(pending.idx, hs):
+            for k, h in zip(range(self.slices[i].start, self.slices[i].stop), hi):
+                if h is not None:
+                    yield k, h
+
+    def apply_hypergradient(self, params: list[Tensor], h: list[Tensor], hyper_opt: Optimizer | None) -> bool:
+        """θ ← θ − η_a·h (η_a per tensor, :class:`HyperLR`) on ``params``, by ``hyper_opt`` if given
+        (its lr is ``hyper_lr``; normalisation rescales the gradient it sees). Records the norm;
+        a non-finite h changes nothing and returns False. Clamping is the caller's."""
+        self.hypergrad_norm = float(sum(float((x.double() ** 2).sum()) for x in h)) ** 0.5
+        if not all(bool(torch.isfinite(x).all()) for x in h):
+            return False
+        with torch.no_grad():
+            etas = [self.hyper_lr(k, x) for k, x in enumerate(h)]
+            if hyper_opt is None:
+                for p, x, eta in zip(params, h, etas):
+                    p.sub_(eta * x)
+                return True
+            for p, x, eta in zip(params, h, etas):
+                p.grad = x * (eta / self.opts.hyper_lr if self.opts.hyper_lr > 0 else 0.0)
+            hyper_opt.step()
+            for p in params:
+                p.grad = None
+        return True
+
+    # -- diagnostics and state --------------------------------------------------------------
+
+    def diagnostics(self) -> dict[str, Any]:
+        """The method's own entries of ``HyperSTE.diagnostics`` (default: none)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {"hyper_lr": self.hyper_lr.state_dict()}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.hyper_lr.load_state_dict(sd["hyper_lr"])
+
+
+def _slices(managed: list[ManagedWeight]) -> list[slice]:
+    out, k = [], 0
+    for mw in managed:
+        n = len(mw.surrogate.param_names)
+        out.append(slice(k, k + n))
+        k += n
+    return out
 
 
 def surrogate_stats(t: Tensor, a_min: float, a_max: float) -> dict[str, Any]:

@@ -1,23 +1,26 @@
-"""``method="analytical"``: the self-consistent SLSTE update of thesis 4.1/4.3/4.6.1 (SPEC §3.1).
+"""``method="analytical"``: the self-consistent SLSTE update of thesis 4.1/4.3/4.6.1
+(docs/design.md §3.1).
 
-The math is the plain function :func:`analytical_update`; :class:`Analytical` is the
-bookkeeping (history g⁻, d⁻, η_w; diagnostics) around it.
+The math is the plain function :func:`analytical_update`; :class:`Analytical` holds the options
+and :class:`AnalyticalMethod` the bookkeeping (history g⁻, d⁻, η_w; diagnostics) around it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ...quant.surrogates import slste, slste_grad
-from ._common import HyperMethod, HyperOptions, ManagedWeight
+from ._common import HyperMethod, ManagedWeight, MethodOptions
 
-__all__ = ["Analytical", "analytical_update", "AnalyticalResult", "REGIONS"]
+__all__ = ["Analytical", "AnalyticalMethod", "analytical_update", "AnalyticalResult", "REGIONS", "RESOLVES"]
 
 REGIONS = ("unique_identity", "unique_scaling", "overlap", "gap")
+RESOLVES = ("halve", "threshold", "passive")
 
 
 class AnalyticalResult(NamedTuple):
@@ -30,7 +33,7 @@ class AnalyticalResult(NamedTuple):
 def analytical_update(
     a: Tensor, u: Tensor, c: Tensor, eta_a: float, qn: float, qp: float, resolve: str, max_halvings: int
 ) -> AnalyticalResult:
-    """a' solving a' = a + η_a·c·ψ(u; a') element-wise (SLSTE, SPEC §3.1).
+    """a' solving a' = a + η_a·c·ψ(u; a') element-wise (SLSTE, docs/design.md §3.1).
 
     r = 1 − a·u/Qp (u > 0), 1 + a·u/Qn (u < 0), 1 (u = 0); x = η_a·c.
     identity a' = a is legal iff r ≤ 0; scaling a' = a/(1 − x) is legal iff x < r.
@@ -40,8 +43,8 @@ def analytical_update(
     * ``"halve"``: overlap → identity; gap → scaling with x·2^−m, m ≥ 1 the smallest integer with
       x·2^−m < r; past ``max_halvings`` a' = a.
     * ``"threshold"``: identity iff r ≤ 0, else scaling with the full x; where 1 − x ≤ 0, the
-      ``"halve"`` result. (SPEC writes r < 0; r = 0 is "clipped" by SPEC's own edge rule, and
-      with ≤ the three modes agree everywhere except the gap, as SPEC §3.1 states.)
+      ``"halve"`` result. (The thesis writes r < 0; r = 0 is "clipped" by the edge rule of
+      docs/design.md §3.1, and with ≤ the three modes agree everywhere except the gap.)
     * ``"passive"``: identity in overlap and gap.
     """
     x = eta_a * c
@@ -86,26 +89,36 @@ def analytical_update(
     return AnalyticalResult(a_new, regions, halvings, unresolved)
 
 
-class Analytical(HyperMethod):
-    """Per step, on the complete ∂L_t/∂v̂_t = g (SPEC §3.1)::
+@dataclass(frozen=True)
+class Analytical(MethodOptions):
+    """Options of ``method="analytical"`` (docs/design.md §3.1, thesis 4.3): the self-consistent
+    per-element update a' = a + η_a·c·ψ(u_t; a'), one forward+backward per step. Needs
+    ``torch.optim.SGD`` without momentum/nesterov/maximize (weight decay is fine) and SLSTE with
+    ``granularity="element"``. Common options: :class:`~metaste.optim.hyper._common.MethodOptions`
+    (``boundary`` defaults to ``"window"``, the thesis's b = ½).
 
-    c  = η_w⁻ · g · g⁻ · d⁻          (0 on the first step: no history)
-    a' = clamp(analytical_update(a, u_t, c, η_a), a_min, a_max)
-    p.grad = g · ψ(u_t; a')          (the base SGD step uses this)
-    g⁻, d⁻, η_w⁻ ← g, ∂ψ(u_t; a')/∂a, the lr of this step's update
+    Args:
+        resolve: ``"halve"`` (default), ``"threshold"`` or ``"passive"``: how overlap and gap
+            elements are resolved (:func:`analytical_update`).
+        max_halvings: ``"halve"``: past this many halvings of η_a a gap element is not updated
+            (default 30).
     """
 
     name = "analytical"
     default_boundary = "window"
 
-    def __init__(self, optimizer: Optimizer, managed: list[ManagedWeight], opts: HyperOptions) -> None:
-        super().__init__(optimizer, managed, opts)
-        self.group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-        # history per managed weight: (g⁻, d⁻, η_w⁻) or None before the first step
-        self.history: list[tuple[Tensor, Tensor, float] | None] = [None] * len(managed)
+    resolve: str = "halve"
+    max_halvings: int = 30
 
-    @classmethod
-    def check(cls, optimizer: Optimizer, managed: list[ManagedWeight], opts: HyperOptions) -> None:
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.resolve not in RESOLVES:
+            raise ValueError(f"Invalid resolve: {self.resolve!r}; choose 'halve', 'threshold' or 'passive'")
+        m = self.max_halvings
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ValueError(f"Invalid max_halvings: {m!r}; it must be an int >= 0")
+
+    def check(self, optimizer: Optimizer, managed: list[ManagedWeight], model: nn.Module | None) -> None:
         hint = 'use method="delayed", which works with any torch.optim optimizer'
         if not isinstance(optimizer, torch.optim.SGD):
             raise ValueError(
@@ -128,6 +141,26 @@ class Analytical(HyperMethod):
                     f"granularity={s.granularity!r}. Quantize with surrogate='slste', "
                     f"granularity='element', or {hint}"
                 )
+
+
+class AnalyticalMethod(HyperMethod):
+    """Per step, on the complete ∂L_t/∂v̂_t = g (docs/design.md §3.1)::
+
+    c  = η_w⁻ · g · g⁻ · d⁻          (0 on the first step: no history)
+    a' = clamp(analytical_update(a, u_t, c, η_a), a_min, a_max)
+    p.grad = g · ψ(u_t; a')          (the base SGD step uses this)
+    g⁻, d⁻, η_w⁻ ← g, ∂ψ(u_t; a')/∂a, the lr of this step's update
+    """
+
+    opts: Analytical
+
+    def __init__(
+        self, optimizer: Optimizer, managed: list[ManagedWeight], opts: Analytical, model: nn.Module | None
+    ) -> None:
+        super().__init__(optimizer, managed, opts, model)
+        self.group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        # history per managed weight: (g⁻, d⁻, η_w⁻) or None before the first step
+        self.history: list[tuple[Tensor, Tensor, float] | None] = [None] * len(managed)
 
     def before_update(self, step: int) -> None:
         o = self.opts
@@ -159,6 +192,16 @@ class Analytical(HyperMethod):
             self.step_stats[mw.name] = stats
         self.hypergrad_norm = sq_norm**0.5
 
+    def diagnostics(self) -> dict[str, Any]:
+        """``branch_fractions``: the region fractions over all elements of the last step."""
+        sizes = {mw.name: mw.param.numel() for mw in self.managed if mw.name in self.step_stats}
+        total = sum(sizes.values()) or 1
+        return {
+            "branch_fractions": {
+                r: sum(self.step_stats[n][r] * sz for n, sz in sizes.items()) / total for r in REGIONS
+            }
+        }
+
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         sd["history"] = [None if h is None else {"g": h[0], "d": h[1], "lr": h[2]} for h in self.history]
@@ -167,3 +210,6 @@ class Analytical(HyperMethod):
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         super().load_state_dict(sd)
         self.history = [None if h is None else (h["g"], h["d"], h["lr"]) for h in sd["history"]]
+
+
+Analytical.runtime = AnalyticalMethod

@@ -1,29 +1,75 @@
 """``method="delayed"``: θ frozen over windows of k steps, one-step hypergradients from inside the
-window applied at the next window (thesis A.2, SPEC §3.2). Any optimizer, any learnable ψ,
-any granularity; the update's derivative comes from :mod:`metaste.optim.diffopt`.
+window applied at the next window (thesis A.2, docs/design.md §3.2). Any optimizer, any learnable
+ψ, any granularity; the hypergradient is :func:`~metaste.optim.diffopt.one_step_hypergradient`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ...quant.surrogates import psi_differentiable
-from ..diffopt import UpdateRecord, differentiable_update, record_update
-from ._common import HyperMethod, HyperOptions, ManagedWeight
+from ._common import (
+    HyperMethod,
+    HyperOptimizerSpec,
+    ManagedWeight,
+    MethodOptions,
+    PendingStep,
+    resolve_hyper_optimizer,
+)
 
-__all__ = ["Delayed"]
+__all__ = ["Delayed", "DelayedMethod", "ACCUMULATE"]
+
+ACCUMULATE = ("first", "sum", "mean")
 
 
-class Delayed(HyperMethod):
-    """Step t at position j = t mod k of its window [w, w+k−1] (SPEC §3.2)::
+@dataclass(frozen=True)
+class Delayed(MethodOptions):
+    """Options of ``method="delayed"`` (docs/design.md §3.2, thesis A.2). Common options:
+    :class:`~metaste.optim.hyper._common.MethodOptions` (``boundary`` defaults to ``"none"``,
+    what autograd differentiates).
+
+    Args:
+        window: k ≥ 2 steps per window (default 2).
+        accumulate: ``"first"`` (default, the thesis: the first pair of each window), ``"sum"``
+            or ``"mean"`` over the k−1 within-window pairs.
+        hyper_optimizer: the optimizer of θ: a ``torch.optim.Optimizer`` class, a callable
+            ``(params, lr=..., **kwargs)`` or a torch.optim name (``"adam"``), built over leaf
+            copies of the surrogate parameters with ``lr=hyper_lr``. Default ``None``: plain SGD,
+            θ ← θ − η_a·h (thesis A.1). Its state is in ``state_dict()``.
+        hyper_optimizer_kwargs: extra arguments of ``hyper_optimizer`` (default none).
+    """
+
+    name = "delayed"
+
+    window: int = 2
+    accumulate: str = "first"
+    hyper_optimizer: HyperOptimizerSpec = None
+    hyper_optimizer_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        w = self.window
+        if isinstance(w, bool) or not isinstance(w, int) or w < 2:
+            raise ValueError(
+                f"Invalid window: {w!r}; delayed updates need an int >= 2 (θ must stay frozen "
+                "for at least one pair of steps)"
+            )
+        if self.accumulate not in ACCUMULATE:
+            raise ValueError(f"Invalid accumulate: {self.accumulate!r}; choose 'first', 'sum' or 'mean'")
+        object.__setattr__(self, "hyper_optimizer", resolve_hyper_optimizer(self.hyper_optimizer))
+        object.__setattr__(self, "hyper_optimizer_kwargs", dict(self.hyper_optimizer_kwargs or {}))
+
+
+class DelayedMethod(HyperMethod):
+    """Step t at position j = t mod k of its window [w, w+k−1] (docs/design.md §3.2)::
 
         λ_t = g_t ⊙ ψ(u_t; θ)                              (p.grad for the base step)
         if a pair (t−1, t) was recorded:                   (θ_t = θ_{t−1} inside the window)
-            h += ⟨λ_t, ∂v_t/∂θ⟩   via diffopt: v_t(θ) = OPT(v_{t−1}, g_{t−1} ⊙ ψ(u_{t−1}; θ))
+            h += ⟨λ_t, ∂v_t/∂θ⟩   (one_step_hypergradient)
         record step t if j < k−1 and (accumulate != "first" or j = 0)
         base step
         if j = k−1:  θ ← clamp(hyper_opt step on h (÷(k−1) for "mean"), a_min, a_max)
@@ -32,78 +78,34 @@ class Delayed(HyperMethod):
     checkpoint between two steps of a window resumes exactly.
     """
 
-    name = "delayed"
-    default_boundary = "none"
+    opts: Delayed
 
-    def __init__(self, optimizer: Optimizer, managed: list[ManagedWeight], opts: HyperOptions) -> None:
-        super().__init__(optimizer, managed, opts)
+    def __init__(
+        self, optimizer: Optimizer, managed: list[ManagedWeight], opts: Delayed, model: nn.Module | None
+    ) -> None:
+        super().__init__(optimizer, managed, opts, model)
         # the hyper-optimizer trains leaf copies of the surrogate buffers; the buffers stay the truth
         self.leaves = [t.detach().clone() for t in self.tensors]
         factory = opts.hyper_optimizer or torch.optim.SGD
         self.hyper_opt = factory(self.leaves, lr=opts.hyper_lr, **opts.hyper_optimizer_kwargs)
-        # pending pair: (update record, raw grads g_t, u_t, indices into managed) or None
-        self.pending: tuple[UpdateRecord, list[Tensor], list[Tensor], list[int]] | None = None
+        self.pending: PendingStep | None = None
         self.h: list[Tensor] = [torch.zeros_like(t) for t in self.tensors]
         self.pairs = 0
         self.skipped = 0  # windows whose hypergradient was not finite (θ left unchanged)
         self.hypergrad: list[Tensor] = [torch.zeros_like(t) for t in self.tensors]  # last applied h
 
-    def _slices(self) -> list[slice]:
-        out, k = [], 0
-        for mw in self.managed:
-            n = len(mw.surrogate.param_names)
-            out.append(slice(k, k + n))
-            k += n
-        return out
-
-    def _pair_hypergradient(self, lam: dict[int, Tensor]) -> None:
-        """h += ⟨λ_t, ∂v_t/∂θ⟩ for the pending pair (t−1, t)."""
-        record, grads, us, idx = self.pending
-        slices = self._slices()
-        thetas, diff_grads = [], []
-        for i, g, u in zip(idx, grads, us):
-            mw = self.managed[i]
-            theta = [t.detach().clone().requires_grad_() for t in mw.surrogate.params()]
-            thetas.append(theta)
-            diff_grads.append(g * psi_differentiable(mw.surrogate, u, mw.qn, mw.qp, theta))
-        v_next = differentiable_update(record, diff_grads)
-        keep = [j for j, i in enumerate(idx) if i in lam]  # weights with a gradient at step t too
-        flat = [t for j in keep for t in thetas[j]]
-        hs = torch.autograd.grad(
-            [v_next[j] for j in keep], flat, grad_outputs=[lam[idx[j]] for j in keep], allow_unused=True
-        )
-        it = iter(hs)
-        for j in keep:
-            for k in range(slices[idx[j]].start, slices[idx[j]].stop):
-                h = next(it)
-                if h is not None:
-                    self.h[k] += h
-        self.pairs += 1
-
     def before_update(self, step: int) -> None:
         o = self.opts
         pos = step % o.window
-        lam: dict[int, Tensor] = {}
-        raw: dict[int, tuple[Tensor, Tensor]] = {}
-        self.step_stats = {}
-        for i, mw in enumerate(self.managed):
-            g = mw.param.grad
-            if g is None:  # weight not used by this loss: the base optimizer skips it too
-                continue
-            u = mw.u()
-            psi = mw.surrogate.psi(u, mw.qn, mw.qp)
-            lam[i] = g * psi
-            raw[i] = (g, u)
-            self.step_stats[mw.name] = {"clipped_frac": float((psi == 0).sum()) / g.numel()}
+        lam, raw = self.surrogate_grads()
         if self.pending is not None:
-            self._pair_hypergradient(lam)
-        for i, mw in enumerate(self.managed):
-            if i in lam:
-                mw.param.grad = lam[i]
+            for k, h in self.pending_hypergradient(self.pending, lam):
+                self.h[k] += h
+            self.pairs += 1
+        for i, g in lam.items():
+            self.managed[i].param.grad = g
         if pos < o.window - 1 and (o.accumulate != "first" or pos == 0):
-            idx = sorted(raw)
-            record = record_update(self.optimizer, [self.managed[i].param for i in idx])
-            self.pending = (record, [raw[i][0] for i in idx], [raw[i][1] for i in idx], idx)
+            self.pending = self.record_pending(raw)
         else:
             self.pending = None
 
@@ -112,29 +114,23 @@ class Delayed(HyperMethod):
             return
         h = [x / self.pairs for x in self.h] if self.opts.accumulate == "mean" and self.pairs else self.h
         self.hypergrad = h
-        self.hypergrad_norm = float(sum(float((x.double() ** 2).sum()) for x in h)) ** 0.5
-        if all(bool(torch.isfinite(x).all()) for x in h):
-            self._hyper_step(h)
+        with torch.no_grad():
+            for leaf, t in zip(self.leaves, self.tensors):
+                leaf.copy_(t)
+        if self.apply_hypergradient(self.leaves, h, self.hyper_opt):
+            with torch.no_grad():
+                for mw, sl in zip(self.managed, self.slices):
+                    for leaf, t in zip(self.leaves[sl], self.tensors[sl]):
+                        leaf.clamp_(mw.surrogate.a_min, mw.surrogate.a_max)
+                        t.copy_(leaf)
         else:
             self.skipped += 1
         self.h = [torch.zeros_like(t) for t in self.tensors]
         self.pairs = 0
 
-    @torch.no_grad()
-    def _hyper_step(self, h: list[Tensor]) -> None:
-        """θ ← clamp(θ − η_a·h) by the hyper-optimizer, on leaf copies synced from the buffers."""
-        for k, (leaf, t, x) in enumerate(zip(self.leaves, self.tensors, h)):
-            leaf.copy_(t)
-            eta = self.hyper_lr(k, x)
-            # the hyper-optimizer's lr is hyper_lr; normalisation rescales the gradient it sees
-            scale = eta / self.opts.hyper_lr if self.opts.hyper_lr > 0 else 0.0
-            leaf.grad = x * scale
-        self.hyper_opt.step()
-        for mw, sl in zip(self.managed, self._slices()):
-            s = mw.surrogate
-            for leaf, t in zip(self.leaves[sl], self.tensors[sl]):
-                leaf.clamp_(s.a_min, s.a_max)
-                t.copy_(leaf)
+    def diagnostics(self) -> dict[str, Any]:
+        """``skipped_windows``: windows whose hypergradient was not finite."""
+        return {"skipped_windows": self.skipped}
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -146,8 +142,7 @@ class Delayed(HyperMethod):
             self.hypergrad,
         )
         if self.pending is not None:
-            record, grads, us, idx = self.pending
-            sd["pending"] = {"record": record.state_dict(), "grads": grads, "u": us, "idx": idx}
+            sd["pending"] = self.pending.state_dict()
         return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -157,13 +152,7 @@ class Delayed(HyperMethod):
         self.pairs, self.skipped = sd["pairs"], sd["skipped"]
         self.hypergrad = list(sd["hypergrad"])
         p = sd.get("pending")
-        self.pending = (
-            None
-            if p is None
-            else (
-                UpdateRecord.from_state_dict(type(self.optimizer), p["record"]),
-                list(p["grads"]),
-                list(p["u"]),
-                list(p["idx"]),
-            )
-        )
+        self.pending = None if p is None else PendingStep.from_state_dict(type(self.optimizer), p)
+
+
+Delayed.runtime = DelayedMethod
