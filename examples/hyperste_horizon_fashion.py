@@ -14,7 +14,7 @@ order per seed (paired differences).
   epochs, and against the stricter baseline: STE / PWL-STE trained for (K+1)·E epochs, the number
   of weight-epoch passes P-FAGU spends (equal compute).
 
-DLSTE uses granularity ``channel`` (SPEC §2: per element DLSTE differs from PLSTE only when a
+DLSTE uses granularity ``channel`` (docs/design.md §2: per element DLSTE differs from PLSTE only when a
 weight changes sign); SLSTE and PLSTE use ``element`` (the thesis's ATT). The driver is the
 unchanged ``opt.step(closure)`` loop; each closure captures its batch.
 

@@ -1,8 +1,8 @@
-"""FOGZO: First-Order-Guided Zeroth-Order gradients for quantized weights (SPEC §4).
+"""FOGZO: First-Order-Guided Zeroth-Order gradients for quantized weights (docs/design.md §4).
 
 The class :class:`FOGZO` does the bookkeeping (β schedule, managed parameters, RNG and buffer
 hygiene, DDP, checkpoints); the math is the plain function :func:`fogzo_estimate`, which reads
-against SPEC §4.3 line by line. The (ε̄, p̄, sampler) table of §4.2 is in
+against docs/design.md §4.3 line by line. The (ε̄, p̄, sampler) table of §4.2 is in
 :mod:`metaste.optim.smoothing`.
 """
 
@@ -47,7 +47,7 @@ def fogzo_estimate(
     keep_noise: bool = False,
     reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[list[Tensor] | None, Tensor]:
-    """The FOGZO estimate G of SPEC §4.3 for the managed tensors ``weights`` (v_k).
+    """The FOGZO estimate G of docs/design.md §4.3 for the managed tensors ``weights`` (v_k).
 
     ``grads[k]`` is the STE gradient g_k (``None``: zero), ``eps[k]`` = ε̄·s_k (broadcastable to
     v_k), ``kinds[k]`` its STE kind, ``loss_at()`` the loss at the current (perturbed) weights
@@ -188,10 +188,10 @@ class FOGZO(OptimizerWrapper):
     ``scales=``) the STE gradient g is replaced by a central-difference zeroth-order estimate
     along random directions tilted toward the normalized STE gradient; every other parameter
     (biases, norms, LSQ's step s) keeps its backprop gradient and is never perturbed.
-    Per step t (SPEC §4.3–§4.5)::
+    Per step t (docs/design.md §4.3–§4.5)::
 
         β = β_t;  L₀ = closure() with backward → g            (RNG state saved before)
-        ε = ε̄·s per managed tensor (ε̄ from its STE kind, SPEC §4.2)
+        ε = ε̄·s per managed tensor (ε̄ from its STE kind, docs/design.md §4.2)
         N = ‖ε⊙g‖ over all managed tensors;  ĝ = ε⊙g / N
         for i = 1..n:                                           (no_grad, train mode, RNG reset)
             d_i = √β σ_i ĝ + √(1−β) z_i,   σ_i = ±1, z_i ∼ p̄ per element
@@ -387,7 +387,7 @@ class FOGZO(OptimizerWrapper):
             raise ValueError(f"the step size of a weight of shape {tuple(m.param.shape)} must be finite, > 0")
 
     def beta_at(self, t: int, num_managed: int | None = None) -> float:
-        """β_t (SPEC §4.4); ``num_managed`` = D for the default β_min = 1 − 1/D."""
+        """β_t (docs/design.md §4.4); ``num_managed`` = D for the default β_min = 1 − 1/D."""
         if self.beta_schedule is not None:
             beta = float(self.beta_schedule(t))
             if not 0.0 <= beta <= 1.0:

@@ -1,4 +1,4 @@
-"""The smoothing implied by each STE (SPEC §4.2), and FOGZO's seeded noise.
+"""The smoothing implied by each STE (docs/design.md §4.2), and FOGZO's seeded noise.
 
 An STE replaces the Jacobian of a hard function ``h`` (round or sign) by that of a smooth
 surrogate ``h_s``. Each ``h_s`` used in practice is exactly a stochastic smoothing,
@@ -13,7 +13,7 @@ tanh       sign  tanh x               π/√12   ε̄(1 − tanh²(ε̄z))/2   a
 approxsign sign  2x − x|x| on |x| ≤ 1 1/√6    tri(z/√6)/√6         √6·(W₁ + W₂)/2
 ========== ===== ==================== ======= ==================== ===================
 
-(√6(W₁ + W₂)/2 = √6(U₁ + U₂ − 1), the table of SPEC §4.2.)
+(√6(W₁ + W₂)/2 = √6(U₁ + U₂ − 1), the table of docs/design.md §4.2.)
 
 Noise is never stored: :func:`noise` regenerates z for (seed, t, i, k) from a generator seeded
 by :func:`derive_seed`. On CPU the random bits come from NumPy's SFC64 ``random_raw``; on other

@@ -1,4 +1,4 @@
-"""BatchNorm re-estimation after quantization (SPEC §1 utilities).
+"""BatchNorm re-estimation after quantization (docs/design.md §1 utilities).
 
 Quantizing the weights shifts every pre-activation, so the running statistics learned in
 float no longer match. :func:`recalibrate_bn` re-estimates them from data.

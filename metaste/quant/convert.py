@@ -1,4 +1,4 @@
-"""``quantize_model``: swap ``nn.Linear``/``nn.Conv2d`` for their quantized versions (SPEC §1)."""
+"""``quantize_model``: swap ``nn.Linear``/``nn.Conv2d`` for their quantized versions (docs/design.md §1)."""
 
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def quantize_model(
         surrogate: a name of :data:`metaste.quant.surrogates.SURROGATES`; ``surrogate_kwargs``
             passes ``h`` to ``fd`` or ``temperature`` to ``tanh``.
         per_channel: one step per output channel (LSQ/fixed).
-        granularity, a_min, a_max, boundary: learnable-surrogate settings (SPEC §2).
+        granularity, a_min, a_max, boundary: learnable-surrogate settings (docs/design.md §2).
         binary_surrogate_scale: DoReFa's surrogate argument, ``"E"`` (v/mean|v|) or ``"one"``.
         act_bits: if set, each quantized layer also quantizes its input with unsigned LSQ
             (put it after a ReLU).

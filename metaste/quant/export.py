@@ -1,4 +1,4 @@
-"""Integer export of a quantized model (SPEC §1 utilities).
+"""Integer export of a quantized model (docs/design.md §1 utilities).
 
 Each quantized weight is stored as integer codes c ∈ [−Qn, Qp] (binary: ±1) and a scale, and
 is rebuilt as ``c.to(float) · scale``:

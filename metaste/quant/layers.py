@@ -1,4 +1,4 @@
-"""Quantized layers: ``QuantLinear`` and ``QuantConv2d`` (SPEC §1).
+"""Quantized layers: ``QuantLinear`` and ``QuantConv2d`` (docs/design.md §1).
 
 Each is the float layer with a weight quantizer (and optionally an input-activation quantizer)
 applied in ``forward``; ``weight``/``bias`` keep their names, so a float ``state_dict`` loads

@@ -1,4 +1,4 @@
-"""Forward quantizers (SPEC §1) as autograd Functions whose backward applies a surrogate ψ.
+"""Forward quantizers (docs/design.md §1) as autograd Functions whose backward applies a surrogate ψ.
 
 Signed b-bit grid: Qn = 2^(b−1), Qp = 2^(b−1) − 1; forward v̂ = round(clip(v/s, −Qn, Qp))·s
 (``torch.round``: half to even). The backward never relies on ``clamp``'s own gradient:
@@ -7,7 +7,7 @@ Signed b-bit grid: Qn = 2^(b−1), Qp = 2^(b−1) − 1; forward v̂ = round(cli
 
 ``deferred``: a quantizer whose ``defer_surrogate`` flag is set returns ∂L/∂v = ∂L/∂v̂ (ψ ≡ 1)
 so that an optimizer wrapper can apply ψ after backward, on the complete (accumulated,
-all-reduced) gradient — the HyperSTE design (SPEC §3.1).
+all-reduced) gradient — the HyperSTE design (docs/design.md §3.1).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def check_bits(bits: int) -> int:
 
 
 def signed_grid(bits: int) -> tuple[int, int]:
-    """(Qn, Qp) of the signed grid; binary uses Qn = Qp = 1 (SPEC §0, §2 decision)."""
+    """(Qn, Qp) of the signed grid; binary uses Qn = Qp = 1 (docs/design.md §0, §2 decision)."""
     check_bits(bits)
     if bits == 1:
         return 1, 1
@@ -137,7 +137,7 @@ class Quantizer(nn.Module):
 
     @property
     def ste_kind(self) -> str:
-        """FOGZO smoothing kind of this quantizer's STE (SPEC §4.2)."""
+        """FOGZO smoothing kind of this quantizer's STE (docs/design.md §4.2)."""
         return self.surrogate.ste_kind
 
     def _set_grid(self, weight: Tensor, bits: int, per_channel: bool) -> None:
@@ -227,7 +227,7 @@ class DoReFaBinaryQuantizer(Quantizer):
     """DoReFa 1-bit weights: v̂ = sign(v)·E, E = mean|v| (detached), sign(0) = +1.
 
     ``binary_surrogate_scale``: the surrogate sees u = v/E (``"E"``, default) or u = v
-    (``"one"``). With ``"E"`` the clipped STE zeroes ≈ 42 % of Gaussian weights (SPEC §1).
+    (``"one"``). With ``"E"`` the clipped STE zeroes ≈ 42 % of Gaussian weights (docs/design.md §1).
     """
 
     bits = 1

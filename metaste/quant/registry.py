@@ -1,4 +1,4 @@
-"""The parameter registry: quantized weight ``Parameter`` → its quantizer (SPEC §1).
+"""The parameter registry: quantized weight ``Parameter`` → its quantizer (docs/design.md §1).
 
 Optimizer wrappers receive parameters, not modules; the registry lets them find, from the
 parameter alone, the step ``s`` (:meth:`QuantEntry.scale`), the grid (Qn, Qp), the surrogate
@@ -41,7 +41,7 @@ class QuantEntry:
     @property
     def ste_kind(self) -> str:
         """``"identity"`` for round-based grids, ``"hardtanh"``/``"tanh"``/``"approxsign"``
-        for binary weights (SPEC §4.2)."""
+        for binary weights (docs/design.md §4.2)."""
         return self.quantizer.ste_kind
 
     def scale(self) -> Tensor:
@@ -79,7 +79,7 @@ def surrogate_parameters(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """(qualified name, tensor) of every learnable surrogate parameter of ``model``.
 
     They are buffers — outside ``model.parameters()`` so the base optimizer never trains them,
-    inside ``state_dict()`` so checkpoints keep them (SPEC §2 decision).
+    inside ``state_dict()`` so checkpoints keep them (docs/design.md §2 decision).
     """
     for mname, module in model.named_modules():
         if getattr(module, "learnable", False) and hasattr(module, "param_names"):

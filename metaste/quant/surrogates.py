@@ -1,7 +1,7 @@
-"""Surrogate gradients ψ(u; θ) that replace ∂v̂/∂v in the backward pass (SPEC §2).
+"""Surrogate gradients ψ(u; θ) that replace ∂v̂/∂v in the backward pass (docs/design.md §2).
 
 ``u = v / s`` is the weight in step units; ``Qn``/``Qp`` bound the signed grid
-(binary: ``Qn = Qp = 1``, threshold 0). Every formula of SPEC §2 lives here:
+(binary: ``Qn = Qp = 1``, threshold 0). Every formula of docs/design.md §2 lives here:
 
 * fixed ψ: ``ste``, ``identity``, ``pwl``, ``hardtanh``, ``tanh``, ``approxsign``,
   ``fd(h)`` — plain functions of ``u``;
@@ -12,7 +12,7 @@
   saved in ``state_dict()``.
 
 Learnable parameters are initialised to their baseline (a = 1) and clamped to
-``[a_min, a_max]`` (SPEC §2 *[decision]*).
+``[a_min, a_max]`` (docs/design.md §2 *[decision]*).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def slste(u: Tensor, a: Tensor, qn: float, qp: float) -> Tensor:
 
 
 def slste_grad(u: Tensor, a: Tensor, qn: float, qp: float, boundary: str = "none", b: float = 0.5) -> Tensor:
-    """∂ψ/∂a of SLSTE, element-wise (same shape as ``u``; SPEC §2).
+    """∂ψ/∂a of SLSTE, element-wise (same shape as ``u``; docs/design.md §2).
 
     ``"none"``: 1{a ≤ τ(u)} = ψ/a (what autograd gives; thesis Lemma 4.5.1).
     ``"window"``: 1{a ≤ τ} − (a/2b)·1{|a − τ| < b} with τ = Qp/u (u > 0), −Qn/u (u < 0),
@@ -206,7 +206,7 @@ class Surrogate(nn.Module):
     """Base class: ``psi(u, qn, qp)`` evaluates ψ element-wise for a weight in step units and
     returns a new tensor of ``u``'s shape (the quantizers' backward multiplies it in place).
 
-    ``ste_kind`` is the smoothing kind FOGZO uses for a weight with this surrogate (SPEC §4.2):
+    ``ste_kind`` is the smoothing kind FOGZO uses for a weight with this surrogate (docs/design.md §4.2):
     ``"identity"`` for round-based quantizers, a sign kind for binary weights: ``tanh`` → tanh;
     ``approxsign``, ``pwl``, ``plste``, ``dlste`` (triangular at a = 1) → approxsign; the rest
     (``ste``, ``hardtanh``, ``fd``, ``slste``, ``identity``: box-shaped) → hardtanh.
@@ -273,7 +273,7 @@ class LearnableSurrogate(Surrogate):
         granularity: ``"element"`` (one a per weight), ``"channel"`` (per output channel, dim 0)
             or ``"tensor"`` (one a). Coarser granularity sums the element hypergradients.
         a_min, a_max: clamp of the parameters (a > 0 is required).
-        boundary: SLSTE's ∂ψ/∂a mode, ``"none"`` or ``"window"`` with width ``b`` (SPEC §2).
+        boundary: SLSTE's ∂ψ/∂a mode, ``"none"`` or ``"window"`` with width ``b`` (docs/design.md §2).
         binary: grid is binary (Qn = Qp = 1).
     """
 
@@ -342,7 +342,7 @@ class LearnableSurrogate(Surrogate):
     def dpsi(
         self, u: Tensor, qn: float, qp: float, params: Sequence[Tensor] | None = None
     ) -> tuple[Tensor, ...]:
-        """Element-wise ∂ψ/∂θ, one tensor of ``u``'s shape per parameter (SPEC §2).
+        """Element-wise ∂ψ/∂θ, one tensor of ``u``'s shape per parameter (docs/design.md §2).
 
         Reduce to a parameter's shape with ``grad.sum_to_size(param.shape)``.
         """
@@ -369,7 +369,7 @@ class LearnableSurrogate(Surrogate):
 class _PsiWithCustomGrad(torch.autograd.Function):
     """ψ(u; θ) whose backward in θ is :meth:`LearnableSurrogate.dpsi` (honours the SLSTE
     boundary mode, which plain autograd cannot express). Not ``once_differentiable``-marked
-    paths are avoided on purpose: the graph to θ must survive (SPEC §3.2 traps)."""
+    paths are avoided on purpose: the graph to θ must survive (docs/design.md §3.2 traps)."""
 
     @staticmethod
     def forward(ctx, surrogate, u, qn, qp, *params):  # type: ignore[override]

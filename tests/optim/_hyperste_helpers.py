@@ -1,5 +1,5 @@
 """Shared fixtures of the HyperSTE tests: small quantized models, data, and the smooth stand-in
-quantizer of SPEC §3.5 (forward Ψ = s·clip(a·u, −Qn, Qp), so that ψ_SLSTE is its exact derivative)."""
+quantizer of docs/design.md §3.5 (forward Ψ = s·clip(a·u, −Qn, Qp), so that ψ_SLSTE is its exact derivative)."""
 
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ WARMUP = 4  # bare-optimizer steps before the checked steps (Adam's first step i
 
 
 def warmed_up_smooth_model(cls, kw: dict, data: list) -> tuple[nn.Module, torch.optim.Optimizer, list]:
-    """The smooth stand-in model (SPEC §3.5) after WARMUP bare steps of ``cls(**kw)`` on the
+    """The smooth stand-in model (docs/design.md §3.5) after WARMUP bare steps of ``cls(**kw)`` on the
     first batches of ``data``; returns (model, optimizer, the remaining batches)."""
     model = smooth_model()
     opt = cls(model.parameters(), **kw)

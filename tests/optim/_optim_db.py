@@ -1,5 +1,5 @@
 """Base-optimizer configurations from PyTorch's own optimizer database (``optim_db``, needs
-``expecttest``): the wrappers switched off must be bit-identical to these (SPEC §5)."""
+``expecttest``): the wrappers switched off must be bit-identical to these (docs/design.md §5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A slow, obvious FOGZO estimator (SPEC §4.3) that draws every z_i once and stores every d_i.
+"""A slow, obvious FOGZO estimator (docs/design.md §4.3) that draws every z_i once and stores every d_i.
 
 It shares only the noise contract with the fast one (``noise(kind, shape, derive_seed(seed, t,
 i, k))`` and ``rademacher(seed, t, i)``), and performs each floating-point operation the fast

@@ -1,4 +1,4 @@
-"""HyperSTE(method="analytical"): the branch rule of SPEC §3.1 against a hand-computed table."""
+"""HyperSTE(method="analytical"): the branch rule of docs/design.md §3.1 against a hand-computed table."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""HyperSTE(method="delayed") and the diffopt machinery (SPEC §3.2, §3.5)."""
+"""HyperSTE(method="delayed") and the diffopt machinery (docs/design.md §3.2, §3.5)."""
 
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def test_differentiable_update_equals_the_real_update_and_has_finite_hypergradie
 
 
 def test_delayed_equals_analytical_identity_on_unique_scaling_elements():
-    """SPEC §3.5: k = 2, SGD, the same boundary mode. Delayed's h = −c·ψ(u; a); with x = η_a·c,
+    """docs/design.md §3.5: k = 2, SGD, the same boundary mode. Delayed's h = −c·ψ(u; a); with x = η_a·c,
     delayed moves a by a·x and analytical by a·x/(1 − x), exactly (not to O(η_a²))."""
     ETA = 3000.0  # raw η_a: c ≈ 1e-5 here, so x = η_a·c reaches 0.1 and more
     base = quantized_mlp(dtype=torch.float64, quantizer="fixed")
@@ -168,7 +168,7 @@ def test_delayed_equals_analytical_identity_on_unique_scaling_elements():
         u1 = an_hist[1][0][i]
         h = runs["delayed"][1].method.hypergrad[i]
         psi = e.surrogate.psi(u1, e.qn, e.qp, [a0[i]])
-        torch.testing.assert_close(h, -c * psi, rtol=1e-12, atol=1e-300)  # SPEC §3.5, to rounding
+        torch.testing.assert_close(h, -c * psi, rtol=1e-12, atol=1e-300)  # docs/design.md §3.5, to rounding
         x = ETA * c
         a = a0[i]
         r = torch.where(

@@ -1,5 +1,5 @@
 """HyperSTE under DDP (gloo, 2 CPU processes): θ identical on every rank and equal to a
-single-process run on the concatenated batch (SPEC §3.1)."""
+single-process run on the concatenated batch (docs/design.md §3.1)."""
 
 from __future__ import annotations
 

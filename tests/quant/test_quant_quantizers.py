@@ -1,4 +1,4 @@
-"""Forward quantizers and their backward (SPEC §1): LSQ, fixed, DoReFa, activation LSQ."""
+"""Forward quantizers and their backward (docs/design.md §1): LSQ, fixed, DoReFa, activation LSQ."""
 
 import math
 import warnings

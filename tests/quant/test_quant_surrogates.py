@@ -1,4 +1,4 @@
-"""Surrogates ψ against their closed forms (SPEC §2)."""
+"""Surrogates ψ against their closed forms (docs/design.md §2)."""
 
 import math
 
