@@ -28,6 +28,7 @@ from .optim import (
     NonFiniteLossError,
 )
 from .quant import (
+    QuantConfig,
     QuantConv2d,
     QuantLinear,
     export_quantized,
@@ -49,6 +50,7 @@ __all__ = [
     "LGATT",
     "HorizonMemoryError",
     "NonFiniteLossError",
+    "QuantConfig",
     "QuantConv2d",
     "QuantLinear",
     "export_quantized",

@@ -4,6 +4,10 @@ The class :class:`FOGZO` does the bookkeeping (β schedule, managed parameters, 
 hygiene, DDP, checkpoints); the math is the plain function :func:`fogzo_estimate`, which reads
 against docs/design.md §4.3 line by line. The (ε̄, p̄, sampler) table of §4.2 is in
 :mod:`metaste.optim.smoothing`.
+
+Size: ~510 lines, over the ~400 the package aims for, on purpose: one algorithm — the math
+(:func:`fogzo_estimate`, ~150 lines) and the class whose docstring is the user manual (~95
+lines) and whose ``step`` owns the RNG/buffer hygiene of docs/design.md §4.5.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """The quantization substrate: forward quantizers, surrogates, layers, conversion, registry."""
 
 from .bn import recalibrate_bn
-from .convert import make_weight_quantizer, quantize_model
+from .config import QuantConfig, make_weight_quantizer
+from .convert import QUANT_MODULES, quantize_model, register_quant_module
 from .export import IntegerConv2d, IntegerLinear, QuantizedWeight, export_quantized, to_integer_model
-from .layers import QuantConv2d, QuantLayer, QuantLinear
+from .layers import QuantConv2d, QuantLayer, QuantLinear, float_layer_kwargs
 from .quantizers import (
     ActivationLSQQuantizer,
     DoReFaBinaryQuantizer,
@@ -15,6 +16,10 @@ from .registry import QuantEntry, lookup, quantized_weights, register, surrogate
 from .surrogates import FixedSurrogate, LearnableSurrogate, Surrogate, make_surrogate
 
 __all__ = [
+    "QUANT_MODULES",
+    "QuantConfig",
+    "float_layer_kwargs",
+    "register_quant_module",
     "ActivationLSQQuantizer",
     "DoReFaBinaryQuantizer",
     "FixedScaleQuantizer",

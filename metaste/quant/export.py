@@ -22,10 +22,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .layers import QuantConv2d, QuantLayer, QuantLinear
+from .layers import QuantConv2d, QuantLayer, QuantLinear, float_layer_kwargs
 from .quantizers import _S_EPS, ActivationLSQQuantizer, DoReFaBinaryQuantizer, Quantizer
 
-__all__ = ["QuantizedWeight", "IntegerLinear", "IntegerConv2d", "export_quantized", "to_integer_model"]
+__all__ = [
+    "QuantizedWeight",
+    "IntegerLinear",
+    "IntegerConv2d",
+    "INTEGER_MODULES",
+    "export_quantized",
+    "to_integer_model",
+]
 
 
 @dataclass(frozen=True)
@@ -107,7 +114,7 @@ class IntegerLinear(_IntegerLayer, nn.Linear):
     """Inference ``Linear`` with an integer weight: y = x̂ (codes·scale)ᵀ + b."""
 
     def __init__(self, layer: QuantLinear) -> None:
-        nn.Linear.__init__(self, layer.in_features, layer.out_features, layer.bias is not None, device="meta")
+        nn.Linear.__init__(self, **float_layer_kwargs(layer), device="meta")
         self._hold(_export_layer(layer), layer.act_quant)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -118,23 +125,18 @@ class IntegerConv2d(_IntegerLayer, nn.Conv2d):
     """Inference ``Conv2d`` with an integer weight (same stride/padding/groups as the source)."""
 
     def __init__(self, layer: QuantConv2d) -> None:
-        nn.Conv2d.__init__(
-            self,
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            groups=layer.groups,
-            bias=layer.bias is not None,
-            padding_mode=layer.padding_mode,
-            device="meta",
-        )
+        nn.Conv2d.__init__(self, **float_layer_kwargs(layer), device="meta")
         self._hold(_export_layer(layer), layer.act_quant)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(self._quant_input(x), self.dequantized_weight(), self.bias)
+
+
+#: quantized layer type (and its subclasses) → its integer inference layer
+INTEGER_MODULES: dict[type[nn.Module], type[nn.Module]] = {
+    QuantLinear: IntegerLinear,
+    QuantConv2d: IntegerConv2d,
+}
 
 
 def to_integer_model(model: nn.Module) -> nn.Module:
@@ -145,8 +147,9 @@ def to_integer_model(model: nn.Module) -> nn.Module:
     """
     model = copy.deepcopy(model)
     for name, m in list(model.named_modules()):
-        if isinstance(m, (QuantLinear, QuantConv2d)):
-            new = IntegerLinear(m) if isinstance(m, QuantLinear) else IntegerConv2d(m)
+        cls = next((c for q, c in INTEGER_MODULES.items() if isinstance(m, q)), None)
+        if cls is not None:
+            new = cls(m)
             if name == "":
                 return new.eval()
             parent_name, _, child = name.rpartition(".")

@@ -5,16 +5,46 @@ applied in ``forward``; ``weight``/``bias`` keep their names, so a float ``state
 into the weights of a quantized model. Building a layer registers its weight in the parameter
 registry (:mod:`metaste.quant.registry`), which is how optimizer wrappers find ``s``, the grid
 and the surrogate from the parameter alone.
+
+``from_float(module, config)`` builds the quantized layer from a float one (lsq-net style):
+:func:`~metaste.quant.convert.quantize_model` swaps modules through a mapping
+``{nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}`` of such classes.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import Tensor, nn
 
+from .config import QuantConfig, make_weight_quantizer
 from .quantizers import ActivationLSQQuantizer, Quantizer
 from .registry import register
 
-__all__ = ["QuantLinear", "QuantConv2d", "QuantLayer"]
+__all__ = ["QuantLinear", "QuantConv2d", "QuantLayer", "float_layer_kwargs"]
+
+
+def float_layer_kwargs(module: nn.Module) -> dict[str, Any]:
+    """The constructor arguments that rebuild ``module``'s shape (an ``nn.Linear`` or
+    ``nn.Conv2d``, or a subclass): what a quantized or an integer layer copies from its source."""
+    if isinstance(module, nn.Linear):
+        return dict(
+            in_features=module.in_features, out_features=module.out_features, bias=module.bias is not None
+        )
+    if isinstance(module, nn.Conv2d):
+        return dict(
+            in_channels=module.in_channels,
+            out_channels=module.out_channels,
+            kernel_size=module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            bias=module.bias is not None,
+            padding_mode=module.padding_mode,
+        )
+    raise TypeError(f"no constructor arguments known for {type(module).__name__}")
 
 
 class QuantLayer:
@@ -39,6 +69,30 @@ class QuantLayer:
 
     def _quant_input(self, x: Tensor) -> Tensor:
         return x if self.act_quant is None else self.act_quant(x)
+
+    @classmethod
+    def from_float(cls, module: nn.Module, config: QuantConfig | None = None) -> nn.Module:
+        """The quantized version of the float ``module``: same shape, same mode, its weight and
+        bias copied exactly, a weight quantizer built by ``config`` (and an input quantizer if
+        ``config.act_bits``). Draws no random numbers from the caller's stream."""
+        config = config or QuantConfig()
+        w = module.weight
+        wq = make_weight_quantizer(w, config)
+        aq = ActivationLSQQuantizer(config.act_bits).to(w.device) if config.act_bits else None
+        # the layer constructor runs reset_parameters (random init, overwritten below): fork the RNG
+        # so that quantizing a model does not shift the caller's random stream
+        with torch.random.fork_rng(
+            devices=[w.device] if w.device.type != "cpu" else [], device_type=w.device.type
+        ):
+            new = cls(
+                **float_layer_kwargs(module), weight_quant=wq, act_quant=aq, device=w.device, dtype=w.dtype
+            )
+        new.weight.data.copy_(w.data)
+        new.weight.requires_grad_(w.requires_grad)
+        if module.bias is not None:
+            new.bias.data.copy_(module.bias.data)
+        new.train(module.training)
+        return new
 
 
 class QuantLinear(QuantLayer, nn.Linear):

@@ -191,3 +191,40 @@ def test_fixed_init_lsq_sets_the_lsq_formula_step_and_freezes_it():
         q_max[0].weight_quant.s,
         (model[0].weight.detach().abs().max() / 3).reshape_as(q_max[0].weight_quant.s),
     )
+
+
+def test_a_quant_config_gives_the_same_model_as_its_keywords_and_keywords_override_it():
+    cfg = metaste.QuantConfig(bits=3, quantizer="fixed", surrogate="slste", per_channel=True, act_bits=4)
+    a = metaste.quantize_model(_cnn(), cfg)
+    b = metaste.quantize_model(
+        _cnn(), bits=3, quantizer="fixed", surrogate="slste", per_channel=True, act_bits=4
+    )
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(a(x), b(x))
+    assert a.state_dict().keys() == b.state_dict().keys()
+    c = metaste.quantize_model(_cnn(), cfg, bits=2)
+    assert next(e for _, e in quantized_weights(c)).qp == 1
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bitz'"):
+        metaste.quantize_model(_cnn(), bitz=2)
+
+
+def test_from_float_builds_the_quantized_layer_of_a_float_one():
+    conv = nn.Conv2d(2, 4, 3, stride=2, padding=1, groups=2, bias=True).eval()
+    q = QuantConv2d.from_float(conv, metaste.QuantConfig(bits=4))
+    assert isinstance(q, QuantConv2d) and not q.training
+    assert (q.stride, q.padding, q.groups) == ((2, 2), (1, 1), 2)
+    assert torch.equal(q.weight, conv.weight) and torch.equal(q.bias, conv.bias)
+    assert lookup(q.weight).quantizer is q.weight_quant
+    lin = nn.Linear(5, 3, bias=False)
+    ql = QuantLinear.from_float(lin)
+    assert ql.bias is None and torch.equal(ql.weight, lin.weight) and ql.weight_quant.qp == 1
+
+
+def test_a_user_mapping_quantizes_a_user_layer_type():
+    class QuantMyLinear(QuantLinear):
+        pass
+
+    model = metaste.quantize_model(_cnn(), mapping={MyLinear: QuantMyLinear, nn.Linear: QuantLinear})
+    assert type(model[4]) is QuantMyLinear and type(model[5]) is QuantLinear
+    assert type(model[0]) is nn.Conv2d  # not in this mapping
+    assert type(metaste.quantize_model(_cnn())[4]) is MyLinear  # the default mapping: exact types

@@ -90,7 +90,7 @@ class MethodOptions:
             ``"raw"`` (η_a = hyper_lr, as in the thesis).
         normalize_beta: EMA factor of the normalisation (default 0.99), in [0, 1).
         boundary: SLSTE's ∂ψ/∂a mode set on every managed surrogate: ``"none"`` or ``"window"``
-            (docs/design.md §2.3). ``None``: the method's default.
+            (docs/design.md §2). ``None``: the method's default.
         boundary_width: b of the window mode (default 0.5).
     """
 
