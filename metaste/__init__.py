@@ -21,6 +21,7 @@ from .optim import (
     FOGZO,
     LGATT,
     PFAGU,
+    Accumulated,
     Analytical,
     Delayed,
     HorizonMemoryError,
@@ -41,6 +42,7 @@ from .quant import (
 )
 
 __all__ = [
+    "Accumulated",
     "FOGZO",
     "HyperSTE",
     "Analytical",

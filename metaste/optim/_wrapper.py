@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .amp import Accumulated, GradientOverflow, check_grad_scaler, found_inf
+
 __all__ = ["OptimizerWrapper", "NonFiniteLossError", "Closure"]
 
 Closure = Callable[[], Tensor]
@@ -32,7 +34,9 @@ class NonFiniteLossError(FloatingPointError):
 class OptimizerWrapper(Optimizer):
     """Base class of metaste's optimizer wrappers. Subclasses implement :meth:`step`."""
 
-    def __init__(self, optimizer: Optimizer) -> None:
+    def __init__(
+        self, optimizer: Optimizer, *, grad_scaler: Any = None, max_grad_norm: float | None = None
+    ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
                 f"{type(self).__name__} wraps a torch.optim.Optimizer instance, got "
@@ -48,6 +52,16 @@ class OptimizerWrapper(Optimizer):
         self.param_groups = optimizer.param_groups
         self.state = optimizer.state
         self.defaults = optimizer.defaults
+        # fp16 loss scaling and clipping inside step (docs/design.md §5.1, optim/amp.py)
+        self.grad_scaler = check_grad_scaler(grad_scaler, type(self).__name__)
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm}; it must be > 0 (or None: no clipping)")
+        self.max_grad_norm = max_grad_norm
+        self.last_grad_norm: Tensor | None = None  # the pre-clip norm of the last clipped step
+        self.last_step_skipped = False  # the scaler found inf/NaN gradients in the last step
+        self._in_step = False
+        self._unscaled = False
+        optimizer.register_step_pre_hook(self._before_base_step)
 
     # -- torch.optim.Optimizer plumbing ------------------------------------------------------
 
@@ -100,37 +114,95 @@ class OptimizerWrapper(Optimizer):
     def _evaluate(self, closure: Closure | None, *, backward: bool = True) -> Tensor:
         """Zero the gradients, call ``closure``, check what it returns, run ``backward`` and return
         the detached loss. ``backward=False`` (FOGZO's n-SPSA clean pass, where nothing needs a
-        gradient) runs the closure under ``no_grad`` and skips backward.
+        gradient) runs the closure under ``no_grad`` and skips backward. An :class:`~.amp.Accumulated`
+        closure runs backward per micro-batch.
 
         Raises a clear error — before any weight changes — for a missing closure, a non-tensor
-        or non-scalar return, a closure that ran backward itself and a non-finite loss.
+        or non-scalar return, a closure that ran backward itself and a non-finite loss. With a
+        ``grad_scaler`` the backward is on the scaled loss, the gradients are unscaled, and
+        inf/NaN gradients raise :class:`~.amp.GradientOverflow` (the step is skipped, like
+        ``GradScaler.step``); a non-finite loss is then left to that test, as in a hand-written loop.
         """
-        check_closure(closure, type(self).__name__)
+        who = type(self).__name__
+        check_closure(closure, who)
         self._zero_grads()
-        with torch.enable_grad() if backward else torch.no_grad():
-            loss = closure()
-        check_loss(loss, type(self).__name__)
-        if any(p.grad is not None for p in self.params()):
-            self._zero_grads()
-            raise RuntimeError(
-                f"the closure passed to {type(self).__name__}.step() called backward() itself; "
-                "it must only return the loss: opt.step(lambda: loss_fn(model(x), y)) — "
-                "the wrapper runs backward (and the extra passes) for you"
+        scaler = self._active_scaler()
+        if backward and isinstance(closure, Accumulated):
+            loss = closure.forward_backward(
+                lambda raw: self._check_loss_for_backward(raw, who), lambda part: self._backward(part, scaler)
             )
-        if not math.isfinite(loss.item()):
-            raise NonFiniteLossError(
-                f"the closure returned a non-finite loss ({loss.item()}); no weight was changed. "
-                "Lower the learning rate or check the data for NaN/inf"
-            )
-        if backward:
-            if not loss.requires_grad:
-                raise ValueError(
-                    "the loss returned by the closure does not require grad (was it computed "
-                    "under torch.no_grad(), or are all parameters frozen?)"
+            if scaler is None and not math.isfinite(loss.item()):
+                self._zero_grads()
+                raise NonFiniteLossError(
+                    f"the micro-batches returned a non-finite loss ({loss.item()}); no weight was changed"
                 )
-            with torch.enable_grad():
-                loss.backward()
+        else:
+            with torch.enable_grad() if backward else torch.no_grad():
+                loss = closure()
+            check_loss(loss, who)
+            if any(p.grad is not None for p in self.params()):
+                self._zero_grads()
+                raise RuntimeError(
+                    f"the closure passed to {who}.step() called backward() itself; "
+                    "it must only return the loss: opt.step(lambda: loss_fn(model(x), y)) — "
+                    "the wrapper runs backward (and the extra passes) for you"
+                )
+            if (scaler is None or not backward) and not math.isfinite(loss.item()):
+                raise NonFiniteLossError(
+                    f"the closure returned a non-finite loss ({loss.item()}); no weight was changed. "
+                    "Lower the learning rate or check the data for NaN/inf"
+                )
+            if backward:
+                self._check_loss_for_backward(loss, who)
+                self._backward(loss, scaler)
+        if backward and scaler is not None:
+            scaler.unscale_(self.optimizer)
+            self._unscaled = True
+            if found_inf(scaler, self.optimizer):
+                raise GradientOverflow(loss.detach())
         return loss.detach()
+
+    @staticmethod
+    def _check_loss_for_backward(loss: object, who: str) -> None:
+        check_loss(loss, who)
+        if not loss.requires_grad:  # type: ignore[union-attr]
+            raise ValueError(
+                "the loss returned by the closure does not require grad (was it computed "
+                "under torch.no_grad(), or are all parameters frozen?)"
+            )
+
+    @staticmethod
+    def _backward(loss: Tensor, scaler: Any) -> None:
+        with torch.enable_grad():
+            (loss if scaler is None else scaler.scale(loss)).backward()
+
+    # -- fp16 loss scaling and clipping (docs/design.md §5.1) ------------------------------
+
+    def _active_scaler(self) -> Any:
+        s = self.grad_scaler
+        return s if s is not None and s.is_enabled() else None
+
+    def _run_step(self, step: Callable[[Closure | None], Tensor], closure: Closure | None) -> Tensor:
+        """Run one wrapper step ``step(closure)`` under the scaler protocol of optim/amp.py: an
+        overflow skips it (only the scale changes), ``scaler.update()`` ends it."""
+        self._in_step, self._unscaled, self.last_step_skipped = True, False, False
+        try:
+            loss = step(closure)
+        except GradientOverflow as overflow:
+            loss, self.last_step_skipped = overflow.loss, True
+        finally:
+            self._in_step = False
+            if self._unscaled:  # also after an error, so that the scaler stays usable
+                self._unscaled = False
+                self.grad_scaler.update()
+        return loss
+
+    def _before_base_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        """Step pre-hook of the base optimizer: clip right before the base update (after the
+        estimator), only inside this wrapper's own step."""
+        if self._in_step and self.max_grad_norm is not None:
+            grads = [p for p in self.params() if p.grad is not None]
+            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
 
 
 def check_closure(closure: Closure | None, who: str) -> None:

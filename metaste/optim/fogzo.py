@@ -243,6 +243,12 @@ class FOGZO(OptimizerWrapper):
             registry for the same weight.
         process_group (default ``None``): the group the c_i are averaged over when
             torch.distributed is initialized (``None``: the default group).
+        grad_scaler (default ``None``): a ``torch.amp.GradScaler`` for fp16: backward on the scaled
+            loss, unscale before ĝ and G, an inf/NaN gradient skips the step (no perturbed passes,
+            no step count), then ``scaler.update()`` (docs/design.md §5.1). Do not call the
+            scaler's ``step``/``update`` yourself.
+        max_grad_norm (default ``None``): clip the gradients the base optimizer gets (G and the
+            unmanaged ones) to this total norm; :attr:`last_grad_norm` holds the norm before clipping.
 
     Notes:
         * The closure returns the loss without calling ``backward`` and may be called 1 + 2n
@@ -259,8 +265,8 @@ class FOGZO(OptimizerWrapper):
           warns once. Managed weights must be float32/float64: bf16 latents swallow the
           perturbation.
         * Gradient accumulation: the closure may loop over micro-batches and return the mean.
-          AMP: run the closure's forward under ``torch.autocast``; a ``GradScaler`` is not
-          needed on CPU/bf16 and is not supported (the wrapper runs backward itself).
+          :class:`~metaste.optim.amp.Accumulated` runs backward per micro-batch. AMP: run the
+          closure's forward under ``torch.autocast``; fp16 needs ``grad_scaler=``.
     """
 
     def __init__(
@@ -278,6 +284,8 @@ class FOGZO(OptimizerWrapper):
         keep_noise: bool = False,
         scales: Mapping[Tensor, ScaleSpec | tuple[ScaleSpec, str]] | None = None,
         process_group: Any = None,
+        grad_scaler: Any = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"Invalid n: {n!r}; the number of directions must be an int >= 1")
@@ -307,7 +315,7 @@ class FOGZO(OptimizerWrapper):
             raise ValueError(f"Invalid restore: {restore!r}; choose one of {RESTORE_MODES}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        super().__init__(optimizer)
+        super().__init__(optimizer, grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
         self.n = n
         self.beta_min = beta_min
         self.total_steps = total_steps
@@ -408,6 +416,9 @@ class FOGZO(OptimizerWrapper):
 
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
         """One FOGZO step on ``closure`` (returns the loss, no backward); returns the clean loss."""
+        return self._run_step(self._step, closure)
+
+    def _step(self, closure: Closure | None) -> Tensor:
         name = type(self).__name__
         check_closure(closure, name)
         t = self.steps

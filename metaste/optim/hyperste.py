@@ -99,6 +99,11 @@ class HyperSTE(OptimizerWrapper):
             options class.
         model: names the layers in :attr:`diagnostics` (default: ``"w0"``, ...); required by the
             horizon methods, whose snapshot holds its buffers (BN running statistics).
+        grad_scaler: a ``torch.amp.GradScaler`` for fp16 (per-step methods): backward on the
+            scaled loss, unscale before the hypergradients, an inf/NaN gradient skips the step and
+            leaves θ and the method's state untouched, then ``scaler.update()`` (docs/design.md §5.1).
+        max_grad_norm: clip g ⊙ ψ (and the other gradients) right before the base step; the
+            hypergradients see the unclipped update (exact whenever the clip does not act).
         **options: the method's options, when ``method`` is a name.
     """
 
@@ -110,9 +115,11 @@ class HyperSTE(OptimizerWrapper):
         *,
         method: str | MethodOptions = "analytical",
         model: nn.Module | None = None,
+        grad_scaler: Any = None,
+        max_grad_norm: float | None = None,
         **options: Any,
     ) -> None:
-        super().__init__(optimizer)
+        super().__init__(optimizer, grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
         if isinstance(method, MethodOptions):
             if options:
                 raise TypeError(
@@ -129,6 +136,7 @@ class HyperSTE(OptimizerWrapper):
             )
         managed = self._find_managed(model)
         opts.check(optimizer, managed, model)
+        _check_scaler_supported(opts, self._active_scaler())
         # validation is over: from here on the model is changed
         for mw in managed:
             mw.surrogate.boundary = opts.boundary or opts.default_boundary
@@ -174,6 +182,10 @@ class HyperSTE(OptimizerWrapper):
 
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
         """One step (see the class docstring); returns the closure's loss, detached."""
+        _check_scaler_supported(self.options, self._active_scaler())
+        return self._run_step(self._step, closure)
+
+    def _step(self, closure: Closure | None) -> Tensor:
         loss = self.method.step(closure, self._evaluate, self.steps)
         self.steps += 1
         return loss
@@ -233,3 +245,14 @@ class HyperSTE(OptimizerWrapper):
             )
         self.steps = state["steps"]
         self.method.load_state_dict(state["method"])
+
+
+def _check_scaler_supported(opts: MethodOptions, scaler: Any) -> None:
+    from .hyper.horizon import HorizonOptions
+
+    if scaler is not None and isinstance(opts, HorizonOptions):
+        raise ValueError(
+            f"method={opts.name!r} replays its horizon and cannot skip a step on a gradient "
+            "overflow; a GradScaler is supported with the per-step methods ('analytical', "
+            "'delayed'). Train the horizon methods in bf16 (no loss scaling) or float32"
+        )
