@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from _hyperste_helpers import batches, loss_fn, quantized_mlp
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import metaste
 from metaste import HyperSTE
@@ -57,6 +59,39 @@ def test_halving_count_is_the_smallest_power_of_two_even_at_exact_ties():
     c = torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=torch.float64)
     res = analytical_update(torch.ones(4, dtype=torch.float64), u, c, 1.0, QN, QP, "halve", 30)
     assert res.halvings.tolist() == [2.0, 3.0, 1.0, 2.0]
+
+
+def halvings_by_loop(x: float, r: float, max_halvings: int) -> int | None:
+    """The reference: halve η_a (x = η_a·c) until scaling is legal (x·2^−m < r), thesis 4.3;
+    ``None`` past ``max_halvings`` (the element is not updated)."""
+    m = 0
+    while not x < r:
+        if m == max_halvings:
+            return None
+        x, m = x / 2, m + 1  # halving a float is exact
+    return m
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    u=st.floats(0.01, 0.99),
+    c=st.one_of(st.floats(1e-3, 1e6), st.sampled_from([0.5, 1.0, 2.0, 3.0, 6.0, 0.75, 2.0**20])),
+    a=st.floats(0.25, 2.0),
+    max_halvings=st.integers(0, 40),
+)
+def test_closed_form_halving_count_equals_the_loop(u, c, a, max_halvings):
+    a_t, u_t = torch.tensor([a], dtype=torch.float64), torch.tensor([u], dtype=torch.float64)
+    res = analytical_update(
+        a_t, u_t, torch.tensor([c], dtype=torch.float64), 1.0, QN, QP, "halve", max_halvings
+    )
+    r = float(torch.minimum(1 - a_t * u_t / QP, 1 + a_t * u_t / QN))
+    assume(r > 0)  # unclipped: unique scaling (m = 0) or the gap (m ≥ 1)
+    m = halvings_by_loop(c, r, max_halvings)
+    if m is None:
+        assert bool(res.unresolved) and res.a.item() == a and res.halvings.item() == 0
+    else:
+        assert not bool(res.unresolved) and res.halvings.item() == m
+        assert res.a.item() == a / (1 - c * 2.0**-m)
 
 
 def test_max_halvings_zero_leaves_every_gap_element_unchanged():
