@@ -130,6 +130,46 @@ def test_analytical_keeps_a_in_the_clamp_and_reports_fractions_summing_to_one():
     assert d["hypergrad_norm"] > 0
 
 
+def test_analytical_diagnostics_are_the_values_of_the_update_it_applied(monkeypatch):
+    """Per layer, the region fractions, halvings and clipped fraction are those of the
+    analytical_update results the step applied, and a is their clamped a'."""
+    import metaste.optim.hyper.analytical as analytical
+
+    calls = []
+
+    def recording(*args, **kw):
+        res = analytical_update(*args, **kw)
+        calls.append((args, res))
+        return res
+
+    monkeypatch.setattr(analytical, "analytical_update", recording)
+    model = quantized_mlp()
+    opt = HyperSTE(torch.optim.SGD(model.parameters(), lr=0.2), hyper_lr=0.5, model=model)
+    entries = list(metaste.quantized_weights(model))
+    for x, y in batches(4):
+        calls.clear()
+        opt.step(lambda x=x, y=y: loss_fn(model, x, y))
+        d = opt.diagnostics
+        assert len(calls) == len(entries)
+        total = sum(e.weight.numel() for _, e in entries)
+        for (name, e), (args, res) in zip(entries, calls):
+            n = e.weight.numel()
+            layer = d["layers"][name]
+            for r in REGIONS:
+                assert layer[r] == float(res.regions[r].count_nonzero()) / n
+                assert d["branch_fractions"][r] == pytest.approx(
+                    sum(float(c[1].regions[r].count_nonzero()) for c in calls) / total
+                )
+            assert layer["halvings"] == float(res.halvings.sum())
+            assert layer["unresolved_frac"] == float(res.unresolved.sum()) / n
+            a = res.a.clamp(e.surrogate.a_min, e.surrogate.a_max)
+            assert torch.equal(e.surrogate.a, a)
+            u = args[1]
+            psi = analytical.slste(u, a, e.qn, e.qp)
+            assert layer["clipped_frac"] == float((psi == 0).sum()) / n
+    assert any(float(c[1].regions["unique_scaling"].count_nonzero()) for c in calls)
+
+
 def test_analytical_uses_the_lr_of_the_previous_update():
     """η_w in c is the lr the previous update used (LR schedulers change it between steps)."""
     model = quantized_mlp()
