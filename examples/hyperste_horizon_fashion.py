@@ -41,7 +41,7 @@ from metaste.bench.methods import train_step
 from metaste.bench.models import ResNet
 from metaste.bench.stats import fmt_ci, mean_ci, paired_diff_ci
 
-BASELINE = {"slste": "ste", "plste": "ste-pwl", "dlste": "ste-pwl"}
+BASELINE = {"slste": "ste", "plste": "pwl", "dlste": "pwl"}
 GRANULARITY = {"slste": "element", "plste": "element", "dlste": "channel"}
 
 
@@ -194,7 +194,7 @@ def main() -> None:
     pfagu: dict[str, list[dict]] = {}
     E = args.epochs
     for seed in range(args.seeds):
-        for base in ("ste", "ste-pwl"):
+        for base in ("ste", "pwl"):
             fagu.setdefault(f"{base.upper()} (1 epoch)", []).append(run(data, base, seed, 1, args))
             pfagu.setdefault(f"{base.upper()} ({E} epochs)", []).append(run(data, base, seed, E, args))
             pfagu.setdefault(f"{base.upper()} ({6 * E} epochs, equal compute)", []).append(

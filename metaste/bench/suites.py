@@ -101,16 +101,16 @@ SUITES: dict[str, list[SuiteEntry]] = {
     "fashion-resnet": [
         SuiteEntry(
             f"fashion-resnet-{bits}bit-{opt}",
-            f"Fashion-MNIST subset, ResNet-8-style, {bits}-bit, {opt.upper()}, 200 steps",
-            Setup("fashion-resnet", bits=bits, optimizer=opt, steps=200),
+            f"Fashion-MNIST subset, ResNet-8-style, {bits}-bit, {opt.upper()}, 300 steps",
+            Setup("fashion-resnet", bits=bits, optimizer=opt, steps=300),
             Protocol(
                 methods=["ste", "ste-identity", "fogzo"],
-                seeds=list(range(3)),
+                seeds=list(range(4)),
                 tune_seeds=[100, 101],
                 tune_lr=[0.025, 0.05, 0.1] if opt == "sgd" else [0.0025, 0.005, 0.01],
                 max_extend=1,
             ),
-            "3 evaluation seeds, 2 tuning seeds, 200 steps, 3-point lr grid (one extension): "
+            "4 evaluation seeds, 2 tuning seeds, 300 steps, 3-point lr grid (one extension): "
             "a ResNet step costs ~80 ms on one CPU core, so the ≥ 10 seeds of the protocol do not fit",
         )
         for bits in (2, 1)
@@ -119,16 +119,16 @@ SUITES: dict[str, list[SuiteEntry]] = {
     "kjv-llama": [
         SuiteEntry(
             f"kjv-llama-{bits}bit",
-            f"KJV characters, tiny LLaMA (1M), {bits}-bit LSQ, AdamW, 100 steps",
-            Setup("kjv-llama", bits=bits, steps=100),
+            f"KJV characters, tiny LLaMA (1M), {bits}-bit LSQ, AdamW, 150 steps",
+            Setup("kjv-llama", bits=bits, steps=150),
             Protocol(
                 methods=["ste", "ste-identity", "fogzo"],
-                seeds=list(range(3)),
+                seeds=list(range(4)),
                 tune_seeds=[100, 101],
                 tune_lr=[1e-3, 2e-3, 4e-3],
                 max_extend=1,
             ),
-            "3 evaluation seeds, 2 tuning seeds, 100 steps, 3-point lr grid (one extension), AdamW only: "
+            "4 evaluation seeds, 2 tuning seeds, 150 steps, 3-point lr grid (one extension), AdamW only: "
             "a step costs ~250 ms on one CPU core",
         )
         for bits in (4, 2)
