@@ -153,7 +153,7 @@ register_method(
 )
 
 
-# --- HyperSTE (SPEC §3.1–3.2) ------------------------------------------------------------------
+# --- HyperSTE (docs/design.md §3.1–3.2) ------------------------------------------------------------------
 # RunContext.extra keys read by these methods (all optional): hyper_lr (default 0.01),
 # hyper_lr_mode ("normalized" | "raw"), window (2), accumulate ("first" | "sum" | "mean"),
 # resolve ("halve" | "threshold" | "passive"). The surrogate is part of the name (quantization is
@@ -184,7 +184,7 @@ def _hyperste(method: str, optimizer: str):
 register_method(
     Method(
         "analytical",
-        "HyperSTE analytical SLSTE (per element, SGD without momentum; SPEC §3.1)",
+        "HyperSTE analytical SLSTE (per element, SGD without momentum; docs/design.md §3.1)",
         {"surrogate": "slste", "granularity": "element"},
         _hyperste("analytical", "sgd"),
         options=("hyper_lr", "hyper_lr_mode", "resolve"),
@@ -195,7 +195,7 @@ for _opt in ("sgd", "adam"):
         register_method(
             Method(
                 f"delayed-{_opt}" + ("" if _surr == "slste" else f"-{_surr}"),
-                f"HyperSTE delayed updates, {_surr.upper()}, {_opt.upper()} (k = 2; SPEC §3.2)",
+                f"HyperSTE delayed updates, {_surr.upper()}, {_opt.upper()} (k = 2; docs/design.md §3.2)",
                 {"surrogate": _surr},
                 _hyperste("delayed", _opt),
                 options=("hyper_lr", "hyper_lr_mode", "window", "accumulate"),
@@ -203,7 +203,7 @@ for _opt in ("sgd", "adam"):
         )
 
 
-# --- FOGZO (SPEC §4) ---------------------------------------------------------------------------
+# --- FOGZO (docs/design.md §4) ---------------------------------------------------------------------------
 # RunContext.extra keys read by these methods (all optional): n (directions per step, default 1),
 # beta_min (default 1 − 1/D; ignored by nspsa), ste_fraction (default 0.0), restore ("copy" |
 # "inplace"), keep_noise (False). Weights use the FOGZO paper's identity STE; β decays over
@@ -238,7 +238,7 @@ _FOGZO_OPTIONS = ("n", "ste_fraction", "restore", "keep_noise")
 register_method(
     Method(
         "fogzo",
-        "FOGZO, central differences, identity STE (SPEC §4); 3 + 2n forward equivalents per step",
+        "FOGZO, central differences, identity STE (docs/design.md §4); 3 + 2n forward equivalents per step",
         {"surrogate": "identity"},
         _fogzo(one_sided=False, nspsa=False),
         _fogzo_fwd_equiv(False),
@@ -248,7 +248,7 @@ register_method(
 register_method(
     Method(
         "fogzo-1sided",
-        "FOGZO, one-sided differences (SPEC §4.3 option); 3 + n forward equivalents per step",
+        "FOGZO, one-sided differences (docs/design.md §4.3 option); 3 + n forward equivalents per step",
         {"surrogate": "identity"},
         _fogzo(one_sided=True, nspsa=False),
         _fogzo_fwd_equiv(True),
@@ -267,7 +267,7 @@ register_method(
 )
 
 
-# --- HyperSTE horizon methods (SPEC §3.3–3.4) --------------------------------------------------
+# --- HyperSTE horizon methods (docs/design.md §3.3–3.4) --------------------------------------------------
 # RunContext.extra keys read by these methods (all optional): hyper_lr (0.01), hyper_lr_mode,
 # horizon (steps; default: the whole run for fagu/lgatt — the thesis's single FAGU/FLAGU horizon —
 # and total_steps // 10 for pfagu), replays (K; default 5 for all three here, not the thesis's 50,
@@ -302,7 +302,7 @@ for _m, _cost in (("fagu", 0.0), ("pfagu", 0.0), ("lgatt", 4.0)):
         register_method(
             Method(
                 _m + ("" if _surr == "slste" else f"-{_surr}"),
-                f"HyperSTE {_m} (SPEC §3.3–3.4), {_surr.upper()}; K replays + final pass ≈ 3(K+1)"
+                f"HyperSTE {_m} (docs/design.md §3.3–3.4), {_surr.upper()}; K replays + final pass ≈ 3(K+1)"
                 + (" + 4K (reverse sweep)" if _cost else "")
                 + " forward equivalents per step",
                 {"surrogate": _surr},
