@@ -19,7 +19,7 @@ The verdicts (paired Δ with a t-based 95 % CI) are computed by :mod:`metaste.be
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import itertools
 import json
 import math
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..quant.convert import quantize_model
+from ..quant.config import QuantConfig
 from .methods import METHODS, STE_BASELINES, RunContext, check_options, parse_method
 from .runner import RunResult, RunSpec, eval_marks, loss_at, run_all
 from .tasks import get_task
@@ -38,10 +38,9 @@ from .tasks import get_task
 __all__ = ["Setup", "Protocol", "Comparison", "check", "compare", "QUANT_KEYS"]
 
 # quantize_model settings a comparison may override (bits and the quantizer have their own flags)
-QUANT_KEYS = tuple(
-    k
-    for k, p in inspect.signature(quantize_model).parameters.items()
-    if p.kind is p.KEYWORD_ONLY and k not in ("bits", "quantizer", "inplace")
+QUANT_KEYS = tuple(f.name for f in dataclasses.fields(QuantConfig) if f.name not in ("bits", "quantizer")) + (
+    "keep_last",
+    "keep_fp",
 )
 DEFAULT_TUNE_SEEDS = (100, 101, 102)
 
