@@ -1,11 +1,14 @@
-# Two entry points on a fresh machine: `make demo` (the main job) and `make test`.
+# Entry points on a fresh machine: `make demo` (the main job), `make test` (what CI runs) and
+# `make results` (every suite; rewrites docs/results.md and the README's results blocks).
 # torch is pinned first: an unpinned torch would pull a multi-GB CUDA build.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_PIN := torch==2.13.0
-DEMO_ARGS ?= --task mnist-mlp --methods fp32,ste,fogzo,analytical,delayed-sgd --bits 2 --seeds 5
+SUITES ?= demo fogzo-mnist hyperste lsq-mnist fashion-resnet kjv-llama
+# one torch thread per process: the commands run their work in one process per core
+export OMP_NUM_THREADS := 1
 
-.PHONY: demo test test-all lint install-demo install-dev datasets
+.PHONY: demo test test-fast results lint install-demo install-dev datasets
 
 datasets:
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] || ! command -v bible >/dev/null; then \
@@ -22,13 +25,19 @@ install-dev: datasets
 	$(PIP) install -q -e '.[data,plot,dev]'
 
 demo: install-demo
-	metaste compare $(DEMO_ARGS)
+	$(PYTHON) -m metaste.bench.cli compare --suite demo --out results
 
+# the default tests, then the slow ones (2-process torch.distributed runs)
 test: install-dev
 	$(PYTHON) -m pytest -n 2 -m "not slow" -q
+	$(PYTHON) -m pytest -n 2 -m slow -q
 
-test-all: install-dev
-	$(PYTHON) -m pytest -n 2 -q
+test-fast: install-dev
+	$(PYTHON) -m pytest -n 2 -m "not slow" -q
+
+results: install-demo
+	for s in $(SUITES); do $(PYTHON) -m metaste.bench.cli compare --suite $$s --out docs/results || exit 1; done
+	$(PYTHON) -m metaste.bench.cli report --results docs/results --doc docs/results.md --readme README.md
 
 lint:
 	ruff check metaste tests examples benchmarks

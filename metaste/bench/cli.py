@@ -1,40 +1,52 @@
-"""The ``metaste`` console command (``metaste compare ...``)."""
+"""The ``metaste`` console command.
+
+``metaste compare``: one comparison against the best tuned STE (or ``--suite NAME``: a set of
+them); ``metaste report``: rewrite docs/results.md and the README's results block from the
+suites' saved JSON.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import os
 import sys
 from pathlib import Path
 
-import torch
-
 from ..quant.quantizers import QUANTIZERS
 from ..quant.surrogates import SURROGATES
-from .compare import compare, format_table, plot_curves, save_results
-from .methods import METHODS
-from .tasks import TASKS, get_task
+from .compare import DEFAULT_TUNE_SEEDS, Protocol, Setup, check, compare
+from .methods import METHODS, _parse_value
+from .report import write_outputs
+from .suites import SUITES, run_suite, write_reports
+from .tasks import SCALES, TASKS
 
-__all__ = ["main"]
-
-
-def _parse_value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
+__all__ = ["main", "build_parser"]
 
 
-def _key_values(items: list[str], flag: str) -> dict:
+def _key_values(p: argparse.ArgumentParser, items: list[str], flag: str) -> dict:
     out = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"{flag} expects key=value, got {item!r}")
+            p.error(f"{flag} expects key=value, got {item!r}")
         k, v = item.split("=", 1)
         out[k] = _parse_value(v)
     return out
+
+
+def _floats(p: argparse.ArgumentParser, text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"{flag} expects comma-separated numbers, got {text!r}")
+        raise
+
+
+def _ints(p: argparse.ArgumentParser, text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"{flag} expects comma-separated integers, got {text!r}")
+        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,81 +54,139 @@ def build_parser() -> argparse.ArgumentParser:
         prog="metaste", description="metaste: QAT beyond the straight-through estimator"
     )
     sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("compare", help="train a task with several methods and compare them against plain STE")
+    c = sub.add_parser(
+        "compare",
+        help="train a task with several methods and compare them against the best tuned STE",
+        description="Tune every method's lr on separate seeds, pick the best STE variant as the "
+        "baseline, evaluate on paired seeds, print the table with verdicts.",
+    )
+    c.add_argument(
+        "--suite", choices=tuple(SUITES), help="run a predefined set of comparisons (see --list-suites)"
+    )
     c.add_argument("--task", default="mnist-mlp", choices=tuple(TASKS))
-    c.add_argument("--methods", default="fp32,ste", help="comma-separated; see --list-methods")
+    c.add_argument("--scale", default="cpu", choices=tuple(SCALES), help="task size preset (gpu: larger)")
+    c.add_argument("--device", default="cpu", help="cpu or cuda[:i]: model, data and noise live there")
+    c.add_argument(
+        "--methods",
+        default="fp32,ste,ste-identity",
+        help="comma-separated; name[key=value,...] fixes options",
+    )
     c.add_argument("--bits", type=int, default=None, help="weight bits (default: the task's)")
     c.add_argument(
-        "--quantizer",
-        default=None,
-        choices=QUANTIZERS,
-        help="weight quantizer (default: the task's; 1 bit: dorefa)",
+        "--quantizer", default=None, choices=QUANTIZERS, help="(default: the task's; 1 bit: dorefa)"
     )
     c.add_argument(
-        "--surrogate",
-        default=None,
-        choices=SURROGATES,
-        help="surrogate ψ of the quantized methods that do not fix their own (default: ste)",
+        "--surrogate", default=None, choices=SURROGATES, help="ψ of methods that do not fix their own"
     )
-    c.add_argument("--seeds", type=int, default=3, help="number of paired seeds (0..N-1)")
+    c.add_argument("--optimizer", default=None, choices=("sgd", "adam", "adamw"), help="base optimizer")
+    c.add_argument("--seeds", type=int, default=3, help="number of evaluation seeds (first-seed ...)")
     c.add_argument("--first-seed", type=int, default=0)
     c.add_argument("--steps", type=int, default=None, help="training steps (default: the task's)")
-    c.add_argument("--lr", type=float, default=None, help="base learning rate (default: the task's)")
-    c.add_argument("--quant-opt", nargs="*", default=[], metavar="KEY=VALUE", help="quantize_model overrides")
+    c.add_argument("--lr", type=float, default=None, help="lr of untuned methods (default: the task's)")
+    c.add_argument("--tune-lr", default=None, metavar="LR,LR,...", help="lr grid tuned per method")
     c.add_argument(
-        "--method-opt", nargs="*", default=[], metavar="KEY=VALUE", help="RunContext.extra for methods"
+        "--tune-seeds", default=",".join(map(str, DEFAULT_TUNE_SEEDS)), metavar="S,S,...", help="tuning seeds"
     )
-    c.add_argument("--reference", default="ste", help="method the paired differences are taken against")
-    c.add_argument("--out", type=Path, default=Path("results"), help="folder for results.json and the PNGs")
-    c.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    c.add_argument("--no-progress", action="store_true")
+    c.add_argument("--tune", nargs="*", default=[], metavar="KEY=V1,V2", help="method option grids to tune")
+    c.add_argument(
+        "--baseline", default="best", help="'best' (of the listed STE variants) or a listed method"
+    )
+    c.add_argument("--no-equal-compute", action="store_true", help="skip the equal-compute baseline runs")
+    c.add_argument("--max-extend", type=int, default=3, help="lr grid extensions at an edge (×2 each)")
+    c.add_argument("--quant-opt", nargs="*", default=[], metavar="KEY=VALUE", help="quantize_model settings")
+    c.add_argument("--method-opt", nargs="*", default=[], metavar="KEY=VALUE", help="method options")
+    c.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: cores)"
+    )
+    c.add_argument("--out", type=Path, default=Path("results"), help="folder for the table, JSON and PNG")
     c.add_argument("--list-methods", action="store_true", help="print the registered methods and exit")
+    c.add_argument("--list-suites", action="store_true", help="print the suites and exit")
+    r = sub.add_parser(
+        "report", help="rewrite docs/results.md and the README results block from saved suites"
+    )
+    r.add_argument("--results", type=Path, default=Path("docs/results"), help="where the suites' JSON are")
+    r.add_argument("--doc", type=Path, default=Path("docs/results.md"))
+    r.add_argument("--readme", type=Path, default=Path("README.md"))
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _compare(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.list_methods:
         for name, m in METHODS.items():
-            print(f"{name:24s} {m.description}")
+            opts = f" [options: {', '.join(m.options)}]" if m.options else ""
+            print(f"{name:20s} {m.description}{opts}")
         return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    task = get_task(args.task)
-    if args.lr is not None:
-        task = dataclasses.replace(task, lr=args.lr)  # a copy: the registry keeps its default
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bits = args.bits if args.bits is not None else task.bits
-    steps = args.steps if args.steps is not None else task.steps
-    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    out = args.out / args.task
-    quant = _key_values(args.quant_opt, "--quant-opt")
+    if args.list_suites:
+        for name, entries in SUITES.items():
+            print(f"{name:16s} " + "; ".join(e.title for e in entries))
+        return 0
+    if args.workers < 1:
+        p.error(f"--workers must be ≥ 1, got {args.workers}")
+    if args.suite:
+        return run_suite(args.suite, args.out, workers=args.workers)
+    quant = _key_values(p, args.quant_opt, "--quant-opt")
     if args.surrogate is not None:
         quant["surrogate"] = args.surrogate
-    print(
-        f"# metaste compare: task={task.name} ({task.description}); bits={bits}, steps={steps}, seeds={seeds}"
+    tune = {}
+    for item in args.tune:
+        k, eq, v = item.partition("=")
+        if not eq or not v:
+            p.error(f"--tune expects KEY=V1,V2,..., got {item!r}")
+        tune[k] = [_parse_value(x) for x in v.split(",") if x.strip()]
+    setup = Setup(
+        task=args.task,
+        bits=args.bits,
+        quantizer=args.quantizer,
+        optimizer=args.optimizer,
+        steps=args.steps,
+        lr=args.lr,
+        quant=quant,
+        method_opts=_key_values(p, args.method_opt, "--method-opt"),
+        scale=args.scale,
+        device=args.device,
     )
-    results = compare(
-        task,
-        methods,
-        seeds,
-        steps=steps,
-        bits=bits,
-        quantizer=args.quantizer or task.quantizer,
-        quant_overrides=quant,
-        extra=_key_values(args.method_opt, "--method-opt"),
-        out=out,
-        progress=not args.no_progress and sys.stderr.isatty(),
+    protocol = Protocol(
+        methods=[m for m in _split_methods(args.methods) if m],
+        seeds=list(range(args.first_seed, args.first_seed + args.seeds)),
+        tune_seeds=_ints(p, args.tune_seeds, "--tune-seeds"),
+        tune_lr=None if args.tune_lr is None else _floats(p, args.tune_lr, "--tune-lr"),
+        tune=tune,
+        baseline=args.baseline,
+        equal_compute=not args.no_equal_compute,
+        max_extend=args.max_extend,
     )
-    table = format_table(task, results, args.reference if args.reference in methods else None)
-    print(table)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(table + "\n")
-    json_path = save_results(results, out / "results.json")
-    png_path = plot_curves(task, results, out / "curves.png")
-    print(f"wrote {out / 'table.md'}, {json_path}, {json_path.with_suffix('.csv')} and {png_path}")
+    try:
+        check(setup, protocol)
+    except ValueError as e:
+        p.error(str(e))
+    comp = compare(setup, protocol, workers=args.workers)
+    write_outputs(comp, args.out / args.task)
     return 0
 
 
+def _split_methods(text: str) -> list[str]:
+    """Split on commas outside brackets: ``ste,fogzo[n=2,beta_min=0.9]`` → two methods."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    return out + [cur.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.command == "report":
+        for path in write_reports(args.results, args.doc, args.readme):
+            print(f"wrote {path}")
+        return 0
+    sub = p._subparsers._group_actions[0].choices["compare"]  # type: ignore[union-attr]
+    return _compare(sub, args)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -1,253 +1,378 @@
-"""``metaste compare``: train a task with several methods over paired seeds, print a table of
-mean ± 95% CI, write the raw results (JSON) and the loss curves (PNG)."""
+"""The comparison protocol of ``metaste compare``: every method against the best tuned STE.
+
+1. **Tuning, on separate seeds.** Each listed method (the STE baselines included) runs every
+   setting of its grid — learning rates × the ``tune`` options it reads — on the tuning seeds,
+   trained without the validation part of the training set; the setting with the lowest mean
+   validation loss at the end of training wins. A winning learning rate at the edge of its grid
+   is not tuned: the grid is extended by a factor 2 in that direction (up to ``max_extend``
+   times) until the best lies inside, and the extension is recorded.
+2. **The baseline** is the best of the listed plain-STE variants (``ste``, ``ste-identity``,
+   ``ste-pwl``) at their tuned learning rates, chosen on the tuning seeds by the same rule.
+3. **Evaluation seeds** (disjoint from the tuning seeds) run every method at its tuned setting on
+   the whole training set. The baseline runs long enough to match the compute of the most
+   expensive method: since no task has a learning-rate schedule, its state after k steps of the
+   long run *is* a k-step run, so its train loss and test metric at the compute-equivalent step
+   count (``steps · fwd_equiv(method) / fwd_equiv(baseline)``) are read off that one run.
+
+The verdicts (paired Δ with a t-based 95 % CI) are computed by :mod:`metaste.bench.report`.
+"""
 
 from __future__ import annotations
 
-import csv
+import dataclasses
+import itertools
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..quant.convert import quantize_model
-from ..quant.registry import surrogate_parameters
-from .methods import METHODS, RunContext, train_step
-from .stats import fmt_ci, mean_ci, paired_diff_ci
-from .tasks import Task
+from ..quant.config import QuantConfig
+from .methods import METHODS, STE_BASELINES, RunContext, check_options, parse_method
+from .runner import RunResult, RunSpec, eval_marks, loss_at, run_all
+from .tasks import get_task
 
-__all__ = ["RunResult", "run_one", "compare", "format_table", "plot_curves", "save_results"]
+__all__ = ["Setup", "Protocol", "Comparison", "check", "compare", "QUANT_KEYS"]
+
+# quantize_model settings a comparison may override (bits and the quantizer have their own flags)
+QUANT_KEYS = tuple(f.name for f in dataclasses.fields(QuantConfig) if f.name not in ("bits", "quantizer")) + (
+    "keep_last",
+    "keep_fp",
+)
+DEFAULT_TUNE_SEEDS = (100, 101, 102)
 
 
 @dataclass
-class RunResult:
-    method: str
-    seed: int
-    bits: int | None
-    losses: list[float]
-    eval_steps: list[int]
-    eval_values: list[float]
-    final_metric: float
-    sec_per_step: float
-    fwd_equiv: float
-    extra: dict = field(default_factory=dict)
+class Setup:
+    """What every method of a comparison shares: the task and its quantization."""
 
-    @property
-    def final_loss(self) -> float:
-        """Mean training loss over the last 10% of steps (smooths minibatch noise)."""
-        tail = self.losses[-max(1, len(self.losses) // 10) :]
-        return float(np.mean(tail))
+    task: str = "mnist-mlp"
+    bits: int | None = None  # default: the task's
+    quantizer: str | None = None  # default: the task's (1 bit: dorefa)
+    optimizer: str | None = None  # base optimizer; default: the task's
+    steps: int | None = None  # default: the task's
+    lr: float | None = None  # learning rate of untuned methods; default: the task's
+    quant: dict = field(default_factory=dict)  # more quantize_model settings
+    method_opts: dict = field(default_factory=dict)  # given to every method that reads the key
+    scale: str = "cpu"
+    device: str = "cpu"
+
+    def resolved(self) -> Setup:
+        """A copy with the task's defaults filled in."""
+        t = get_task(self.task, self.scale)
+        return Setup(
+            self.task,
+            self.bits if self.bits is not None else t.bits,
+            self.quantizer or ("dorefa" if (self.bits or t.bits) == 1 else t.quantizer),
+            self.optimizer or t.optimizer,
+            self.steps if self.steps is not None else t.steps,
+            self.lr if self.lr is not None else t.lr,
+            dict(self.quant),
+            dict(self.method_opts),
+            self.scale,
+            self.device,
+        )
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
+@dataclass
+class Protocol:
+    """Which methods, which seeds, and how much tuning each gets."""
 
-            return tqdm(total=total, desc=desc, leave=False, mininterval=0.5)
-        except ImportError:
-            pass
-    return None
+    methods: list[str]
+    seeds: list[int]
+    tune_seeds: list[int] = field(default_factory=lambda: list(DEFAULT_TUNE_SEEDS))
+    tune_lr: list[float] | None = None  # None: every method at the setup's lr
+    tune: dict[str, list] = field(default_factory=dict)  # option grids, e.g. {"beta_min": [...]}
+    baseline: str = "best"  # "best" or one listed method
+    equal_compute: bool = True
+    max_extend: int = 3
 
 
-def run_one(
-    task: Task,
-    method_name: str,
-    seed: int,
-    *,
-    steps: int,
-    bits: int,
-    quantizer: str,
-    quant_overrides: dict | None = None,
-    extra: dict | None = None,
-    progress: bool = True,
-    surrogate_plot: Path | None = None,
-) -> RunResult:
-    """Train ``task`` with one method and one seed; evaluate at ``task.eval_points`` points."""
-    method = METHODS[method_name]
-    model = task.model(seed)
-    if method.quant is not None:
-        qkw = {**task.quant_kwargs, "bits": bits, "quantizer": "dorefa" if bits == 1 else quantizer}
-        qkw.update(quant_overrides or {})
-        qkw.update(method.quant)
-        model = quantize_model(model, inplace=True, **qkw)
-    ctx = RunContext(
-        task.optimizer, task.lr, steps, seed, task.weight_decay, task.momentum, dict(extra or {})
+@dataclass
+class Comparison:
+    """Everything a comparison measured (what :mod:`metaste.bench.report` turns into tables)."""
+
+    setup: dict
+    protocol: dict
+    metric: str
+    baseline: str | None
+    choices: dict[str, dict]  # label → lr, options, val_loss, settings, notes
+    tuning: list[dict]  # one record per tuning run
+    runs: list[dict]  # one record per evaluation run (compact: no full loss curve)
+    compute_steps: dict[str, int]  # label → baseline steps of equal compute
+    notes: list[str]
+    seconds: float
+
+    def save(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1, default=_json_default) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> Comparison:
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def _json_default(x):
+    if isinstance(x, float | np.floating):
+        return float(x)
+    raise TypeError(f"not JSON serialisable: {x!r}")
+
+
+def _method_opts(name: str, setup: Setup, fixed: dict) -> dict:
+    reads = METHODS[name].options
+    return {**{k: v for k, v in setup.method_opts.items() if k in reads}, **fixed}
+
+
+def check(setup: Setup, protocol: Protocol) -> list[tuple[str, str, dict]]:
+    """Validate a comparison before anything runs; returns (label, method, fixed options) per
+    listed method. Every problem raises ``ValueError`` naming the valid choices."""
+    get_task(setup.task, setup.scale)  # unknown task / scale
+    if not protocol.methods:
+        raise ValueError("no methods given")
+    parsed = [(spec.strip(), *parse_method(spec)) for spec in protocol.methods]
+    labels = [p[0] for p in parsed]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"a method is listed twice: {labels}")
+    if setup.steps is not None and setup.steps < 1:
+        raise ValueError(f"steps must be ≥ 1, got {setup.steps}")
+    if setup.lr is not None and not setup.lr > 0:
+        raise ValueError(f"lr must be > 0, got {setup.lr}")
+    if not protocol.seeds:
+        raise ValueError("no evaluation seeds")
+    overlap = sorted(set(protocol.seeds) & set(protocol.tune_seeds))
+    if overlap:
+        raise ValueError(
+            f"tuning seeds {sorted(protocol.tune_seeds)} overlap the evaluation seeds at {overlap}; "
+            "tune on seeds that are never evaluated (e.g. --tune-seeds 100,101,102)"
+        )
+    if protocol.tune_lr is not None:
+        if not protocol.tune_lr:
+            raise ValueError("--tune-lr is empty; give learning rates, e.g. 0.025,0.05,0.1,0.2")
+        bad = [x for x in protocol.tune_lr if not (math.isfinite(x) and x > 0)]
+        if bad:
+            raise ValueError(f"learning rates must be finite and > 0, got {bad}")
+    if (protocol.tune_lr is not None or protocol.tune) and not protocol.tune_seeds:
+        raise ValueError("tuning needs tuning seeds (--tune-seeds)")
+    bad_quant = sorted(set(setup.quant) - set(QUANT_KEYS))
+    if bad_quant:
+        hint = " (use --bits / --quantizer)" if {"bits", "quantizer"} & set(bad_quant) else ""
+        raise ValueError(
+            f"unknown quantization setting(s) {bad_quant}{hint}; valid keys are {', '.join(QUANT_KEYS)}"
+        )
+    names = {p[1] for p in parsed}
+    for what, keys in (("--method-opt", setup.method_opts), ("--tune", protocol.tune)):
+        read = {k for n in names for k in METHODS[n].options}
+        unused = sorted(set(keys) - read)
+        if unused:
+            raise ValueError(
+                f"{what} key(s) {unused} are read by none of the listed methods; "
+                f"they read {', '.join(sorted(read)) or 'no options'}"
+            )
+    for key, grid in protocol.tune.items():
+        if not grid:
+            raise ValueError(f"--tune {key}= has no values")
+    for _, name, fixed in parsed:
+        check_options(name, _method_opts(name, setup, fixed))
+    if protocol.baseline != "best" and protocol.baseline not in labels:
+        raise ValueError(f"baseline {protocol.baseline!r} is not among the listed methods {labels}")
+    return parsed
+
+
+def _candidates(name: str, fixed: dict, setup: Setup, protocol: Protocol) -> tuple[list[float], list[dict]]:
+    lrs = list(protocol.tune_lr) if protocol.tune_lr is not None else [setup.lr]
+    base = _method_opts(name, setup, fixed)
+    keys = [k for k in protocol.tune if k in METHODS[name].options and k not in fixed]
+    grids = [protocol.tune[k] for k in keys]
+    opts = [{**base, **dict(zip(keys, combo))} for combo in itertools.product(*grids)]
+    return lrs, opts
+
+
+def _spec(setup: Setup, label: str, name: str, lr: float, opts: dict, seed: int, **kw) -> RunSpec:
+    return RunSpec(
+        task=setup.task,
+        method=name,
+        label=label,
+        seed=seed,
+        lr=lr,
+        steps=kw.pop("steps", setup.steps),
+        bits=setup.bits,
+        quantizer=setup.quantizer,
+        options=tuple(sorted(opts.items())),
+        quant=tuple(sorted(setup.quant.items())),
+        optimizer=setup.optimizer,
+        scale=setup.scale,
+        device=setup.device,
+        **kw,
     )
-    opt = method.build(model, ctx)
-    model.train()
-    marks = {int(round(steps * (k + 1) / task.eval_points)) for k in range(task.eval_points)}
-    losses, eval_steps, eval_values = [], [], []
-    bar = _progress(steps, f"{method_name} seed {seed}", progress)
-    elapsed = 0.0
-    for step, batch in enumerate(task.batches(seed, steps), start=1):
-        t0 = time.perf_counter()
-        loss = train_step(opt, lambda b=batch: task.loss(model, b))
-        elapsed += time.perf_counter() - t0
-        losses.append(loss)
-        if not math.isfinite(loss):
-            break
-        if step in marks:
-            eval_steps.append(step)
-            eval_values.append(task.evaluate(model))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-    if bar is not None:
-        bar.close()
-    final = eval_values[-1] if eval_values and len(losses) == steps else math.nan
-    if surrogate_plot is not None and any(True for _ in surrogate_parameters(model)):
-        from .plots import plot_surrogates
 
-        plot_surrogates(model, surrogate_plot, title=f"{task.name}: {method_name}, seed {seed}")
-    return RunResult(
-        method_name,
-        seed,
-        None if method.quant is None else bits,
-        losses,
-        eval_steps,
-        eval_values,
-        final,
-        elapsed / max(1, len(losses)),
-        method.fwd_equiv(ctx),
-    )
+
+def _fwd_equiv(name: str, setup: Setup, lr: float, opts: dict) -> float:
+    ctx = RunContext(setup.optimizer, lr, setup.steps, 0, extra=dict(opts))
+    return METHODS[name].fwd_equiv(ctx)
 
 
 def compare(
-    task: Task,
-    methods: list[str],
-    seeds: list[int],
+    setup: Setup,
+    protocol: Protocol,
     *,
-    steps: int,
-    bits: int,
-    quantizer: str,
-    quant_overrides: dict | None = None,
-    extra: dict | None = None,
-    out: Path | None = None,
-    progress: bool = True,
-) -> list[RunResult]:
-    """Run every method on every seed (seed-major, so partial results are paired)."""
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"Unknown method(s) {unknown}; valid choices are {tuple(METHODS)}")
-    results = []
-    for seed in seeds:
-        for m in methods:
-            plot = out / f"surrogates_{m}.png" if out is not None and seed == seeds[0] else None
-            results.append(
-                run_one(
-                    task,
-                    m,
-                    seed,
-                    steps=steps,
-                    bits=bits,
-                    quantizer=quantizer,
-                    quant_overrides=quant_overrides,
-                    extra=extra,
-                    progress=progress,
-                    surrogate_plot=plot,
-                )
-            )
-    return results
+    workers: int = 1,
+    log: Callable[[str], None] | None = None,
+) -> Comparison:
+    """Tune, pick the baseline, evaluate; see the module docstring."""
+    t_start = time.perf_counter()
+    parsed = check(setup, protocol)
+    setup = setup.resolved()
+    say = log or print
+    notes: list[str] = []
+    ste_listed = [label for label, name, fixed in parsed if name in STE_BASELINES and not fixed]
+    pick_best = protocol.baseline == "best" and len(ste_listed) > 1
 
-
-def _by_method(results: list[RunResult]) -> dict[str, list[RunResult]]:
-    groups: dict[str, list[RunResult]] = {}
-    for r in results:
-        groups.setdefault(r.method, []).append(r)
-    return groups
-
-
-def format_table(task: Task, results: list[RunResult], reference: str | None = "ste") -> str:
-    """A markdown table: mean ± 95% CI over seeds, plus the paired difference to ``reference``."""
-    groups = _by_method(results)
-    metric = "test acc. (%)" if task.metric == "accuracy" else "val. perplexity"
-    ref = groups.get(reference) if reference else None
-    head = ["method", "bits", "seeds", "train loss", metric]
-    if ref:
-        head.append(f"Δ {task.metric} vs {reference} (paired)")
-    head += ["ms / step", "fwd-equiv / step"]
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, rs in groups.items():
-        metric_vals = [r.final_metric for r in rs]
-        row = [
-            name,
-            "fp32" if rs[0].bits is None else str(rs[0].bits),
-            str(len(rs)),
-            fmt_ci(*mean_ci([r.final_loss for r in rs])),
-            fmt_ci(*mean_ci(metric_vals), digits=2),
+    # 1. tuning -------------------------------------------------------------------------------
+    grids: dict[str, tuple[str, list[float], list[dict]]] = {}
+    for label, name, fixed in parsed:
+        lrs, opts = _candidates(name, fixed, setup, protocol)
+        grids[label] = (name, lrs, opts)
+    tuned = [
+        label
+        for label, (_, lrs, opts) in grids.items()
+        if len(lrs) * len(opts) > 1 or (pick_best and label in ste_listed)
+    ]
+    tried: dict[str, dict[tuple[float, str], list[RunResult]]] = {label: {} for label in tuned}
+    pending = [(label, lr, o) for label in tuned for lr in grids[label][1] for o in grids[label][2]]
+    extensions = dict.fromkeys(tuned, 0)
+    edge: dict[str, float] = {}
+    tuning: list[dict] = []
+    while pending:
+        specs = [
+            _spec(setup, label, grids[label][0], lr, o, seed, holdout=True)
+            for label, lr, o in pending
+            for seed in protocol.tune_seeds
         ]
-        if ref:
-            ref_by_seed = {r.seed: r.final_metric for r in ref}
-            pairs = [(r.final_metric, ref_by_seed[r.seed]) for r in rs if r.seed in ref_by_seed]
-            row.append(
-                "—"
-                if name == reference or len(pairs) < 2
-                else fmt_ci(*paired_diff_ci(*zip(*pairs)), digits=2)
+        say(f"# tuning: {len(specs)} runs on seeds {protocol.tune_seeds}")
+        for spec, r in zip(specs, run_all(specs, workers, log)):
+            opts = dict(spec.options)
+            tried[spec.label].setdefault((spec.lr, json.dumps(opts, sort_keys=True)), []).append(r)
+            tuning.append(
+                dict(label=spec.label, lr=spec.lr, options=opts, seed=spec.seed)
+                | dict(val_loss=r.val_loss, diverged=r.diverged, final_loss=r.final_loss)
             )
-        row += [fmt_ci(*mean_ci([r.sec_per_step * 1e3 for r in rs]), digits=2), f"{rs[0].fwd_equiv:g}"]
-        rows.append("| " + " | ".join(row) + " |")
-    return "\n".join(rows)
-
-
-def _smooth(x: np.ndarray, k: int) -> np.ndarray:
-    if k <= 1 or len(x) < k:
-        return x
-    c = np.cumsum(np.insert(x, 0, 0.0))
-    return np.concatenate([c[1:k] / np.arange(1, k), (c[k:] - c[:-k]) / k])
-
-
-def plot_curves(task: Task, results: list[RunResult], path: Path) -> Path:
-    """Three panels: train loss vs steps, train loss vs forward-pass equivalents, the test metric vs
-    steps; mean over seeds with a 95% CI band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for name, rs in _by_method(results).items():
-        n = min(len(r.losses) for r in rs)
-        k = max(1, n // 50)
-        curves = np.stack([_smooth(np.asarray(r.losses[:n]), k) for r in rs])
-        ci = np.array([mean_ci(col)[1] for col in curves.T]) if len(rs) > 1 else np.zeros(n)
-        mean = curves.mean(0)
-        steps = np.arange(1, n + 1)
-        for ax, x in ((axes[0], steps), (axes[1], steps * rs[0].fwd_equiv)):
-            (line,) = ax.plot(x, mean, label=name)
-            ax.fill_between(x, mean - ci, mean + ci, color=line.get_color(), alpha=0.2)
-        ev = np.stack([r.eval_values for r in rs if len(r.eval_values) == len(rs[0].eval_values)])
-        ev_ci = np.array([mean_ci(col)[1] for col in ev.T]) if len(ev) > 1 else 0
-        axes[2].errorbar(rs[0].eval_steps, ev.mean(0), yerr=ev_ci, label=name, capsize=3)
-    axes[0].set(xlabel="step", ylabel="train loss (smoothed)", title=f"{task.name}: train loss")
-    axes[1].set(xlabel="forward-pass equivalents (STE step = 3)", ylabel="train loss", title="vs compute")
-    ylabel = "test accuracy (%)" if task.metric == "accuracy" else "validation perplexity"
-    axes[2].set(xlabel="step", ylabel=ylabel, title=ylabel)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def save_results(results: list[RunResult], path: Path) -> Path:
-    """The raw per-seed results: ``path`` (JSON, with the loss curves) and ``path`` with suffix
-    ``.csv`` (one row per method and seed: the table's inputs)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([asdict(r) | {"final_loss": r.final_loss} for r in results], indent=1))
-    with path.with_suffix(".csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(
-            ["method", "seed", "bits", "steps", "final_loss", "final_metric", "sec_per_step", "fwd_equiv"]
-        )
-        for r in results:
-            w.writerow(
-                [r.method, r.seed, r.bits or "fp32", len(r.losses), r.final_loss, r.final_metric]
-                + [r.sec_per_step, r.fwd_equiv]
+        pending = []
+        for label in tuned:
+            (lr, okey), score = _best(tried[label])
+            lrs = sorted({x for x, k in tried[label] if k == okey})
+            at_edge = len(lrs) > 1 and lr in (lrs[0], lrs[-1]) and math.isfinite(score)
+            if at_edge and extensions[label] < protocol.max_extend:
+                new = lr * 2 if lr == lrs[-1] else lr / 2
+                extensions[label] += 1
+                say(f"# {label}: best lr {lr:g} at the edge of {lrs}; grid extended to {new:g}")
+                pending.append((label, new, json.loads(okey)))
+            elif at_edge:
+                edge[label] = lr
+    for label, k in extensions.items():
+        if k:
+            lrs = sorted({x for x, _ in tried[label]})
+            notes.append(
+                f"{label}: lr grid extended {k}× (×2 each) to [{lrs[0]:g} … {lrs[-1]:g}]"
+                + (f"; best {edge[label]:g} is still at its edge" if label in edge else "")
             )
-    return path
+
+    choices: dict[str, dict] = {}
+    for label, (_, lrs, opts) in grids.items():
+        if label in tried:
+            (lr, okey), score = _best(tried[label])
+            choices[label] = dict(
+                lr=lr,
+                options=json.loads(okey),
+                val_loss=score,
+                settings=len(tried[label]),
+                grid=sorted({x for x, _ in tried[label]}),
+            )
+        else:
+            choices[label] = dict(lr=lrs[0], options=opts[0], val_loss=math.nan, settings=1, grid=lrs)
+
+    # 2. the baseline ---------------------------------------------------------------------------
+    if protocol.baseline != "best":
+        baseline: str | None = protocol.baseline
+    elif ste_listed:
+        baseline = min(ste_listed, key=lambda lab: choices[lab]["val_loss"]) if pick_best else ste_listed[0]
+    else:
+        baseline = None
+    if baseline is not None:
+        c = choices[baseline]
+        how = f"best of {', '.join(ste_listed)} on the tuning seeds" if pick_best else "as listed"
+        notes.append(f"baseline: {baseline} at lr {c['lr']:g} ({how})")
+        say(f"# {notes[-1]}")
+
+    # 3. evaluation ---------------------------------------------------------------------------
+    fwd = {label: _fwd_equiv(grids[label][0], setup, c["lr"], c["options"]) for label, c in choices.items()}
+    compute_steps: dict[str, int] = {}
+    if baseline is not None and protocol.equal_compute:
+        compute_steps = {
+            label: max(1, int(round(setup.steps * fwd[label] / fwd[baseline]))) for label in choices
+        }
+    task_marks = eval_marks(get_task(setup.task, setup.scale), setup.steps)
+    specs = []
+    for seed in protocol.seeds:
+        for label, c in choices.items():
+            kw: dict = {}
+            if label == baseline and compute_steps:
+                marks = task_marks | set(compute_steps.values())
+                kw = dict(steps=max(compute_steps.values()), marks=tuple(sorted(marks)))
+            specs.append(_spec(setup, label, grids[label][0], c["lr"], c["options"], seed, **kw))
+    say(f"# evaluation: {len(specs)} runs on seeds {protocol.seeds}")
+    results = run_all(specs, workers, log)
+    needed = {setup.steps, *compute_steps.values()}
+    runs = [_compact(r, needed) for r in results]
+    return Comparison(
+        setup=asdict(setup),
+        protocol=asdict(protocol),
+        metric=get_task(setup.task, setup.scale).metric,
+        baseline=baseline,
+        choices=choices,
+        tuning=tuning,
+        runs=runs,
+        compute_steps=compute_steps,
+        notes=notes,
+        seconds=time.perf_counter() - t_start,
+    )
+
+
+def _best(tried: dict[tuple[float, str], list[RunResult]]) -> tuple[tuple[float, str], float]:
+    """The setting with the lowest mean validation loss (any diverged seed makes it +inf)."""
+
+    def score(rs: list[RunResult]) -> float:
+        vals = [r.val_loss for r in rs]
+        return float(np.mean(vals)) if all(math.isfinite(v) for v in vals) else math.inf
+
+    key = min(tried, key=lambda k: (score(tried[k]), k[0]))
+    return key, score(tried[key])
+
+
+def _compact(r: RunResult, steps: set[int], points: int = 200) -> dict:
+    """A run's record without the full loss curve: the train loss at the steps the report needs
+    and the curve averaged over ≤ ``points`` blocks (for the plots)."""
+    n = len(r.losses)
+    block = max(1, math.ceil(n / points))
+    curve = [float(np.mean(r.losses[i : i + block])) for i in range(0, n, block)]
+    return dict(
+        label=r.label,
+        method=r.method,
+        seed=r.seed,
+        lr=r.lr,
+        bits=r.bits,
+        options=r.options,
+        diverged=r.diverged,
+        steps=n,
+        loss_at={str(k): loss_at(r.losses, k) for k in sorted(steps)},
+        eval_steps=r.eval_steps,
+        eval_values=r.eval_values,
+        final_metric=r.final_metric,
+        sec_per_step=r.sec_per_step,
+        fwd_equiv=r.fwd_equiv,
+        curve_steps=[min(n, i + block) for i in range(0, n, block)],
+        curve=curve,
+    )

@@ -156,6 +156,11 @@ class TextCorpus:
         chunk = data[idx]
         return chunk[:, :-1], chunk[:, 1:]
 
+    def holdout(self, fraction: float) -> TextCorpus:
+        """The corpus for tuning: ``train`` minus its last ``fraction``, which becomes ``val``."""
+        n = int(len(self.train) * fraction)
+        return TextCorpus(self.train[:-n], self.train[-n:], self.vocab)
+
     def decode(self, ids: Tensor) -> str:
         return "".join(self.vocab[i] for i in ids.tolist())
 

@@ -18,7 +18,16 @@ from torch.optim import Optimizer
 
 from ..optim._wrapper import OptimizerWrapper
 
-__all__ = ["Method", "RunContext", "METHODS", "register_method", "train_step", "base_optimizer"]
+__all__ = [
+    "Method",
+    "RunContext",
+    "METHODS",
+    "STE_BASELINES",
+    "register_method",
+    "parse_method",
+    "train_step",
+    "base_optimizer",
+]
 
 
 @dataclass
@@ -55,9 +64,13 @@ class Method:
     build: Callable[[nn.Module, RunContext], Optimizer]
     # forward-pass equivalents per step (an STE step = 3: forward + backward ≈ 2 forwards)
     fwd_equiv: Callable[[RunContext], float] = lambda ctx: 3.0
+    options: tuple[str, ...] = ()  # the RunContext.extra keys ``build`` reads
 
 
 METHODS: dict[str, Method] = {}
+
+# the plain-STE family: ``--baseline best`` picks the best of these (variant × tuned lr)
+STE_BASELINES = ("ste", "ste-identity", "ste-pwl")
 
 
 def register_method(method: Method) -> Method:
@@ -65,6 +78,46 @@ def register_method(method: Method) -> Method:
         raise ValueError(f"method {method.name!r} is already registered")
     METHODS[method.name] = method
     return method
+
+
+def _parse_value(text: str) -> int | float | bool | str:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """``"fogzo[beta_min=0.999,n=2]"`` → ``("fogzo", {"beta_min": 0.999, "n": 2})``: a registered
+    method with options fixed for this entry. Unknown names and options the method does not read
+    raise ``ValueError`` naming the valid ones."""
+    name, _, rest = spec.strip().partition("[")
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid choices are {', '.join(METHODS)}")
+    opts: dict = {}
+    if rest:
+        if not rest.endswith("]"):
+            raise ValueError(f"method {spec!r}: options go in brackets, e.g. fogzo[beta_min=0.999]")
+        for item in filter(None, rest[:-1].split(",")):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise ValueError(f"method {spec!r}: expected key=value, got {item!r}")
+            opts[key.strip()] = _parse_value(value.strip())
+    check_options(name, opts)
+    return name, opts
+
+
+def check_options(name: str, opts: dict) -> None:
+    """Raise ``ValueError`` if ``opts`` holds a key method ``name`` does not read."""
+    valid = METHODS[name].options
+    bad = sorted(set(opts) - set(valid))
+    if bad:
+        raise ValueError(
+            f"method {name!r} does not read option(s) {bad}; its options are "
+            + (", ".join(valid) if valid else "none")
+        )
 
 
 def train_step(opt: Optimizer, closure: Callable[[], torch.Tensor]) -> float:
@@ -79,10 +132,28 @@ def train_step(opt: Optimizer, closure: Callable[[], torch.Tensor]) -> float:
 
 
 register_method(Method("fp32", "float model, base optimizer (the accuracy ceiling)", None, base_optimizer))
-register_method(Method("ste", "quantized model, plain STE with the base optimizer", {}, base_optimizer))
+register_method(
+    Method("ste", "quantized model, plain STE (clipped: zero gradient outside the grid)", {}, base_optimizer)
+)
+register_method(
+    Method(
+        "ste-identity",
+        "quantized model, identity STE (no clip mask: every weight gets the full gradient)",
+        {"surrogate": "identity"},
+        base_optimizer,
+    )
+)
+register_method(
+    Method(
+        "ste-pwl",
+        "quantized model, fixed piecewise-linear STE (PLSTE at a = 1; the PLSTE/DLSTE baseline)",
+        {"surrogate": "pwl"},
+        base_optimizer,
+    )
+)
 
 
-# --- HyperSTE (SPEC §3.1–3.2) ------------------------------------------------------------------
+# --- HyperSTE (docs/design.md §3.1–3.2) ------------------------------------------------------------------
 # RunContext.extra keys read by these methods (all optional): hyper_lr (default 0.01),
 # hyper_lr_mode ("normalized" | "raw"), window (2), accumulate ("first" | "sum" | "mean"),
 # resolve ("halve" | "threshold" | "passive"). The surrogate is part of the name (quantization is
@@ -113,9 +184,10 @@ def _hyperste(method: str, optimizer: str):
 register_method(
     Method(
         "analytical",
-        "HyperSTE analytical SLSTE (per element, SGD without momentum; SPEC §3.1)",
+        "HyperSTE analytical SLSTE (per element, SGD without momentum; docs/design.md §3.1)",
         {"surrogate": "slste", "granularity": "element"},
         _hyperste("analytical", "sgd"),
+        options=("hyper_lr", "hyper_lr_mode", "resolve"),
     )
 )
 for _opt in ("sgd", "adam"):
@@ -123,14 +195,15 @@ for _opt in ("sgd", "adam"):
         register_method(
             Method(
                 f"delayed-{_opt}" + ("" if _surr == "slste" else f"-{_surr}"),
-                f"HyperSTE delayed updates, {_surr.upper()}, {_opt.upper()} (k = 2; SPEC §3.2)",
+                f"HyperSTE delayed updates, {_surr.upper()}, {_opt.upper()} (k = 2; docs/design.md §3.2)",
                 {"surrogate": _surr},
                 _hyperste("delayed", _opt),
+                options=("hyper_lr", "hyper_lr_mode", "window", "accumulate"),
             )
         )
 
 
-# --- FOGZO (SPEC §4) ---------------------------------------------------------------------------
+# --- FOGZO (docs/design.md §4) ---------------------------------------------------------------------------
 # RunContext.extra keys read by these methods (all optional): n (directions per step, default 1),
 # beta_min (default 1 − 1/D; ignored by nspsa), ste_fraction (default 0.0), restore ("copy" |
 # "inplace"), keep_noise (False). Weights use the FOGZO paper's identity STE; β decays over
@@ -153,25 +226,33 @@ def _fogzo(one_sided: bool, nspsa: bool):
 
 
 def _fogzo_fwd_equiv(one_sided: bool):
-    return lambda ctx: 3.0 + (1 if one_sided else 2) * ctx.extra.get("n", 1)
+    # the extra passes run on the (1 − ste_fraction) share of steps that are not plain STE
+    return lambda ctx: (
+        3.0 + (1 if one_sided else 2) * ctx.extra.get("n", 1) * (1.0 - ctx.extra.get("ste_fraction", 0.0))
+    )
+
+
+_FOGZO_OPTIONS = ("n", "ste_fraction", "restore", "keep_noise")
 
 
 register_method(
     Method(
         "fogzo",
-        "FOGZO, central differences, identity STE (SPEC §4); 3 + 2n forward equivalents per step",
+        "FOGZO, central differences, identity STE (docs/design.md §4); 3 + 2n forward equivalents per step",
         {"surrogate": "identity"},
         _fogzo(one_sided=False, nspsa=False),
         _fogzo_fwd_equiv(False),
+        options=_FOGZO_OPTIONS + ("beta_min",),
     )
 )
 register_method(
     Method(
         "fogzo-1sided",
-        "FOGZO, one-sided differences (SPEC §4.3 option); 3 + n forward equivalents per step",
+        "FOGZO, one-sided differences (docs/design.md §4.3 option); 3 + n forward equivalents per step",
         {"surrogate": "identity"},
         _fogzo(one_sided=True, nspsa=False),
         _fogzo_fwd_equiv(True),
+        options=_FOGZO_OPTIONS + ("beta_min",),
     )
 )
 register_method(
@@ -181,11 +262,12 @@ register_method(
         {"surrogate": "identity"},
         _fogzo(one_sided=False, nspsa=True),
         _fogzo_fwd_equiv(False),
+        options=_FOGZO_OPTIONS,
     )
 )
 
 
-# --- HyperSTE horizon methods (SPEC §3.3–3.4) --------------------------------------------------
+# --- HyperSTE horizon methods (docs/design.md §3.3–3.4) --------------------------------------------------
 # RunContext.extra keys read by these methods (all optional): hyper_lr (0.01), hyper_lr_mode,
 # horizon (steps; default: the whole run for fagu/lgatt — the thesis's single FAGU/FLAGU horizon —
 # and total_steps // 10 for pfagu), replays (K; default 5 for all three here, not the thesis's 50,
@@ -215,24 +297,17 @@ def _horizon(method: str):
     return build
 
 
-register_method(
-    Method(
-        "pwl",
-        "quantized model, fixed piecewise-linear STE (PLSTE at a = 1; the PLSTE/DLSTE baseline)",
-        {"surrogate": "pwl"},
-        base_optimizer,
-    )
-)
 for _m, _cost in (("fagu", 0.0), ("pfagu", 0.0), ("lgatt", 4.0)):
     for _surr in ("slste", "plste", "dlste"):
         register_method(
             Method(
                 _m + ("" if _surr == "slste" else f"-{_surr}"),
-                f"HyperSTE {_m} (SPEC §3.3–3.4), {_surr.upper()}; K replays + final pass ≈ 3(K+1)"
+                f"HyperSTE {_m} (docs/design.md §3.3–3.4), {_surr.upper()}; K replays + final pass ≈ 3(K+1)"
                 + (" + 4K (reverse sweep)" if _cost else "")
                 + " forward equivalents per step",
                 {"surrogate": _surr},
                 _horizon(_m),
                 lambda ctx, c=_cost: 3.0 * (_horizon_replays(ctx) + 1) + c * _horizon_replays(ctx),
+                options=("hyper_lr", "hyper_lr_mode", "schedule", "last", "horizon", "replays"),
             )
         )

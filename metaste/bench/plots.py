@@ -14,7 +14,7 @@ __all__ = ["plot_surrogates"]
 
 def plot_surrogates(model: nn.Module, path: str | Path, title: str = "") -> Path:
     """Write a PNG of the learned surrogate parameters, one row per quantized layer with a
-    learnable surrogate (SPEC §3.5): left, the histogram of each parameter (``a``; ``a_n``/``a_p``
+    learnable surrogate (docs/design.md §3.5): left, the histogram of each parameter (``a``; ``a_n``/``a_p``
     for DLSTE) over [a_min, a_max]; right, ψ(u) at the mean parameter next to the baseline
     (a = 1: the clipped STE for SLSTE, the PWL STE for PLSTE/DLSTE). Returns the path.
     """

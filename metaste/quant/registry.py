@@ -35,7 +35,7 @@ class QuantEntry:
         return self.quantizer.qp
 
     @property
-    def surrogate(self):
+    def surrogate(self) -> nn.Module:
         return self.quantizer.surrogate
 
     @property

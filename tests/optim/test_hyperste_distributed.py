@@ -33,6 +33,7 @@ def _worker(rank, port, method, path):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("method", ["analytical", "delayed"])
 def test_ddp_surrogates_agree_across_ranks_and_with_one_process_on_the_whole_batch(method, tmp_path):

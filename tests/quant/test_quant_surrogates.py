@@ -88,6 +88,12 @@ def test_binary_fd_defaults_to_width_one_and_equals_ste():
 def test_pwl_at_one_bit_is_approxsign():
     u = torch.cat([_random_u(lo=-2, hi=2), _edges(1, 1)])
     torch.testing.assert_close(S.pwl(u, 1, 1), S.approxsign(u, 1, 1))
+    # both against the written-out formula (Bi-Real Net's 2 − 2|u| on |u| ≤ 1), so that a change to
+    # one function alone cannot keep the test green, and the shape is not trivially 0 or 1
+    ref = torch.clamp(2 - 2 * u.abs(), min=0)
+    torch.testing.assert_close(S.approxsign(u, 1, 1), ref)
+    torch.testing.assert_close(S.pwl(u, 1, 1), ref)
+    assert bool(((ref > 0) & (ref < 2)).any()) and bool((ref == 0).any())
 
 
 @pytest.mark.parametrize("qn,qp", GRIDS)

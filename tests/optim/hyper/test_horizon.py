@@ -23,7 +23,6 @@ from torch import nn
 
 import metaste
 from metaste import HyperSTE
-from metaste.optim.diffopt import differentiable_step, record_update
 from metaste.optim.hyper.horizon import HorizonMemoryError
 
 
@@ -385,48 +384,6 @@ def test_bad_horizon_arguments_raise_and_change_nothing(kw, match):
     with pytest.raises(ValueError, match=match):
         HyperSTE(opt, **model_kw, **kw)
     assert all(not e.quantizer.defer_surrogate for _, e in metaste.quantized_weights(model))
-
-
-def test_differentiable_step_is_differentiable_in_params_and_state():
-    """Adam: the clone's (v_{t+1}, m, v) equal the real step, and ∂⟨λ, v_{t+1}⟩/∂(v_t, m_t)
-    matches central finite differences of the real update."""
-    torch.manual_seed(0)
-    p = nn.Parameter(torch.randn(5, dtype=torch.float64))
-    opt = torch.optim.Adam([p], lr=0.1)
-    for _ in range(2):
-        p.grad = torch.randn(5, dtype=torch.float64)
-        opt.step()
-    grad = torch.randn(5, dtype=torch.float64)
-    rec = record_update(opt, [p])
-    v = p.detach().clone().requires_grad_()
-    m = opt.state[p]["exp_avg"].detach().clone().requires_grad_()
-    st = {**opt.state[p], "exp_avg": m}
-    (v1,), (s1,) = differentiable_step(rec, [grad], params=[v], states=[st])
-    p.grad = grad
-    opt.step()
-    torch.testing.assert_close(v1.detach(), p.detach(), rtol=1e-6, atol=1e-12)
-    torch.testing.assert_close(s1["exp_avg"].detach(), opt.state[p]["exp_avg"])
-    lam = torch.randn(5, dtype=torch.float64)
-    gv, gm = torch.autograd.grad(v1, [v, m], lam)
-
-    def real(v0, m0):
-        q = nn.Parameter(v0.clone())
-        o = torch.optim.Adam([q], lr=0.1)
-        o.load_state_dict(
-            {"state": {0: {**{k: x.clone() for k, x in rec.states[0].items()}, "exp_avg": m0.clone()}},
-             "param_groups": [{**rec.groups[0], "params": [0]}]}
-        )  # fmt: skip
-        q.grad = grad.clone()
-        o.step()
-        return float((q.detach() * lam).sum())
-
-    d, eps = torch.randn(5, dtype=torch.float64), 1e-6
-    v0, m0 = rec.params[0], rec.states[0]["exp_avg"]
-    fd_v = (real(v0 + eps * d, m0) - real(v0 - eps * d, m0)) / (2 * eps)
-    fd_m = (real(v0, m0 + eps * d) - real(v0, m0 - eps * d)) / (2 * eps)
-    assert float((gv * d).sum()) == pytest.approx(fd_v, rel=1e-5)
-    assert float((gm * d).sum()) == pytest.approx(fd_m, rel=1e-4)
-    assert math.isfinite(fd_m)
 
 
 def test_recalibrate_hook_run_horizon_and_diagnostics():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from _hyperste_helpers import batches, loss_fn, quantized_mlp
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import metaste
 from metaste import HyperSTE
@@ -59,6 +61,39 @@ def test_halving_count_is_the_smallest_power_of_two_even_at_exact_ties():
     assert res.halvings.tolist() == [2.0, 3.0, 1.0, 2.0]
 
 
+def halvings_by_loop(x: float, r: float, max_halvings: int) -> int | None:
+    """The reference: halve η_a (x = η_a·c) until scaling is legal (x·2^−m < r), thesis 4.3;
+    ``None`` past ``max_halvings`` (the element is not updated)."""
+    m = 0
+    while not x < r:
+        if m == max_halvings:
+            return None
+        x, m = x / 2, m + 1  # halving a float is exact
+    return m
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    u=st.floats(0.01, 0.99),
+    c=st.one_of(st.floats(1e-3, 1e6), st.sampled_from([0.5, 1.0, 2.0, 3.0, 6.0, 0.75, 2.0**20])),
+    a=st.floats(0.25, 2.0),
+    max_halvings=st.integers(0, 40),
+)
+def test_closed_form_halving_count_equals_the_loop(u, c, a, max_halvings):
+    a_t, u_t = torch.tensor([a], dtype=torch.float64), torch.tensor([u], dtype=torch.float64)
+    res = analytical_update(
+        a_t, u_t, torch.tensor([c], dtype=torch.float64), 1.0, QN, QP, "halve", max_halvings
+    )
+    r = float(torch.minimum(1 - a_t * u_t / QP, 1 + a_t * u_t / QN))
+    assume(r > 0)  # unclipped: unique scaling (m = 0) or the gap (m ≥ 1)
+    m = halvings_by_loop(c, r, max_halvings)
+    if m is None:
+        assert bool(res.unresolved) and res.a.item() == a and res.halvings.item() == 0
+    else:
+        assert not bool(res.unresolved) and res.halvings.item() == m
+        assert res.a.item() == a / (1 - c * 2.0**-m)
+
+
 def test_max_halvings_zero_leaves_every_gap_element_unchanged():
     res = analytical_update(torch.ones(1), torch.tensor([0.5]), torch.tensor([0.75]), 1.0, QN, QP, "halve", 0)
     assert res.a.item() == 1.0 and res.unresolved.item()
@@ -93,6 +128,46 @@ def test_analytical_keeps_a_in_the_clamp_and_reports_fractions_summing_to_one():
         "clipped_frac",
     } <= set(layer)
     assert d["hypergrad_norm"] > 0
+
+
+def test_analytical_diagnostics_are_the_values_of_the_update_it_applied(monkeypatch):
+    """Per layer, the region fractions, halvings and clipped fraction are those of the
+    analytical_update results the step applied, and a is their clamped a'."""
+    import metaste.optim.hyper.analytical as analytical
+
+    calls = []
+
+    def recording(*args, **kw):
+        res = analytical_update(*args, **kw)
+        calls.append((args, res))
+        return res
+
+    monkeypatch.setattr(analytical, "analytical_update", recording)
+    model = quantized_mlp()
+    opt = HyperSTE(torch.optim.SGD(model.parameters(), lr=0.2), hyper_lr=0.5, model=model)
+    entries = list(metaste.quantized_weights(model))
+    for x, y in batches(4):
+        calls.clear()
+        opt.step(lambda x=x, y=y: loss_fn(model, x, y))
+        d = opt.diagnostics
+        assert len(calls) == len(entries)
+        total = sum(e.weight.numel() for _, e in entries)
+        for (name, e), (args, res) in zip(entries, calls):
+            n = e.weight.numel()
+            layer = d["layers"][name]
+            for r in REGIONS:
+                assert layer[r] == float(res.regions[r].count_nonzero()) / n
+                assert d["branch_fractions"][r] == pytest.approx(
+                    sum(float(c[1].regions[r].count_nonzero()) for c in calls) / total
+                )
+            assert layer["halvings"] == float(res.halvings.sum())
+            assert layer["unresolved_frac"] == float(res.unresolved.sum()) / n
+            a = res.a.clamp(e.surrogate.a_min, e.surrogate.a_max)
+            assert torch.equal(e.surrogate.a, a)
+            u = args[1]
+            psi = analytical.slste(u, a, e.qn, e.qp)
+            assert layer["clipped_frac"] == float((psi == 0).sum()) / n
+    assert any(float(c[1].regions["unique_scaling"].count_nonzero()) for c in calls)
 
 
 def test_analytical_uses_the_lr_of_the_previous_update():

@@ -1,0 +1,222 @@
+"""One training run (:func:`run_one`) and many of them in worker processes (:func:`run_all`).
+
+A :class:`RunSpec` names everything a run needs (task by name, method, seed, learning rate,
+quantization), so it can be sent to a worker process. Every run uses one torch thread, in a
+worker or in this process: two OpenMP threads per tiny op on a shared machine oversubscribe the
+cores, and one thread everywhere makes the results identical for any number of workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..quant.convert import quantize_model
+from .methods import METHODS, RunContext, train_step
+from .tasks import Task, get_task
+
+__all__ = ["RunSpec", "RunResult", "run_one", "run_all", "loss_at"]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run. ``holdout=True`` is a tuning run: it trains without the validation part of the
+    training set, never looks at the test set, and reports ``val_loss``. ``marks`` are extra steps
+    at which the test metric is recorded (the equal-compute read-offs)."""
+
+    task: str
+    method: str
+    label: str
+    seed: int
+    lr: float
+    steps: int
+    bits: int
+    quantizer: str
+    options: tuple[tuple[str, object], ...] = ()
+    quant: tuple[tuple[str, object], ...] = ()
+    optimizer: str | None = None
+    scale: str = "cpu"
+    device: str = "cpu"
+    holdout: bool = False
+    marks: tuple[int, ...] = ()
+
+    def build_task(self) -> Task:
+        task = get_task(self.task, self.scale, self.device)
+        changes: dict = {"lr": self.lr}
+        if self.optimizer is not None:
+            changes["optimizer"] = self.optimizer
+        return dataclasses.replace(task, **changes)
+
+
+@dataclass
+class RunResult:
+    label: str
+    method: str
+    seed: int
+    lr: float
+    bits: int | None
+    phase: str  # "tune" (holdout, val_loss) or "eval" (test metric)
+    losses: list[float]
+    eval_steps: list[int]
+    eval_values: list[float]
+    final_metric: float
+    val_loss: float
+    sec_per_step: float
+    fwd_equiv: float
+    diverged: bool
+    options: dict = field(default_factory=dict)
+
+    @property
+    def final_loss(self) -> float:
+        """Mean training loss over the last 10% of steps (smooths minibatch noise)."""
+        return loss_at(self.losses, len(self.losses))
+
+    def metric_at(self, step: int) -> float:
+        """The test metric recorded at ``step`` (nan if the run diverged before it)."""
+        for s, v in zip(self.eval_steps, self.eval_values):
+            if s == step:
+                return v
+        return math.nan
+
+
+def loss_at(losses: Sequence[float], step: int) -> float:
+    """Mean training loss over the last 10% of the first ``step`` steps: the train loss a run of
+    ``step`` steps reports (nan if the run stopped earlier)."""
+    if step > len(losses) or step < 1:
+        return math.nan
+    return float(np.mean(losses[step - max(1, step // 10) : step]))
+
+
+def run_one(spec: RunSpec) -> RunResult:
+    """Train ``spec.task`` with one method and one seed (one torch thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(spec)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(spec: RunSpec) -> RunResult:
+    task = spec.build_task()
+    method = METHODS[spec.method]
+    model = task.model(spec.seed)
+    if method.quant is not None:
+        quantizer = "dorefa" if spec.bits == 1 else spec.quantizer
+        qkw = {**task.quant_kwargs, "bits": spec.bits, "quantizer": quantizer, **dict(spec.quant)}
+        qkw.update(method.quant)
+        model = quantize_model(model, inplace=True, **qkw)
+    extra = dict(spec.options)
+    ctx = RunContext(task.optimizer, task.lr, spec.steps, spec.seed, task.weight_decay, task.momentum, extra)
+    opt = method.build(model, ctx)
+    model.train()
+    marks = set() if spec.holdout else eval_marks(task, spec.steps) | set(spec.marks)
+    losses: list[float] = []
+    eval_steps: list[int] = []
+    eval_values: list[float] = []
+    elapsed = 0.0
+    for step, batch in enumerate(task.batches(spec.seed, spec.steps, holdout=spec.holdout), start=1):
+        t0 = time.perf_counter()
+        loss = train_step(opt, lambda b=batch: task.loss(model, b))
+        elapsed += time.perf_counter() - t0
+        losses.append(loss)
+        if not math.isfinite(loss):
+            break
+        if step in marks:
+            eval_steps.append(step)
+            eval_values.append(task.evaluate(model))
+    finished = len(losses) == spec.steps and math.isfinite(losses[-1])
+    val_loss = math.nan
+    if spec.holdout and finished:
+        val_loss = task.validation_loss(model)
+    diverged = not finished or (spec.holdout and not math.isfinite(val_loss))
+    final = eval_values[-1] if eval_steps and eval_steps[-1] == spec.steps and not diverged else math.nan
+    return RunResult(
+        spec.label,
+        spec.method,
+        spec.seed,
+        spec.lr,
+        None if method.quant is None else spec.bits,
+        "tune" if spec.holdout else "eval",
+        losses,
+        eval_steps,
+        eval_values,
+        final,
+        val_loss,
+        elapsed / max(1, len(losses)),
+        method.fwd_equiv(ctx),
+        diverged,
+        extra,
+    )
+
+
+def eval_marks(task: Task, steps: int) -> set[int]:
+    """The steps at which a run of ``steps`` steps records the test metric."""
+    return {int(round(steps * (k + 1) / task.eval_points)) for k in range(task.eval_points)}
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def _describe(spec: RunSpec, r: RunResult) -> str:
+    what = f"val loss {r.val_loss:.4f}" if spec.holdout else f"metric {r.final_metric:.3f}"
+    state = "DIVERGED" if r.diverged else f"loss {r.final_loss:.4f}, {what}"
+    phase = "tune" if spec.holdout else "eval"
+    return f"{phase} {spec.label} seed {spec.seed} lr {spec.lr:g} ({spec.steps} steps): {state}"
+
+
+def run_all(
+    specs: Sequence[RunSpec], workers: int = 1, log: Callable[[str], None] | None = None
+) -> list[RunResult]:
+    """Run every spec; results in the order of ``specs``. ``workers > 1`` uses that many worker
+    processes (spawned, one torch thread each); ``log`` gets one line per finished run with the
+    time left (estimated from the runs done so far)."""
+    if workers < 1:
+        raise ValueError(f"workers must be ≥ 1, got {workers}")
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    results: list[RunResult | None] = [None] * len(specs)
+    t0 = time.perf_counter()
+
+    def done(i: int, r: RunResult) -> None:
+        results[i] = r
+        k = sum(x is not None for x in results)
+        wall = time.perf_counter() - t0
+        eta = wall / k * (len(specs) - k)
+        log(f"[{k}/{len(specs)} {_clock(wall)} elapsed, ETA {_clock(eta)}] {_describe(specs[i], r)}")
+
+    if workers == 1 or len(specs) <= 1:
+        for i, spec in enumerate(specs):
+            done(i, run_one(spec))
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        saved = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the workers before they import torch
+        try:
+            with ProcessPoolExecutor(
+                min(workers, len(specs)), mp_context=ctx, initializer=_init_worker
+            ) as pool:
+                futures = {pool.submit(run_one, spec): i for i, spec in enumerate(specs)}
+                for fut in as_completed(futures):
+                    done(futures[fut], fut.result())
+        finally:
+            if saved is None:
+                del os.environ["OMP_NUM_THREADS"]
+            else:
+                os.environ["OMP_NUM_THREADS"] = saved
+    return results  # type: ignore[return-value]
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}:{s:02d}"

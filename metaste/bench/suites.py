@@ -1,0 +1,224 @@
+"""The comparison suites (``metaste compare --suite NAME``) and the regenerated results pages.
+
+Each suite is a list of comparisons that mirror a source's experiment; every comparison tunes
+every method (the STE baselines included) on the tuning seeds. ``run_suite`` saves one JSON and
+one PNG per comparison under ``OUT/NAME/``; ``write_reports`` rebuilds ``docs/results.md`` and the
+README's results block from those files, so no number in them is typed by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .compare import Comparison, Protocol, Setup, compare
+
+__all__ = ["SuiteEntry", "SUITES", "run_suite", "write_reports", "replace_block"]
+
+LR_SGD = [0.025, 0.05, 0.1, 0.2]
+LR_ADAM = [0.0025, 0.005, 0.01, 0.02]
+
+
+@dataclass(frozen=True)
+class SuiteEntry:
+    id: str
+    title: str
+    setup: Setup
+    protocol: Protocol
+    note: str = ""  # where the suite departs from the source (seeds, steps) and why
+
+
+# The FOGZO paper's MNIST experiment: MLP 784-10-10, both layers 2-bit with a fixed step set once
+# from the LSQ init formula, SGD, batch 64, 3,000 steps.
+_FIXED_LSQ_INIT = {"fixed_init": "lsq", "keep_last": False}
+_FOGZO_METHODS = [
+    "ste",
+    "ste-identity",
+    "fogzo",
+    "fogzo[beta_min=0.999]",
+    "fogzo-1sided",
+    "fogzo[ste_fraction=0.7]",
+    "nspsa",
+]
+
+
+def _mnist(bits: int, quantizer: str, optimizer: str, methods: list[str], seeds: int, **kw) -> tuple:
+    setup = Setup(
+        "mnist-mlp",
+        bits=bits,
+        quantizer=quantizer,
+        optimizer=optimizer,
+        quant=dict(_FIXED_LSQ_INIT) if quantizer == "fixed" else {},
+        steps=kw.pop("steps", None),
+    )
+    lrs = LR_SGD if optimizer == "sgd" else LR_ADAM
+    return setup, Protocol(methods=methods, seeds=list(range(seeds)), tune_lr=lrs, **kw)
+
+
+_HYPER_METHODS = ["ste", "ste-identity", "ste-pwl", "analytical", "delayed-sgd", "delayed-sgd-plste"]
+
+SUITES: dict[str, list[SuiteEntry]] = {
+    "demo": [
+        SuiteEntry(
+            "demo",
+            "MNIST MLP 784-10-10, 2-bit LSQ (last layer float), SGD, 1,500 steps (`make demo`)",
+            Setup("mnist-mlp"),
+            Protocol(
+                methods=["fp32", "ste", "ste-identity", "fogzo", "delayed-sgd"],
+                seeds=list(range(5)),
+                tune_lr=LR_SGD,
+            ),
+            "5 evaluation seeds: `make demo` must finish in minutes",
+        )
+    ],
+    "fogzo-mnist": [
+        SuiteEntry(
+            "fogzo-mnist-2bit",
+            "FOGZO paper's MNIST MLP 784-10-10, both layers 2-bit, fixed LSQ-init step, SGD, 3,000 steps",
+            *_mnist(2, "fixed", "sgd", _FOGZO_METHODS, 20, steps=3000),
+        )
+    ],
+    "lsq-mnist": [
+        SuiteEntry(
+            f"lsq-mnist-2bit-{opt}",
+            f"MNIST MLP 784-10-10, 2-bit LSQ (last layer float), {opt.upper()}, 1,500 steps",
+            *_mnist(2, "lsq", opt, ["ste", "ste-identity", "fogzo", f"delayed-{opt}"], 10),
+        )
+        for opt in ("sgd", "adam")
+    ],
+    "hyperste": [
+        SuiteEntry(
+            f"hyperste-mnist-{bits}bit",
+            f"MNIST MLP 784-10-10, both layers {bits}-bit "
+            + ("DoReFa" if bits == 1 else "fixed LSQ-init step")
+            + ", SGD, 1,500 steps: HyperSTE analytical / delayed (per element)",
+            *_mnist(bits, "dorefa" if bits == 1 else "fixed", "sgd", _HYPER_METHODS, 10),
+        )
+        for bits in (2, 1)
+    ],
+    "fashion-resnet": [
+        SuiteEntry(
+            f"fashion-resnet-{bits}bit-{opt}",
+            f"Fashion-MNIST subset, ResNet-8-style, {bits}-bit, {opt.upper()}, 300 steps",
+            Setup("fashion-resnet", bits=bits, optimizer=opt, steps=300),
+            Protocol(
+                methods=["ste", "ste-identity", "fogzo"],
+                seeds=list(range(4)),
+                tune_seeds=[100, 101],
+                tune_lr=[0.025, 0.05, 0.1] if opt == "sgd" else [0.0025, 0.005, 0.01],
+                max_extend=1,
+            ),
+            "4 evaluation seeds, 2 tuning seeds, 300 steps, 3-point lr grid (one extension): "
+            "a ResNet step costs ~80 ms on one CPU core, so the ≥ 10 seeds of the protocol do not fit",
+        )
+        for bits in (2, 1)
+        for opt in ("sgd", "adam")
+    ],
+    "kjv-llama": [
+        SuiteEntry(
+            f"kjv-llama-{bits}bit",
+            f"KJV characters, tiny LLaMA (1M), {bits}-bit LSQ, AdamW, 150 steps",
+            Setup("kjv-llama", bits=bits, steps=150),
+            Protocol(
+                methods=["ste", "ste-identity", "fogzo"],
+                seeds=list(range(4)),
+                tune_seeds=[100, 101],
+                tune_lr=[1e-3, 2e-3, 4e-3],
+                max_extend=1,
+            ),
+            "4 evaluation seeds, 2 tuning seeds, 150 steps, 3-point lr grid (one extension), AdamW only: "
+            "a step costs ~250 ms on one CPU core",
+        )
+        for bits in (4, 2)
+    ],
+}
+
+
+def run_suite(name: str, out: Path, workers: int = 1) -> int:
+    """Run every comparison of suite ``name``; save ``OUT/NAME/<id>.json`` and ``.png``."""
+    from .report import write_outputs
+
+    for entry in SUITES[name]:
+        print(f"## {entry.id}: {entry.title}", flush=True)
+        comp = compare(entry.setup, entry.protocol, workers=workers)
+        write_outputs(comp, out / name, stem=f"{entry.id}.")
+    return 0
+
+
+# --- the regenerated pages --------------------------------------------------------------------
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    """Replace what lies between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``."""
+    pattern = re.compile(
+        rf"(<!-- results:{re.escape(name)} -->\n).*?(<!-- /results:{re.escape(name)} -->)", re.S
+    )
+    if not pattern.search(text):
+        raise ValueError(f"no <!-- results:{name} --> ... <!-- /results:{name} --> block to replace")
+    return pattern.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), text)
+
+
+def _load(results: Path) -> dict[str, list[tuple[SuiteEntry, Comparison | None]]]:
+    found = {}
+    for name, entries in SUITES.items():
+        found[name] = [
+            (e, Comparison.load(p) if (p := results / name / f"{e.id}.comparison.json").exists() else None)
+            for e in entries
+        ]
+    return found
+
+
+def write_reports(results: Path, doc: Path, readme: Path) -> list[Path]:
+    """Rewrite ``doc`` (every suite's tables and plots) and the ``results:suites`` block of
+    ``readme`` (one verdict line per method and comparison) from the saved JSON."""
+    from .report import format_table, verdict_lines
+
+    found = _load(results)
+    rel = lambda p: Path(p).relative_to(doc.parent).as_posix()  # noqa: E731
+    parts = [
+        "# Results: every method against the best tuned STE",
+        "",
+        "Regenerated by `make results` (runs the suites, then `metaste report`); do not edit by hand.",
+        "Protocol: each method's learning rate (and any `--tune` option) is tuned on seeds 100+, by the",
+        "validation loss on a part of the training set held out for tuning; the baseline is the best of the",
+        "listed plain-STE variants at its tuned lr; Δ = method − baseline, paired over the evaluation seeds,",
+        "± the t-based 95 % CI, (seeds better / pairs). A verdict is `better`/`worse` only when the CI",
+        "excludes 0. *Equal compute*: the baseline's own run read off at the step count that costs the same",
+        "forward-pass equivalents as the method's run.",
+        "",
+    ]
+    summary = []
+    demo = "*Not run yet (`make results`).*"
+    for name, entries in found.items():
+        parts += [f"## Suite `{name}`", "", f"`metaste compare --suite {name}`", ""]
+        for entry, comp in entries:
+            parts += [f"### {entry.title}", ""]
+            if entry.note:
+                parts += [f"*Scaled down:* {entry.note}.", ""]
+            if comp is None:
+                parts += ["*Not run yet.*", ""]
+                continue
+            png = results / name / f"{entry.id}.curves.png"
+            parts += [format_table(comp), "", f"![{entry.id}]({rel(png)})", ""]
+            parts.append(
+                f"({len(comp.runs) + len(comp.tuning)} runs, {comp.seconds / 60:.0f} min with the suite's workers)"
+            )
+            parts.append("")
+            if name == "demo":
+                link = Path(os.path.relpath(png, readme.parent)).as_posix()
+                demo = f"{format_table(comp)}\n\n![make demo]({link})"
+            else:
+                summary += [f"- **{entry.id}**: {line}" for line in verdict_lines(comp)]
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text("\n".join(parts).rstrip("\n") + "\n")
+    written = [doc]
+    if readme.exists():
+        body = "\n".join(summary) if summary else "*No suite has been run yet (`make results`).*"
+        text = replace_block(readme.read_text(), "suites", body)
+        if "<!-- results:demo -->" in text:
+            text = replace_block(text, "demo", demo)
+        readme.write_text(text)
+        written.append(readme)
+    return written

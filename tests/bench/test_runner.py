@@ -1,0 +1,73 @@
+"""One run and many: pairing by seed, determinism, worker processes."""
+
+import math
+
+import pytest
+import torch
+
+from metaste.bench import stats
+from metaste.bench.runner import RunSpec, loss_at, run_all, run_one
+
+
+def _spec(method="ste", seed=0, steps=30, **kw):
+    return RunSpec("digits-mlp", method, method, seed, 0.1, steps, 2, "lsq", **kw)
+
+
+def test_mean_ci_matches_scipy_t_interval():
+    st = pytest.importorskip("scipy.stats")
+    x = [0.3, 1.2, 0.7, 2.2, 1.1]
+    m, h = stats.mean_ci(x)
+    lo, hi = st.t.interval(0.95, len(x) - 1, loc=sum(x) / len(x), scale=st.sem(x))
+    assert m == pytest.approx((lo + hi) / 2) and h == pytest.approx((hi - lo) / 2, rel=1e-3)
+
+
+def test_paired_ci_uses_per_seed_differences():
+    m, h = stats.paired_diff_ci([1.0, 2.0, 3.0], [0.5, 1.5, 2.5])
+    assert m == pytest.approx(0.5) and h == pytest.approx(0.0)
+    assert math.isnan(stats.mean_ci([1.0])[1])
+
+
+def test_same_seed_gives_identical_runs_and_methods_are_paired():
+    a, b = run_one(_spec()), run_one(_spec())
+    assert a.losses == b.losses and a.final_metric == b.final_metric
+    fp = run_one(_spec("fp32"))
+    assert fp.bits is None and a.bits == 2  # fp32 is the unquantized reference
+    assert fp.losses[0] != a.losses[0]  # ... so its first loss differs, but only by quantization:
+    assert math.isclose(fp.losses[0], a.losses[0], rel_tol=0.2)  # same init and first batch
+    assert run_one(_spec(seed=1)).losses[0] != a.losses[0]
+
+
+def test_a_longer_run_is_the_shorter_run_continued():
+    """What the equal-compute read-off relies on: no schedule, the same batch stream."""
+    short, long = run_one(_spec(steps=20)), run_one(_spec(steps=40, marks=(20,)))
+    assert long.losses[:20] == short.losses
+    assert long.metric_at(20) == short.final_metric
+    assert loss_at(long.losses, 20) == short.final_loss
+
+
+def test_a_run_uses_one_thread_and_restores_the_callers_count():
+    before = torch.get_num_threads()
+    run_one(_spec(steps=2))
+    assert torch.get_num_threads() == before
+
+
+def test_tuning_runs_hold_out_validation_and_never_evaluate_the_test_set():
+    r = run_one(_spec(holdout=True))
+    assert r.phase == "tune" and r.eval_steps == [] and math.isnan(r.final_metric)
+    assert math.isfinite(r.val_loss) and 0 < r.val_loss < 5
+    assert r.losses != run_one(_spec()).losses  # different training rows
+
+
+def test_a_diverging_run_is_marked_not_averaged():
+    r = run_one(RunSpec("digits-mlp", "fp32", "fp32", 0, 1e38, 30, 2, "lsq"))
+    assert r.diverged and len(r.losses) < 30 and math.isnan(r.final_metric)
+
+
+def test_results_are_identical_for_one_and_two_workers():
+    specs = [_spec(m, seed, steps=25) for m in ("ste", "fogzo") for seed in (0, 1)]
+    one = run_all(specs, workers=1, log=lambda _: None)
+    lines = []
+    two = run_all(specs, workers=2, log=lines.append)
+    assert [r.losses for r in one] == [r.losses for r in two]
+    assert [r.eval_values for r in one] == [r.eval_values for r in two]
+    assert len(lines) == 4 and all("ETA" in line for line in lines)
