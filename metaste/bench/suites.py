@@ -97,6 +97,32 @@ SUITES: dict[str, list[SuiteEntry]] = {
             *_mnist(bits, "dorefa" if bits == 1 else "fixed", "sgd", _HYPER_METHODS, 10),
         )
         for bits in (2, 1)
+    ]
+    + [
+        SuiteEntry(
+            "hyperste-mnist-2bit-channel",
+            "MNIST MLP 784-10-10, both layers 2-bit fixed LSQ-init step, SGD, 1,500 steps: HyperSTE "
+            "delayed SLSTE / PLSTE / DLSTE with one surrogate parameter per output channel",
+            Setup(
+                "mnist-mlp",
+                bits=2,
+                quantizer="fixed",
+                optimizer="sgd",
+                quant={**_FIXED_LSQ_INIT, "granularity": "channel"},
+            ),
+            Protocol(
+                methods=[
+                    "ste",
+                    "ste-identity",
+                    "ste-pwl",
+                    "delayed-sgd",
+                    "delayed-sgd-plste",
+                    "delayed-sgd-dlste",
+                ],
+                seeds=list(range(10)),
+                tune_lr=LR_SGD,
+            ),
+        )
     ],
     "fashion-resnet": [
         SuiteEntry(
@@ -136,11 +162,18 @@ SUITES: dict[str, list[SuiteEntry]] = {
 }
 
 
-def run_suite(name: str, out: Path, workers: int = 1) -> int:
-    """Run every comparison of suite ``name``; save ``OUT/NAME/<id>.json`` and ``.png``."""
+def run_suite(name: str, out: Path, workers: int = 1, only: list[str] | None = None) -> int:
+    """Run the comparisons of suite ``name`` (those named in ``only``, default all); save
+    ``OUT/NAME/<id>.comparison.json``, ``.table.md`` and ``.curves.png``."""
     from .report import write_outputs
 
+    ids = [e.id for e in SUITES[name]]
+    unknown = sorted(set(only or ()) - set(ids))
+    if unknown:
+        raise ValueError(f"suite {name!r} has no entry {unknown}; its entries are {', '.join(ids)}")
     for entry in SUITES[name]:
+        if only and entry.id not in only:
+            continue
         print(f"## {entry.id}: {entry.title}", flush=True)
         comp = compare(entry.setup, entry.protocol, workers=workers)
         write_outputs(comp, out / name, stem=f"{entry.id}.")
