@@ -203,6 +203,36 @@ def _load(results: Path) -> dict[str, list[tuple[SuiteEntry, Comparison | None]]
     return found
 
 
+def tally_verdicts(comp: Comparison, tally: dict[str, dict[str, list[str]]]) -> None:
+    """Add each method's test-metric verdicts (equal steps, equal compute) of ``comp`` to ``tally``:
+    method → verdict → the comparisons (task, bits, optimizer) where it was reached."""
+    from .report import deltas
+
+    s = comp.setup
+    where = f"{s['task']} {s['bits']}-bit {s['quantizer']} {s['optimizer']}"
+    for label in comp.choices:
+        if comp.baseline is None or label in (comp.baseline, "fp32"):
+            continue
+        d = deltas(comp, label)
+        for key, tag in (("metric", ""), ("metric@compute", " (compute)")):
+            if key in d:
+                tally.setdefault(label, {}).setdefault(d[key].verdict + tag, []).append(where)
+
+
+def tally_table(tally: dict[str, dict[str, list[str]]]) -> str:
+    """Per method: in how many comparisons its test metric was better / no different / worse than
+    the best tuned STE, at equal steps and at equal compute."""
+    cols = ["better", "no difference", "worse"]
+    head = "| method | " + " | ".join(f"{c}, equal steps" for c in cols) + " | "
+    head += " | ".join(f"{c}, equal compute" for c in cols) + " |"
+    rows = [head, "|" + "---|" * (1 + 2 * len(cols))]
+    for label, verdicts in tally.items():
+        cells = [str(len(verdicts.get(c, []))) for c in cols]
+        cells += [str(len(verdicts.get(c + " (compute)", []))) for c in cols]
+        rows.append(f"| `{label}` | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def write_reports(results: Path, doc: Path, readme: Path) -> list[Path]:
     """Rewrite ``doc`` (every suite's tables and plots) and the ``results:suites`` block of
     ``readme`` (one verdict line per method and comparison) from the saved JSON."""
@@ -223,6 +253,7 @@ def write_reports(results: Path, doc: Path, readme: Path) -> list[Path]:
         "",
     ]
     summary = []
+    tally: dict[str, dict[str, list[str]]] = {}
     demo = "*Not run yet (`make results`).*"
     for name, entries in found.items():
         parts += [f"## Suite `{name}`", "", f"`metaste compare --suite {name}`", ""]
@@ -244,11 +275,16 @@ def write_reports(results: Path, doc: Path, readme: Path) -> list[Path]:
                 demo = f"{format_table(comp)}\n\n![make demo]({link})"
             else:
                 summary += [f"- **{entry.id}**: {line}" for line in verdict_lines(comp)]
+                tally_verdicts(comp, tally)
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(parts).rstrip("\n") + "\n")
     written = [doc]
     if readme.exists():
-        body = "\n".join(summary) if summary else "*No suite has been run yet (`make results`).*"
+        body = (
+            tally_table(tally) + "\n\n" + "\n".join(summary)
+            if summary
+            else "*No suite has been run yet (`make results`).*"
+        )
         text = replace_block(readme.read_text(), "suites", body)
         if "<!-- results:demo -->" in text:
             text = replace_block(text, "demo", demo)
