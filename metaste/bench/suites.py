@@ -263,6 +263,8 @@ def write_reports(results: Path, doc: Path, readme: Path) -> list[Path]:
         "± the t-based 95 % CI, (seeds better / pairs). A verdict is `better`/`worse` only when the CI",
         "excludes 0. *Equal compute*: the baseline's own run read off at the step count that costs the same",
         "forward-pass equivalents as the method's run.",
+        "Each verdict is one 95 % test; over the dozens of verdicts on this page a few `better` or `worse`",
+        "are expected by chance alone, so a lone `better` is a lead to confirm on fresh seeds, not a result.",
         "",
     ]
     summary = []
