@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--suite", choices=tuple(SUITES), help="run a predefined set of comparisons (see --list-suites)"
     )
+    c.add_argument("--only", default=None, metavar="ID,ID", help="with --suite: run only these entries")
     c.add_argument("--task", default="mnist-mlp", choices=tuple(TASKS))
     c.add_argument("--scale", default="cpu", choices=tuple(SCALES), help="task size preset (gpu: larger)")
     c.add_argument("--device", default="cpu", help="cpu or cuda[:i]: model, data and noise live there")
@@ -123,7 +124,11 @@ def _compare(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.workers < 1:
         p.error(f"--workers must be ≥ 1, got {args.workers}")
     if args.suite:
-        return run_suite(args.suite, args.out, workers=args.workers)
+        only = [x for x in (args.only or "").split(",") if x] or None
+        try:
+            return run_suite(args.suite, args.out, workers=args.workers, only=only)
+        except ValueError as e:
+            p.error(str(e))
     quant = _key_values(p, args.quant_opt, "--quant-opt")
     if args.surrogate is not None:
         quant["surrogate"] = args.surrogate

@@ -44,7 +44,9 @@ _FOGZO_METHODS = [
 ]
 
 
-def _mnist(bits: int, quantizer: str, optimizer: str, methods: list[str], seeds: int, **kw) -> tuple:
+def _mnist(
+    bits: int, quantizer: str, optimizer: str, methods: list[str], seeds: int, first_seed: int = 0, **kw
+) -> tuple:
     setup = Setup(
         "mnist-mlp",
         bits=bits,
@@ -54,7 +56,8 @@ def _mnist(bits: int, quantizer: str, optimizer: str, methods: list[str], seeds:
         steps=kw.pop("steps", None),
     )
     lrs = LR_SGD if optimizer == "sgd" else LR_ADAM
-    return setup, Protocol(methods=methods, seeds=list(range(seeds)), tune_lr=lrs, **kw)
+    seeds_ = list(range(first_seed, first_seed + seeds))
+    return setup, Protocol(methods=methods, seeds=seeds_, tune_lr=lrs, **kw)
 
 
 _HYPER_METHODS = ["ste", "ste-identity", "ste-pwl", "analytical", "delayed-sgd", "delayed-sgd-plste"]
@@ -87,6 +90,16 @@ SUITES: dict[str, list[SuiteEntry]] = {
             *_mnist(2, "lsq", opt, ["ste", "ste-identity", "fogzo", f"delayed-{opt}"], 10),
         )
         for opt in ("sgd", "adam")
+    ]
+    + [
+        SuiteEntry(
+            "lsq-mnist-2bit-sgd-confirm",
+            "MNIST MLP 784-10-10, 2-bit LSQ, SGD, 1,500 steps: `delayed-sgd` against the identity STE "
+            "on 20 fresh seeds",
+            *_mnist(2, "lsq", "sgd", ["ste-identity", "delayed-sgd"], 20, first_seed=10),
+            "a confirmation of the one `better` verdict of `lsq-mnist-2bit-sgd` (seeds 0–9), whose "
+            "protocol it repeats (same tuning seeds and grid) on evaluation seeds 10–29",
+        )
     ],
     "hyperste": [
         SuiteEntry(
@@ -97,6 +110,32 @@ SUITES: dict[str, list[SuiteEntry]] = {
             *_mnist(bits, "dorefa" if bits == 1 else "fixed", "sgd", _HYPER_METHODS, 10),
         )
         for bits in (2, 1)
+    ]
+    + [
+        SuiteEntry(
+            "hyperste-mnist-2bit-channel",
+            "MNIST MLP 784-10-10, both layers 2-bit fixed LSQ-init step, SGD, 1,500 steps: HyperSTE "
+            "delayed SLSTE / PLSTE / DLSTE with one surrogate parameter per output channel",
+            Setup(
+                "mnist-mlp",
+                bits=2,
+                quantizer="fixed",
+                optimizer="sgd",
+                quant={**_FIXED_LSQ_INIT, "granularity": "channel"},
+            ),
+            Protocol(
+                methods=[
+                    "ste",
+                    "ste-identity",
+                    "ste-pwl",
+                    "delayed-sgd",
+                    "delayed-sgd-plste",
+                    "delayed-sgd-dlste",
+                ],
+                seeds=list(range(10)),
+                tune_lr=LR_SGD,
+            ),
+        )
     ],
     "fashion-resnet": [
         SuiteEntry(
@@ -136,11 +175,18 @@ SUITES: dict[str, list[SuiteEntry]] = {
 }
 
 
-def run_suite(name: str, out: Path, workers: int = 1) -> int:
-    """Run every comparison of suite ``name``; save ``OUT/NAME/<id>.json`` and ``.png``."""
+def run_suite(name: str, out: Path, workers: int = 1, only: list[str] | None = None) -> int:
+    """Run the comparisons of suite ``name`` (those named in ``only``, default all); save
+    ``OUT/NAME/<id>.comparison.json``, ``.table.md`` and ``.curves.png``."""
     from .report import write_outputs
 
+    ids = [e.id for e in SUITES[name]]
+    unknown = sorted(set(only or ()) - set(ids))
+    if unknown:
+        raise ValueError(f"suite {name!r} has no entry {unknown}; its entries are {', '.join(ids)}")
     for entry in SUITES[name]:
+        if only and entry.id not in only:
+            continue
         print(f"## {entry.id}: {entry.title}", flush=True)
         comp = compare(entry.setup, entry.protocol, workers=workers)
         write_outputs(comp, out / name, stem=f"{entry.id}.")
@@ -170,6 +216,36 @@ def _load(results: Path) -> dict[str, list[tuple[SuiteEntry, Comparison | None]]
     return found
 
 
+def tally_verdicts(comp: Comparison, tally: dict[str, dict[str, list[str]]]) -> None:
+    """Add each method's test-metric verdicts (equal steps, equal compute) of ``comp`` to ``tally``:
+    method → verdict → the comparisons (task, bits, optimizer) where it was reached."""
+    from .report import deltas
+
+    s = comp.setup
+    where = f"{s['task']} {s['bits']}-bit {s['quantizer']} {s['optimizer']}"
+    for label in comp.choices:
+        if comp.baseline is None or label in (comp.baseline, "fp32"):
+            continue
+        d = deltas(comp, label)
+        for key, tag in (("metric", ""), ("metric@compute", " (compute)")):
+            if key in d:
+                tally.setdefault(label, {}).setdefault(d[key].verdict + tag, []).append(where)
+
+
+def tally_table(tally: dict[str, dict[str, list[str]]]) -> str:
+    """Per method: in how many comparisons its test metric was better / no different / worse than
+    the best tuned STE, at equal steps and at equal compute."""
+    cols = ["better", "no difference", "worse"]
+    head = "| method | " + " | ".join(f"{c}, equal steps" for c in cols) + " | "
+    head += " | ".join(f"{c}, equal compute" for c in cols) + " |"
+    rows = [head, "|" + "---|" * (1 + 2 * len(cols))]
+    for label, verdicts in tally.items():
+        cells = [str(len(verdicts.get(c, []))) for c in cols]
+        cells += [str(len(verdicts.get(c + " (compute)", []))) for c in cols]
+        rows.append(f"| `{label}` | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def write_reports(results: Path, doc: Path, readme: Path) -> list[Path]:
     """Rewrite ``doc`` (every suite's tables and plots) and the ``results:suites`` block of
     ``readme`` (one verdict line per method and comparison) from the saved JSON."""
@@ -187,9 +263,12 @@ def write_reports(results: Path, doc: Path, readme: Path) -> list[Path]:
         "± the t-based 95 % CI, (seeds better / pairs). A verdict is `better`/`worse` only when the CI",
         "excludes 0. *Equal compute*: the baseline's own run read off at the step count that costs the same",
         "forward-pass equivalents as the method's run.",
+        "Each verdict is one 95 % test; over the dozens of verdicts on this page a few `better` or `worse`",
+        "are expected by chance alone, so a lone `better` is a lead to confirm on fresh seeds, not a result.",
         "",
     ]
     summary = []
+    tally: dict[str, dict[str, list[str]]] = {}
     demo = "*Not run yet (`make results`).*"
     for name, entries in found.items():
         parts += [f"## Suite `{name}`", "", f"`metaste compare --suite {name}`", ""]
@@ -211,11 +290,16 @@ def write_reports(results: Path, doc: Path, readme: Path) -> list[Path]:
                 demo = f"{format_table(comp)}\n\n![make demo]({link})"
             else:
                 summary += [f"- **{entry.id}**: {line}" for line in verdict_lines(comp)]
+                tally_verdicts(comp, tally)
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(parts).rstrip("\n") + "\n")
     written = [doc]
     if readme.exists():
-        body = "\n".join(summary) if summary else "*No suite has been run yet (`make results`).*"
+        body = (
+            tally_table(tally) + "\n\n" + "\n".join(summary)
+            if summary
+            else "*No suite has been run yet (`make results`).*"
+        )
         text = replace_block(readme.read_text(), "suites", body)
         if "<!-- results:demo -->" in text:
             text = replace_block(text, "demo", demo)

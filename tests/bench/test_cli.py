@@ -98,3 +98,9 @@ def test_a_method_registered_later_runs_through_the_command(tmp_path, capsys):
         del METHODS["test-half-lr"]
     assert "| `test-half-lr` |" in capsys.readouterr().out
     assert seen == {"surrogates": {"pwl"}, "extra": {"foo": 3}}
+
+
+def test_a_suite_entry_that_does_not_exist_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["compare", "--suite", "hyperste", "--only", "hyperste-mnist-3bit"])
+    assert e.value.code == 2 and "hyperste-mnist-2bit-channel" in capsys.readouterr().err

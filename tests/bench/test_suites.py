@@ -75,6 +75,8 @@ def test_report_regeneration_is_idempotent_and_replaces_only_its_block(tmp_path,
         "<!-- /results:suites -->\noutro\n"
     )
     assert "old" not in text and "**tiny**: `fogzo` vs best STE" in text
+    (row,) = [line for line in text.splitlines() if line.startswith("| `fogzo` |")]
+    assert sum(int(c) for c in row.split("|")[2:5]) == 1  # one comparison, one equal-steps verdict
     assert "### digits, 6 steps" in first[1] and "| `fogzo` |" in first[1]
 
 
