@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..quant.registry import lookup
+from ._modules import ModuleBufferGuard, captured_modules
 from ._snapshot import BufferGuard, RngState
 from ._wrapper import Closure, OptimizerWrapper, check_closure, check_loss
 from .smoothing import SMOOTHINGS, STE_KINDS, derive_seed, noise, rademacher
@@ -256,8 +257,9 @@ class FOGZO(OptimizerWrapper):
           (train) mode with the torch RNG reset to its state before the clean call, so dropout
           masks and random augmentations match; afterwards the RNG continues from its state
           after the clean call. Python's ``random`` and NumPy's global RNG are not reset.
-        * Buffers of every module that runs during the perturbed passes (BatchNorm running
-          statistics) are restored after each of them: only the clean pass updates them.
+        * Buffers (BatchNorm running statistics) of the modules the closure refers to (found
+          without hooks, so ``torch.compile`` models keep one graph; docs/design.md §7.5) are
+          restored after each perturbed pass: only the clean pass updates them.
         * Under DDP the weight gradients are already averaged by backward; FOGZO averages the
           c_i, so every rank computes the same G.
         * A non-finite L₊/L₋ keeps g for that step (with β ≡ 0 and no backward there is no g:
@@ -446,7 +448,10 @@ class FOGZO(OptimizerWrapper):
             buffers.restore()
             return float(value)
 
-        with torch.no_grad(), BufferGuard() as buffers:
+        # the buffers of the modules the closure refers to; a global forward hook only as the
+        # fallback (it cannot be traced through torch.compile: docs/design.md §7.5)
+        modules = captured_modules(closure)
+        with torch.no_grad(), ModuleBufferGuard(modules) if modules else BufferGuard() as buffers:
             eps = [self._eps(m) for m in managed]
             try:
                 G, c = fogzo_estimate(
