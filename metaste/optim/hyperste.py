@@ -10,6 +10,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ..adapters import foreign_quantization_hint
 from ..quant.registry import lookup
 from ._wrapper import Closure, OptimizerWrapper
 from .hyper import METHODS
@@ -170,7 +171,7 @@ class HyperSTE(OptimizerWrapper):
                 "HyperSTE found no quantized weight with a learnable surrogate among the optimizer's "
                 "parameters; quantize the model with one, e.g. "
                 "metaste.quantize_model(model, bits=2, surrogate='slste'), and build the optimizer "
-                "over the quantized model's parameters"
+                "over the quantized model's parameters" + foreign_quantization_hint(model, self.params())
             )
         return managed
 
