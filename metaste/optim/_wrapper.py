@@ -197,12 +197,21 @@ class OptimizerWrapper(Optimizer):
                 self.grad_scaler.update()
         return loss
 
-    def _before_base_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        """Step pre-hook of the base optimizer: clip right before the base update (after the
-        estimator), only inside this wrapper's own step."""
-        if self._in_step and self.max_grad_norm is not None:
+    #: where ``max_grad_norm`` clips: right before the base update (the surrogate gradient
+    #: g ⊙ ψ, HyperSTE), or — False — where the subclass calls :meth:`_clip` (FOGZO: the
+    #: backprop gradient, before its zeroth-order estimate replaces it)
+    _clip_before_base_step = True
+
+    def _clip(self) -> None:
+        if self.max_grad_norm is not None:
             grads = [p for p in self.params() if p.grad is not None]
             self.last_grad_norm = torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
+
+    def _before_base_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        """Step pre-hook of the base optimizer: clip right before the base update, only inside
+        this wrapper's own step."""
+        if self._in_step and self._clip_before_base_step:
+            self._clip()
 
 
 def check_closure(closure: Closure | None, who: str) -> None:

@@ -11,8 +11,9 @@ takes the scaler (``FOGZO(opt, grad_scaler=scaler)``, ``HyperSTE(opt, grad_scale
     if an unscaled gradient is inf/NaN:                        # exactly GradScaler.step's test
         scaler.update(); return loss                           # nothing else changes: no extra
                                                                # passes, no θ update, no counter
+    FOGZO: clip_grad_norm_(params, max_grad_norm)              # the backprop gradient, not G
     estimator (FOGZO's ĝ, c_i, G; HyperSTE's hypergradients and g ⊙ ψ)
-    clip_grad_norm_(params, max_grad_norm)                     # right before the base step
+    HyperSTE: clip_grad_norm_(params, max_grad_norm)           # g ⊙ ψ, right before the base step
     optimizer.step(); scaler.update()
 
 With a plain-STE setting (FOGZO ``ste_fraction=1``, HyperSTE ``hyper_lr=0``) this is, operation

@@ -248,8 +248,10 @@ class FOGZO(OptimizerWrapper):
             loss, unscale before ĝ and G, an inf/NaN gradient skips the step (no perturbed passes,
             no step count), then ``scaler.update()`` (docs/design.md §5.1). Do not call the
             scaler's ``step``/``update`` yourself.
-        max_grad_norm (default ``None``): clip the gradients the base optimizer gets (G and the
-            unmanaged ones) to this total norm; :attr:`last_grad_norm` holds the norm before clipping.
+        max_grad_norm (default ``None``): clip the backprop gradient (the STE gradient of the
+            managed weights and the unmanaged ones) to this total norm, before the estimate; G is
+            not clipped — its norm is the zeroth-order noise's (docs/design.md §5.1).
+            :attr:`last_grad_norm` holds the norm before clipping.
 
     Notes:
         * The closure returns the loss without calling ``backward`` and may be called 1 + 2n
@@ -270,6 +272,8 @@ class FOGZO(OptimizerWrapper):
           :class:`~metaste.optim.amp.Accumulated` runs backward per micro-batch. AMP: run the
           closure's forward under ``torch.autocast``; fp16 needs ``grad_scaler=``.
     """
+
+    _clip_before_base_step = False  # max_grad_norm clips the backprop gradient, not G
 
     def __init__(
         self,
@@ -426,6 +430,7 @@ class FOGZO(OptimizerWrapper):
         t = self.steps
         if t < math.floor(self.ste_fraction * (self.total_steps or 0)):
             loss = self._evaluate(closure)
+            self._clip()
             self.optimizer.step()
             self.steps = t + 1
             return loss
@@ -437,6 +442,7 @@ class FOGZO(OptimizerWrapper):
         devices = {p.device for p in weights}
         rng_before = RngState(devices)
         loss = self._evaluate(closure, backward=needs_backward)
+        self._clip()  # the backprop gradient, not G (docs/design.md §5.1)
         rng_after = RngState(devices)
         all_grads = [(p, p.grad) for p in self.params()]
 

@@ -184,6 +184,27 @@ def test_max_grad_norm_equals_clip_grad_norm_before_the_base_step(name):
     assert_same_tensors(tensors_of(model), tensors_of(ref_model))
 
 
+def test_fogzo_clips_the_backprop_gradient_not_its_estimate():
+    data = batches(1)
+    x, y = data[0]
+    runs = []
+    for clip in (None, 1e-3):
+        model = mlp(surrogate="identity")
+        opt = FOGZO(torch.optim.SGD(model.parameters(), lr=0.1), total_steps=5, n=2, max_grad_norm=clip)
+        ref = mlp(surrogate="identity")
+        loss_fn(ref, x, y).backward()
+        backprop_norm = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()])
+        opt.step(lambda m=model: loss_fn(m, x, y))
+        if clip is not None:
+            assert torch.equal(opt.last_grad_norm, backprop_norm)
+        runs.append(model)
+    managed = {id(e.weight) for _, e in metaste.quantized_weights(runs[0])}
+    for p, q in zip(runs[0].parameters(), runs[1].parameters()):
+        # G does not depend on the scale of g (ĝ is normalised): managed weights move as unclipped
+        same = torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+        assert same if id(p) in managed else not same
+
+
 @pytest.mark.parametrize("name", ["fogzo", "delayed"])
 def test_accumulated_micro_batches_equal_one_closure_over_their_mean(name):
     surrogate, base, cls, kwargs = OVERFLOW[name]
