@@ -27,7 +27,8 @@ from ..quant.registry import lookup
 from ._modules import ModuleBufferGuard, captured_modules
 from ._snapshot import BufferGuard, RngState
 from ._wrapper import Closure, OptimizerWrapper, check_closure, check_loss
-from .smoothing import SMOOTHINGS, STE_KINDS, derive_seed, noise, rademacher
+from .fsdp import all_reduce_sum, global_offset, is_dtensor, local, local_scale, mesh_group, reshard
+from .smoothing import SMOOTHINGS, STE_KINDS, noise_slice, rademacher
 
 __all__ = ["FOGZO", "fogzo_estimate", "RESTORE_MODES"]
 
@@ -51,6 +52,9 @@ def fogzo_estimate(
     restore: str = "copy",
     keep_noise: bool = False,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    offsets: Sequence[int] | None = None,
+    numels: Sequence[int] | None = None,
+    reduce_sum: Callable[[float], float] | None = None,
 ) -> tuple[list[Tensor] | None, Tensor]:
     """The FOGZO estimate G of docs/design.md §4.3 for the managed tensors ``weights`` (v_k).
 
@@ -59,7 +63,9 @@ def fogzo_estimate(
     as a float. The weights are perturbed in place and restored (``restore="copy"``: bitwise;
     ``"inplace"``: +1, −2, +1, within 4 ulp of max|v| per cycle); ``loss_at`` is called 2n times (n if
     ``one_sided``, then c_i = L₊ − ``loss0``). ``reduce`` averages the c_i across processes.
-    ``grads`` are overwritten with G. Returns (G per tensor, c), or (None, c) if some c_i is
+    ``grads`` are overwritten with G. Sharded tensors (FSDP2, :mod:`metaste.optim.fsdp`): ``weights``
+    are the rank's shards, ``offsets[k]``/``numels[k]`` their flat offset in and the size of the full
+    tensor (the noise is that slice of the full tensor's), ``reduce_sum`` sums ‖ε⊙g‖² over ranks. Returns (G per tensor, c), or (None, c) if some c_i is
     not finite (the caller keeps g).
 
     The noise z_ik is regenerated from ``derive_seed(seed, step, i, k)`` each time it is used
@@ -72,7 +78,7 @@ def fogzo_estimate(
         G = (1/n) Σ_i c_i d_i ⊘ ε  =  g·√β Σ_i σ_i c_i / (nN)  +  Σ_i √(1−β) c_i/n · z_i ⊘ ε
     """
     # 1. ĝ = ε⊙g / N with N = ‖ε⊙g‖ over all managed tensors jointly
-    norm = _joint_norm(grads, eps) if beta > 0 else 0.0
+    norm = _joint_norm(grads, eps, reduce_sum) if beta > 0 else 0.0
     inv_norm = 1.0 / norm if 0.0 < norm < math.inf else 0.0
     # ε⊙d_i = a σ_i (ε²⊙g) + b (ε⊙z_i): a = √β/N, b = √(1−β)
     a, b = math.sqrt(beta) * inv_norm, math.sqrt(1.0 - beta)
@@ -85,7 +91,11 @@ def fogzo_estimate(
         if (i, k) in kept:
             return kept[(i, k)]
         v = weights[k]
-        zik = noise(kinds[k], v.shape, derive_seed(seed, step, i, k), v.device, v.dtype)
+        total = v.numel() if numels is None else numels[k]
+        start = 0 if offsets is None else offsets[k]
+        zik = noise_slice(kinds[k], total, start, v.numel(), (seed, step, i, k), v.device, v.dtype).view(
+            v.shape
+        )
         if keep_noise:
             kept[(i, k)] = zik
         return zik
@@ -158,7 +168,9 @@ def fogzo_estimate(
     return out, c
 
 
-def _joint_norm(grads: Sequence[Tensor | None], eps: Sequence[Tensor]) -> float:
+def _joint_norm(
+    grads: Sequence[Tensor | None], eps: Sequence[Tensor], reduce_sum: Callable[[float], float] | None = None
+) -> float:
     """N = ‖ε ⊙ g‖₂ over all tensors, without a tensor-sized temporary for a scalar ε."""
     total = 0.0
     for g, e in zip(grads, eps):
@@ -169,6 +181,8 @@ def _joint_norm(grads: Sequence[Tensor | None], eps: Sequence[Tensor]) -> float:
         else:
             nk = float(torch.linalg.vector_norm(g * e))
         total += nk * nk
+    if reduce_sum is not None:  # sharded tensors: the partial sums of squares of every rank
+        total = reduce_sum(total)
     return math.sqrt(total)
 
 
@@ -388,14 +402,14 @@ class FOGZO(OptimizerWrapper):
         return out
 
     def _eps(self, m: _Managed) -> Tensor:
-        s = m.scale()
+        s = local_scale(m.scale(), m.param)  # FSDP2: the rows of this rank's shard
         s = torch.as_tensor(s, dtype=m.param.dtype, device=m.param.device).detach()
         return s * SMOOTHINGS[m.kind].eps_bar
 
     def _check_scale(self, m: _Managed) -> None:
         e = self._eps(m)
         try:
-            torch.broadcast_shapes(e.shape, m.param.shape)
+            torch.broadcast_shapes(e.shape, local(m.param).shape)
         except RuntimeError as err:
             raise ValueError(
                 f"the step size of a weight of shape {tuple(m.param.shape)} has shape {tuple(e.shape)}, "
@@ -450,6 +464,8 @@ class FOGZO(OptimizerWrapper):
             rng_before.restore()
             with torch.no_grad():
                 value = closure()
+            if sharded:  # FSDP2: the next pass must gather the next perturbation
+                reshard(modules)
             check_loss(value, name)
             buffers.restore()
             return float(value)
@@ -457,12 +473,21 @@ class FOGZO(OptimizerWrapper):
         # the buffers of the modules the closure refers to; a global forward hook only as the
         # fallback (it cannot be traced through torch.compile: docs/design.md §7.5)
         modules = captured_modules(closure)
+        # FSDP2 (docs/design.md §7.4): the rank's shards, their offsets, the norm summed over ranks
+        sharded = [p for p in weights if is_dtensor(p)]
+        if sharded and not modules:
+            raise ValueError(
+                "FOGZO over FSDP2-sharded weights needs to find the model in the closure (to reshard it "
+                "between the perturbed passes); let the closure refer to the model, e.g. "
+                "opt.step(lambda: loss_fn(model(x), y))"
+            )
         with torch.no_grad(), ModuleBufferGuard(modules) if modules else BufferGuard() as buffers:
             eps = [self._eps(m) for m in managed]
+            group = mesh_group(sharded[0]) if sharded else None
             try:
                 G, c = fogzo_estimate(
-                    weights,
-                    [p.grad for p in weights],
+                    [local(p) for p in weights],
+                    [None if p.grad is None else local(p.grad) for p in weights],
                     eps,
                     [m.kind for m in managed],
                     loss_at,
@@ -475,6 +500,9 @@ class FOGZO(OptimizerWrapper):
                     restore=self.restore,
                     keep_noise=self.keep_noise,
                     reduce=lambda c: self._all_reduce_mean(c, weights[0].device),
+                    offsets=[global_offset(p) for p in weights] if sharded else None,
+                    numels=[p.numel() for p in weights] if sharded else None,
+                    reduce_sum=(lambda x: all_reduce_sum(x, group, weights[0].device)) if sharded else None,
                 )
             finally:
                 rng_after.restore()
@@ -492,7 +520,12 @@ class FOGZO(OptimizerWrapper):
                 )
         else:
             for p, g in zip(weights, G):
-                p.grad = g
+                if not is_dtensor(p):
+                    p.grad = g
+                elif (
+                    p.grad is None or local(p.grad).data_ptr() != g.data_ptr()
+                ):  # G was not computed in place
+                    p.grad = _as_dtensor_like(g, p)
         self.optimizer.step()
         self.steps = t + 1
         return loss
@@ -537,3 +570,11 @@ class FOGZO(OptimizerWrapper):
             f"FOGZO(n={self.n}, beta_min={self.beta_min}, total_steps={self.total_steps}, "
             f"one_sided={self.one_sided}, restore={self.restore!r}, {self.optimizer!r})"
         )
+
+
+def _as_dtensor_like(t: Tensor, p: Tensor) -> Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+    )

@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 from ..adapters import foreign_quantization_hint
 from ..quant.registry import lookup
 from ._wrapper import Closure, OptimizerWrapper
+from .fsdp import is_dtensor
 from .hyper import METHODS
 from .hyper._common import ManagedWeight, MethodOptions, surrogate_stats
 
@@ -136,6 +137,12 @@ class HyperSTE(OptimizerWrapper):
                 "object such as metaste.optim.hyper.Delayed(window=3)"
             )
         managed = self._find_managed(model)
+        if any(is_dtensor(mw.param) for mw in managed):
+            raise NotImplementedError(
+                "HyperSTE does not run on FSDP2-sharded weights yet (its hypergradients and the "
+                "differentiable optimizer update work on whole tensors). Supported: HyperSTE on one "
+                "process or under DDP, and metaste.FOGZO under fully_shard (docs/design.md §7.4)"
+            )
         opts.check(optimizer, managed, model)
         _check_scaler_supported(opts, self._active_scaler())
         # validation is over: from here on the model is changed

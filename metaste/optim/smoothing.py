@@ -36,7 +36,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Smoothing", "SMOOTHINGS", "STE_KINDS", "derive_seed", "rademacher", "noise", "uniform_w"]
+__all__ = [
+    "Smoothing",
+    "SMOOTHINGS",
+    "STE_KINDS",
+    "NOISE_BLOCK",
+    "derive_seed",
+    "rademacher",
+    "noise",
+    "noise_slice",
+    "uniform_w",
+]
 
 SQRT3 = math.sqrt(3.0)
 SQRT6 = math.sqrt(6.0)
@@ -152,3 +162,34 @@ def noise(kind: str, shape: torch.Size, seed: int, device: torch.device, dtype: 
     m = math.prod(shape)
     z = sm.from_w(uniform_w(sm.uniforms * m, seed, device).view(sm.uniforms, m)).view(shape)
     return z if dtype == torch.float32 else z.to(dtype)
+
+
+#: elements per independently seeded noise block (docs/design.md §7.4)
+NOISE_BLOCK = 2**16
+
+
+def noise_slice(
+    kind: str,
+    numel: int,
+    start: int,
+    length: int,
+    key: tuple[int, ...],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Tensor:
+    """Elements ``[start, start + length)`` of the flat noise z of a tensor of ``numel`` elements,
+    generated without the rest: z is cut into blocks of :data:`NOISE_BLOCK` elements at fixed
+    global offsets, block b drawn by :func:`noise` from ``derive_seed(*key)`` (b = 0) or
+    ``derive_seed(*key, b)``. A shard of a tensor (FSDP2) thus draws exactly its part of the
+    noise a single process draws, and a tensor of at most one block is ``noise(kind, (numel,),
+    derive_seed(*key))``. Returns a fresh flat tensor."""
+    if length <= 0:
+        return torch.empty(0, device=device, dtype=dtype)
+    parts = []
+    for b in range(start // NOISE_BLOCK, (start + length - 1) // NOISE_BLOCK + 1):
+        lo = b * NOISE_BLOCK
+        m = min(NOISE_BLOCK, numel - lo)
+        z = noise(kind, (m,), derive_seed(*key) if b == 0 else derive_seed(*key, b), device, dtype)
+        a, e = max(start, lo) - lo, min(start + length, lo + m) - lo
+        parts.append(z if (a, e) == (0, m) else z[a:e])
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
