@@ -291,6 +291,11 @@ class ActivationLSQQuantizer(nn.Module):
     def qp(self) -> int:
         return 2 ** (self.bits - 1) - 1 if bool(self.signed) else 2**self.bits - 1
 
+    def forward_written(self) -> list[Tensor]:
+        """What the next forward may write besides the buffers: ``s``, until the first training
+        batch has set it (the wrappers' step guard restores it if the step fails)."""
+        return [] if bool(self.initialized) else [self.s]
+
     def forward(self, x: Tensor) -> Tensor:
         if not bool(self.initialized):
             if not self.training:
