@@ -259,9 +259,14 @@ class FOGZO(OptimizerWrapper):
           the managed weights then get no gradient), counts it in :attr:`fallbacks` and
           warns once. Managed weights must be float32/float64: bf16 latents swallow the
           perturbation.
-        * Gradient accumulation: the closure may loop over micro-batches and return the mean.
-          AMP: run the closure's forward under ``torch.autocast``; a ``GradScaler`` is not
-          needed on CPU/bf16 and is not supported (the wrapper runs backward itself).
+        * Gradient accumulation: the closure may yield the micro-batch losses (a generator);
+          each is backpropagated as it comes and the perturbed passes loop over the same
+          micro-batches. AMP: run the closure's forward under ``torch.autocast``; a
+          ``GradScaler`` is not needed on CPU/bf16 and is not supported (the wrapper runs
+          backward itself; a scaled loss raises).
+        * ``load_state_dict`` keeps the constructor's settings: a checkpoint saved with another
+          ``seed``, ``n``, ``beta_min``, ``total_steps``, ``ste_fraction`` or ``one_sided``
+          raises ``ValueError`` (docs/design.md §5).
     """
 
     def __init__(
@@ -339,6 +344,10 @@ class FOGZO(OptimizerWrapper):
                 self._check_scale(m)
         self.steps = 0  # t: step() calls so far
         self.fallbacks = 0  # steps that kept the STE gradient (a non-finite perturbed loss)
+        # step size s per managed weight (mean over its elements): at its first FOGZO step, now
+        self.initial_scales: dict[str, float] = {}
+        self.scales: dict[str, float] = {}
+        self._warned_scale = False
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -459,6 +468,7 @@ class FOGZO(OptimizerWrapper):
         except BaseException:
             self._zero_grads()
             raise
+        self._track_scales(managed, eps, t)
 
         def loss_at() -> float:
             rng_before.restore()
@@ -506,6 +516,50 @@ class FOGZO(OptimizerWrapper):
         self.steps = t + 1
         return loss
 
+    #: a managed weight's step size that moved by this factor (either way) since its first FOGZO
+    #: step triggers the run-away warning
+    SCALE_ALARM = 10.0
+
+    def _track_scales(self, managed: list[_Managed], eps: list[Tensor], t: int) -> None:
+        """Record each managed weight's step size s (mean) and warn once when one has grown or
+        shrunk by :attr:`SCALE_ALARM` or more since its first FOGZO step. The run-away it flags:
+        FOGZO's noise term moves every managed weight by about lr·√((1−β)D)·|∇L| per step
+        whatever s is, so the weights diffuse past the grid's range; a learned step (LSQ) follows
+        them out (its gradient from clipped weights pushes s up), and a coarser grid on the
+        logits layer can collapse the model (docs/design.md §4.4)."""
+        for m, e in zip(managed, eps):
+            s = float(e.mean()) / SMOOTHINGS[m.kind].eps_bar
+            self.scales[m.name] = s
+            s0 = self.initial_scales.setdefault(m.name, s)
+            ratio = s / s0 if s0 > 0 else math.inf
+            if not self._warned_scale and not 1 / self.SCALE_ALARM < ratio < self.SCALE_ALARM:
+                self._warned_scale = True
+                warnings.warn(
+                    f"FOGZO step {t}: the step size of the managed weight {m.name} moved from {s0:.3g} to "
+                    f"{s:.3g} ({ratio:.3g}x) since its first FOGZO step. FOGZO's noise spreads the weights "
+                    "and a learned step (LSQ) follows them; if the loss rises, use quantizer='fixed', keep "
+                    "the last layer in float (keep_last=True), give the step sizes a lower lr, or raise "
+                    "beta_min (FOGZO.diagnostics['step_sizes']; warning once)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+
+    @property
+    def diagnostics(self) -> dict[str, Any]:
+        """``{"step", "fallbacks", "step_sizes": {weight: {"initial", "current", "ratio"}}}``: the
+        step size s (mean) of each managed weight at its first FOGZO step and now; a ratio far
+        from 1 (≥ 10× either way warns) flags a run-away learned step."""
+        sizes = {
+            k: {
+                "initial": s0,
+                "current": self.scales[k],
+                "ratio": self.scales[k] / s0 if s0 > 0 else math.inf,
+            }
+            for k, s0 in self.initial_scales.items()
+            if k in self.scales
+        }
+        return {"step": self.steps, "fallbacks": self.fallbacks, "step_sizes": sizes}
+
     def _all_reduce_mean(self, c: Tensor, device: torch.device) -> Tensor:
         if not (dist.is_available() and dist.is_initialized()):
             return c
@@ -530,6 +584,7 @@ class FOGZO(OptimizerWrapper):
             **self._settings(),
             "steps": self.steps,
             "fallbacks": self.fallbacks,
+            "initial_scales": dict(self.initial_scales),
         }
 
     def _check_wrapper_state_dict(self, state: dict[str, Any]) -> None:
@@ -544,6 +599,7 @@ class FOGZO(OptimizerWrapper):
         constructor's, :meth:`_check_wrapper_state_dict`)."""
         self.steps = state["steps"]
         self.fallbacks = state["fallbacks"]
+        self.initial_scales = dict(state.get("initial_scales", {}))
 
     def __repr__(self) -> str:
         return (

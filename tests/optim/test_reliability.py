@@ -415,3 +415,30 @@ def test_16_a_loss_that_reaches_no_managed_weight_warns_once(wrapper):
         warnings.simplefilter("error")
         opt.step(closure_for(other, x, y))  # once
         opt.step(closure_for(model, x, y))
+
+
+# -- 17. FOGZO: a learned step size that runs away is reported ------------------------------------
+
+
+def test_17_a_step_size_that_grows_by_an_order_of_magnitude_warns_and_shows_in_the_diagnostics():
+    model = cnn(bits=4, keep_last=False)
+    opt = fogzo(model)
+    x, y = images()
+    opt.step(closure_for(model, x, y))
+    d = opt.diagnostics["step_sizes"]
+    assert len(d) == 3 and all(v["ratio"] == 1.0 for v in d.values())
+    with torch.no_grad():
+        model[6].weight_quant.s.mul_(20.0)  # what FOGZO's weight diffusion does to the last layer's LSQ step
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"step size of the managed weight parameter 8 \(shape \(10, 16\)\) moved .* \(\d+\.?\d*x\)",
+    ):
+        opt.step(closure_for(model, x, y))
+    ratio = opt.diagnostics["step_sizes"]["parameter 8 (shape (10, 16))"]["ratio"]
+    assert ratio == pytest.approx(20.0, rel=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(closure_for(model, x, y))  # once
+    resumed = fogzo(cnn(bits=4, keep_last=False))
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.initial_scales == opt.initial_scales  # the reference survives a resume
