@@ -348,6 +348,7 @@ class FOGZO(OptimizerWrapper):
         self.initial_scales: dict[str, float] = {}
         self.scales: dict[str, float] = {}
         self._warned_scale = False
+        self._step_weights: list[Tensor] = []  # the managed weights of the current step
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -388,7 +389,7 @@ class FOGZO(OptimizerWrapper):
         return out
 
     def _managed_params(self) -> list[Tensor]:
-        return [m.param for m in self._managed()]
+        return self._step_weights
 
     def _eps(self, m: _Managed) -> Tensor:
         s = m.scale()
@@ -454,6 +455,7 @@ class FOGZO(OptimizerWrapper):
             )
         beta = self.beta_at(t, sum(m.param.numel() for m in managed))
         weights = [m.param for m in managed]
+        self._step_weights = weights
         is_managed = {id(p) for p in weights}
         needs_backward = beta > 0 or any(p.requires_grad and id(p) not in is_managed for p in self.params())
         devices = {p.device for p in weights}
@@ -464,7 +466,8 @@ class FOGZO(OptimizerWrapper):
         try:
             eps = [self._eps(m) for m in managed]
             for m in managed:
-                self._check_scale(m)
+                if m.param in self._scales:  # a user's callable can change (the registry's s cannot be <= 0)
+                    self._check_scale(m)
         except BaseException:
             self._zero_grads()
             raise
@@ -528,7 +531,7 @@ class FOGZO(OptimizerWrapper):
         them out (its gradient from clipped weights pushes s up), and a coarser grid on the
         logits layer can collapse the model (docs/design.md §4.4)."""
         for m, e in zip(managed, eps):
-            s = float(e.mean()) / SMOOTHINGS[m.kind].eps_bar
+            s = (float(e) if e.numel() == 1 else float(e.mean())) / SMOOTHINGS[m.kind].eps_bar
             self.scales[m.name] = s
             s0 = self.initial_scales.setdefault(m.name, s)
             ratio = s / s0 if s0 > 0 else math.inf
