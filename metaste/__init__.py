@@ -22,6 +22,7 @@ from .optim import (
     LGATT,
     PFAGU,
     Analytical,
+    Calibrated,
     Delayed,
     HorizonMemoryError,
     HyperSTE,
@@ -41,6 +42,7 @@ from .quant import (
 )
 
 __all__ = [
+    "Calibrated",
     "FOGZO",
     "HyperSTE",
     "Analytical",

@@ -311,3 +311,50 @@ for _m, _cost in (("fagu", 0.0), ("pfagu", 0.0), ("lgatt", 4.0)):
                 options=("hyper_lr", "hyper_lr_mode", "schedule", "last", "horizon", "replays"),
             )
         )
+
+
+# --- Calibrated surrogate (docs/design.md §9) -------------------------------------------------------------
+# RunContext.extra keys read (all optional): every (K, default 10), n (1), rho (0.9), ridge (0.1),
+# ridge_to ("current" | "ste"), lam_max (1.0), beta (0.0), probe_update ("surrogate" | "fogzo"),
+# lam_init (the starting leak λ, default 0: the clipped STE). The probe seed is ctx.seed.
+_CALIBRATED_OPTIONS = (
+    "every",
+    "n",
+    "rho",
+    "ridge",
+    "ridge_to",
+    "lam_max",
+    "beta",
+    "probe_update",
+    "lam_init",
+)
+
+
+def _calibrated(model: nn.Module, ctx: RunContext) -> Optimizer:
+    from ..optim.calibrated import Calibrated  # here, not at the top: this block is appended
+
+    kw = {k: ctx.extra[k] for k in _CALIBRATED_OPTIONS if k in ctx.extra and k != "lam_init"}
+    opt = Calibrated(base_optimizer(model, ctx), seed=ctx.seed, **kw)
+    with torch.no_grad():
+        for m in opt.managed:
+            m.surrogate.lam.fill_(float(ctx.extra.get("lam_init", 0.0)))
+    return opt
+
+
+def _calibrated_fwd_equiv(ctx: RunContext) -> float:
+    # K surrogate steps (3 each) + 2n no-grad forwards per K steps
+    return 3.0 + 2.0 * ctx.extra.get("n", 1) / ctx.extra.get("every", 10)
+
+
+for _gran in ("tensor", "channel"):
+    register_method(
+        Method(
+            "calibrated" + ("" if _gran == "tensor" else "-channel"),
+            f"calibrated leaky surrogate ψ = a·in + λ·out per {_gran}, fitted to FOGZO probes every K steps "
+            "(docs/design.md §9); 3 + 2n/K forward equivalents per step",
+            {"surrogate": "leaky", "granularity": _gran},
+            _calibrated,
+            _calibrated_fwd_equiv,
+            options=_CALIBRATED_OPTIONS,
+        )
+    )

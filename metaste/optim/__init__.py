@@ -4,11 +4,13 @@ update as a differentiable function of the surrogate parameters; the one-step hy
 :func:`~.fogzo.fogzo_estimate` and :func:`~.hyper.analytical.analytical_update`."""
 
 from ._wrapper import NonFiniteLossError, OptimizerWrapper
+from .calibrated import Calibrated
 from .fogzo import FOGZO, fogzo_estimate
 from .hyper import FAGU, LGATT, PFAGU, Analytical, Delayed, HorizonMemoryError, analytical_update
 from .hyperste import HyperSTE
 
 __all__ = [
+    "Calibrated",
     "FOGZO",
     "HyperSTE",
     "Analytical",
