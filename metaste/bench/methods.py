@@ -314,7 +314,7 @@ for _m, _cost in (("fagu", 0.0), ("pfagu", 0.0), ("lgatt", 4.0)):
 
 
 # --- Calibrated surrogate (docs/design.md §9) -------------------------------------------------------------
-# RunContext.extra keys read (all optional): every (K, default 10), n (1), rho (0.9), ridge (0.1),
+# RunContext.extra keys read (all optional): every (K, default 10), n (1), rho (0.99), ridge (0.1),
 # ridge_to ("current" | "ste"), lam_max (1.0), beta (0.0), probe_update ("surrogate" | "fogzo"),
 # lam_init (the starting leak λ, default 0: the clipped STE). The probe seed is ctx.seed.
 _CALIBRATED_OPTIONS = (
@@ -356,5 +356,38 @@ for _gran in ("tensor", "channel"):
             _calibrated,
             _calibrated_fwd_equiv,
             options=_CALIBRATED_OPTIONS,
+        )
+    )
+
+
+# --- PEGE (docs/design.md §7) -----------------------------------------------------------------------------
+# RunContext.extra keys read (all optional): replace_frac (T_r as a fraction of total_steps, default 0.5),
+# k (9), delta (default 1e-3/(2^b - 1) per layer), lam (1e-2). The select mode is part of the name. The mask
+# seed is ctx.seed. One forward + backward per step (the mask and the penalty are element-wise).
+_PEGE_OPTIONS = ("replace_frac", "k", "delta", "lam")
+
+
+def _pege(select: str):
+    def build(model: nn.Module, ctx: RunContext) -> Optimizer:
+        from ..optim.pege import PEGE  # here, not at the top: this block is appended
+
+        kw = {k: ctx.extra[k] for k in ("k", "delta", "lam") if k in ctx.extra}
+        t_r = max(1, int(round(ctx.extra.get("replace_frac", 0.5) * ctx.total_steps)))
+        return PEGE(
+            base_optimizer(model, ctx), replace_steps=t_r, select=select, model=model, seed=ctx.seed, **kw
+        )
+
+    return build
+
+
+for _sel in ("random", "error"):
+    register_method(
+        Method(
+            "pege" + ("" if _sel == "random" else "-error"),
+            f"PEGE, {_sel} masks, log curriculum, EWGS estimator + discretization-error penalty "
+            "(docs/design.md §7); 3 forward equivalents per step",
+            {},
+            _pege(_sel),
+            options=_PEGE_OPTIONS,
         )
     )

@@ -8,11 +8,13 @@ from .calibrated import Calibrated
 from .fogzo import FOGZO, fogzo_estimate
 from .hyper import FAGU, LGATT, PFAGU, Analytical, Delayed, HorizonMemoryError, analytical_update
 from .hyperste import HyperSTE
+from .pege import PEGE
 
 __all__ = [
     "Calibrated",
     "FOGZO",
     "HyperSTE",
+    "PEGE",
     "Analytical",
     "Delayed",
     "FAGU",

@@ -148,7 +148,8 @@ class Calibrated(OptimizerWrapper):
         every (int or None, default 10): K, the probe period; ``None`` disables the probes (the
             wrapper is then bitwise the bare optimizer with ψ(u; a, λ) at its initial θ).
         n (int, default 1): directions per probe step.
-        rho (float in (0, 1], default 0.9): discount of older probes (ρ = 1: plain sum).
+        rho (float in (0, 1], default 0.99): discount of older probes (ρ = 1: plain sum); the
+            design note's 0.9 keeps ~10 probes and lets a jump across its whole clamp range.
         ridge (float ≥ 0, default 0.1): diagonal ridge, relative to the features' energy.
         ridge_to (``"current"`` | ``"ste"``): the ridge pulls toward the current θ or (1, 0).
         a_range (default (0.1, 10)), lam_max (default 1.0): the clamp a ∈ a_range, λ ∈ [0, lam_max].
@@ -169,7 +170,7 @@ class Calibrated(OptimizerWrapper):
         *,
         every: int | None = 10,
         n: int = 1,
-        rho: float = 0.9,
+        rho: float = 0.99,
         ridge: float = 0.1,
         ridge_to: str = "current",
         a_range: tuple[float, float] = (0.1, 10.0),
