@@ -27,6 +27,7 @@ from .optim import (
     Delayed,
     HorizonMemoryError,
     HyperSTE,
+    JacQuant,
     NonFiniteLossError,
 )
 from .quant import (
@@ -46,6 +47,7 @@ __all__ = [
     "Calibrated",
     "FOGZO",
     "HyperSTE",
+    "JacQuant",
     "PEGE",
     "Analytical",
     "Delayed",

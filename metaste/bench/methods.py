@@ -391,3 +391,33 @@ for _sel in ("random", "error"):
             options=_PEGE_OPTIONS,
         )
     )
+
+
+# --- JacQuant (docs/design.md §8) -------------------------------------------------------------------------
+# RunContext.extra keys read (all optional): group (128), every (50), fit ("dither" | "probe"), storm_a (0.1),
+# flip_rate (1e-4). vr is part of the name; "storm" evaluates the closure twice per step (≈ 2× compute).
+_JACQUANT_OPTIONS = ("group", "every", "fit", "storm_a", "flip_rate")
+
+
+def _jacquant(vr: str):
+    def build(model: nn.Module, ctx: RunContext) -> Optimizer:
+        from ..optim.jacquant import JacQuant  # here, not at the top: this block is appended
+
+        kw = {k: ctx.extra[k] for k in _JACQUANT_OPTIONS if k in ctx.extra}
+        return JacQuant(base_optimizer(model, ctx), vr=vr, seed=ctx.seed, **kw)
+
+    return build
+
+
+for _vr, _cost in (("none", 3.0), ("storm", 6.0)):
+    register_method(
+        Method(
+            "jacquant" + ("" if _vr == "none" else "-storm"),
+            f"JacQuant, learned group-wise slope b = clip(α + γφ)·in, vr={_vr} (docs/design.md §8); "
+            f"{_cost:g} forward equivalents per step",
+            {},
+            _jacquant(_vr),
+            lambda ctx, c=_cost: c,
+            options=_JACQUANT_OPTIONS,
+        )
+    )

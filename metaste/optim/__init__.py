@@ -8,12 +8,14 @@ from .calibrated import Calibrated
 from .fogzo import FOGZO, fogzo_estimate
 from .hyper import FAGU, LGATT, PFAGU, Analytical, Delayed, HorizonMemoryError, analytical_update
 from .hyperste import HyperSTE
+from .jacquant import JacQuant
 from .pege import PEGE
 
 __all__ = [
     "Calibrated",
     "FOGZO",
     "HyperSTE",
+    "JacQuant",
     "PEGE",
     "Analytical",
     "Delayed",
