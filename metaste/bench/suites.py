@@ -148,7 +148,7 @@ SUITES: dict[str, list[SuiteEntry]] = {
                 tune={"lam": [0.01, 0.1], "lam_init": [0.0, 1.0]},
             ),
             "10 evaluation seeds; PEGE's λ and the calibrated start leak λ₀ are tuned with the lr; JacQuant "
-            "is not in it (not built yet); the issue's other set-ups (1-bit, LSQ, Fashion-ResNet, KJV, Adam) "
+            "is not in it (built after this suite ran); the issue's other set-ups (1-bit, LSQ, Fashion-ResNet, KJV, Adam) "
             "were not run: CPU time",
         )
     ],
