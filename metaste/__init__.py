@@ -20,11 +20,14 @@ from .optim import (
     FAGU,
     FOGZO,
     LGATT,
+    PEGE,
     PFAGU,
     Analytical,
+    Calibrated,
     Delayed,
     HorizonMemoryError,
     HyperSTE,
+    JacQuant,
     NonFiniteLossError,
 )
 from .quant import (
@@ -41,8 +44,11 @@ from .quant import (
 )
 
 __all__ = [
+    "Calibrated",
     "FOGZO",
     "HyperSTE",
+    "JacQuant",
+    "PEGE",
     "Analytical",
     "Delayed",
     "FAGU",

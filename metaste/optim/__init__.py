@@ -4,13 +4,19 @@ update as a differentiable function of the surrogate parameters; the one-step hy
 :func:`~.fogzo.fogzo_estimate` and :func:`~.hyper.analytical.analytical_update`."""
 
 from ._wrapper import NonFiniteLossError, OptimizerWrapper
+from .calibrated import Calibrated
 from .fogzo import FOGZO, fogzo_estimate
 from .hyper import FAGU, LGATT, PFAGU, Analytical, Delayed, HorizonMemoryError, analytical_update
 from .hyperste import HyperSTE
+from .jacquant import JacQuant
+from .pege import PEGE
 
 __all__ = [
+    "Calibrated",
     "FOGZO",
     "HyperSTE",
+    "JacQuant",
+    "PEGE",
     "Analytical",
     "Delayed",
     "FAGU",
