@@ -72,7 +72,7 @@ class OptimizerWrapper(Optimizer):
         """The base optimizer's ``state_dict()`` (which holds the per-parameter wrapper state)
         plus ``"metaste"``: the wrapper's own state."""
         sd = self.optimizer.state_dict()
-        sd["metaste"] = self._wrapper_state_dict()
+        sd["metaste"] = {**self._wrapper_identity(), **self._settings(), **self._wrapper_state_dict()}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -112,6 +112,12 @@ class OptimizerWrapper(Optimizer):
     def _load_wrapper_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    SETTINGS: tuple[str, ...] = ()  # the attributes that define the trajectory
+
+    def _settings(self) -> dict[str, Any]:
+        """The constructor settings a checkpoint must match (saved in ``state_dict()["metaste"]``)."""
+        return {k: getattr(self, k) for k in self.SETTINGS}
+
     def _wrapper_identity(self) -> dict[str, Any]:
         """What ``state_dict()["metaste"]`` records about the wrapper kind and base optimizer."""
         return {"wrapper": type(self).__name__, "optimizer": type(self.optimizer).__name__}
@@ -140,6 +146,7 @@ class OptimizerWrapper(Optimizer):
                 f"this state_dict was saved over torch.optim.{base}; this {who} wraps "
                 f"{type(self.optimizer).__name__}"
             )
+        self._check_settings(who, state, self._settings())
 
     @staticmethod
     def _check_settings(who: str, saved: dict[str, Any], now: dict[str, Any]) -> None:

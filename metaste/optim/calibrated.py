@@ -164,6 +164,8 @@ class Calibrated(OptimizerWrapper):
     in :attr:`fallbacks` and warns once. :attr:`history` holds (step, [(mean a, mean λ) per layer]).
     """
 
+    SETTINGS = ("every", "n", "beta", "seed")
+
     def __init__(
         self,
         optimizer: Optimizer,
@@ -367,14 +369,12 @@ class Calibrated(OptimizerWrapper):
             "steps": self.steps,
             "probes": self.probes,
             "fallbacks": self.fallbacks,
-            "seed": self.seed,
             "normal": self.normal.state_dict(),
             "history": list(self.history),
         }
 
     def _load_wrapper_state_dict(self, state: dict[str, Any]) -> None:
         self.steps, self.probes, self.fallbacks = state["steps"], state["probes"], state["fallbacks"]
-        self.seed = state["seed"]
         self.normal.load_state_dict(state["normal"])
         self.history = list(state["history"])
 

@@ -578,13 +578,8 @@ class FOGZO(OptimizerWrapper):
     #: the settings that define the trajectory: a checkpoint must match the constructor's
     SETTINGS = ("seed", "n", "beta_min", "total_steps", "ste_fraction", "one_sided")
 
-    def _settings(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.SETTINGS}
-
     def _wrapper_state_dict(self) -> dict[str, Any]:
         return {
-            **self._wrapper_identity(),
-            **self._settings(),
             "steps": self.steps,
             "fallbacks": self.fallbacks,
             "initial_scales": dict(self.initial_scales),
@@ -595,7 +590,6 @@ class FOGZO(OptimizerWrapper):
         missing = [k for k in ("steps", "fallbacks") if k not in state]
         if missing:
             raise ValueError(f"FOGZO state_dict['metaste'] lacks {missing}: it is not a FOGZO checkpoint")
-        self._check_settings("FOGZO", state, self._settings())
 
     def _load_wrapper_state_dict(self, state: dict[str, Any]) -> None:
         """Restores the step count and the fallback count (the settings were checked to match the

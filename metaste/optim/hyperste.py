@@ -242,7 +242,6 @@ class HyperSTE(OptimizerWrapper):
 
     def _wrapper_state_dict(self) -> dict[str, Any]:
         return {
-            **self._wrapper_identity(),
             "method_name": self.method_name,
             "options": self._settings(),
             "steps": self.steps,

@@ -100,6 +100,8 @@ class JacQuant(OptimizerWrapper):
             code-preserving phase: the STORM state resets and b is refitted.
     """
 
+    SETTINGS = ("vr", "storm_a", "flip_rate", "seed")
+
     def __init__(
         self,
         optimizer: Optimizer,

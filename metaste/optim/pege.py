@@ -119,6 +119,8 @@ class PEGE(OptimizerWrapper):
     :meth:`remove` first, or load a ``state_dict`` into a fresh model).
     """
 
+    SETTINGS = ("total_steps", "replace_steps", "k", "select", "lam", "seed")
+
     def __init__(
         self,
         optimizer: Optimizer,
@@ -280,10 +282,10 @@ class PEGE(OptimizerWrapper):
     # -- checkpoints ---------------------------------------------------------------------------
 
     def _wrapper_state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "seed": self.seed}
+        return {"steps": self.steps}
 
     def _load_wrapper_state_dict(self, state: dict[str, Any]) -> None:
-        self.steps, self.seed = state["steps"], state["seed"]
+        self.steps = state["steps"]
 
     def __repr__(self) -> str:
         return (

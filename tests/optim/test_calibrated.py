@@ -257,7 +257,10 @@ def test_checkpoint_resumes_identical_trajectory():
         x, y = batch(seed=t)
         opt.step(lambda x=x, y=y: F.cross_entropy(net(x), y))
     net2 = copy.deepcopy(net)
-    opt2 = Calibrated(torch.optim.Adam(net2.parameters(), lr=0.01), every=3, seed=0)
+    wrong = Calibrated(torch.optim.Adam(net2.parameters(), lr=0.01), every=3, seed=0)
+    with pytest.raises(ValueError, match="seed=4"):  # the constructor's settings must match
+        wrong.load_state_dict(copy.deepcopy(opt.state_dict()))
+    opt2 = Calibrated(torch.optim.Adam(net2.parameters(), lr=0.01), every=3, seed=4)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
     for t in range(7, 15):
         x, y = batch(seed=t)

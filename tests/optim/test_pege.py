@@ -163,7 +163,11 @@ def test_checkpoint_resumes_identical_trajectory():
         opt.step(lambda x=x, y=y: F.cross_entropy(net(x), y))
     net2 = mlp(quantizer="lsq", seed=9)  # not a deepcopy: that would copy opt's forward hooks too
     net2.load_state_dict(net.state_dict())
-    opt2 = PEGE(torch.optim.Adam(net2.parameters(), lr=0.01), total_steps=20)
+    wrong = PEGE(torch.optim.Adam(net2.parameters(), lr=0.01), total_steps=20)
+    with pytest.raises(ValueError, match="seed=2"):  # the constructor's settings must match
+        wrong.load_state_dict(copy.deepcopy(opt.state_dict()))
+    wrong.remove()  # its forward hooks would mix into net2's passes
+    opt2 = PEGE(torch.optim.Adam(net2.parameters(), lr=0.01), total_steps=20, seed=2)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
     for t in range(5, 12):
         x, y = batch(seed=t)
