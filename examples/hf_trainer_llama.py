@@ -1,7 +1,7 @@
 """FOGZO inside the HF ``transformers.Trainer``: a tiny LlamaForCausalLM built from a config (no
 download), 4-bit weights, character-level KJV text, gradient accumulation, clipping, a cosine LR
 schedule and bf16 autocast: the Trainer's own loop, with ``MetasteTrainer`` in place of
-``Trainer`` and a metaste wrapper as its optimizer (docs/design.md §7.1). Prints the Trainer's
+``Trainer`` and a metaste wrapper as its optimizer (docs/design.md §10.1). Prints the Trainer's
 logged loss and the validation loss before and after.
 
 Needs ``pip install 'metaste[hf]'`` and Debian ``bible-kjv``. About 30 s on one CPU thread; measured

@@ -1,6 +1,6 @@
 """HyperSTE inside PyTorch Lightning: a small 2-bit CNN on a Fashion-MNIST subset, trained by
 ``L.Trainer.fit`` with a LightningModule written for automatic optimisation plus one mixin
-(``MetasteModule``) and a metaste wrapper from ``configure_optimizers`` (docs/design.md §7.2).
+(``MetasteModule``) and a metaste wrapper from ``configure_optimizers`` (docs/design.md §10.2).
 The LR schedule and logging are Lightning's; prints the test accuracy and the learned surrogate
 parameter a per layer.
 

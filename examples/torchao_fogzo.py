@@ -2,7 +2,7 @@
 makes 4-bit per-group fake-quantized Linear layers; ``metaste.adapters.scales_from(model)`` hands
 FOGZO their live step sizes (no hand-written lambdas, before torchao's first forward); after
 training, torchao's ``step="convert"`` produces the real int4 weight-only model, which is
-evaluated (docs/design.md §7.6). The same seeds train the same model with torchao's own STE for
+evaluated (docs/design.md §10.6). The same seeds train the same model with torchao's own STE for
 comparison.
 
 Needs ``pip install 'metaste[torchao]'`` and Debian ``dataset-fashion-mnist``. About 20 s on one

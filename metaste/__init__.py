@@ -21,12 +21,15 @@ from .optim import (
     FAGU,
     FOGZO,
     LGATT,
+    PEGE,
     PFAGU,
     Accumulated,
     Analytical,
+    Calibrated,
     Delayed,
     HorizonMemoryError,
     HyperSTE,
+    JacQuant,
     NonFiniteLossError,
 )
 from .quant import (
@@ -44,8 +47,11 @@ from .quant import (
 
 __all__ = [
     "Accumulated",
+    "Calibrated",
     "FOGZO",
     "HyperSTE",
+    "JacQuant",
+    "PEGE",
     "Analytical",
     "Delayed",
     "FAGU",

@@ -1,4 +1,4 @@
-"""Models fake-quantized by other libraries (docs/design.md §7.6): find their quantized weights with
+"""Models fake-quantized by other libraries (docs/design.md §10.6): find their quantized weights with
 live step sizes and STE kinds, in the form of FOGZO's ``scales=``::
 
     model = ...  # torchao: quantize_(model, QATConfig(base_config, step="prepare")); brevitas: QuantLinear/QuantConv2d

@@ -311,3 +311,113 @@ for _m, _cost in (("fagu", 0.0), ("pfagu", 0.0), ("lgatt", 4.0)):
                 options=("hyper_lr", "hyper_lr_mode", "schedule", "last", "horizon", "replays"),
             )
         )
+
+
+# --- Calibrated surrogate (docs/design.md §9) -------------------------------------------------------------
+# RunContext.extra keys read (all optional): every (K, default 10), n (1), rho (0.99), ridge (0.1),
+# ridge_to ("current" | "ste"), lam_max (1.0), beta (0.0), probe_update ("surrogate" | "fogzo"),
+# lam_init (the starting leak λ, default 0: the clipped STE). The probe seed is ctx.seed.
+_CALIBRATED_OPTIONS = (
+    "every",
+    "n",
+    "rho",
+    "ridge",
+    "ridge_to",
+    "lam_max",
+    "beta",
+    "probe_update",
+    "lam_init",
+)
+
+
+def _calibrated(model: nn.Module, ctx: RunContext) -> Optimizer:
+    from ..optim.calibrated import Calibrated  # here, not at the top: this block is appended
+
+    kw = {k: ctx.extra[k] for k in _CALIBRATED_OPTIONS if k in ctx.extra and k != "lam_init"}
+    opt = Calibrated(base_optimizer(model, ctx), seed=ctx.seed, **kw)
+    with torch.no_grad():
+        for m in opt.managed:
+            m.surrogate.lam.fill_(float(ctx.extra.get("lam_init", 0.0)))
+    return opt
+
+
+def _calibrated_fwd_equiv(ctx: RunContext) -> float:
+    # K surrogate steps (3 each) + 2n no-grad forwards per K steps
+    return 3.0 + 2.0 * ctx.extra.get("n", 1) / ctx.extra.get("every", 10)
+
+
+for _gran in ("tensor", "channel"):
+    register_method(
+        Method(
+            "calibrated" + ("" if _gran == "tensor" else "-channel"),
+            f"calibrated leaky surrogate ψ = a·in + λ·out per {_gran}, fitted to FOGZO probes every K steps "
+            "(docs/design.md §9); 3 + 2n/K forward equivalents per step",
+            {"surrogate": "leaky", "granularity": _gran},
+            _calibrated,
+            _calibrated_fwd_equiv,
+            options=_CALIBRATED_OPTIONS,
+        )
+    )
+
+
+# --- PEGE (docs/design.md §7) -----------------------------------------------------------------------------
+# RunContext.extra keys read (all optional): replace_frac (T_r as a fraction of total_steps, default 0.5),
+# k (9), delta (default 1e-3/(2^b - 1) per layer), lam (1e-2). The select mode is part of the name. The mask
+# seed is ctx.seed. One forward + backward per step (the mask and the penalty are element-wise).
+_PEGE_OPTIONS = ("replace_frac", "k", "delta", "lam")
+
+
+def _pege(select: str):
+    def build(model: nn.Module, ctx: RunContext) -> Optimizer:
+        from ..optim.pege import PEGE  # here, not at the top: this block is appended
+
+        kw = {k: ctx.extra[k] for k in ("k", "delta", "lam") if k in ctx.extra}
+        t_r = max(1, int(round(ctx.extra.get("replace_frac", 0.5) * ctx.total_steps)))
+        return PEGE(
+            base_optimizer(model, ctx), replace_steps=t_r, select=select, model=model, seed=ctx.seed, **kw
+        )
+
+    return build
+
+
+for _sel in ("random", "error"):
+    register_method(
+        Method(
+            "pege" + ("" if _sel == "random" else "-error"),
+            f"PEGE, {_sel} masks, log curriculum, EWGS estimator + discretization-error penalty "
+            "(docs/design.md §7); 3 forward equivalents per step",
+            {},
+            _pege(_sel),
+            options=_PEGE_OPTIONS,
+        )
+    )
+
+
+# --- JacQuant (docs/design.md §8) -------------------------------------------------------------------------
+# RunContext.extra keys read (all optional): group (128), every (50), fit ("dither" | "probe"), storm_a (0.1),
+# flip_rate (1e-4). vr is part of the name; "storm" evaluates the closure twice per step (≈ 2× compute).
+_JACQUANT_OPTIONS = ("group", "every", "fit", "storm_a", "flip_rate")
+
+
+def _jacquant(vr: str):
+    def build(model: nn.Module, ctx: RunContext) -> Optimizer:
+        from ..optim.jacquant import JacQuant  # here, not at the top: this block is appended
+
+        kw = {k: ctx.extra[k] for k in _JACQUANT_OPTIONS if k in ctx.extra}
+        return JacQuant(base_optimizer(model, ctx), vr=vr, seed=ctx.seed, **kw)
+
+    return build
+
+
+for _vr, _cost in (("none", 3.0), ("storm", 6.0)):
+    register_method(
+        Method(
+            "jacquant" + ("" if _vr == "none" else "-storm"),
+            f"JacQuant, learned group-wise slope b = clip(α + γφ)·in, vr={_vr} (docs/design.md §8); "
+            f"{_cost:g} forward equivalents per step",
+            {},
+            _jacquant(_vr),
+            lambda ctx, c=_cost: c,
+            options=_JACQUANT_OPTIONS,
+        )
+    )

@@ -172,6 +172,25 @@ SUITES: dict[str, list[SuiteEntry]] = {
         )
         for bits in (4, 2)
     ],
+    "new-methods": [
+        SuiteEntry(
+            "new-methods-mnist-2bit",
+            "FOGZO paper's MNIST MLP 784-10-10, both layers 2-bit, fixed LSQ-init step, SGD, 3,000 steps: "
+            "calibrated surrogate and PEGE (docs/methods/calibrated.md, docs/methods/pege.md)",
+            *_mnist(
+                2,
+                "fixed",
+                "sgd",
+                ["ste", "ste-identity", "calibrated", "pege", "pege-error"],
+                10,
+                steps=3000,
+                tune={"lam": [0.01, 0.1], "lam_init": [0.0, 1.0]},
+            ),
+            "10 evaluation seeds; PEGE's λ and the calibrated start leak λ₀ are tuned with the lr; JacQuant "
+            "is not in it (built after this suite ran); the issue's other set-ups (1-bit, LSQ, Fashion-ResNet, KJV, Adam) "
+            "were not run: CPU time",
+        )
+    ],
 }
 
 

@@ -1,4 +1,4 @@
-"""Where users train (docs/design.md §7): each submodule adapts one framework and imports it, so
+"""Where users train (docs/design.md §10): each submodule adapts one framework and imports it, so
 import the one you use; the core package never imports them.
 
 * :mod:`metaste.integrations.transformers` — ``MetasteTrainer`` (HF ``Trainer``), extra ``[hf]``.

@@ -1,4 +1,4 @@
-"""HF Accelerate with a metaste wrapper (docs/design.md §7.3). Extra ``[hf]``.
+"""HF Accelerate with a metaste wrapper (docs/design.md §10.3). Extra ``[hf]``.
 
 ``accelerator.prepare(model, wrapper)`` alone wraps the wrapper in an ``AcceleratedOptimizer``
 whose ``step(closure)`` drops the closure of every micro-batch but the last one of a gradient
@@ -22,7 +22,7 @@ since it was recorded raises an error naming them. ``step`` returns ``None`` ins
 Σ L_i / ``gradient_accumulation_steps`` at its end; the prepared schedulers skip an fp16 overflow
 step (``step_was_skipped``). Clip with the wrapper's ``max_grad_norm``, not
 ``accelerator.clip_grad_norm_``. Supported: one process or DDP, fp32 / bf16 / fp16. Refused:
-DeepSpeed, Megatron-LM, FSDP (see docs/design.md §7.4 for FSDP2 in your own loop).
+DeepSpeed, Megatron-LM, FSDP (see docs/design.md §10.4 for FSDP2 in your own loop).
 """
 
 from __future__ import annotations

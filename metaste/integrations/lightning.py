@@ -1,4 +1,4 @@
-"""PyTorch Lightning with a metaste wrapper (docs/design.md §7.2). Extra ``[lightning]``.
+"""PyTorch Lightning with a metaste wrapper (docs/design.md §10.2). Extra ``[lightning]``.
 
 Lightning's automatic optimisation runs backward itself and its AMP plugin calls the closure and
 then ``scaler.step(optimizer)`` without it, so :class:`MetasteModule` switches the module to

@@ -1,4 +1,4 @@
-"""HF ``transformers.Trainer`` driving a metaste wrapper (docs/design.md §7.1). Extra ``[hf]``.
+"""HF ``transformers.Trainer`` driving a metaste wrapper (docs/design.md §10.1). Extra ``[hf]``.
 
 The Trainer never passes a closure to ``optimizer.step()``: it runs forward+backward per
 micro-batch in ``training_step``, then clips and steps. :class:`MetasteTrainerMixin` keeps the
@@ -101,7 +101,7 @@ class MetasteTrainerMixin:
         if getattr(self, "is_deepspeed_enabled", False):
             bad = "DeepSpeed (it owns backward, loss scaling and the optimizer step)"
         elif getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_fsdp_xla_enabled", False):
-            bad = "FSDP through the Trainer (use metaste's FSDP2 path in your own loop, docs/design.md §7.4)"
+            bad = "FSDP through the Trainer (use metaste's FSDP2 path in your own loop, docs/design.md §10.4)"
         elif self.args.n_gpu > 1:
             bad = f"DataParallel over {self.args.n_gpu} GPUs in one process (launch one process per GPU: torchrun)"
         elif _tf.utils.is_sagemaker_mp_enabled():

@@ -5,14 +5,20 @@ update as a differentiable function of the surrogate parameters; the one-step hy
 
 from ._wrapper import NonFiniteLossError, OptimizerWrapper
 from .amp import Accumulated
+from .calibrated import Calibrated
 from .fogzo import FOGZO, fogzo_estimate
 from .hyper import FAGU, LGATT, PFAGU, Analytical, Delayed, HorizonMemoryError, analytical_update
 from .hyperste import HyperSTE
+from .jacquant import JacQuant
+from .pege import PEGE
 
 __all__ = [
     "Accumulated",
+    "Calibrated",
     "FOGZO",
     "HyperSTE",
+    "JacQuant",
+    "PEGE",
     "Analytical",
     "Delayed",
     "FAGU",

@@ -1,5 +1,5 @@
 """Which modules a closure runs, found without hooks, and a buffer guard over them
-(docs/design.md §4.5, §7.5).
+(docs/design.md §4.5, §10.5).
 
 FOGZO's perturbed passes must leave the buffers (BatchNorm running statistics) as the clean pass
 left them. :class:`~._snapshot.BufferGuard` finds the modules that run with a global forward
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .amp import Accumulated
+from .amp import Accumulated, GradientOverflow
 
 __all__ = ["captured_modules", "ModuleBufferGuard"]
 
@@ -91,11 +91,15 @@ def _walk(obj: Any, found: dict[int, nn.Module], seen: set[int], depth: int) -> 
 
 
 class ModuleBufferGuard:
-    """Snapshots every buffer of ``modules`` on entry; :meth:`restore` puts the values back, and
-    leaving the context does too. The same interface as :class:`~._snapshot.BufferGuard`."""
+    """Snapshots every buffer of ``modules`` (and the tensors a module names in a
+    ``forward_written()`` method, e.g. the activation quantizer's step size) on entry;
+    :meth:`restore` puts the values back, and leaving the context does too (``on_error_only``:
+    only when it is left by an exception other than a skipped fp16 step). The interface of
+    :class:`~._snapshot.BufferGuard`, without its global forward hook."""
 
-    def __init__(self, modules: list[nn.Module]) -> None:
+    def __init__(self, modules: list[nn.Module], *, on_error_only: bool = False) -> None:
         self.modules = modules
+        self.on_error_only = on_error_only
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -103,9 +107,20 @@ class ModuleBufferGuard:
                 buf.copy_(copy)
 
     def __enter__(self) -> ModuleBufferGuard:
-        bufs = {id(b): b for m in self.modules for b in m.buffers()}
-        self.saved = [(b, b.clone()) for b in bufs.values()]
+        tensors: dict[int, Tensor] = {}
+        for top in self.modules:
+            for m in top.modules():
+                for b in m.buffers(recurse=False):
+                    tensors[id(b)] = b
+                written = getattr(m, "forward_written", None)
+                if callable(written):
+                    for t in written():
+                        tensors[id(t)] = t
+        self.saved = [(t, t.detach().clone()) for t in tensors.values()]
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.restore()
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        error = exc_type is not None and not issubclass(exc_type, GradientOverflow)
+        if error or not self.on_error_only:
+            self.restore()
+        self.saved = []

@@ -62,14 +62,26 @@ class RngState:
 
 class BufferGuard:
     """Snapshots the buffers of every module the first time it runs inside the context (via a
-    global forward pre-hook); :meth:`restore` puts them back, and leaving the context does too."""
+    global forward pre-hook); :meth:`restore` puts them back, and leaving the context does too
+    (``on_error_only=True``: only when the context is left by an exception — the step guard of
+    the wrappers, docs/design.md §5).
 
-    def __init__(self) -> None:
+    A module may name more tensors its forward writes through a ``forward_written()`` method
+    (the activation quantizer's step size, set by its first training batch); they are saved and
+    restored with its buffers.
+    """
+
+    def __init__(self, *, on_error_only: bool = False) -> None:
         self.saved: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {}
+        self.on_error_only = on_error_only
 
     def _pre_hook(self, module: nn.Module, args: Any) -> None:
         if module not in self.saved:
-            self.saved[module] = [(b, b.clone()) for b in module.buffers(recurse=False)]
+            tensors = list(module.buffers(recurse=False))
+            written = getattr(module, "forward_written", None)
+            if callable(written):
+                tensors += list(written())
+            self.saved[module] = [(b, b.detach().clone()) for b in tensors]
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -81,9 +93,11 @@ class BufferGuard:
         self.handle = nn.modules.module.register_module_forward_pre_hook(self._pre_hook)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self.handle.remove()
-        self.restore()
+        if exc_type is not None or not self.on_error_only:
+            self.restore()
+        self.saved.clear()
 
 
 @dataclass

@@ -12,19 +12,25 @@ everything.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .amp import Accumulated, GradientOverflow, check_grad_scaler, found_inf
+from ._modules import ModuleBufferGuard, captured_modules
+from ._snapshot import BufferGuard
+from .amp import GradientOverflow, check_grad_scaler, found_inf
 
-__all__ = ["OptimizerWrapper", "NonFiniteLossError", "Closure"]
+__all__ = ["OptimizerWrapper", "NonFiniteLossError", "Closure", "check_latent_dtype", "closure_value"]
 
-Closure = Callable[[], Tensor]
+#: returns the loss, or an iterable of micro-batch losses (gradient accumulation, docs/design.md §5)
+Closure = Callable[[], Tensor | Iterable[Tensor]]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -52,6 +58,7 @@ class OptimizerWrapper(Optimizer):
         self.param_groups = optimizer.param_groups
         self.state = optimizer.state
         self.defaults = optimizer.defaults
+        self._warned_no_grad = False
         # fp16 loss scaling and clipping inside step (docs/design.md §5.1, optim/amp.py)
         self.grad_scaler = check_grad_scaler(grad_scaler, type(self).__name__)
         if max_grad_norm is not None and not max_grad_norm > 0:
@@ -79,10 +86,14 @@ class OptimizerWrapper(Optimizer):
         """The base optimizer's ``state_dict()`` (which holds the per-parameter wrapper state)
         plus ``"metaste"``: the wrapper's own state."""
         sd = self.optimizer.state_dict()
-        sd["metaste"] = self._wrapper_state_dict()
+        sd["metaste"] = {**self._wrapper_identity(), **self._settings(), **self._wrapper_state_dict()}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``state_dict()`` of the same kind of wrapper. The whole dict is validated first
+        (wrapper kind, base optimizer, the settings that define the trajectory — a mismatch with
+        the constructor raises ``ValueError`` naming each one, :meth:`_check_wrapper_state_dict`);
+        a load that fails changes nothing."""
         sd = dict(state_dict)
         wrapper_sd = sd.pop("metaste", None)
         if wrapper_sd is None:
@@ -90,17 +101,80 @@ class OptimizerWrapper(Optimizer):
                 f"state_dict has no 'metaste' entry: it was not saved by {type(self).__name__}; "
                 "load a bare optimizer's state with wrapper.optimizer.load_state_dict(...)"
             )
-        self.optimizer.load_state_dict(sd)
-        # load_state_dict rebinds the base optimizer's state dict: share it again
-        self.state = self.optimizer.state
-        self.param_groups = self.optimizer.param_groups
-        self._load_wrapper_state_dict(wrapper_sd)
+        self._check_wrapper_state_dict(wrapper_sd)
+        old_state, old_groups = self.optimizer.state, self.optimizer.param_groups
+        try:
+            old_wrapper: dict[str, Any] | None = self._wrapper_state_dict()
+        except Exception:  # a method that has not stepped yet may not have all its state
+            old_wrapper = None
+        try:
+            # torch builds new state and group objects: the old ones stay intact for a roll-back
+            self.optimizer.load_state_dict(sd)
+            self.state = self.optimizer.state  # rebound by load_state_dict: share it again
+            self.param_groups = self.optimizer.param_groups
+            self._load_wrapper_state_dict(wrapper_sd)
+        except BaseException:
+            self.optimizer.state, self.optimizer.param_groups = old_state, old_groups
+            self.state, self.param_groups = old_state, old_groups
+            if old_wrapper is not None:
+                self._load_wrapper_state_dict(old_wrapper)
+            raise
 
     def _wrapper_state_dict(self) -> dict[str, Any]:
         return {}
 
     def _load_wrapper_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    SETTINGS: tuple[str, ...] = ()  # the attributes that define the trajectory
+
+    def _settings(self) -> dict[str, Any]:
+        """The constructor settings a checkpoint must match (saved in ``state_dict()["metaste"]``)."""
+        return {k: getattr(self, k) for k in self.SETTINGS}
+
+    def _wrapper_identity(self) -> dict[str, Any]:
+        """What ``state_dict()["metaste"]`` records about the wrapper kind and base optimizer."""
+        return {"wrapper": type(self).__name__, "optimizer": type(self.optimizer).__name__}
+
+    def _check_wrapper_state_dict(self, state: dict[str, Any]) -> None:
+        """Raise ``ValueError`` (before anything is loaded) if ``state`` was saved by another kind
+        of wrapper or over another base optimizer. Subclasses add their settings."""
+        who = type(self).__name__
+        if not isinstance(state, dict):
+            raise ValueError(
+                f"state_dict['metaste'] must be a dict saved by {who}, got {type(state).__name__}"
+            )
+        kind = state.get("wrapper") or (
+            "HyperSTE" if "method_name" in state else "FOGZO" if "seed" in state else None
+        )
+        if kind != who:
+            raise ValueError(
+                f"this state_dict was saved by {kind or 'an unknown wrapper'}, not by {who}: a wrapper "
+                f"loads only its own kind's state_dict; build a {kind or 'matching wrapper'} to resume it, "
+                f"or load just the base optimizer's state with {who}.optimizer.load_state_dict(sd) "
+                "after removing sd['metaste']"
+            )
+        base = state.get("optimizer")
+        if base is not None and base != type(self.optimizer).__name__:
+            raise ValueError(
+                f"this state_dict was saved over torch.optim.{base}; this {who} wraps "
+                f"{type(self.optimizer).__name__}"
+            )
+        self._check_settings(who, state, self._settings())
+
+    @staticmethod
+    def _check_settings(who: str, saved: dict[str, Any], now: dict[str, Any]) -> None:
+        """Raise ``ValueError`` naming every setting whose saved value differs from the
+        constructor's (the checkpoint's trajectory cannot be continued with other settings)."""
+        diff = [
+            f"{k}={saved[k]!r} (constructor: {now[k]!r})" for k in now if k in saved and saved[k] != now[k]
+        ]
+        if diff:
+            raise ValueError(
+                f"this state_dict was saved by a {who} with other settings: {', '.join(diff)}. The "
+                f"constructor's settings are kept and must match the checkpoint's: build the {who} "
+                "with the saved values to resume it (docs/design.md §5)"
+            )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.optimizer!r})"
@@ -111,70 +185,87 @@ class OptimizerWrapper(Optimizer):
         for p in self.params():
             p.grad = None
 
+    def _managed_params(self) -> list[Tensor]:
+        """The weights the wrapper manages (subclasses); used by the no-gradient warning."""
+        return []
+
+    @contextmanager
+    def _step_guard(self, closure: Any = None) -> Iterator[None]:
+        """Around a whole ``step``: if it raises, the buffers (BN running statistics, activation
+        quantizer state) of every module that ran are put back (docs/design.md §5); weights and
+        optimizer state are untouched because the base optimizer steps last. The modules are those
+        the closure refers to, found without hooks (a global hook breaks ``torch.compile``,
+        docs/design.md §10.5); the hook guard only when none is found. A skipped fp16 step
+        (:class:`~.amp.GradientOverflow`) is not an error: the clean pass's buffers stay, as in a
+        hand-written loop."""
+        modules = captured_modules(closure) if closure is not None else []
+        guard = ModuleBufferGuard(modules, on_error_only=True) if modules else BufferGuard(on_error_only=True)
+        overflow = None
+        with guard:
+            try:
+                yield
+            except GradientOverflow as skipped:
+                overflow = skipped
+        if overflow is not None:
+            raise overflow
+
     def _evaluate(self, closure: Closure | None, *, backward: bool = True) -> Tensor:
         """Zero the gradients, call ``closure``, check what it returns, run ``backward`` and return
         the detached loss. ``backward=False`` (FOGZO's n-SPSA clean pass, where nothing needs a
-        gradient) runs the closure under ``no_grad`` and skips backward. An :class:`~.amp.Accumulated`
-        closure runs backward per micro-batch.
+        gradient) runs the closure under ``no_grad`` and skips backward.
+
+        Gradient accumulation: the closure may return an iterable (a generator) of micro-batch
+        losses; each is checked and backpropagated as soon as it is produced (its graph is freed
+        before the next micro-batch's forward), and the returned loss is their sum.
 
         Raises a clear error — before any weight changes — for a missing closure, a non-tensor
-        or non-scalar return, a closure that ran backward itself and a non-finite loss. With a
-        ``grad_scaler`` the backward is on the scaled loss, the gradients are unscaled, and
-        inf/NaN gradients raise :class:`~.amp.GradientOverflow` (the step is skipped, like
-        ``GradScaler.step``); a non-finite loss is then left to that test, as in a hand-written loop.
+        or non-scalar return, a closure that ran backward itself, a non-finite loss and a loss
+        scaled by a ``GradScaler``; then the gradients are cleared. With ``grad_scaler`` the
+        backward is on the scaled loss, the gradients are unscaled, and inf/NaN gradients raise
+        :class:`~.amp.GradientOverflow` (the step is skipped, like ``GradScaler.step``); a
+        non-finite loss is then left to that test, as in a hand-written loop.
         """
         who = type(self).__name__
         check_closure(closure, who)
         self._zero_grads()
-        scaler = self._active_scaler()
-        if backward and isinstance(closure, Accumulated):
-            loss = closure.forward_backward(
-                lambda raw: self._check_loss_for_backward(raw, who), lambda part: self._backward(part, scaler)
-            )
-            if scaler is None and not math.isfinite(loss.item()):
-                self._zero_grads()
-                raise NonFiniteLossError(
-                    f"the micro-batches returned a non-finite loss ({loss.item()}); no weight was changed"
-                )
-        else:
+        scaler = self._active_scaler() if backward else None
+        total: Tensor | None = None
+        try:
             with torch.enable_grad() if backward else torch.no_grad():
-                loss = closure()
-            check_loss(loss, who)
-            if any(p.grad is not None for p in self.params()):
-                self._zero_grads()
-                raise RuntimeError(
-                    f"the closure passed to {who}.step() called backward() itself; "
-                    "it must only return the loss: opt.step(lambda: loss_fn(model(x), y)) — "
-                    "the wrapper runs backward (and the extra passes) for you"
-                )
-            if (scaler is None or not backward) and not math.isfinite(loss.item()):
-                raise NonFiniteLossError(
-                    f"the closure returned a non-finite loss ({loss.item()}); no weight was changed. "
-                    "Lower the learning rate or check the data for NaN/inf"
-                )
-            if backward:
-                self._check_loss_for_backward(loss, who)
-                self._backward(loss, scaler)
-        if backward and scaler is not None:
+                for k, loss in enumerate(_losses(closure(), who)):
+                    if k == 0 and any(p.grad is not None for p in self.params()):
+                        raise RuntimeError(
+                            f"the closure passed to {who}.step() called backward() itself; "
+                            "it must only return the loss: opt.step(lambda: loss_fn(model(x), y)) — "
+                            "the wrapper runs backward (and the extra passes) for you"
+                        )
+                    if scaler is None and not math.isfinite(loss.item()):
+                        raise NonFiniteLossError(
+                            f"the closure returned a non-finite loss ({loss.item()}"
+                            + (f", micro-batch {k}" if k else "")
+                            + "); no weight was changed. Lower the learning rate or check the data for NaN/inf"
+                        )
+                    if backward:
+                        if not loss.requires_grad:
+                            raise ValueError(
+                                "the loss returned by the closure does not require grad (was it computed "
+                                "under torch.no_grad(), or are all parameters frozen?)"
+                            )
+                        (loss if scaler is None else scaler.scale(loss)).backward()
+                    total = loss.detach() if total is None else total + loss.detach()
+            if total is None:
+                raise ValueError(f"the closure passed to {who}.step() returned an empty iterable of losses")
+        except BaseException:
+            self._zero_grads()
+            raise
+        if scaler is not None:
             scaler.unscale_(self.optimizer)
             self._unscaled = True
             if found_inf(scaler, self.optimizer):
-                raise GradientOverflow(loss.detach())
-        return loss.detach()
-
-    @staticmethod
-    def _check_loss_for_backward(loss: object, who: str) -> None:
-        check_loss(loss, who)
-        if not loss.requires_grad:  # type: ignore[union-attr]
-            raise ValueError(
-                "the loss returned by the closure does not require grad (was it computed "
-                "under torch.no_grad(), or are all parameters frozen?)"
-            )
-
-    @staticmethod
-    def _backward(loss: Tensor, scaler: Any) -> None:
-        with torch.enable_grad():
-            (loss if scaler is None else scaler.scale(loss)).backward()
+                raise GradientOverflow(total)
+        if backward:
+            self._warn_if_no_grad()
+        return total
 
     # -- fp16 loss scaling and clipping (docs/design.md §5.1) ------------------------------
 
@@ -213,6 +304,65 @@ class OptimizerWrapper(Optimizer):
         if self._in_step and self._clip_before_base_step:
             self._clip()
 
+    def _warn_if_no_grad(self) -> None:
+        managed = self._managed_params()
+        if managed and not self._warned_no_grad and all(p.grad is None for p in managed):
+            self._warned_no_grad = True
+            warnings.warn(
+                f"{type(self).__name__}.step(): the loss did not reach any of the {len(managed)} managed "
+                "weights (none got a gradient): is the closure computing the loss with the model this "
+                "optimizer was built over? The step trains nothing of them (warning once)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def _grad_scaler_step(self, scaler: Any, *args: Any, **kwargs: Any) -> Any:
+        """What ``scaler.step(wrapper, ...)`` does (:func:`_install_grad_scaler_guard`): raise."""
+        raise RuntimeError(
+            f"scaler.step({type(self).__name__}, ...) is not supported: the wrapper runs backward (and "
+            "its extra passes) itself, so a GradScaler cannot unscale the gradients in between. Give "
+            f"the scaler to the wrapper instead — {type(self).__name__}(base, ..., grad_scaler=scaler) — "
+            "and call loss = opt.step(closure) with a closure that returns the unscaled loss; it scales, "
+            "unscales, skips overflow steps and updates the scale (docs/design.md §5.1)"
+        )
+
+
+def _losses(out: object, who: str) -> Iterator[Tensor]:
+    """The loss(es) a closure returned: one tensor, or the items of an iterable, each checked."""
+    if isinstance(out, Tensor):
+        check_loss(out, who)
+        yield out
+        return
+    if isinstance(out, (str, bytes)) or not isinstance(out, Iterable):
+        check_loss(out, who)  # raises: not a tensor
+    for loss in out:  # type: ignore[union-attr]
+        check_loss(loss, who)
+        yield loss
+
+
+def summed_loss(out: object, who: str) -> Tensor:
+    """A closure's return value as one loss tensor (micro-batch losses summed, graphs kept):
+    for the places that differentiate the loss as a whole (LGATT's reverse sweep)."""
+    losses = list(_losses(out, who))
+    return losses[0] if len(losses) == 1 else torch.stack([x.reshape(()) for x in losses]).sum()
+
+
+def closure_value(closure: Closure, who: str) -> float:
+    """The closure's loss as a float (the sum over micro-batches); call it under ``no_grad``."""
+    return math.fsum(float(loss) for loss in _losses(closure(), who))
+
+
+def check_latent_dtype(p: Tensor, who: str, name: str) -> None:
+    """Managed latent weights must be float32/float64: bf16/fp16 latents swallow the small
+    updates (FOGZO's perturbation ε⊙d, the surrogate's reshaping of the gradient)."""
+    if p.dtype not in (torch.float32, torch.float64):
+        raise TypeError(
+            f"{who} manages the weight {name} (shape {tuple(p.shape)}) with dtype {p.dtype}; managed "
+            "latent weights must be float32 (or float64): bf16/fp16 latents swallow the small updates "
+            "QAT relies on (FOGZO's perturbation ε⊙d, HyperSTE's surrogate gradient). Keep the latent "
+            "weights in float32 and autocast the forward"
+        )
+
 
 def check_closure(closure: Closure | None, who: str) -> None:
     if closure is None:
@@ -227,11 +377,66 @@ def check_closure(closure: Closure | None, who: str) -> None:
 def check_loss(loss: object, who: str) -> None:
     if not isinstance(loss, Tensor):
         raise TypeError(
-            f"the closure passed to {who}.step() must return the loss as a torch.Tensor, "
-            f"got {type(loss).__name__}"
+            f"the closure passed to {who}.step() must return the loss as a torch.Tensor (or an "
+            f"iterable of micro-batch losses), got {type(loss).__name__}"
         )
     if loss.numel() != 1:
         raise ValueError(
             f"the closure passed to {who}.step() must return a scalar loss, got shape "
             f"{tuple(loss.shape)}; reduce it first (e.g. loss.mean())"
         )
+    factor = grad_scaler_factor(loss)
+    if factor is not None:
+        raise ValueError(
+            f"the closure passed to {who}.step() returned a loss multiplied by {factor:g}, which looks "
+            "like GradScaler.scale(loss): the wrapper runs backward itself and never unscales, so the "
+            f"step would be {factor:g}x too large. Return the unscaled loss and give the scaler to the "
+            "wrapper: grad_scaler=scaler (docs/design.md §5.1)"
+        )
+
+
+def grad_scaler_factor(loss: Tensor) -> float | None:
+    """The factor of ``loss`` if it is a GradScaler's output, else ``None``.
+
+    What is detectable: ``scaler.scale(loss)`` is ``loss * scale`` with ``scale`` a 0-dim
+    float32 tensor that does not require grad and holds a power of two (65536 at first; growth
+    and back-off multiply by 2 and 0.5), so the returned loss's last operation is a
+    multiplication that saved such a tensor. Flagged: a factor that is a power of two ≥ 2^8. Not
+    detectable: anything applied after the scaling (``scaler.scale(loss) / k``, a sum of scaled
+    micro-batch losses), a scale below 2^8, or a factor passed as a Python number.
+    """
+    fn = loss.grad_fn
+    if fn is None or type(fn).__name__ != "MulBackward0":
+        return None
+    for attr in ("_saved_other", "_saved_self"):
+        try:
+            t = getattr(fn, attr)
+        except (AttributeError, RuntimeError):
+            continue
+        if isinstance(t, Tensor) and t.dim() == 0 and t.dtype == torch.float32 and not t.requires_grad:
+            v = float(t)
+            if v >= 2.0**8 and math.isfinite(v) and math.frexp(v)[0] == 0.5:
+                return v
+    return None
+
+
+def _install_grad_scaler_guard() -> None:
+    """Make ``GradScaler.step(wrapper, ...)`` call ``wrapper._grad_scaler_step`` (a metaste error
+    that says what to do) instead of failing inside torch on its ``_scale is None`` assertion,
+    which GradScaler checks before it reaches the optimizer. Other optimizers are untouched."""
+    cls = torch.amp.GradScaler
+    if getattr(cls.step, "_metaste_guard", False):
+        return
+    original = cls.step
+
+    @functools.wraps(original)
+    def step(self: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(optimizer, OptimizerWrapper):
+            return optimizer._grad_scaler_step(self, *args, **kwargs)
+        return original(self, optimizer, *args, **kwargs)
+
+    step._metaste_guard = True  # type: ignore[attr-defined]
+    cls.step = step  # type: ignore[method-assign]
+
+
+_install_grad_scaler_guard()

@@ -6,7 +6,7 @@ The wrappers run backward themselves, so ``GradScaler.step(opt)`` (which refuses
 takes the scaler (``FOGZO(opt, grad_scaler=scaler)``, ``HyperSTE(opt, grad_scaler=scaler)``) and
 ``max_grad_norm``, and one ``step(closure)`` runs the protocol of a hand-written fp16 loop::
 
-    loss = closure();  scaler.scale(loss).backward()          # per micro-batch for Accumulated
+    loss = closure();  scaler.scale(loss).backward()          # per micro-batch (iterable closures)
     scaler.unscale_(optimizer)                                 # before any estimator math
     if an unscaled gradient is inf/NaN:                        # exactly GradScaler.step's test
         scaler.update(); return loss                           # nothing else changes: no extra
@@ -19,15 +19,15 @@ takes the scaler (``FOGZO(opt, grad_scaler=scaler)``, ``HyperSTE(opt, grad_scale
 With a plain-STE setting (FOGZO ``ste_fraction=1``, HyperSTE ``hyper_lr=0``) this is, operation
 for operation, ``scaler.scale(loss).backward(); scaler.step(opt); scaler.update()``.
 
-:class:`Accumulated` is one optimizer step's micro-batches as one closure: backward runs per
-micro-batch (one micro-batch's activations alive at a time, optionally under ``no_sync`` for all
-but the last), and calling it (FOGZO's no-grad perturbed passes) returns the weighted sum.
+:class:`Accumulated` is one optimizer step's micro-batches as one re-callable closure in the
+wrappers' micro-batch form (it returns a generator of losses): backward runs per micro-batch, with
+weights and optionally under ``no_sync`` for all but the last; the trainer integrations build it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -70,11 +70,13 @@ class Accumulated:
     ``Accumulated(closures, weights=None, no_sync=None)``: ``closures`` are zero-argument callables
     returning a scalar loss (each bound to its own micro-batch); ``weights`` default to 1/k (the
     mean over k micro-batches); ``no_sync`` is a zero-argument context-manager factory (e.g.
-    ``lambda: ddp_model.no_sync()``) entered for all but the last micro-batch's backward.
+    ``lambda: ddp_model.no_sync()``) entered around the forward and backward of all but the last
+    micro-batch.
 
-    Inside a wrapper's ``step`` the backward runs per micro-batch, so the gradient equals that of
-    ``Σ w_i L_i`` while only one micro-batch's graph is alive; ``acc()`` returns ``Σ w_i L_i``
-    (FOGZO's perturbed passes call it under ``no_grad``). Each closure is called exactly once per
+    Calling it returns a generator of the weighted micro-batch losses w_i·L_i — the wrappers'
+    micro-batch closure form (docs/design.md §5): inside ``step`` each is backpropagated as soon as
+    it is produced (one micro-batch's graph alive at a time), and the step's loss is Σ w_i L_i;
+    FOGZO's perturbed passes sum them under ``no_grad``. Each closure is called exactly once per
     evaluation, in order.
     """
 
@@ -97,26 +99,12 @@ class Accumulated:
     def __len__(self) -> int:
         return len(self.closures)
 
-    def __call__(self) -> Tensor:
-        total: Tensor | None = None
-        for c, w in zip(self.closures, self.weights):
-            part = c() * w
-            total = part if total is None else total + part
-        return total  # type: ignore[return-value]
+    def __call__(self) -> Iterator[Tensor]:
+        return self._losses()
 
-    def forward_backward(self, check: Callable[[Any], None], backward: Callable[[Tensor], None]) -> Tensor:
-        """Per micro-batch: loss_i = w_i·closure_i(), ``check(loss_i)``, ``backward(loss_i)``;
-        returns Σ loss_i, detached."""
-        total = None
+    def _losses(self) -> Iterator[Tensor]:
         last = len(self.closures) - 1
         for i, (c, w) in enumerate(zip(self.closures, self.weights)):
-            ctx = self.no_sync() if (self.no_sync is not None and i < last) else contextlib.nullcontext()
-            with ctx:
-                with torch.enable_grad():
-                    raw = c()
-                check(raw)
-                part = raw * w
-                backward(part)
-            part = part.detach()
-            total = part if total is None else total + part
-        return total  # type: ignore[return-value]
+            sync_off = self.no_sync is not None and i < last and torch.is_grad_enabled()
+            with self.no_sync() if sync_off else contextlib.nullcontext():  # type: ignore[misc]
+                yield c() * w  # the wrapper's backward runs while this generator waits here

@@ -26,7 +26,7 @@ from torch.optim import Optimizer
 from ..quant.registry import lookup
 from ._modules import ModuleBufferGuard, captured_modules
 from ._snapshot import BufferGuard, RngState
-from ._wrapper import Closure, OptimizerWrapper, check_closure, check_loss
+from ._wrapper import Closure, OptimizerWrapper, check_closure, check_latent_dtype, closure_value
 from .fsdp import all_reduce_sum, global_offset, is_dtensor, local, local_scale, mesh_group, reshard
 from .smoothing import SMOOTHINGS, STE_KINDS, noise_slice, rademacher
 
@@ -63,10 +63,11 @@ def fogzo_estimate(
     as a float. The weights are perturbed in place and restored (``restore="copy"``: bitwise;
     ``"inplace"``: +1, −2, +1, within 4 ulp of max|v| per cycle); ``loss_at`` is called 2n times (n if
     ``one_sided``, then c_i = L₊ − ``loss0``). ``reduce`` averages the c_i across processes.
-    ``grads`` are overwritten with G. Sharded tensors (FSDP2, :mod:`metaste.optim.fsdp`): ``weights``
+    ``grads`` are overwritten with G. Returns (G per tensor, c), or (None, c) if some c_i is
+    not finite (the caller keeps g). Sharded tensors (FSDP2, :mod:`metaste.optim.fsdp`): ``weights``
     are the rank's shards, ``offsets[k]``/``numels[k]`` their flat offset in and the size of the full
-    tensor (the noise is that slice of the full tensor's), ``reduce_sum`` sums ‖ε⊙g‖² over ranks. Returns (G per tensor, c), or (None, c) if some c_i is
-    not finite (the caller keeps g).
+    tensor (the noise is that slice of the full tensor's, :func:`~.smoothing.noise_slice`), and
+    ``reduce_sum`` sums ‖ε⊙g‖² over the ranks.
 
     The noise z_ik is regenerated from ``derive_seed(seed, step, i, k)`` each time it is used
     (``keep_noise=True`` keeps the n·D values instead: same result, fewer regenerations)::
@@ -189,8 +190,9 @@ def _joint_norm(
 @dataclass(frozen=True)
 class _Managed:
     param: Tensor
-    scale: Callable[[], Tensor | float]
+    scale: Callable[[], Tensor | float | None]
     kind: str
+    name: str  # "parameter k (shape ...)" of the optimizer, for error messages
 
 
 class FOGZO(OptimizerWrapper):
@@ -274,7 +276,7 @@ class FOGZO(OptimizerWrapper):
           masks and random augmentations match; afterwards the RNG continues from its state
           after the clean call. Python's ``random`` and NumPy's global RNG are not reset.
         * Buffers (BatchNorm running statistics) of the modules the closure refers to (found
-          without hooks, so ``torch.compile`` models keep one graph; docs/design.md §7.5) are
+          without hooks, so ``torch.compile`` models keep one graph; docs/design.md §10.5) are
           restored after each perturbed pass: only the clean pass updates them.
         * Under DDP the weight gradients are already averaged by backward; FOGZO averages the
           c_i, so every rank computes the same G.
@@ -282,9 +284,14 @@ class FOGZO(OptimizerWrapper):
           the managed weights then get no gradient), counts it in :attr:`fallbacks` and
           warns once. Managed weights must be float32/float64: bf16 latents swallow the
           perturbation.
-        * Gradient accumulation: the closure may loop over micro-batches and return the mean.
-          :class:`~metaste.optim.amp.Accumulated` runs backward per micro-batch. AMP: run the
-          closure's forward under ``torch.autocast``; fp16 needs ``grad_scaler=``.
+        * Gradient accumulation: the closure may yield the micro-batch losses (a generator);
+          each is backpropagated as it comes and the perturbed passes loop over the same
+          micro-batches (:class:`~metaste.optim.amp.Accumulated` builds such a closure). AMP:
+          run the closure's forward under ``torch.autocast``; fp16 takes ``grad_scaler=`` (a
+          loss scaled by the user raises).
+        * ``load_state_dict`` keeps the constructor's settings: a checkpoint saved with another
+          ``seed``, ``n``, ``beta_min``, ``total_steps``, ``ste_fraction`` or ``one_sided``
+          raises ``ValueError`` (docs/design.md §5).
     """
 
     _clip_before_base_step = False  # max_grad_norm clips the backprop gradient, not G
@@ -350,16 +357,27 @@ class FOGZO(OptimizerWrapper):
         self._warned_fallback = False
         managed = self._managed()
         if not managed:
+            frozen = self._managed(include_frozen=True)
             raise ValueError(
-                "FOGZO found no managed parameters: none of the optimizer's parameters is a "
+                f"FOGZO found no managed parameters: the {len(frozen)} quantized weight(s) among the "
+                "optimizer's parameters are all frozen (requires_grad=False); unfreeze them, or use "
+                "the bare optimizer"
+                if frozen
+                else "FOGZO found no managed parameters: none of the optimizer's parameters is a "
                 "quantized weight. Quantize the model with metaste.quantize_model(...) before "
                 "building the optimizer, or name the fake-quantized weights with "
                 "scales={weight: step_size}"
             )
         for m in managed:
-            self._check_scale(m)
+            if m.scale() is not None:  # a library that sets its scales in the first forward: at step time
+                self._check_scale(m)
         self.steps = 0  # t: step() calls so far
         self.fallbacks = 0  # steps that kept the STE gradient (a non-finite perturbed loss)
+        # step size s per managed weight (mean over its elements): at its first FOGZO step, now
+        self.initial_scales: dict[str, float] = {}
+        self.scales: dict[str, float] = {}
+        self._warned_scale = False
+        self._step_weights: list[Tensor] = []  # the managed weights of the current step
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -377,32 +395,40 @@ class FOGZO(OptimizerWrapper):
             if kind not in STE_KINDS:
                 raise ValueError(f"Invalid STE kind {kind!r} in scales=; choose one of {STE_KINDS}")
             fn = s if callable(s) else (lambda s=s: s)
-            parsed[p] = _Managed(p, fn, kind)
+            parsed[p] = _Managed(p, fn, kind, "")
         return parsed
 
-    def _managed(self) -> list[_Managed]:
+    def _managed(self, include_frozen: bool = False) -> list[_Managed]:
         """The managed weights, in parameter order (registry entries or ``scales=``)."""
         out = []
-        for p in self.params():
-            if not p.requires_grad:
+        for k, p in enumerate(self.params()):
+            if not p.requires_grad and not include_frozen:
                 continue
+            name = f"parameter {k} (shape {tuple(p.shape)})"
             m = self._scales.get(p)
             if m is None:
                 entry = lookup(p)
                 if entry is None:
                     continue
-                m = _Managed(p, entry.scale, entry.ste_kind)
-            if p.dtype not in (torch.float32, torch.float64):
-                raise TypeError(
-                    f"FOGZO manages a weight of shape {tuple(p.shape)} with dtype {p.dtype}; managed "
-                    "latent weights must be float32 (or float64): bf16/fp16 latents swallow the "
-                    "perturbation ε⊙d. Keep the latent weights in float32 (autocast the forward)"
-                )
+                m = _Managed(p, entry.scale, entry.ste_kind, name)
+            else:
+                m = _Managed(p, m.scale, m.kind, name)
+            check_latent_dtype(p, "FOGZO", name)
             out.append(m)
         return out
 
+    def _managed_params(self) -> list[Tensor]:
+        return self._step_weights
+
     def _eps(self, m: _Managed) -> Tensor:
         s = local_scale(m.scale(), m.param)  # FSDP2: the rows of this rank's shard
+        if s is None:
+            raise ValueError(
+                f"the step size of the managed weight {m.name} is None: it is not initialised yet "
+                "(torchao and similar libraries set their scales in the first forward). Pass a "
+                "callable in scales= that returns the current step once it exists; FOGZO reads it "
+                "after each step's clean forward"
+            )
         s = torch.as_tensor(s, dtype=m.param.dtype, device=m.param.device).detach()
         return s * SMOOTHINGS[m.kind].eps_bar
 
@@ -412,11 +438,11 @@ class FOGZO(OptimizerWrapper):
             torch.broadcast_shapes(e.shape, local(m.param).shape)
         except RuntimeError as err:
             raise ValueError(
-                f"the step size of a weight of shape {tuple(m.param.shape)} has shape {tuple(e.shape)}, "
+                f"the step size of the managed weight {m.name} has shape {tuple(e.shape)}, "
                 "which does not broadcast to it"
             ) from err
         if not bool(torch.all(e > 0) & torch.all(torch.isfinite(e))):
-            raise ValueError(f"the step size of a weight of shape {tuple(m.param.shape)} must be finite, > 0")
+            raise ValueError(f"the step size of the managed weight {m.name} must be finite, > 0")
 
     def beta_at(self, t: int, num_managed: int | None = None) -> float:
         """β_t (docs/design.md §4.4); ``num_managed`` = D for the default β_min = 1 − 1/D."""
@@ -435,12 +461,18 @@ class FOGZO(OptimizerWrapper):
     # -- the step ----------------------------------------------------------------------------
 
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
-        """One FOGZO step on ``closure`` (returns the loss, no backward); returns the clean loss."""
-        return self._run_step(self._step, closure)
+        """One FOGZO step on ``closure`` (returns the loss, no backward; or an iterable of
+        micro-batch losses); returns the clean loss. If it raises, no weight, buffer or optimizer
+        state has changed."""
+        check_closure(closure, type(self).__name__)
+        return self._run_step(self._guarded_step, closure)
 
-    def _step(self, closure: Closure | None) -> Tensor:
+    def _guarded_step(self, closure: Closure) -> Tensor:
+        with self._step_guard(closure):
+            return self._step(closure)
+
+    def _step(self, closure: Closure) -> Tensor:
         name = type(self).__name__
-        check_closure(closure, name)
         t = self.steps
         if t < math.floor(self.ste_fraction * (self.total_steps or 0)):
             loss = self._evaluate(closure)
@@ -449,8 +481,14 @@ class FOGZO(OptimizerWrapper):
             self.steps = t + 1
             return loss
         managed = self._managed()
+        if not managed:
+            raise ValueError(
+                "FOGZO has no managed weight to train: every quantized weight it manages is frozen "
+                "(requires_grad=False) now; unfreeze one, or step the bare optimizer (opt.optimizer)"
+            )
         beta = self.beta_at(t, sum(m.param.numel() for m in managed))
         weights = [m.param for m in managed]
+        self._step_weights = weights
         is_managed = {id(p) for p in weights}
         needs_backward = beta > 0 or any(p.requires_grad and id(p) not in is_managed for p in self.params())
         devices = {p.device for p in weights}
@@ -459,21 +497,29 @@ class FOGZO(OptimizerWrapper):
         self._clip()  # the backprop gradient, not G (docs/design.md §5.1)
         rng_after = RngState(devices)
         all_grads = [(p, p.grad) for p in self.params()]
+        try:
+            eps = [self._eps(m) for m in managed]
+            for m in managed:
+                if m.param in self._scales:  # a user's callable can change (the registry's s cannot be <= 0)
+                    self._check_scale(m)
+        except BaseException:
+            self._zero_grads()
+            raise
+        self._track_scales(managed, eps, t)
 
         def loss_at() -> float:
             rng_before.restore()
             with torch.no_grad():
-                value = closure()
+                value = closure_value(closure, name)
             if sharded:  # FSDP2: the next pass must gather the next perturbation
                 reshard(modules)
-            check_loss(value, name)
             buffers.restore()
-            return float(value)
+            return value
 
         # the buffers of the modules the closure refers to; a global forward hook only as the
-        # fallback (it cannot be traced through torch.compile: docs/design.md §7.5)
+        # fallback (it cannot be traced through torch.compile: docs/design.md §10.5)
         modules = captured_modules(closure)
-        # FSDP2 (docs/design.md §7.4): the rank's shards, their offsets, the norm summed over ranks
+        # FSDP2 (docs/design.md §10.4): the rank's shards, their offsets, the norm summed over ranks
         sharded = [p for p in weights if is_dtensor(p)]
         if sharded and not modules:
             raise ValueError(
@@ -481,9 +527,8 @@ class FOGZO(OptimizerWrapper):
                 "between the perturbed passes); let the closure refer to the model, e.g. "
                 "opt.step(lambda: loss_fn(model(x), y))"
             )
+        group = mesh_group(sharded[0]) if sharded else None
         with torch.no_grad(), ModuleBufferGuard(modules) if modules else BufferGuard() as buffers:
-            eps = [self._eps(m) for m in managed]
-            group = mesh_group(sharded[0]) if sharded else None
             try:
                 G, c = fogzo_estimate(
                     [local(p) for p in weights],
@@ -516,7 +561,7 @@ class FOGZO(OptimizerWrapper):
                     f"FOGZO step {t}: a perturbed loss was not finite (c = {c.tolist()}); kept the STE "
                     "gradient for this step (counted in FOGZO.fallbacks; warning once)",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=3,
                 )
         else:
             for p, g in zip(weights, G):
@@ -530,6 +575,50 @@ class FOGZO(OptimizerWrapper):
         self.steps = t + 1
         return loss
 
+    #: a managed weight's step size that moved by this factor (either way) since its first FOGZO
+    #: step triggers the run-away warning
+    SCALE_ALARM = 10.0
+
+    def _track_scales(self, managed: list[_Managed], eps: list[Tensor], t: int) -> None:
+        """Record each managed weight's step size s (mean) and warn once when one has grown or
+        shrunk by :attr:`SCALE_ALARM` or more since its first FOGZO step. The run-away it flags:
+        FOGZO's noise term moves every managed weight by about lr·√((1−β)D)·|∇L| per step
+        whatever s is, so the weights diffuse past the grid's range; a learned step (LSQ) follows
+        them out (its gradient from clipped weights pushes s up), and a coarser grid on the
+        logits layer can collapse the model (docs/design.md §4.4)."""
+        for m, e in zip(managed, eps):
+            s = (float(e) if e.numel() == 1 else float(e.mean())) / SMOOTHINGS[m.kind].eps_bar
+            self.scales[m.name] = s
+            s0 = self.initial_scales.setdefault(m.name, s)
+            ratio = s / s0 if s0 > 0 else math.inf
+            if not self._warned_scale and not 1 / self.SCALE_ALARM < ratio < self.SCALE_ALARM:
+                self._warned_scale = True
+                warnings.warn(
+                    f"FOGZO step {t}: the step size of the managed weight {m.name} moved from {s0:.3g} to "
+                    f"{s:.3g} ({ratio:.3g}x) since its first FOGZO step. FOGZO's noise spreads the weights "
+                    "and a learned step (LSQ) follows them; if the loss rises, use quantizer='fixed', keep "
+                    "the last layer in float (keep_last=True), give the step sizes a lower lr, or raise "
+                    "beta_min (FOGZO.diagnostics['step_sizes']; warning once)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+
+    @property
+    def diagnostics(self) -> dict[str, Any]:
+        """``{"step", "fallbacks", "step_sizes": {weight: {"initial", "current", "ratio"}}}``: the
+        step size s (mean) of each managed weight at its first FOGZO step and now; a ratio far
+        from 1 (≥ 10× either way warns) flags a run-away learned step."""
+        sizes = {
+            k: {
+                "initial": s0,
+                "current": self.scales[k],
+                "ratio": self.scales[k] / s0 if s0 > 0 else math.inf,
+            }
+            for k, s0 in self.initial_scales.items()
+            if k in self.scales
+        }
+        return {"step": self.steps, "fallbacks": self.fallbacks, "step_sizes": sizes}
+
     def _all_reduce_mean(self, c: Tensor, device: torch.device) -> Tensor:
         if not (dist.is_available() and dist.is_initialized()):
             return c
@@ -542,28 +631,28 @@ class FOGZO(OptimizerWrapper):
 
     # -- checkpoints -------------------------------------------------------------------------
 
+    #: the settings that define the trajectory: a checkpoint must match the constructor's
+    SETTINGS = ("seed", "n", "beta_min", "total_steps", "ste_fraction", "one_sided")
+
     def _wrapper_state_dict(self) -> dict[str, Any]:
         return {
-            "seed": self.seed,
-            "n": self.n,
-            "beta_min": self.beta_min,
-            "total_steps": self.total_steps,
-            "ste_fraction": self.ste_fraction,
-            "one_sided": self.one_sided,
             "steps": self.steps,
             "fallbacks": self.fallbacks,
+            "initial_scales": dict(self.initial_scales),
         }
 
+    def _check_wrapper_state_dict(self, state: dict[str, Any]) -> None:
+        super()._check_wrapper_state_dict(state)
+        missing = [k for k in ("steps", "fallbacks") if k not in state]
+        if missing:
+            raise ValueError(f"FOGZO state_dict['metaste'] lacks {missing}: it is not a FOGZO checkpoint")
+
     def _load_wrapper_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores the trajectory-defining settings, the step count and the fallback count."""
-        self.seed = state["seed"]
-        self.n = state["n"]
-        self.beta_min = state["beta_min"]
-        self.total_steps = state["total_steps"]
-        self.ste_fraction = state["ste_fraction"]
-        self.one_sided = state["one_sided"]
+        """Restores the step count and the fallback count (the settings were checked to match the
+        constructor's, :meth:`_check_wrapper_state_dict`)."""
         self.steps = state["steps"]
         self.fallbacks = state["fallbacks"]
+        self.initial_scales = dict(state.get("initial_scales", {}))
 
     def __repr__(self) -> str:
         return (

@@ -1,5 +1,5 @@
 """FOGZO on parameters sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``): each rank works
-on its own shard (docs/design.md §7.4).
+on its own shard (docs/design.md §10.4).
 
 After ``fully_shard`` a layer's ``weight`` is a new ``DTensor`` parameter (``Shard(0)`` over a 1-D
 mesh): metaste's registry, keyed by the old ``Parameter``, no longer knows it, so call

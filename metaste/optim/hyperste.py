@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 
 from ..adapters import foreign_quantization_hint
 from ..quant.registry import lookup
-from ._wrapper import Closure, OptimizerWrapper
+from ._wrapper import Closure, OptimizerWrapper, check_latent_dtype
 from .fsdp import is_dtensor
 from .hyper import METHODS
 from .hyper._common import ManagedWeight, MethodOptions, surrogate_stats
@@ -141,7 +141,7 @@ class HyperSTE(OptimizerWrapper):
             raise NotImplementedError(
                 "HyperSTE does not run on FSDP2-sharded weights yet (its hypergradients and the "
                 "differentiable optimizer update work on whole tensors). Supported: HyperSTE on one "
-                "process or under DDP, and metaste.FOGZO under fully_shard (docs/design.md §7.4)"
+                "process or under DDP, and metaste.FOGZO under fully_shard (docs/design.md §10.4)"
             )
         opts.check(optimizer, managed, model)
         _check_scaler_supported(opts, self._active_scaler())
@@ -167,6 +167,7 @@ class HyperSTE(OptimizerWrapper):
             if entry is None or id(p) in seen or not getattr(entry.surrogate, "learnable", False):
                 continue
             seen.add(id(p))
+            check_latent_dtype(p, "HyperSTE", repr(names.get(id(p), f"w{k}")))
             if entry.quantizer.defer_surrogate:
                 raise ValueError(
                     f"weight {names.get(id(p), f'w{k}')!r} is already managed by another HyperSTE; "
@@ -188,13 +189,20 @@ class HyperSTE(OptimizerWrapper):
         for mw in self.managed:
             mw.quantizer.defer_surrogate = False
 
+    def _managed_params(self) -> list[Tensor]:
+        return [mw.param for mw in self.managed]
+
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
-        """One step (see the class docstring); returns the closure's loss, detached."""
+        """One step (see the class docstring); returns the closure's loss, detached. The closure
+        may return an iterable of micro-batch losses (gradient accumulation). If it raises, no
+        weight, buffer or optimizer state has changed (the horizon methods: except inside the
+        replays of a horizon's last step)."""
         _check_scaler_supported(self.options, self._active_scaler())
         return self._run_step(self._step, closure)
 
     def _step(self, closure: Closure | None) -> Tensor:
-        loss = self.method.step(closure, self._evaluate, self.steps)
+        with self._step_guard(closure):
+            loss = self.method.step(closure, self._evaluate, self.steps)
         self.steps += 1
         return loss
 
@@ -242,15 +250,41 @@ class HyperSTE(OptimizerWrapper):
         out.update(self.method.diagnostics())
         return out
 
-    def _wrapper_state_dict(self) -> dict[str, Any]:
-        return {"method_name": self.method_name, "steps": self.steps, "method": self.method.state_dict()}
+    def _settings(self) -> dict[str, Any]:
+        """The options that define the trajectory (plain values; not ``memory_budget``, hooks or
+        hyper-optimizer factories): a checkpoint must match the constructor's."""
+        out = {}
+        for k in self.options.option_names():
+            v = getattr(self.options, k)
+            if k != "memory_budget" and (v is None or isinstance(v, (bool, int, float, str))):
+                out[k] = v
+        return out
 
-    def _load_wrapper_state_dict(self, state: dict[str, Any]) -> None:
+    def _wrapper_state_dict(self) -> dict[str, Any]:
+        return {
+            "method_name": self.method_name,
+            "options": self._settings(),
+            "steps": self.steps,
+            "method": self.method.state_dict(),
+        }
+
+    def _check_wrapper_state_dict(self, state: dict[str, Any]) -> None:
+        super()._check_wrapper_state_dict(state)
+        missing = [k for k in ("method_name", "steps", "method") if k not in state]
+        if missing:
+            raise ValueError(
+                f"HyperSTE state_dict['metaste'] lacks {missing}: it is not a HyperSTE checkpoint"
+            )
         if state["method_name"] != self.method_name:
             raise ValueError(
                 f"state_dict was saved by HyperSTE(method={state['method_name']!r}); this one runs "
                 f"method={self.method_name!r}"
             )
+        self._check_settings(
+            f"HyperSTE(method={self.method_name!r})", state.get("options", {}), self._settings()
+        )
+
+    def _load_wrapper_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = state["steps"]
         self.method.load_state_dict(state["method"])
 

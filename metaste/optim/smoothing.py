@@ -164,7 +164,7 @@ def noise(kind: str, shape: torch.Size, seed: int, device: torch.device, dtype: 
     return z if dtype == torch.float32 else z.to(dtype)
 
 
-#: elements per independently seeded noise block (docs/design.md §7.4)
+#: elements per independently seeded noise block (docs/design.md §10.4)
 NOISE_BLOCK = 2**16
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -11,6 +12,7 @@ from torch import nn
 
 from .config import QuantConfig, make_weight_quantizer
 from .layers import QuantConv2d, QuantLayer, QuantLinear
+from .registry import register
 
 __all__ = ["QuantConfig", "QUANT_MODULES", "register_quant_module", "quantize_model", "make_weight_quantizer"]
 
@@ -52,6 +54,15 @@ def quantize_model(
     ``keep_last=False`` (the thesis's setting); ``keep_fp`` names more modules to keep, e.g. the
     first layer — a single name or several; naming a container keeps everything inside it.
     ``inplace``: modify ``model`` instead of a deep copy.
+
+    * Already quantized layers are *re-quantized* with the new settings (from their latent
+      weights; a learned step size starts again from its initialisation): quantizing twice gives
+      the second call's bits. ``keep_fp`` leaves such a layer as it is.
+    * Tied weights stay tied: layers that share a weight share the new latent ``Parameter`` and
+      one quantizer; a module used at several places is swapped once; a float module (kept, or
+      of another type) that shares a parameter with a quantized layer keeps sharing it.
+    * A call that quantizes nothing warns with the reason (subclasses of Linear/Conv2d from
+      another library, the only layer kept as the last one, everything in ``keep_fp``).
     """
     config = (config or QuantConfig()).replace(**settings) if settings else (config or QuantConfig())
     mapping = QUANT_MODULES if mapping is None else mapping
@@ -67,15 +78,83 @@ def quantize_model(
         )
     if not inplace:
         model = copy.deepcopy(model)
-    if keep_last:
-        last = _last_layer_name(model, swappable)
-        if last is not None:
-            keep.add(last)
-    for name, module in list(model.named_modules()):
-        if type(module) not in mapping or any(name == k or name.startswith(k + ".") for k in keep):
+    last = _last_layer_name(model, swappable) if keep_last else None
+    if last is not None:
+        keep.add(last)
+
+    def target(module: nn.Module) -> type[QuantLayer] | None:
+        if isinstance(module, QuantLayer):
+            return type(module)  # re-quantize with the new settings
+        return mapping.get(type(module))
+
+    new_of: dict[int, nn.Module] = {}  # id(old module) -> its quantized version
+    param_new: dict[int, nn.Parameter] = {}  # id(old parameter) -> the new one (ties)
+    quantizer_of: dict[int, nn.Module] = {}  # id(old weight) -> its quantizer (tied weights share it)
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        cls = target(module)
+        if cls is None or any(name == k or name.startswith(k + ".") for k in keep):
             continue
-        _set_submodule(model, name, mapping[type(module)].from_float(module, config))
+        new = new_of.get(id(module))
+        if new is None:
+            new = cls.from_float(module, config)
+            _keep_ties(module, new, param_new, quantizer_of)
+            new_of[id(module)] = new
+        _set_submodule(model, name, new)
+    if param_new:  # float modules that share a parameter with a swapped one share the new one
+        for m in model.modules():
+            for pname, p in list(m._parameters.items()):
+                if p is not None and id(p) in param_new:
+                    m._parameters[pname] = param_new[id(p)]
+    if not new_of:
+        warnings.warn(_nothing_quantized(model, mapping, keep, last), UserWarning, stacklevel=2)
     return model
+
+
+def _keep_ties(
+    old: nn.Module, new: nn.Module, param_new: dict[int, nn.Parameter], quantizer_of: dict[int, nn.Module]
+) -> None:
+    """Give ``new`` the parameters (and weight quantizer) already made for parameters ``old``
+    shares with a module swapped before; record its own otherwise."""
+    for pname, p in list(old._parameters.items()):
+        if p is None or pname not in new._parameters:
+            continue
+        if id(p) in param_new:
+            new._parameters[pname] = param_new[id(p)]
+        else:
+            param_new[id(p)] = new._parameters[pname]
+    wq = getattr(new, "weight_quant", None)
+    if wq is not None:
+        shared = quantizer_of.setdefault(id(old.weight), wq)
+        if shared is not wq:
+            new.weight_quant = shared
+        register(new.weight, shared)
+
+
+def _nothing_quantized(
+    model: nn.Module, mapping: Mapping[type[nn.Module], type[QuantLayer]], keep: set[str], last: str | None
+) -> str:
+    swappable = tuple(mapping)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, swappable)]
+    exact = [n for n, m in layers if type(m) in mapping]
+    subclasses = {n: type(m) for n, m in layers if type(m) not in mapping and not isinstance(m, QuantLayer)}
+    head = "quantize_model quantized nothing: "
+    if not exact:
+        if subclasses:
+            kinds = sorted({f"{c.__module__}.{c.__qualname__}" for c in subclasses.values()})
+            return head + (
+                f"the model's Linear/Conv2d-like modules {sorted(subclasses)} are subclasses ({', '.join(kinds)}), "
+                "which it leaves alone (exact types only). If another library already fake-quantizes "
+                "them, train them with metaste.FOGZO(..., scales={weight: step_size}); otherwise map the "
+                "type: metaste.quant.register_quant_module(TheirLinear, metaste.QuantLinear) or "
+                "quantize_model(..., mapping={TheirLinear: metaste.QuantLinear, ...})"
+            )
+        return head + f"the model has no module of the types {[c.__name__ for c in mapping]}"
+    if exact == [last]:
+        return head + (
+            f"the model's only Linear/Conv2d layer {last!r} is the last one, which keep_last=True keeps "
+            "in full precision; pass keep_last=False to quantize it"
+        )
+    return head + f"every Linear/Conv2d layer {exact} is kept in full precision by keep_fp={sorted(keep)}"
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

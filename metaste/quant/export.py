@@ -17,6 +17,7 @@ when calling the fake-quant model twice).
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -83,8 +84,17 @@ def _export_layer(layer: QuantLayer) -> QuantizedWeight:
 
 
 def export_quantized(model: nn.Module) -> dict[str, QuantizedWeight]:
-    """Integer codes and scales of every quantized layer, keyed by module name."""
-    return {name: _export_layer(m) for name, m in model.named_modules() if isinstance(m, QuantLayer)}
+    """Integer codes and scales of every quantized layer, keyed by module name (warns if the model
+    has none: an empty export is almost always a model that was not quantized)."""
+    out = {name: _export_layer(m) for name, m in model.named_modules() if isinstance(m, QuantLayer)}
+    if not out:
+        warnings.warn(
+            "export_quantized found no quantized layer (QuantLinear/QuantConv2d) in the model: quantize it "
+            "with metaste.quantize_model(...) first (quantize_model warns when it quantizes nothing)",
+            UserWarning,
+            stacklevel=2,
+        )
+    return out
 
 
 class _IntegerLayer:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import QuantConfig, make_weight_quantizer
-from .quantizers import ActivationLSQQuantizer, Quantizer
+from .quantizers import ActivationLSQQuantizer, Quantizer, check_grid
 from .registry import register
 
 __all__ = ["QuantLinear", "QuantConv2d", "QuantLayer", "float_layer_kwargs"]
@@ -58,6 +58,13 @@ class QuantLayer:
         self.weight_quant = weight_quant
         self.act_quant = act_quant
         register(self.weight, self.weight_quant)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        # check the grids before this layer's weight is copied (the quantizers check again)
+        check_grid(self.weight_quant, state_dict, prefix + "weight_quant.")
+        if self.act_quant is not None:
+            check_grid(self.act_quant, state_dict, prefix + "act_quant.")
+        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[misc]
 
     def __setstate__(self, state: dict) -> None:
         # deepcopy / pickle make a new weight Parameter: register it too

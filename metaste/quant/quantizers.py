@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -117,7 +118,65 @@ class _SignQuantFn(torch.autograd.Function):
         return gv, None, None, None
 
 
-class Quantizer(nn.Module):
+GRID_KEY = "grid"  # state_dict entry (uint8 bytes of the spec string) that defines the grid
+
+
+def _encode_spec(spec: str) -> Tensor:
+    return torch.tensor(list(spec.encode()), dtype=torch.uint8)
+
+
+def _decode_spec(t: Tensor) -> str:
+    return bytes(t.to(torch.uint8).tolist()).decode(errors="replace")
+
+
+class GridSpecMixin:
+    """Saves what defines the grid (``grid_spec()``: quantizer kind, bits, surrogate, ...) in the
+    ``state_dict`` as ``<prefix>grid`` (a uint8 tensor of the spec's bytes), and refuses to load
+    a state saved with another grid: a 2-bit checkpoint in a 3-bit model, PLSTE into SLSTE or
+    LSQ into a fixed quantizer raises ``ValueError`` before this module's tensors are copied. A
+    state without the entry (a float model's, an older checkpoint) loads unchecked."""
+
+    def grid_spec(self) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # type: ignore[misc]
+        destination[prefix + GRID_KEY] = _encode_spec(self.grid_spec())
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing: list,
+        unexpected: list,
+        errors: list,
+    ) -> None:
+        check_grid(self, state_dict, prefix)
+        super()._load_from_state_dict(  # type: ignore[misc]
+            state_dict, prefix, local_metadata, strict, missing, unexpected, errors
+        )
+        if prefix + GRID_KEY in unexpected:
+            unexpected.remove(prefix + GRID_KEY)
+
+
+def check_grid(module: GridSpecMixin, state_dict: dict, prefix: str) -> None:
+    """Raise ``ValueError`` if ``state_dict[prefix + "grid"]`` names another grid than ``module``'s."""
+    saved = state_dict.get(prefix + GRID_KEY)
+    if saved is None:
+        return
+    saved_spec, own = _decode_spec(saved), module.grid_spec()
+    if saved_spec != own:
+        where = prefix.rstrip(".") or type(module).__name__
+        raise ValueError(
+            f"the state_dict's {where!r} was saved with the grid {saved_spec!r}; this model's is {own!r}. "
+            "A checkpoint loads only into a model quantized with the same settings: quantize the float "
+            "model with the checkpoint's bits / quantizer / surrogate, then load it"
+        )
+
+
+class Quantizer(GridSpecMixin, nn.Module):
     """Base class of weight quantizers.
 
     Every weight quantizer exposes what optimizer wrappers need from the parameter alone:
@@ -130,10 +189,21 @@ class Quantizer(nn.Module):
     qp: int
     bits: int
 
+    kind: str = ""  # "fixed" | "lsq" | "dorefa"
+
     def __init__(self, surrogate: Surrogate) -> None:
         super().__init__()
         self.surrogate = surrogate
         self.defer_surrogate = False
+
+    def grid_spec(self) -> str:
+        """What defines the grid and its training, saved in the state_dict (:class:`GridSpecMixin`)."""
+        spec = f"{self.kind}:bits={self.bits}:surrogate={self.surrogate.name}"
+        if hasattr(self, "per_channel"):
+            spec += f":per_channel={int(self.per_channel)}"
+        if hasattr(self, "binary_surrogate_scale"):
+            spec += f":scale={self.binary_surrogate_scale}"
+        return spec
 
     @property
     def ste_kind(self) -> str:
@@ -167,6 +237,8 @@ class FixedScaleQuantizer(Quantizer):
 
     ``init``: ``"max"`` (s = max|v|/Qp), ``"lsq"`` (s = 2·mean|v|/sqrt(Qp)) or a float.
     """
+
+    kind = "fixed"
 
     def __init__(
         self,
@@ -205,6 +277,8 @@ class LSQQuantizer(Quantizer):
     init s0 = 2·mean|v|/sqrt(Qp) (per output channel if ``per_channel``), gradient scale
     g = 1/sqrt(N·Qp) with N the elements sharing that s; s is clamped to ≥ 1e−8 in forward."""
 
+    kind = "lsq"
+
     def __init__(self, weight: Tensor, bits: int, surrogate: Surrogate, per_channel: bool = False) -> None:
         super().__init__(surrogate)
         self._set_grid(weight, bits, per_channel)
@@ -230,6 +304,7 @@ class DoReFaBinaryQuantizer(Quantizer):
     (``"one"``). With ``"E"`` the clipped STE zeroes ≈ 42 % of Gaussian weights (docs/design.md §1).
     """
 
+    kind = "dorefa"
     bits = 1
     qn = qp = 1
 
@@ -261,7 +336,7 @@ class DoReFaBinaryQuantizer(Quantizer):
         return f"bits=1, binary_surrogate_scale={self.binary_surrogate_scale!r}"
 
 
-class ActivationLSQQuantizer(nn.Module):
+class ActivationLSQQuantizer(GridSpecMixin, nn.Module):
     """LSQ for activations: unsigned grid Qn = 0, Qp = 2^b − 1 (after a ReLU) or signed grid
     Qn = 2^(b−1), Qp = 2^(b−1) − 1; clipped STE backward; s learnable, initialised from the first
     training batch to 2·mean|x|/sqrt(Qp).
@@ -290,6 +365,14 @@ class ActivationLSQQuantizer(nn.Module):
     @property
     def qp(self) -> int:
         return 2 ** (self.bits - 1) - 1 if bool(self.signed) else 2**self.bits - 1
+
+    def grid_spec(self) -> str:
+        return f"act_lsq:bits={self.bits}"
+
+    def forward_written(self) -> list[Tensor]:
+        """What the next forward may write besides the buffers: ``s``, until the first training
+        batch has set it (the wrappers' step guard restores it if the step fails)."""
+        return [] if bool(self.initialized) else [self.s]
 
     def forward(self, x: Tensor) -> Tensor:
         if not bool(self.initialized):

@@ -196,7 +196,8 @@ FIXED_SURROGATES: dict[str, Callable[..., Tensor]] = {
     "fd": fd,
 }
 LEARNABLE_SURROGATES = ("slste", "plste", "dlste")
-SURROGATES = tuple(FIXED_SURROGATES) + LEARNABLE_SURROGATES
+CALIBRATED_SURROGATES = ("leaky",)  # fitted by metaste.Calibrated (quant/leaky.py, docs/design.md §9)
+SURROGATES = tuple(FIXED_SURROGATES) + LEARNABLE_SURROGATES + CALIBRATED_SURROGATES
 GRANULARITIES = ("element", "channel", "tensor")
 BOUNDARIES = ("none", "window")
 
@@ -418,6 +419,10 @@ def make_surrogate(
     _check_name(name, SURROGATES, "surrogate")
     _check_name(granularity, GRANULARITIES, "granularity")
     _check_name(boundary, BOUNDARIES, "boundary")
+    if name in CALIBRATED_SURROGATES:
+        from .leaky import LeakySurrogate
+
+        return LeakySurrogate(weight_shape, granularity, binary=binary, dtype=dtype, **kwargs)
     if name in LEARNABLE_SURROGATES:
         if kwargs:
             raise TypeError(f"learnable surrogate {name!r} takes no extra arguments {sorted(kwargs)}")

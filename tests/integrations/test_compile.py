@@ -1,7 +1,7 @@
 """torch.compile: FOGZO and HyperSTE over ``torch.compile(model, fullgraph=True)`` and
 ``model.compile(fullgraph=True)`` (fullgraph: any graph break raises), a bounded number of
 compilations over many steps (no recompilation per step), equal to eager; the closure's modules
-are found without hooks (docs/design.md §7.5)."""
+are found without hooks (docs/design.md §10.5)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """FOGZO under FSDP2 (``fully_shard``) on 2 gloo CPU ranks: each rank perturbs its own rows with
 its slice of the noise, the norm and the c_i are reduced over the ranks, and the trajectory equals
-one process on the concatenated batch (docs/design.md §7.4). The first layer has more elements
+one process on the concatenated batch (docs/design.md §10.4). The first layer has more elements
 than a noise block, the second an odd number of rows (uneven shards)."""
 
 from __future__ import annotations

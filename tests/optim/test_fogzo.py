@@ -410,7 +410,9 @@ def test_resume_from_state_dict_continues_the_trajectory_bitwise(tmp_path):
     ck = torch.load(tmp_path / "ck.pt", weights_only=False)
     second = mlp(seed=99)
     second.load_state_dict(ck["model"])
-    opt = make(second, 0)  # a different seed: the checkpoint's wins
+    with pytest.raises(ValueError, match=r"seed=4 \(constructor: 0\)"):
+        make(second, 0).load_state_dict(ck["opt"])  # a different seed: raises, nothing loaded
+    opt = make(second, 4)
     opt.load_state_dict(ck["opt"])
     assert opt.steps == 3 and opt.seed == 4
     for x, y in data[3:]:

@@ -294,6 +294,8 @@ class HyperMethod:
     ) -> Iterator[tuple[int, Tensor]]:
         """(surrogate tensor index k, h_k) of ⟨λ_{t+1}, ∂v_{t+1}/∂θ_t⟩ for the pending step
         (:func:`~metaste.optim.diffopt.one_step_hypergradient`); weights without λ_{t+1} give none."""
+        if not pending.idx or all(lam.get(i) is None for i in pending.idx):
+            return  # no managed weight got a gradient at t or t+1 (a loss that missed them)
         entries = [self.managed[i] for i in pending.idx]
         if pending.theta is None:
             thetas = [list(mw.surrogate.params()) for mw in entries]

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ...quant.surrogates import slste, slste_grad
-from ._common import HyperMethod, ManagedWeight, MethodOptions
+from .._wrapper import Closure
+from ._common import Evaluate, HyperMethod, ManagedWeight, MethodOptions
 
 __all__ = ["Analytical", "AnalyticalMethod", "analytical_update", "AnalyticalResult", "REGIONS", "RESOLVES"]
 
@@ -125,13 +126,7 @@ class Analytical(MethodOptions):
                 f"method='analytical' needs torch.optim.SGD (its update rule is derived for plain "
                 f"SGD), got {type(optimizer).__name__}; {hint}"
             )
-        for i, g in enumerate(optimizer.param_groups):
-            if g["momentum"] != 0 or g["nesterov"] or g["maximize"]:
-                raise ValueError(
-                    f"method='analytical' needs SGD without momentum, nesterov or maximize; param "
-                    f"group {i} has momentum={g['momentum']}, nesterov={g['nesterov']}, "
-                    f"maximize={g['maximize']}; set momentum=0 or {hint}"
-                )
+        self.check_groups(optimizer)
         for mw in managed:
             s = mw.surrogate
             if s.name != "slste" or s.granularity != "element":
@@ -140,6 +135,19 @@ class Analytical(MethodOptions):
                     f"rule is per element); weight {mw.name!r} has surrogate {s.name!r} with "
                     f"granularity={s.granularity!r}. Quantize with surrogate='slste', "
                     f"granularity='element', or {hint}"
+                )
+
+    @staticmethod
+    def check_groups(optimizer: Optimizer) -> None:
+        """The group settings the update rule needs; checked at construction and at every step
+        (a group's momentum can be switched on later)."""
+        hint = 'use method="delayed", which works with any torch.optim optimizer'
+        for i, g in enumerate(optimizer.param_groups):
+            if g["momentum"] != 0 or g["nesterov"] or g["maximize"]:
+                raise ValueError(
+                    f"method='analytical' needs SGD without momentum, nesterov or maximize; param "
+                    f"group {i} has momentum={g['momentum']}, nesterov={g['nesterov']}, "
+                    f"maximize={g['maximize']}; set momentum=0 or {hint}"
                 )
 
 
@@ -158,12 +166,17 @@ class AnalyticalMethod(HyperMethod):
         self, optimizer: Optimizer, managed: list[ManagedWeight], opts: Analytical, model: nn.Module | None
     ) -> None:
         super().__init__(optimizer, managed, opts, model)
-        self.group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         # history per managed weight: (g⁻, d⁻, η_w⁻) or None before the first step
         self.history: list[tuple[Tensor, Tensor, float] | None] = [None] * len(managed)
 
+    def step(self, closure: Closure | None, evaluate: Evaluate, t: int) -> Tensor:
+        Analytical.check_groups(self.optimizer)  # before anything runs
+        return super().step(closure, evaluate, t)
+
     def before_update(self, step: int) -> None:
         o = self.opts
+        # the groups of now: load_state_dict replaces the group dicts (an LR scheduler's lr)
+        group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
         self.step_stats = {}
         sq_norm = 0.0
         for i, mw in enumerate(self.managed):
@@ -181,7 +194,7 @@ class AnalyticalMethod(HyperMethod):
             self.history[i] = (
                 g,
                 slste_grad(u, a, mw.qn, mw.qp, s.boundary, s.b),
-                float(self.group_of[id(mw.param)]["lr"]),
+                float(group_of[id(mw.param)]["lr"]),
             )
             n = g.numel()
             stats = {k: float(v.count_nonzero()) / n for k, v in res.regions.items()}

@@ -244,6 +244,7 @@ class HorizonMethod(HyperMethod):
         self.skipped = 0  # replays whose hypergradient was not finite (θ unchanged)
         self.nonfinite = 0  # replays stopped by a non-finite loss (θ rolled back)
         self.memory_estimate: dict[str, int] = {}
+        self._reset_collection()  # the method's per-horizon fields exist before the first step
 
     # -- bookkeeping --------------------------------------------------------------------------
 
@@ -352,12 +353,21 @@ class HorizonMethod(HyperMethod):
         return self._user_step(closure, evaluate, None)
 
     def _user_step(self, closure: Closure, evaluate: Evaluate, extra: Closure | None) -> Tensor:
-        if self.pos == 0:
-            self._begin()
-        if extra is not None:
-            self.extra_closure = extra
-        self.hparams.append(self._group_hparams())
-        loss = self._step(self.pos, closure, evaluate, collect=True)
+        # a step of the user's pass that raises (a non-finite loss, a bad closure) leaves the
+        # horizon's bookkeeping as it was (docs/design.md §5); the attributes are reassigned or
+        # appended to before the base step, so a shallow copy with copied lists is enough
+        saved = {k: list(v) if isinstance(v, list) else v for k, v in self.__dict__.items()}
+        try:
+            if self.pos == 0:
+                self._begin()
+            if extra is not None:
+                self.extra_closure = extra
+            self.hparams.append(self._group_hparams())
+            loss = self._step(self.pos, closure, evaluate, collect=True)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            raise
         self.closures.append(closure)
         self.losses[0].append(float(loss))
         self.pos += 1

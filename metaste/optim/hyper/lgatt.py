@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .._snapshot import Snapshot
-from .._wrapper import Closure
+from .._wrapper import Closure, summed_loss
 from ..diffopt import UpdateRecord, differentiable_step, differentiable_update
 from ._common import Evaluate, ManagedWeight
 from .horizon import HorizonMethod, HorizonOptions
@@ -165,7 +165,7 @@ def reverse_sweep(trace: Trace, lam_f: dict[int, Tensor]) -> Iterator[tuple[int,
         snap = trace.snaps[t]
         leaves = trace.recompute(t)
         with surrogates_as(trace.managed, leaves), torch.enable_grad():
-            loss = trace.closures[t]()
+            loss = summed_loss(trace.closures[t](), "HyperSTE")
             req = [j for j, p in enumerate(params) if p.requires_grad]
             grads = torch.autograd.grad(loss, [params[j] for j in req], create_graph=True, allow_unused=True)
             idx = [j for j, g in zip(req, grads) if g is not None]  # the optimizer skips the others
@@ -220,7 +220,7 @@ def diagonal_sweep(
         snap = trace.snaps[t]
         leaves = trace.recompute(t)
         with surrogates_as(managed, leaves), torch.enable_grad():
-            loss = trace.closures[t]()
+            loss = summed_loss(trace.closures[t](), "HyperSTE")
             grads = torch.autograd.grad(
                 loss, [mw.param for mw in managed], create_graph=True, allow_unused=True
             )

@@ -1,0 +1,272 @@
+"""JacQuant: a learned group-wise Jacobian slope in place of the STE's mask (docs/design.md §8).
+
+The forward quantizer is unchanged. The STE's ∂v̂/∂v = in becomes b = clip(α_g + γ_g·φ, b_min, b_max)·in
+with φ = 2|u − round(u)|, two numbers per group of G input elements. :func:`fit_slope` is the fit
+(a 2×2 weighted ridge least squares of code changes on (α + γφ)·η); :class:`JacQuant` applies b
+after backward (the quantizers defer ψ), refits every K steps or at a phase boundary, and
+optionally runs STORM variance reduction with the closure at the previous iterate.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..quant.quantizers import LSQQuantizer
+from ..quant.registry import QuantEntry, lookup
+from ..quant.surrogates import band
+from ._wrapper import Closure, OptimizerWrapper, check_closure
+from .smoothing import derive_seed
+
+__all__ = ["JacQuant", "fit_slope", "slope_phi", "FITS", "VRS"]
+
+FITS = ("dither", "probe")
+VRS = ("none", "storm")
+
+
+def slope_phi(u: Tensor) -> Tensor:
+    """φ = 2|u − round(u)|: 0 at a bin centre, 1 at a boundary."""
+    return (u - torch.round(u)).abs_().mul_(2)
+
+
+def _grouped(x: Tensor, group: int) -> Tensor:
+    """(out, in) → (out, in/G, G); a conv weight is flattened to (out, in·kh·kw) first."""
+    flat = x.reshape(x.shape[0], -1)
+    return flat.view(flat.shape[0], flat.shape[1] // group, group)
+
+
+def fit_slope(
+    u: Tensor,
+    qn: float,
+    qp: float,
+    group: int,
+    *,
+    fit: str = "dither",
+    eps: float = 0.5,
+    weight: Tensor | None = None,
+    ridge: float = 1e-3,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """(α, γ) per group of ``group`` input elements (shapes (out, in/G)), docs/design.md §8.
+
+    Code-unit perturbations η (``"probe"``: ±ε; ``"dither"``: U(−ε, ε)), Δ = c(u + η) − c(u) with
+    c = clamp(round(·), −Qn, Qp); per group the weighted ridge least squares of Δ on
+    [η, φη] over the in-range elements, weights ``weight`` (broadcast per input column, e.g. the
+    input's second moment), ridge ``ridge``·tr toward the STE (1, 0).
+    """
+    gen = torch.Generator(device=u.device).manual_seed(derive_seed(seed, 7))
+    r = torch.rand(u.shape, generator=gen, device=u.device, dtype=torch.float64)
+    eta = (torch.where(r < 0.5, -eps, eps) if fit == "probe" else (2 * r - 1) * eps).to(torch.float64)
+    u64 = u.detach().to(torch.float64)
+    c0 = torch.round(u64).clamp(-qn, qp)
+    delta = torch.round(u64 + eta).clamp(-qn, qp) - c0
+    inside = band(u64, -qn, qp)
+    w = inside if weight is None else inside * weight.to(torch.float64)
+    phi = slope_phi(u64)
+    x1, x2 = _grouped(eta, group), _grouped(phi * eta, group)
+    wg, dg = _grouped(w.expand_as(u64), group), _grouped(delta, group)
+    a11, a12, a22 = (wg * x1 * x1).sum(-1), (wg * x1 * x2).sum(-1), (wg * x2 * x2).sum(-1)
+    b1, b2 = (wg * x1 * dg).sum(-1), (wg * x2 * dg).sum(-1)
+    mu = ridge * (a11 + a22) + 1e-30
+    a11, a22, b1 = a11 + mu, a22 + mu, b1 + mu  # ridge toward (α, γ) = (1, 0)
+    det = a11 * a22 - a12 * a12
+    return (a22 * b1 - a12 * b2) / det, (a11 * b2 - a12 * b1) / det
+
+
+class JacQuant(OptimizerWrapper):
+    r"""JacQuant on any base optimizer (docs/design.md §8).
+
+    Example::
+
+        model = metaste.quantize_model(net, bits=2, quantizer="lsq")
+        opt = metaste.JacQuant(torch.optim.Adam(model.parameters(), lr=1e-3), vr="none")
+        loss = opt.step(lambda: F.cross_entropy(model(x), y))   # x, y fixed inside the closure
+
+    Args:
+        group (int, default 128): G, input elements per (α, γ); a weight whose input dimension
+            G does not divide falls back to one group per row (warning).
+        every (int, default 50): K, steps between refits.
+        fit (``"dither"`` | ``"probe"``), eps (default ½): the perturbations of the fit.
+        b_range (default (0, 4)): the clip of α + γφ.
+        ema (float in [0, 1), default 0.9): EMA over fits (and of the input second moment).
+        vr (``"none"`` | ``"storm"``), storm_a (float in (0, 1], default 0.1): STORM's a; needs
+            a closure that can be evaluated again at the previous weights on the same batch.
+        flip_rate (default 1e−4): a step whose per-tensor code-flip rate exceeds it ends a
+            code-preserving phase: the STORM state resets and b is refitted.
+    """
+
+    SETTINGS = ("vr", "storm_a", "flip_rate", "seed")
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        group: int = 128,
+        every: int = 50,
+        fit: str = "dither",
+        eps: float = 0.5,
+        b_range: tuple[float, float] = (0.0, 4.0),
+        ema: float = 0.9,
+        vr: str = "none",
+        storm_a: float = 0.1,
+        flip_rate: float = 1e-4,
+        seed: int = 0,
+    ) -> None:
+        for name, v in (("group", group), ("every", every)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"Invalid {name}: {v!r}; it must be an int >= 1")
+        if fit not in FITS:
+            raise ValueError(f"Invalid fit: {fit!r}; choose one of {FITS}")
+        if not 0 < eps < math.inf:
+            raise ValueError(f"Invalid eps: {eps}; it must be finite and > 0 (code units)")
+        if not 0.0 <= b_range[0] <= 1.0 <= b_range[1] < math.inf:
+            raise ValueError(f"Invalid b_range: {b_range}; need 0 <= b_min <= 1 <= b_max < inf")
+        if not 0.0 <= ema < 1.0:
+            raise ValueError(f"Invalid ema: {ema}; it must lie in [0, 1)")
+        if vr not in VRS:
+            raise ValueError(f"Invalid vr: {vr!r}; choose one of {VRS}")
+        if not 0.0 < storm_a <= 1.0:
+            raise ValueError(f"Invalid storm_a: {storm_a}; it must lie in (0, 1]")
+        if not 0.0 <= flip_rate <= 1.0:
+            raise ValueError(f"Invalid flip_rate: {flip_rate}; it must lie in [0, 1]")
+        super().__init__(optimizer)
+        self.every, self.fit, self.eps, self.b_range, self.ema = every, fit, float(eps), b_range, float(ema)
+        self.vr, self.storm_a, self.flip_rate, self.seed = vr, float(storm_a), float(flip_rate), seed
+        self.managed: list[QuantEntry] = []
+        self.groups: list[int] = []
+        for p in self.params():
+            e = lookup(p)
+            if e is None or not p.requires_grad or e.weight.dim() < 2 or not hasattr(e.quantizer, "s"):
+                continue
+            cols = e.weight[0].numel()
+            g = group if cols % group == 0 else cols
+            if g != group:
+                warnings.warn(
+                    f"JacQuant: group size {group} does not divide the input dimension {cols} of a weight "
+                    f"of shape {tuple(e.weight.shape)}; that weight uses one group per output row",
+                    stacklevel=2,
+                )
+            self.managed.append(e)
+            self.groups.append(g)
+            e.quantizer.defer_surrogate = True  # backward leaves g = ∂L/∂v̂; b is applied in step
+        if not self.managed:
+            raise ValueError(
+                "JacQuant found no quantized (fixed or LSQ) weight among the optimizer's parameters"
+            )
+        self.alpha = [
+            torch.ones(e.weight.shape[0], e.weight[0].numel() // g) for e, g in zip(self.managed, self.groups)
+        ]
+        self.gamma = [torch.zeros_like(a) for a in self.alpha]
+        self.steps, self.fits, self.phases = 0, 0, 0
+        self._codes: list[Tensor] | None = None
+        self._prev: list[Tensor] | None = None  # STORM: x_{t−1} (all parameters) and d_{t−1}
+        self._d: list[Tensor | None] | None = None
+        self._checked = False
+
+    def close(self) -> None:
+        """Hand the quantizers back (ψ applied in their backward again)."""
+        for e in self.managed:
+            e.quantizer.defer_surrogate = False
+
+    def slopes(self, k: int) -> Tensor:
+        """b of managed weight k (its shape)."""
+        e, g = self.managed[k], self.groups[k]
+        u = e.u()
+        ab = self.alpha[k].to(u).unsqueeze(-1) + self.gamma[k].to(u).unsqueeze(-1) * _grouped(slope_phi(u), g)
+        b = ab.clamp_(*self.b_range).reshape(u.shape)
+        return b.mul_(band(u, -e.qn, e.qp))
+
+    @torch.no_grad()
+    def refit(self) -> None:
+        for k, (e, g) in enumerate(zip(self.managed, self.groups)):
+            moment = getattr(e.quantizer, "_jq_moment", None)
+            a, c = fit_slope(
+                e.u(), e.qn, e.qp, g, fit=self.fit, eps=self.eps, weight=moment, seed=self.seed + self.fits
+            )
+            w = self.ema if self.fits else 0.0
+            self.alpha[k] = w * self.alpha[k] + (1 - w) * a.float()
+            self.gamma[k] = w * self.gamma[k] + (1 - w) * c.float()
+        self.fits += 1
+
+    @torch.no_grad()
+    def _apply_slopes(self) -> None:
+        for k, e in enumerate(self.managed):
+            p = e.weight
+            if p.grad is None:
+                continue
+            b = self.slopes(k)
+            q = e.quantizer
+            if (
+                isinstance(q, LSQQuantizer) and q.s.grad is not None
+            ):  # ∂L/∂s = Σ g(c − b·u): add Σ g·u·(in − b)
+                u = e.u()
+                corr = (p.grad * u * (band(u, -e.qn, e.qp) - b)).sum_to_size(q.s.shape) * q.grad_scale
+                q.s.grad.add_(corr)
+            p.grad.mul_(b)
+
+    def _grads(self, closure: Closure) -> Tensor:
+        loss = self._evaluate(closure)
+        self._apply_slopes()
+        return loss
+
+    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
+        check_closure(closure, type(self).__name__)
+        params = [p for p in self.params() if p.requires_grad]
+        if self.vr == "storm" and not self._checked:
+            with torch.no_grad():
+                l1, l2 = float(closure()), float(closure())
+            if l1 != l2:
+                raise ValueError(
+                    f"JacQuant(vr='storm') evaluates the closure again at the previous weights on the same batch, "
+                    f"but two calls at the same weights returned {l1} and {l2}: the closure draws a new batch "
+                    "(or dropout) per call. Capture the batch in the closure, or use vr='none'"
+                )
+            self._checked = True
+        codes = [e.quantizer.codes(e.weight) for e in self.managed]
+        boundary = self._codes is not None and any(
+            float((c != c0).float().mean()) > self.flip_rate for c, c0 in zip(codes, self._codes)
+        )
+        if boundary:
+            self.phases += 1
+            self._d = None
+        if self.steps % self.every == 0 or boundary:
+            self.refit()
+        self._codes = codes
+        loss = self._grads(closure)
+        if self.vr == "storm":
+            g_now = [p.grad.clone() if p.grad is not None else None for p in params]
+            if self._d is not None and self.storm_a < 1.0:
+                current = [p.detach().clone() for p in params]
+                with torch.no_grad():
+                    for p, x in zip(params, self._prev):
+                        p.copy_(x)
+                self._grads(closure)
+                g_prev = [p.grad for p in params]
+                with torch.no_grad():
+                    for p, x in zip(params, current):
+                        p.copy_(x)
+                for p, g, d, gp in zip(params, g_now, self._d, g_prev):
+                    if g is None:
+                        p.grad = None
+                        continue
+                    p.grad = g + (1 - self.storm_a) * (d - gp) if d is not None and gp is not None else g
+            else:
+                for p, g in zip(params, g_now):
+                    p.grad = g
+            self._d = [p.grad.clone() if p.grad is not None else None for p in params]
+            self._prev = [p.detach().clone() for p in params]
+        self.optimizer.step()
+        self.steps += 1
+        return loss
+
+    def _wrapper_state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "fits": self.fits, "alpha": self.alpha, "gamma": self.gamma}
+
+    def _load_wrapper_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps, self.fits = state["steps"], state["fits"]
+        self.alpha, self.gamma = list(state["alpha"]), list(state["gamma"])

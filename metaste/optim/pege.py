@@ -1,0 +1,294 @@
+"""PEGE: progressive element-wise gradient estimation (docs/design.md §7).
+
+Three parts, each a plain function or a small class, joined by the :class:`PEGE` wrapper:
+
+* the curriculum :func:`replace_ratio` r(t) = ln(1 + kτ)/ln(1 + k), τ = min(t/T_r, 1);
+* the mixed forward w̃ = v + M⊙(v̂ − v) with the element-wise backward of :class:`_PEGEMix`
+  (unreplaced elements get g, replaced ones ψ·g·(1 + δ·sign(g)·e) — EWGS's scaling);
+* the discretization-error penalty λ·r(t)·Σ_layers mean(M⊙e²), e = v/s − c with c and s detached,
+  added to the closure's loss before backward (its gradient is λ_t·2M⊙e/(n·s)).
+
+Why a wrapper and not quantizer options: the forward mask needs the step count t, the penalty
+needs to be added to the loss once per step, and the mask's random stream must be checkpointed —
+all three are per-step state that only the code calling ``step`` has. A wrapper keeps them in one
+place, works with any base optimizer and any quantized model, and leaves the quantizers (and
+their fast STE path) untouched: it installs forward hooks on them and removes them in
+:meth:`PEGE.remove`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from ..quant.quantizers import ActivationLSQQuantizer, DoReFaBinaryQuantizer
+from ..quant.registry import lookup
+from ..quant.surrogates import band
+from ._wrapper import Closure, NonFiniteLossError, OptimizerWrapper, check_closure, check_loss
+from .smoothing import derive_seed
+
+__all__ = ["PEGE", "replace_ratio", "SELECTS"]
+
+SELECTS = ("random", "error")
+
+
+def replace_ratio(t: int, replace_steps: int, k: float) -> float:
+    """r(t) = ln(1 + kτ)/ln(1 + k), τ = min(t/T_r, 1); k = 0 is the linear ramp r = τ."""
+    tau = min(t / replace_steps, 1.0)
+    if tau >= 1.0:
+        return 1.0
+    return tau if k == 0 else math.log1p(k * tau) / math.log1p(k)
+
+
+class _PEGEMix(torch.autograd.Function):
+    """Forward where(M, v̂, v); backward: v̂ gets M⊙g (the quantizer then applies ψ and LSQ's
+    ∂v̂/∂s), v gets (1 − M)⊙g + M⊙|g|⊙ê with ê = δ·ψ·e precomputed (the EWGS term)."""
+
+    @staticmethod
+    def forward(ctx, v, vhat, mask, e_scaled):  # type: ignore[override]
+        ctx.save_for_backward(mask, e_scaled)
+        return vhat if mask is None else torch.where(mask.bool(), vhat, v)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        mask, e_scaled = ctx.saved_tensors
+        if mask is None:
+            gv = None if e_scaled is None else g.abs() * e_scaled
+            return gv, g, None, None
+        gvhat = g * mask
+        gv = g - gvhat
+        if e_scaled is not None:
+            gv = gv + gvhat.abs() * e_scaled
+        return gv, gvhat, None, None
+
+
+class _Site:
+    """One hooked quantizer: a weight quantizer (from the registry) or an activation quantizer."""
+
+    def __init__(self, index: int, module: nn.Module, kind: str, delta: float) -> None:
+        self.index, self.module, self.kind, self.delta = index, module, kind, delta
+        self.calls = 0
+        self.handle: Any = None
+        self.record: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = None
+
+    def grid(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(u, c, s) of the input, all detached."""
+        q = self.module
+        x = x.detach()
+        if isinstance(q, DoReFaBinaryQuantizer):
+            s = q.magnitude(x).clamp(min=1e-8)
+            u = x / s
+            return u, torch.where(u >= 0, 1.0, -1.0).to(x.dtype), s
+        s = q.s.detach().clamp(min=1e-8) if isinstance(q, ActivationLSQQuantizer) else q.scale(x)
+        u = x / s
+        return u, torch.round(u).clamp_(-q.qn, q.qp), s
+
+
+class PEGE(OptimizerWrapper):
+    r"""Progressive Element-wise Gradient Estimation on any base optimizer (docs/design.md §7).
+
+    Example::
+
+        model = metaste.quantize_model(net, bits=2, quantizer="lsq")
+        opt = metaste.PEGE(torch.optim.SGD(model.parameters(), lr=0.1), total_steps=3000, model=model)
+        loss = opt.step(lambda: F.cross_entropy(model(x), y))   # returns the task loss
+
+    At step t a fraction r(t) of each quantized tensor is replaced by its quantized value (mask M:
+    random, redrawn every forward, or the elements nearest their grid point); the rest stays in
+    full precision. Replaced elements get the element-wise gradient ψ·g·(1 + δ·sign(g)·e) and the
+    penalty λ·r(t)·mean(M⊙e²) pulls them to their grid point. Eval mode uses M ≡ 1; from
+    t ≥ T_r on, M ≡ 1 and with δ = λ = 0 the step is the plain STE (LSQ) step bitwise.
+
+    Args:
+        optimizer: the base optimizer over a quantized model's parameters.
+        total_steps (int): the run's length; T_r defaults to half of it.
+        replace_steps (int): T_r, the steps over which r goes from 0 to 1 (> 0).
+        k (float ≥ 0, default 9): curvature of the log curriculum (0: linear).
+        select (``"random"`` | ``"error"``): how M is chosen.
+        delta (float ≥ 0 or None): EWGS's δ; ``None``: 1e−3/(2^b − 1) per layer.
+        lam (float ≥ 0, default 1e−2): λ of the penalty.
+        model (nn.Module, optional): also mix (and penalise) its activation quantizers.
+        seed (int): seeds the random masks (a private generator: the global RNG is not touched).
+
+    The hooks live on the model's quantizers: ``copy.deepcopy(model)`` copies them too (call
+    :meth:`remove` first, or load a ``state_dict`` into a fresh model).
+    """
+
+    SETTINGS = ("total_steps", "replace_steps", "k", "select", "lam", "seed")
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        total_steps: int | None = None,
+        replace_steps: int | None = None,
+        k: float = 9.0,
+        select: str = "random",
+        delta: float | None = None,
+        lam: float = 1e-2,
+        model: nn.Module | None = None,
+        seed: int = 0,
+    ) -> None:
+        for name, value in (("total_steps", total_steps), ("replace_steps", replace_steps)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(
+                    f"Invalid {name} (T_r): {value!r}; it must be an int >= 1 (T_r <= 0 is invalid)"
+                )
+        if replace_steps is None:
+            if total_steps is None:
+                raise ValueError("PEGE needs total_steps= (T_r defaults to half of it) or replace_steps=")
+            replace_steps = max(1, total_steps // 2)
+        if not (math.isfinite(k) and k >= 0):
+            raise ValueError(f"Invalid k: {k}; the curriculum curvature must be finite and >= 0 (0: linear)")
+        if select not in SELECTS:
+            raise ValueError(f"Invalid select: {select!r}; choose one of {SELECTS}")
+        if delta is not None and not (math.isfinite(delta) and delta >= 0):
+            raise ValueError(
+                f"Invalid delta: {delta}; it must be finite and >= 0 (or None for 1e-3/(2^b - 1))"
+            )
+        if not (math.isfinite(lam) and lam >= 0):
+            raise ValueError(f"Invalid lam: {lam}; it must be finite and >= 0")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        super().__init__(optimizer)
+        self.total_steps, self.replace_steps, self.k = total_steps, replace_steps, float(k)
+        self.select, self.lam, self.seed = select, float(lam), seed
+        self.steps = 0
+        self.sites: list[_Site] = []
+        for q in self._weight_quantizers():
+            self._add_site(q, "weight", delta)
+        if model is not None:
+            for m in model.modules():
+                if isinstance(m, ActivationLSQQuantizer):
+                    self._add_site(m, "activation", delta)
+        if not self.sites:
+            raise ValueError(
+                "PEGE found no quantized weight among the optimizer's parameters; quantize the model "
+                "with metaste.quantize_model(...) before building the optimizer"
+            )
+
+    def _weight_quantizers(self) -> Iterable[nn.Module]:
+        seen = set()
+        for p in self.params():
+            entry = lookup(p)
+            if entry is not None and p.requires_grad and id(entry.quantizer) not in seen:
+                seen.add(id(entry.quantizer))
+                yield entry.quantizer
+
+    def _add_site(self, module: nn.Module, kind: str, delta: float | None) -> None:
+        d = 1e-3 / (2**module.bits - 1) if delta is None else float(delta)
+        site = _Site(len(self.sites), module, kind, d)
+        site.handle = module.register_forward_hook(lambda mod, args, out, s=site: self._hook(s, args[0], out))
+        self.sites.append(site)
+
+    def remove(self) -> None:
+        """Remove the forward hooks: the model is a plain quantized model again."""
+        for s in self.sites:
+            s.handle.remove()
+
+    # -- schedule ------------------------------------------------------------------------------
+
+    def ratio(self, t: int | None = None) -> float:
+        """r(t), the replaced fraction at step t (default: the current step)."""
+        return replace_ratio(self.steps if t is None else t, self.replace_steps, self.k)
+
+    # -- the mixed forward ---------------------------------------------------------------------
+
+    def _mask(self, site: _Site, e: Tensor, r: float) -> Tensor | None:
+        if r >= 1.0:
+            return None
+        if self.select == "random":
+            gen = torch.Generator(device=e.device).manual_seed(
+                derive_seed(self.seed, self.steps, site.index, site.calls)
+            )
+            return (torch.rand(e.shape, generator=gen, device=e.device, dtype=e.dtype) < r).to(e.dtype)
+        m = torch.zeros(e.numel(), dtype=e.dtype, device=e.device)
+        count = math.ceil(r * e.numel())
+        if count:
+            m[torch.topk(e.abs().flatten(), count, largest=False).indices] = 1.0
+        return m.view(e.shape)
+
+    def _hook(self, site: _Site, x: Tensor, out: Tensor) -> Tensor | None:
+        if not site.module.training:
+            return None  # eval: M ≡ 1
+        r = self.ratio()
+        lam_t = self.lam * r
+        need_e = r < 1.0 or site.delta != 0.0 or lam_t != 0.0
+        if not need_e:
+            return None
+        u, c, s = site.grid(x)
+        e = u - c
+        mask = self._mask(site, e, r)
+        site.calls += 1
+        site.record = (x, s, c, mask) if lam_t != 0.0 else None
+        e_scaled = None
+        if site.delta != 0.0:
+            q = site.module
+            psi = band(u, -q.qn, q.qp) if site.kind == "activation" else q.surrogate.psi(u, q.qn, q.qp)
+            e_scaled = psi.mul_(e).mul_(site.delta)
+        if mask is None and e_scaled is None:
+            return None
+        return _PEGEMix.apply(x, out, mask, e_scaled)
+
+    def penalty(self) -> Tensor | float:
+        """Σ over the hooked tensors of mean(M⊙(x/s − c)²) from their last forward (c, s detached)."""
+        total: Tensor | float = 0.0
+        for site in self.sites:
+            if site.record is None:
+                continue
+            x, s, c, mask = site.record
+            e2 = (x / s - c).square()
+            total = total + (e2.mean() if mask is None else (e2 * mask).mean())
+        return total
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
+        """One step: closure (mixed forward), + λ·r(t)·penalty, backward, base step. Returns the
+        closure's (task) loss."""
+        name = type(self).__name__
+        check_closure(closure, name)
+        for site in self.sites:
+            site.record, site.calls = None, 0
+        self._zero_grads()
+        with torch.enable_grad():
+            loss = closure()
+            check_loss(loss, name)
+            if any(p.grad is not None for p in self.params()):
+                self._zero_grads()
+                raise RuntimeError(
+                    f"the closure passed to {name}.step() called backward() itself; it must only return the loss"
+                )
+            if not math.isfinite(loss.item()):
+                raise NonFiniteLossError(
+                    f"the closure returned a non-finite loss ({loss.item()}); no weight was changed"
+                )
+            lam_t = self.lam * self.ratio()
+            total = loss + lam_t * self.penalty() if lam_t != 0.0 else loss
+            if not total.requires_grad:
+                raise ValueError("the loss returned by the closure does not require grad")
+            total.backward()
+        for site in self.sites:
+            site.record = None
+        self.optimizer.step()
+        self.steps += 1
+        return loss.detach()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def _wrapper_state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps}
+
+    def _load_wrapper_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = state["steps"]
+
+    def __repr__(self) -> str:
+        return (
+            f"PEGE(T_r={self.replace_steps}, k={self.k}, select={self.select!r}, lam={self.lam}, "
+            f"{self.optimizer!r})"
+        )
