@@ -103,7 +103,7 @@ class MetasteAcceleratedOptimizer(AcceleratedOptimizer):
         acc = self._metaste_accelerator
         wrapper = self.optimizer
         if self.scaler is not None:
-            wrapper.grad_scaler = self.scaler
+            wrapper.configure_amp(grad_scaler=self.scaler, max_grad_norm=wrapper.max_grad_norm)
         weight = 1.0 / acc.gradient_accumulation_steps
         loss = wrapper.step(
             Accumulated([r.closure for r in window], weights=[weight] * len(window), no_sync=self._no_sync)

@@ -81,7 +81,7 @@ class MetasteModule:
         wrapper = lopt.optimizer
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None:
-            wrapper.grad_scaler = scaler
+            wrapper.configure_amp(grad_scaler=scaler, max_grad_norm=wrapper.max_grad_norm)
         first: list[Any] = []
 
         def closure() -> torch.Tensor:

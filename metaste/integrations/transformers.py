@@ -132,10 +132,13 @@ class MetasteTrainerMixin:
         wrapper = driven.wrapper
         acc_opt = self.optimizer
         scaler = self.accelerator.scaler
-        if scaler is not None:  # the wrapper scales, unscales, skips and updates (docs/design.md §5.1)
-            wrapper.grad_scaler = scaler
+        # the wrapper scales, unscales, skips and updates (docs/design.md §5.1), and clips
+        wrapper.configure_amp(
+            grad_scaler=scaler if scaler is not None else wrapper.grad_scaler,
+            max_grad_norm=self.args.max_grad_norm if self.args.max_grad_norm > 0 else None,
+        )
+        if scaler is not None:
             acc_opt.scaler = None  # accelerate's own scaler.step(optimizer) must not run as well
-        wrapper.max_grad_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else None
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()

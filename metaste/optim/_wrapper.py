@@ -60,10 +60,9 @@ class OptimizerWrapper(Optimizer):
         self.defaults = optimizer.defaults
         self._warned_no_grad = False
         # fp16 loss scaling and clipping inside step (docs/design.md §5.1, optim/amp.py)
-        self.grad_scaler = check_grad_scaler(grad_scaler, type(self).__name__)
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm}; it must be > 0 (or None: no clipping)")
-        self.max_grad_norm = max_grad_norm
+        self.grad_scaler: Any = None
+        self.max_grad_norm: float | None = None
+        self.configure_amp(grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
         self.last_grad_norm: Tensor | None = None  # the pre-clip norm of the last clipped step
         self.last_step_skipped = False  # the scaler found inf/NaN gradients in the last step
         self._in_step = False
@@ -268,6 +267,25 @@ class OptimizerWrapper(Optimizer):
         return total
 
     # -- fp16 loss scaling and clipping (docs/design.md §5.1) ------------------------------
+
+    #: whether ``step`` runs the scaler/clipping protocol (:meth:`_run_step`): FOGZO, HyperSTE
+    _supports_amp = False
+
+    def configure_amp(self, *, grad_scaler: Any = None, max_grad_norm: float | None = None) -> None:
+        """Set the ``GradScaler`` and the clip value (the constructor's ``grad_scaler=`` and
+        ``max_grad_norm=``; the trainer integrations call it with the framework's). ``None``
+        turns either off. A wrapper whose step does not run the protocol refuses both."""
+        who = type(self).__name__
+        if (grad_scaler is not None or max_grad_norm is not None) and not self._supports_amp:
+            raise ValueError(
+                f"{who} does not take grad_scaler / max_grad_norm: only metaste.FOGZO and metaste.HyperSTE "
+                "run the fp16 loss-scaling and clipping protocol (docs/design.md §5.1). Train it in bf16 or "
+                "float32, without gradient clipping (HF Trainer: max_grad_norm=0)"
+            )
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm}; it must be > 0 (or None: no clipping)")
+        self.grad_scaler = check_grad_scaler(grad_scaler, who)
+        self.max_grad_norm = max_grad_norm
 
     def _active_scaler(self) -> Any:
         s = self.grad_scaler

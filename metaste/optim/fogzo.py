@@ -295,6 +295,7 @@ class FOGZO(OptimizerWrapper):
     """
 
     _clip_before_base_step = False  # max_grad_norm clips the backprop gradient, not G
+    _supports_amp = True
 
     def __init__(
         self,

@@ -110,6 +110,7 @@ class HyperSTE(OptimizerWrapper):
     """
 
     METHODS: dict[str, type[MethodOptions]] = METHODS
+    _supports_amp = True
 
     def __init__(
         self,

@@ -250,3 +250,21 @@ def test_accumulated_backward_runs_per_micro_batch_under_no_sync():
     opt.step(acc)
     assert events == ["no_sync", "forward", "no_sync", "forward", "forward"]
     assert len(acc) == 3
+
+
+def test_a_wrapper_without_the_protocol_refuses_a_scaler_and_clipping():
+    from metaste.optim import OptimizerWrapper
+
+    class Other(OptimizerWrapper):  # e.g. a wrapper whose step does not run the scaler protocol
+        def step(self, closure=None):
+            loss = self._evaluate(closure)
+            self.optimizer.step()
+            return loss
+
+    model = mlp()
+    for kw in (dict(grad_scaler=scaler()), dict(max_grad_norm=1.0)):
+        with pytest.raises(ValueError, match="only metaste.FOGZO and metaste.HyperSTE"):
+            Other(torch.optim.SGD(model.parameters(), lr=0.1), **kw)
+    opt = FOGZO(torch.optim.SGD(model.parameters(), lr=0.1), total_steps=3)
+    opt.configure_amp(grad_scaler=scaler(), max_grad_norm=2.0)
+    assert opt.max_grad_norm == 2.0 and opt.grad_scaler is not None
