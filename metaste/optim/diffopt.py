@@ -102,12 +102,39 @@ class UpdateRecord:
         return cls(optimizer_cls, list(sd["params"]), list(sd["states"]), list(sd["groups"]))
 
 
-def record_update(optimizer: Optimizer, params: list[Tensor]) -> UpdateRecord:
-    """Snapshot what :func:`differentiable_update` needs; call it right before ``optimizer.step()``."""
+def record_update(optimizer: Optimizer, params: list[Tensor], *, light: bool = False) -> UpdateRecord:
+    """Snapshot what :func:`differentiable_update` needs; call it right before ``optimizer.step()``.
+
+    ``light=True`` (what :func:`one_step_hypergradient` needs, no more): for plain
+    ``torch.optim.SGD``, whose update is linear in the gradient, the hypergradient needs only the
+    group's hyperparameters and whether a momentum buffer existed, so v_t and the state are not
+    cloned (``params`` is empty, a state holds ``{"momentum_buffer": None}`` or nothing). Such a
+    record cannot be replayed by :func:`differentiable_update`. Other optimizers: a full record.
+    """
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     groups = [{k: _clone_value(v) for k, v in group_of[id(p)].items() if k != "params"} for p in params]
+    if light and type(optimizer) is torch.optim.SGD:
+        states = [
+            {"momentum_buffer": None} if optimizer.state.get(p, {}).get("momentum_buffer") is not None else {}
+            for p in params
+        ]
+        return UpdateRecord(type(optimizer), [], states, groups)
     states = [{k: _clone_value(v) for k, v in optimizer.state.get(p, {}).items()} for p in params]
     return UpdateRecord(type(optimizer), [p.detach().clone() for p in params], states, groups)
+
+
+def sgd_gradient_coefficient(group: dict[str, Any], had_buffer: bool) -> float:
+    """∂v_{t+1}/∂G of one ``torch.optim.SGD`` step, a scalar (the update is linear in the gradient
+    G; weight decay adds a G-independent term): −lr·κ, κ = 1 without momentum; with momentum μ
+    and dampening d, κ = 1 − d if a buffer existed (1 on the first step, where torch sets the
+    buffer to G), and Nesterov adds μ times that; ``maximize`` flips the sign."""
+    lr = float(group["lr"])
+    mu = float(group.get("momentum", 0.0) or 0.0)
+    kappa = 1.0
+    if mu != 0.0:
+        buf = (1.0 - float(group.get("dampening", 0.0))) if had_buffer else 1.0
+        kappa = 1.0 + mu * buf if group.get("nesterov", False) else buf
+    return -lr * kappa * (-1.0 if group.get("maximize", False) else 1.0)
 
 
 def differentiable_update(record: UpdateRecord, grads: list[Tensor]) -> list[Tensor]:
@@ -201,6 +228,8 @@ def one_step_hypergradient(
     ∂v_{t+1}/∂θ = −η_w·g_t ⊙ ∂ψ(u_t; θ)/∂θ; any torch.optim optimizer works through its
     differentiable mode.
     """
+    if record.optimizer_cls is torch.optim.SGD:
+        return _sgd_hypergradient(record, entries, grads, us, thetas, lams)
     leaves, diff_grads = [], []
     for e, g, u, theta in zip(entries, grads, us, thetas):
         th = [x.detach().clone().requires_grad_() for x in theta]
@@ -220,3 +249,29 @@ def one_step_hypergradient(
         [next(hs) for _ in leaves[n]] if lams[n] is not None else [None] * len(leaves[n])
         for n in range(len(lams))
     ]
+
+
+def _sgd_hypergradient(
+    record: UpdateRecord,
+    entries: Sequence[QuantEntry],
+    grads: Sequence[Tensor],
+    us: Sequence[Tensor],
+    thetas: Sequence[Sequence[Tensor]],
+    lams: Sequence[Tensor | None],
+) -> list[list[Tensor | None]]:
+    """:func:`one_step_hypergradient` for plain ``torch.optim.SGD`` in closed form (issue 11: no
+    clones, no graph): v_{t+1} is linear in G = g ⊙ ψ(u; θ) with the scalar slope
+    :func:`sgd_gradient_coefficient`, so h = Σ_to_θ (λ·slope) ⊙ g ⊙ ∂ψ/∂θ — the products autograd
+    forms through the differentiable update, in the same order."""
+    out: list[list[Tensor | None]] = []
+    for e, g, u, theta, lam, group, state in zip(
+        entries, grads, us, thetas, lams, record.groups, record.states
+    ):
+        if lam is None:
+            out.append([None] * len(theta))
+            continue
+        had_buffer = "momentum_buffer" in state  # torch.optim.SGD stores it only with momentum
+        w = torch.mul(lam, sgd_gradient_coefficient(group, had_buffer)).mul_(g)  # ∂⟨λ, v_{t+1}⟩/∂ψ
+        th = [x.detach() for x in theta]
+        out.append([(w * d).sum_to_size(x.shape) for d, x in zip(e.surrogate.dpsi(u, e.qn, e.qp, th), th)])
+    return out

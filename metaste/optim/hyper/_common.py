@@ -275,8 +275,9 @@ class HyperMethod:
                 continue
             u = mw.u()
             psi = mw.surrogate.psi(u, mw.qn, mw.qp)
-            lam[i], raw[i] = g * psi, (g, u)
-            self.step_stats[mw.name] = {"clipped_frac": float((psi == 0).sum()) / g.numel()}
+            n = g.numel()
+            self.step_stats[mw.name] = {"clipped_frac": (n - float(psi.count_nonzero())) / n}
+            lam[i], raw[i] = psi.mul_(g), (g, u)  # g ⊙ ψ in ψ's buffer
         return lam, raw
 
     def record_pending(
@@ -286,7 +287,7 @@ class HyperMethod:
         from ..diffopt import record_update
 
         idx = sorted(raw)
-        record = record_update(self.optimizer, [self.managed[i].param for i in idx])
+        record = record_update(self.optimizer, [self.managed[i].param for i in idx], light=True)
         return PendingStep(record, [raw[i][0] for i in idx], [raw[i][1] for i in idx], idx, theta, t)
 
     def pending_hypergradient(

@@ -48,45 +48,62 @@ def analytical_update(
       docs/design.md §3.1, and with ≤ the three modes agree everywhere except the gap.)
     * ``"passive"``: identity in overlap and gap.
     """
-    x = eta_a * c
-    au = a * u
-    # u > 0: 1 − a·u/Qp is the smaller one; u < 0: 1 + a·u/Qn; u = 0: both are 1
-    r = torch.minimum(1 - au / qp, 1 + au / qn)
+    # Memory (issue 11): a handful of weight-sized temporaries at a time, in place where the
+    # value is the same bitwise (1 − y = −y + 1; a/(1 − x) written into the 1 − x buffer);
+    # halvings / unresolved are expanded zeros unless some element is in the gap.
+    x = c * eta_a
+    t = torch.mul(a, u)  # a·u
+    r = torch.div(t, qp).neg_().add_(1)  # u > 0: 1 − a·u/Qp is the smaller one; u < 0: 1 + a·u/Qn
+    torch.minimum(r, t.div_(qn).add_(1), out=r)  # u = 0: both are 1
+    del t
     clipped = r <= 0
-    legal_scaling = x < r
+    legal = x < r
+    unclipped, illegal = ~clipped, ~legal
     regions = {
-        "unique_identity": clipped & ~legal_scaling,
-        "unique_scaling": ~clipped & legal_scaling,
-        "overlap": clipped & legal_scaling,
-        "gap": ~clipped & ~legal_scaling,
+        "unique_identity": clipped & illegal,
+        "unique_scaling": unclipped & legal,
+        "overlap": clipped.logical_and_(legal),
+        "gap": illegal.logical_and_(unclipped),
     }
-    scaled = a / (1 - x)
-    a_halve = torch.where(regions["unique_scaling"], scaled, a)
-    halvings = torch.zeros_like(a)
-    unresolved = torch.zeros_like(clipped)
-    # the gap is usually a small fraction: the halving count is computed on its elements only
+    del clipped, legal, unclipped, illegal
+    scaled = torch.div(a, x.neg().add_(1))  # a / (1 − x)
     gi = regions["gap"].nonzero(as_tuple=True)
-    xg, rg = x[gi], r[gi]  # x ≥ r > 0 here
-    cap = max_halvings + 1
-    m = (torch.floor(torch.log2(xg / rg)) + 1).clamp(1, cap)  # smallest m with x·2^−m < r ...
-    m = torch.where(torch.ldexp(xg, -m) >= rg, (m + 1).clamp(max=cap), m)  # ... if log2 rounded down
-    m = torch.where((m > 1) & (torch.ldexp(xg, 1 - m) < rg), m - 1, m)  # ... or up
-    # ldexp scales by an exact power of two: x·2^−m carries no rounding of its own
-    xm = torch.ldexp(xg, -m)
-    bad = (m > max_halvings) | (xm >= rg)
-    a_halve[gi] = torch.where(bad, a[gi], a[gi] / (1 - xm))
+    has_gap = gi[0].numel() > 0
+    halvings = torch.zeros_like(a) if has_gap else a.new_zeros(()).expand_as(a)
+    unresolved = (
+        torch.zeros_like(r, dtype=torch.bool) if has_gap else r.new_zeros((), dtype=torch.bool).expand_as(r)
+    )
+    if has_gap:
+        # the gap is usually a small fraction: the halving count is computed on its elements only
+        xg, rg = x[gi], r[gi]  # x ≥ r > 0 here
+        cap = max_halvings + 1
+        m = (torch.floor(torch.log2(xg / rg)) + 1).clamp(1, cap)  # smallest m with x·2^−m < r ...
+        m = torch.where(torch.ldexp(xg, -m) >= rg, (m + 1).clamp(max=cap), m)  # ... if log2 rounded down
+        m = torch.where((m > 1) & (torch.ldexp(xg, 1 - m) < rg), m - 1, m)  # ... or up
+        # ldexp scales by an exact power of two: x·2^−m carries no rounding of its own
+        xm = torch.ldexp(xg, -m)
+        bad = (m > max_halvings) | (xm >= rg)
+        a_gap = torch.where(bad, a[gi], a[gi] / (1 - xm))
+    del r
     if resolve == "halve":
-        a_new = a_halve
-        halvings[gi] = torch.where(bad, 0.0, m)
-        unresolved[gi] = bad
+        a_new = torch.where(regions["unique_scaling"], scaled, a, out=scaled)
+        if has_gap:
+            a_new[gi] = a_gap
+            halvings[gi] = torch.where(bad, 0.0, m)
+            unresolved[gi] = bad
     elif resolve == "threshold":
-        fallback = ~clipped & (1 - x <= 0)  # scaling with the full x would flip a's sign: halve
+        a_halve = torch.where(regions["unique_scaling"], scaled, a)
+        if has_gap:
+            a_halve[gi] = a_gap
+        clipped = regions["unique_identity"] | regions["overlap"]
+        fallback = (1 - x <= 0).logical_and_(~clipped)  # scaling with the full x would flip a's sign
         a_new = torch.where(clipped, a, torch.where(fallback, a_halve, scaled))
-        use = fallback[gi]
-        halvings[gi] = torch.where(use & ~bad, m, 0.0)
-        unresolved[gi] = use & bad
+        if has_gap:
+            use = fallback[gi]
+            halvings[gi] = torch.where(use & ~bad, m, 0.0)
+            unresolved[gi] = use & bad
     else:  # "passive"
-        a_new = torch.where(regions["unique_scaling"], scaled, a)
+        a_new = torch.where(regions["unique_scaling"], scaled, a, out=scaled)
     return AnalyticalResult(a_new, regions, halvings, unresolved)
 
 
@@ -185,23 +202,29 @@ class AnalyticalMethod(HyperMethod):
                 continue
             s, a, u = mw.surrogate, mw.surrogate.a, mw.u()
             hist = self.history[i]
-            c = torch.zeros_like(g) if hist is None else hist[2] * g * hist[0] * hist[1]
+            # c = η_w⁻·g·g⁻·d⁻, in one buffer (the same products in the same order)
+            c = torch.zeros_like(g) if hist is None else torch.mul(g, hist[2]).mul_(hist[0]).mul_(hist[1])
             res = analytical_update(a, u, c, self.hyper_lr(i, c), mw.qn, mw.qp, o.resolve, o.max_halvings)
-            a.copy_(res.a.clamp(s.a_min, s.a_max))
+            a.copy_(res.a.clamp_(s.a_min, s.a_max))
+            n = g.numel()
+            stats = {k: float(v.count_nonzero()) / n for k, v in res.regions.items()}
+            if stats["gap"] == 0:  # no gap element: nothing was halved or left unresolved
+                stats.update(halvings=0.0, halved_frac=0.0, unresolved_frac=0.0)
+            else:
+                stats["halvings"] = float(res.halvings.sum())
+                stats["halved_frac"] = float((res.halvings > 0).sum()) / n
+                stats["unresolved_frac"] = float(res.unresolved.sum()) / n
+            del res
             psi = slste(u, a, mw.qn, mw.qp)
-            mw.param.grad = g * psi
-            sq_norm += float(torch.linalg.vector_norm(c * psi)) ** 2  # ∂L_t/∂a = −c·ψ(u_t; a')
+            stats["clipped_frac"] = (n - float(psi.count_nonzero())) / n
+            sq_norm += float(torch.linalg.vector_norm(c.mul_(psi))) ** 2  # ∂L_t/∂a = −c·ψ(u_t; a')
+            del c
+            mw.param.grad = psi.mul_(g)  # g·ψ, in ψ's buffer
             self.history[i] = (
                 g,
                 slste_grad(u, a, mw.qn, mw.qp, s.boundary, s.b),
                 float(group_of[id(mw.param)]["lr"]),
             )
-            n = g.numel()
-            stats = {k: float(v.count_nonzero()) / n for k, v in res.regions.items()}
-            stats["halvings"] = float(res.halvings.sum())
-            stats["halved_frac"] = float((res.halvings > 0).sum()) / n
-            stats["unresolved_frac"] = float(res.unresolved.sum()) / n
-            stats["clipped_frac"] = float((psi == 0).sum()) / n
             self.step_stats[mw.name] = stats
         self.hypergrad_norm = sq_norm**0.5
 
