@@ -28,7 +28,13 @@ import sys
 import time
 from collections.abc import Callable
 
-__all__ = ["interleaved", "summary", "ratio", "peak_bytes", "fmt"]
+__all__ = ["interleaved", "summary", "ratio", "peak_bytes", "fmt", "METASTE_PATH"]
+
+#: the metaste that is benchmarked: this checkout's, or the one at $METASTE_PATH (e.g. another
+#: worktree, for before/after numbers); the benchmark scripts put it first on sys.path
+METASTE_PATH = os.environ.get("METASTE_PATH", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if METASTE_PATH not in sys.path:
+    sys.path.insert(0, METASTE_PATH)
 
 
 def interleaved(fns: dict[str, Callable[[], object]], reps: int, steps: int) -> dict[str, dict[str, list]]:
@@ -72,7 +78,10 @@ def peak_bytes(module: str, builder: str, warmup: int = 2, **kwargs: object) -> 
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), OMP_NUM_THREADS="1")
     here = os.path.dirname(os.path.abspath(__file__))
     code = _CHILD.format(here=here, module=module, builder=builder, kwargs=json.dumps(kwargs), warmup=warmup)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    env["METASTE_PATH"] = METASTE_PATH
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=here, capture_output=True, text=True, check=False
+    )
     if out.returncode != 0:
         raise RuntimeError(f"memory measurement of {module}.{builder}({kwargs}) failed:\n{out.stderr}")
     return int(out.stdout.strip().splitlines()[-1])
@@ -83,6 +92,7 @@ MMAP_THRESHOLD = 65536  # bytes: every tensor block at least this large is its o
 _CHILD = """
 import json, sys
 sys.path.insert(0, {here!r})
+import _measure
 import torch
 torch.set_num_threads(1)
 import gc

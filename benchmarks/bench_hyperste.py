@@ -24,7 +24,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import fmt, interleaved, peak_bytes, ratio, summary  # noqa: E402
 
-import metaste  # noqa: E402
+import metaste  # noqa: E402  (the checkout's, or $METASTE_PATH: _measure)
 from metaste import HyperSTE  # noqa: E402
 
 

@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..quant.registry import lookup
+from ._fused import FUSE_MIN, combine_, delta, kernel, key_halves, perturb_
 from ._snapshot import BufferGuard, RngState
 from ._wrapper import Closure, OptimizerWrapper, check_closure, check_latent_dtype, closure_value
 from .smoothing import SMOOTHINGS, STE_KINDS, derive_seed, noise, rademacher
@@ -50,6 +51,7 @@ def fogzo_estimate(
     restore: str = "copy",
     keep_noise: bool = False,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    fused: bool = False,
 ) -> tuple[list[Tensor] | None, Tensor]:
     """The FOGZO estimate G of docs/design.md §4.3 for the managed tensors ``weights`` (v_k).
 
@@ -62,7 +64,10 @@ def fogzo_estimate(
     not finite (the caller keeps g).
 
     The noise z_ik is regenerated from ``derive_seed(seed, step, i, k)`` each time it is used
-    (``keep_noise=True`` keeps the n·D values instead: same result, fewer regenerations)::
+    (``keep_noise=True`` keeps the n·D values instead: same result, fewer regenerations). Each
+    perturbation is one pass that computes z from the element index (:func:`~metaste.optim._fused.perturb_`),
+    the final G one pass for all n samples (:func:`~metaste.optim._fused.combine_`); ``fused=True``
+    compiles both with ``torch.compile`` (the same numbers, :mod:`metaste.optim._fused`)::
 
         N  = ‖ε ⊙ g‖₂ over all tensors; ĝ = ε ⊙ g / N  (0 if N is 0 or not finite)
         for i in 1..n:
@@ -78,30 +83,36 @@ def fogzo_estimate(
     sigmas = [rademacher(seed, step, i) for i in range(n)]
     eps2 = [e * e for e in eps]
     beps = [e * b for e in eps]
+    keys = [[key_halves(derive_seed(seed, step, i, k)) for k in range(len(weights))] for i in range(n)]
     kept: dict[tuple[int, int], Tensor] = {}
 
-    def z(i: int, k: int) -> Tensor:
-        if (i, k) in kept:
-            return kept[(i, k)]
-        v = weights[k]
-        zik = noise(kinds[k], v.shape, derive_seed(seed, step, i, k), v.device, v.dtype)
-        if keep_noise:
-            kept[(i, k)] = zik
-        return zik
+    def z(i: int, k: int) -> Tensor:  # keep_noise: the stored z_ik
+        if (i, k) not in kept:
+            v = weights[k]
+            kept[(i, k)] = noise(kinds[k], v.shape, derive_seed(seed, step, i, k), v.device, v.dtype)
+        return kept[(i, k)]
 
-    def delta(i: int, k: int) -> Tensor:  # ε_k ⊙ d_ik, a fresh tensor
-        g = grads[k]
-        if b == 0.0:  # β = 1: d_i = σ_i ĝ, no noise
-            return g * (eps2[k] * (a * sigmas[i])) if g is not None else torch.zeros_like(weights[k])
-        w = z(i, k) * beps[k] if keep_noise else z(i, k).mul_(beps[k])
-        if a != 0.0 and g is not None:
-            w.addcmul_(g, eps2[k], value=a * sigmas[i])
-        return w
+    def scalar(x: float, like: Tensor) -> Tensor:  # a 0-dim tensor: one compiled kernel for all values
+        return torch.tensor(x, dtype=like.dtype, device=like.device)
 
-    def shift(i: int, alpha: float) -> None:  # v += alpha · ε⊙d_i, tensor by tensor
+    def shift(i: int, alpha: float) -> None:  # v += alpha · ε⊙d_i, one pass per tensor
         for k, v in enumerate(weights):
-            v.add_(delta(i, k), alpha=alpha)
+            g = grads[k]
+            if b == 0.0:  # β = 1: d_i = σ_i ĝ, no noise
+                if g is not None:
+                    v.add_(g * (eps2[k] * (a * sigmas[i])), alpha=alpha)
+                continue
+            gk = g if a != 0.0 else None
+            a_sig, al = scalar(a * sigmas[i], v), scalar(alpha, v)
+            if keep_noise:
+                v.add_(delta(z(i, k), gk, eps2[k], beps[k], a_sig) * al)
+            else:
+                k1, k2 = keys[i][k]
+                kernel(perturb_, kinds[k], fused)(
+                    v, gk, eps2[k], beps[k], a_sig, al, scalar(k1, k1t), scalar(k2, k1t), kinds[k]
+                )
 
+    k1t = torch.zeros((), dtype=torch.int32)
     # 2. c_i from 2 (one-sided: 1) no-grad passes at v ± ε⊙d_i
     originals = [v.clone() for v in weights] if restore == "copy" else None
     c = torch.empty(n, dtype=torch.float64)
@@ -146,13 +157,18 @@ def fogzo_estimate(
     out = []
     for k, v in enumerate(weights):
         G = grads[k] if grads[k] is not None else torch.zeros_like(v)
-        if scale_g != 0.0:
-            G.mul_(scale_g)
-        else:
-            G.zero_()  # ĝ = 0: drop g (even a non-finite one) exactly
-        if b != 0.0:
+        zero = scale_g == 0.0  # ĝ = 0: drop g (even a non-finite one) exactly
+        if b == 0.0:
+            G.zero_() if zero else G.mul_(scale_g)
+        elif keep_noise:
+            G.zero_() if zero else G.mul_(scale_g)
             for i in range(n):
-                G.addcdiv_(z(i, k), eps[k], value=b * cs[i] / n)
+                G.add_((scalar(b * cs[i] / n, v) * z(i, k)) / eps[k])
+        else:
+            vals = torch.tensor([b * ci / n for ci in cs], dtype=v.dtype, device=v.device)
+            k1s = torch.tensor([keys[i][k][0] for i in range(n)], dtype=torch.int32, device=v.device)
+            k2s = torch.tensor([keys[i][k][1] for i in range(n)], dtype=torch.int32, device=v.device)
+            kernel(combine_, kinds[k], fused)(G, eps[k], scalar(scale_g, v), zero, vals, k1s, k2s, kinds[k])
         out.append(G)
     return out, c
 
@@ -244,6 +260,11 @@ class FOGZO(OptimizerWrapper):
             registry for the same weight.
         process_group (default ``None``): the group the c_i are averaged over when
             torch.distributed is initialized (``None``: the default group).
+        fused (default ``"auto"``): compile the perturbation and combine passes with
+            ``torch.compile`` (one vectorised C++ loop per pass on CPU, one Triton kernel on GPU;
+            the same numbers as the eager path). ``"auto"``: when the managed weights hold at least
+            2^16 elements; ``True``/``False``: always / never. The first step compiles (seconds);
+            a failed compile warns once and runs eagerly.
 
     Notes:
         * The closure returns the loss without calling ``backward`` and may be called 1 + 2n
@@ -284,6 +305,7 @@ class FOGZO(OptimizerWrapper):
         keep_noise: bool = False,
         scales: Mapping[Tensor, ScaleSpec | tuple[ScaleSpec, str]] | None = None,
         process_group: Any = None,
+        fused: bool | str = "auto",
     ) -> None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"Invalid n: {n!r}; the number of directions must be an int >= 1")
@@ -313,7 +335,10 @@ class FOGZO(OptimizerWrapper):
             raise ValueError(f"Invalid restore: {restore!r}; choose one of {RESTORE_MODES}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if fused not in (True, False, "auto"):
+            raise ValueError(f"Invalid fused: {fused!r}; choose True, False or 'auto'")
         super().__init__(optimizer)
+        self.fused = fused
         self.n = n
         self.beta_min = beta_min
         self.total_steps = total_steps
@@ -453,7 +478,8 @@ class FOGZO(OptimizerWrapper):
                 "FOGZO has no managed weight to train: every quantized weight it manages is frozen "
                 "(requires_grad=False) now; unfreeze one, or step the bare optimizer (opt.optimizer)"
             )
-        beta = self.beta_at(t, sum(m.param.numel() for m in managed))
+        d_managed = sum(m.param.numel() for m in managed)
+        beta = self.beta_at(t, d_managed)
         weights = [m.param for m in managed]
         self._step_weights = weights
         is_managed = {id(p) for p in weights}
@@ -497,6 +523,7 @@ class FOGZO(OptimizerWrapper):
                     restore=self.restore,
                     keep_noise=self.keep_noise,
                     reduce=lambda c: self._all_reduce_mean(c, weights[0].device),
+                    fused=self.fused is True or (self.fused == "auto" and d_managed >= FUSE_MIN),
                 )
             finally:
                 rng_after.restore()

@@ -15,13 +15,15 @@ approxsign sign  2x − x|x| on |x| ≤ 1 1/√6    tri(z/√6)/√6         √
 
 (√6(W₁ + W₂)/2 = √6(U₁ + U₂ − 1), the table of docs/design.md §4.2.)
 
-Noise is never stored: :func:`noise` regenerates z for (seed, t, i, k) from a generator seeded
-by :func:`derive_seed`. On CPU the random bits come from NumPy's SFC64 ``random_raw``; on other
-devices from a ``torch.Generator`` on that device, so the stream depends on the device type and
-on nothing else. W = 2U − 1 takes 16 random bits: the midpoints of a 2^16-level grid, exactly
-symmetric and strictly inside (−1, 1), so ``atanh`` never sees ±1 (tanh kind: |z| ≤ 6.5, a tail
-of mass 2^-15 is cut and the variance is 0.999). Four values per 64-bit draw make the noise
-3.5× cheaper than ``torch.rand`` (Mersenne Twister), which dominated the cost of a FOGZO step.
+Noise is never stored: :func:`noise` regenerates z for (seed, t, i, k) as a pure function of
+(:func:`derive_seed` (seed, t, i, k), element index): a counter-based integer hash written in
+torch ops (:mod:`metaste.optim._fused`), so the bits are computed where the weight lives — CPU
+or GPU, no host copy, the same stream on every device — and a fused kernel can recompute them
+from the element index alone (issue 11). W = 2U − 1 takes 16 random bits: the midpoints of a
+2^16-level grid, exactly symmetric and strictly inside (−1, 1), so ``atanh`` never sees ±1 (tanh
+kind: |z| ≤ 6.5, a tail of mass 2^-15 is cut and the variance is 0.999). (Before issue 11 the
+bits came from NumPy's SFC64 on CPU and a ``torch.Generator`` elsewhere: the distribution is the
+same, the numbers are not.)
 """
 
 from __future__ import annotations
@@ -32,11 +34,18 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Smoothing", "SMOOTHINGS", "STE_KINDS", "derive_seed", "rademacher", "noise", "uniform_w"]
+__all__ = [
+    "Smoothing",
+    "SMOOTHINGS",
+    "STE_KINDS",
+    "derive_seed",
+    "rademacher",
+    "noise",
+    "uniform_w",
+]
 
 SQRT3 = math.sqrt(3.0)
 SQRT6 = math.sqrt(6.0)
@@ -131,18 +140,13 @@ def rademacher(seed: int, step: int, sample: int) -> float:
 
 
 def uniform_w(count: int, seed: int, device: torch.device) -> Tensor:
-    """``count`` float32 values W = 2U − 1 ∈ (−1, 1), from a generator seeded with ``seed``.
+    """``count`` float32 values W = 2U − 1 ∈ (−1, 1), a pure function of (``seed``, index j):
+    the counter-based hash of :mod:`metaste.optim._fused` (16 random bits k ∈ [−2^15, 2^15) per
+    value: W = (k + ½)/2^15, the midpoints of a 65 536-level grid, exactly symmetric, never ±1)."""
+    from ._fused import key_halves, uniform_from_index
 
-    Each W uses 16 random bits k ∈ [−2^15, 2^15): W = (k + ½)/2^15, the midpoints of a
-    65 536-level grid, so W is exactly symmetric and never ±1.
-    """
-    if device.type == "cpu":
-        raw = np.random.SFC64(seed).random_raw((count + 3) // 4)  # 64 random bits → four values
-        k = torch.from_numpy(raw.view(np.int16)[:count].astype(np.float32))  # NumPy converts 10× faster
-    else:
-        gen = torch.Generator(device=device).manual_seed(seed)
-        k = torch.randint(-(2**15), 2**15, (count,), device=device, generator=gen).float()
-    return k.add_(0.5).mul_(2.0**-15)
+    k1, k2 = key_halves(seed)
+    return uniform_from_index(torch.arange(count, dtype=torch.int32, device=device), k1, k2)
 
 
 def noise(kind: str, shape: torch.Size, seed: int, device: torch.device, dtype: torch.dtype) -> Tensor:
