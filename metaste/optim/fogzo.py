@@ -5,7 +5,7 @@ hygiene, DDP, checkpoints); the math is the plain function :func:`fogzo_estimate
 against docs/design.md §4.3 line by line. The (ε̄, p̄, sampler) table of §4.2 is in
 :mod:`metaste.optim.smoothing`.
 
-Size: ~510 lines, over the ~400 the package aims for, on purpose: one algorithm — the math
+Size: ~650 lines, over the ~400 the package aims for, on purpose: one algorithm — the math
 (:func:`fogzo_estimate`, ~150 lines) and the class whose docstring is the user manual (~95
 lines) and whose ``step`` owns the RNG/buffer hygiene of docs/design.md §4.5.
 """
@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..quant import registry
 from ..quant.registry import lookup
 from ._fused import FUSE_MIN, combine_, delta, kernel, key_halves, perturb_
 from ._snapshot import BufferGuard, RngState
@@ -175,16 +176,30 @@ def fogzo_estimate(
 
 def _joint_norm(grads: Sequence[Tensor | None], eps: Sequence[Tensor]) -> float:
     """N = ‖ε ⊙ g‖₂ over all tensors, without a tensor-sized temporary for a scalar ε."""
-    total = 0.0
-    for g, e in zip(grads, eps):
-        if g is None:
-            continue
+    pairs = [(g, e) for g, e in zip(grads, eps) if g is not None]
+    if not pairs:
+        return 0.0
+    # the per-tensor norms on the device, one host sync (then the same float arithmetic as before)
+    norms = torch.stack(
+        [torch.linalg.vector_norm(g) if e.numel() == 1 else torch.linalg.vector_norm(g * e) for g, e in pairs]
+    ).tolist()
+    scalars = (
+        torch.stack([e.reshape(()) for _, e in pairs if e.numel() == 1]).tolist()
+        if any(e.numel() == 1 for _, e in pairs)
+        else []
+    )
+    total, it = 0.0, iter(scalars)
+    for (_, e), nk in zip(pairs, norms):
         if e.numel() == 1:
-            nk = float(torch.linalg.vector_norm(g)) * float(e)
-        else:
-            nk = float(torch.linalg.vector_norm(g * e))
+            nk = nk * next(it)
         total += nk * nk
     return math.sqrt(total)
+
+
+def _host_floats(xs: list[Tensor]) -> list[float]:
+    """0-dim tensors as Python floats in one host transfer (exact: float64 holds every float32)."""
+    dev = xs[0].device
+    return torch.stack([x.to(device=dev, dtype=torch.float64) for x in xs]).tolist()
 
 
 @dataclass(frozen=True)
@@ -395,7 +410,18 @@ class FOGZO(OptimizerWrapper):
         return parsed
 
     def _managed(self, include_frozen: bool = False) -> list[_Managed]:
-        """The managed weights, in parameter order (registry entries or ``scales=``)."""
+        """The managed weights, in parameter order (registry entries or ``scales=``). Cached per
+        step until the parameter list, a ``requires_grad`` / dtype or the registry changes (the
+        lookups were a visible part of a small model's step, issue 11)."""
+        if include_frozen:
+            return self._find_managed(True)
+        key = (registry.version(), tuple((id(p), p.requires_grad, p.dtype) for p in self.params()))
+        cached = getattr(self, "_managed_cache", None)
+        if cached is None or cached[0] != key:
+            cached = self._managed_cache = (key, self._find_managed(False))
+        return cached[1]
+
+    def _find_managed(self, include_frozen: bool) -> list[_Managed]:
         out = []
         for k, p in enumerate(self.params()):
             if not p.requires_grad and not include_frozen:
@@ -557,8 +583,9 @@ class FOGZO(OptimizerWrapper):
         whatever s is, so the weights diffuse past the grid's range; a learned step (LSQ) follows
         them out (its gradient from clipped weights pushes s up), and a coarser grid on the
         logits layer can collapse the model (docs/design.md §4.4)."""
-        for m, e in zip(managed, eps):
-            s = (float(e) if e.numel() == 1 else float(e.mean())) / SMOOTHINGS[m.kind].eps_bar
+        means = _host_floats([e.reshape(()) if e.numel() == 1 else e.mean() for e in eps])
+        for m, e_mean in zip(managed, means):
+            s = e_mean / SMOOTHINGS[m.kind].eps_bar
             self.scales[m.name] = s
             s0 = self.initial_scales.setdefault(m.name, s)
             ratio = s / s0 if s0 > 0 else math.inf
