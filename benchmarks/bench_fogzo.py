@@ -186,22 +186,27 @@ def print_model(name: str, r: dict) -> None:
         )
 
 
+def run(reps: int = 5, steps: int = 3, batch: int = 64, names: str = "mlp,wide,cnn,llama") -> dict:
+    """{model: bench(...)} for the comma-separated ``names`` (one thread)."""
+    torch.set_num_threads(1)
+    args = argparse.Namespace(reps=reps, steps=steps, batch=batch)
+    specs = models(batch)
+    return {name: bench(name, specs[name], args) for name in names.split(",")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=64, help="batch of the small MLP and the CNN")
     ap.add_argument("--models", default="mlp,wide,cnn,llama")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, reps {args.reps} × {args.steps} steps"
-    )
-    specs = models(args.batch)
+    print(f"torch {torch.__version__}, threads 1, reps {args.reps} × {args.steps} steps")
     results = {}
     for name in args.models.split(","):
-        results[name] = bench(name, specs[name], args)
+        results.update(run(args.reps, args.steps, args.batch, name))
         print_model(name, results[name])
     if args.json:
         with open(args.json, "w") as f:

@@ -137,13 +137,15 @@ def sgd_gradient_coefficient(group: dict[str, Any], had_buffer: bool) -> float:
     return -lr * kappa * (-1.0 if group.get("maximize", False) else 1.0)
 
 
-def differentiable_update(record: UpdateRecord, grads: list[Tensor]) -> list[Tensor]:
+def differentiable_update(
+    record: UpdateRecord, grads: list[Tensor], *, consume: bool = False
+) -> list[Tensor]:
     """v_{t+1} for each recorded parameter, as a differentiable function of ``grads``.
 
     ``grads`` are the gradients the update would have used (same order as ``record.params``),
-    typically ``g ⊙ ψ(u; θ)`` with a graph to θ. The record is not modified.
+    typically ``g ⊙ ψ(u; θ)`` with a graph to θ. The record is not modified (``consume=False``).
     """
-    return differentiable_step(record, grads)[0]
+    return differentiable_step(record, grads, consume=consume)[0]
 
 
 def differentiable_step(
@@ -152,6 +154,7 @@ def differentiable_step(
     *,
     params: list[Tensor] | None = None,
     states: list[dict[str, Any]] | None = None,
+    consume: bool = False,
 ) -> tuple[list[Tensor], list[dict[str, Any]]]:
     """(v_{t+1}, state_{t+1}) per recorded parameter, differentiable in ``grads`` and, when given,
     in ``params`` (v_t) and ``states`` (the optimizer state before the update).
@@ -160,11 +163,15 @@ def differentiable_step(
     graph (e.g. leaves that require grad: LGATT's reverse sweep takes one vector-Jacobian product
     of the whole step, docs/design.md §3.4) and are cloned, never modified. Without them this is
     :func:`differentiable_update` plus the new state. The fallback for an optimizer without a
-    ``differentiable`` mode returns the state unchanged.
+    ``differentiable`` mode returns the state unchanged. ``consume=True``: the record is used up —
+    its v_t and state tensors are updated in place instead of cloned (two to three weight copies
+    less with Adam, issue 11); the record cannot be used again.
     """
     cls = record.optimizer_cls
     v0 = record.params if params is None else params
-    if states is None:
+    if states is None and consume:
+        s0 = [dict(st) for st in record.states]
+    elif states is None:
         s0 = [{k: _clone_value(v) for k, v in st.items()} for st in record.states]
     else:  # clone, keeping the graph: the update runs in place on the state
         s0 = [
@@ -188,7 +195,7 @@ def differentiable_step(
                 hp[flag] = False
         # the record's v_t: a leaf that does not require grad (in-place updates build the graph);
         # a given v_t with a graph: a non-leaf clone
-        clone = p.clone()
+        clone = p if consume and params is None else p.clone()
         clones.append(clone)
         groups.append({**hp, "params": [clone]})
     # the constructor's defaults decide whether step() runs with grad enabled
@@ -214,6 +221,8 @@ def one_step_hypergradient(
     us: Sequence[Tensor],
     thetas: Sequence[Sequence[Tensor]],
     lams: Sequence[Tensor | None],
+    *,
+    consume: bool = False,
 ) -> list[list[Tensor | None]]:
     """h = ⟨λ_{t+1}, ∂v_{t+1}/∂θ_t⟩ for each recorded weight and each of its surrogate tensors
     (docs/design.md §3.2; thesis eq. 4.13 and A.2)::
@@ -235,7 +244,7 @@ def one_step_hypergradient(
         th = [x.detach().clone().requires_grad_() for x in theta]
         leaves.append(th)
         diff_grads.append(g * psi_differentiable(e.surrogate, u, e.qn, e.qp, th))
-    v_next = differentiable_update(record, diff_grads)
+    v_next = differentiable_update(record, diff_grads, consume=consume)
     keep = [n for n, lam in enumerate(lams) if lam is not None]  # weights with a gradient at t+1
     flat = [x for n in keep for x in leaves[n]]
     hs = iter(

@@ -303,7 +303,10 @@ class HyperMethod:
         else:
             thetas = [pending.theta[self.slices[i]] for i in pending.idx]
         lams = [lam.get(i) for i in pending.idx]
-        hs = one_step_hypergradient(pending.record, entries, pending.grads, pending.us, thetas, lams)
+        # the pending record is used once (its owner drops it): updated in place, not cloned
+        hs = one_step_hypergradient(
+            pending.record, entries, pending.grads, pending.us, thetas, lams, consume=True
+        )
         for i, hi in zip(pending.idx, hs):
             for k, h in zip(range(self.slices[i].start, self.slices[i].stop), hi):
                 if h is not None:
