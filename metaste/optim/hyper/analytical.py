@@ -204,6 +204,9 @@ class AnalyticalMethod(HyperMethod):
             hist = self.history[i]
             # c = η_w⁻·g·g⁻·d⁻, in one buffer (the same products in the same order)
             c = torch.zeros_like(g) if hist is None else torch.mul(g, hist[2]).mul_(hist[0]).mul_(hist[1])
+            # g⁻ and d⁻ are spent: drop them now, not after the new ones exist (two weight copies
+            # less at this step's peak; the history is rebuilt below before anything can raise)
+            self.history[i] = hist = None
             res = analytical_update(a, u, c, self.hyper_lr(i, c), mw.qn, mw.qp, o.resolve, o.max_halvings)
             a.copy_(res.a.clamp_(s.a_min, s.a_max))
             n = g.numel()
