@@ -108,11 +108,17 @@ def record_update(optimizer: Optimizer, params: list[Tensor], *, light: bool = F
     ``light=True`` (what :func:`one_step_hypergradient` needs, no more): for plain
     ``torch.optim.SGD``, whose update is linear in the gradient, the hypergradient needs only the
     group's hyperparameters and whether a momentum buffer existed, so v_t and the state are not
-    cloned (``params`` is empty, a state holds ``{"momentum_buffer": None}`` or nothing). Such a
-    record cannot be replayed by :func:`differentiable_update`. Other optimizers: a full record.
+    cloned (``params`` is empty, a state holds ``{"momentum_buffer": None}`` or nothing). For
+    ``Adam`` / ``AdamW`` without amsgrad and maximize (and, for Adam, without weight decay),
+    ∂v_{t+1}/∂G needs only the state *after* the update, which the optimizer still holds when the
+    hypergradient is taken (before the next step): nothing but the hyperparameters is recorded,
+    and :func:`one_step_hypergradient` is given the live state. Such a record cannot be replayed
+    by :func:`differentiable_update`. Other optimizers: a full record.
     """
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     groups = [{k: _clone_value(v) for k, v in group_of[id(p)].items() if k != "params"} for p in params]
+    if light and params and all(_adam_closed_form(type(optimizer), g) for g in groups):
+        return UpdateRecord(type(optimizer), [], [{} for _ in params], groups)
     if light and type(optimizer) is torch.optim.SGD:
         states = [
             {"momentum_buffer": None} if optimizer.state.get(p, {}).get("momentum_buffer") is not None else {}
@@ -121,6 +127,15 @@ def record_update(optimizer: Optimizer, params: list[Tensor], *, light: bool = F
         return UpdateRecord(type(optimizer), [], states, groups)
     states = [{k: _clone_value(v) for k, v in optimizer.state.get(p, {}).items()} for p in params]
     return UpdateRecord(type(optimizer), [p.detach().clone() for p in params], states, groups)
+
+
+def _adam_closed_form(cls: type[Optimizer], group: dict[str, Any]) -> bool:
+    """Whether :func:`_adam_hypergradient` covers this optimizer class and group."""
+    if cls not in (torch.optim.Adam, torch.optim.AdamW):
+        return False
+    if group.get("amsgrad") or group.get("maximize") or isinstance(group.get("lr"), Tensor):
+        return False
+    return cls is torch.optim.AdamW or float(group.get("weight_decay", 0.0)) == 0.0
 
 
 def sgd_gradient_coefficient(group: dict[str, Any], had_buffer: bool) -> float:
@@ -223,6 +238,7 @@ def one_step_hypergradient(
     lams: Sequence[Tensor | None],
     *,
     consume: bool = False,
+    live_states: Sequence[dict[str, Any]] | None = None,
 ) -> list[list[Tensor | None]]:
     """h = ⟨λ_{t+1}, ∂v_{t+1}/∂θ_t⟩ for each recorded weight and each of its surrogate tensors
     (docs/design.md §3.2; thesis eq. 4.13 and A.2)::
@@ -239,6 +255,12 @@ def one_step_hypergradient(
     """
     if record.optimizer_cls is torch.optim.SGD:
         return _sgd_hypergradient(record, entries, grads, us, thetas, lams)
+    if not record.params and record.groups:  # a light Adam/AdamW record (record_update)
+        if live_states is None:
+            raise ValueError(
+                "a light Adam record needs the optimizer's state after the update (live_states=)"
+            )
+        return _adam_hypergradient(record, entries, grads, us, thetas, lams, live_states)
     leaves, diff_grads = [], []
     for e, g, u, theta in zip(entries, grads, us, thetas):
         th = [x.detach().clone().requires_grad_() for x in theta]
@@ -282,5 +304,49 @@ def _sgd_hypergradient(
         had_buffer = "momentum_buffer" in state  # torch.optim.SGD stores it only with momentum
         w = torch.mul(lam, sgd_gradient_coefficient(group, had_buffer)).mul_(g)  # ∂⟨λ, v_{t+1}⟩/∂ψ
         th = [x.detach() for x in theta]
+        out.append([(w * d).sum_to_size(x.shape) for d, x in zip(e.surrogate.dpsi(u, e.qn, e.qp, th), th)])
+    return out
+
+
+def _adam_hypergradient(
+    record: UpdateRecord,
+    entries: Sequence[QuantEntry],
+    grads: Sequence[Tensor],
+    us: Sequence[Tensor],
+    thetas: Sequence[Sequence[Tensor]],
+    lams: Sequence[Tensor | None],
+    live_states: Sequence[dict[str, Any]],
+) -> list[list[Tensor | None]]:
+    """:func:`one_step_hypergradient` for Adam / AdamW in closed form from the state after the
+    update (m′, s′, t; issue 11: no clone of v_t, m_t, s_t, no graph). With G = g ⊙ ψ(u; θ),
+    D = √s′/√bc₂ + ε and the step size α = lr/bc₁ (bc_k = 1 − β_k^t), element-wise
+
+        ∂v_{t+1}/∂G = −α·[(1 − β₁)/D − m′·(1 − β₂)·G / (D²·√bc₂·√s′)]
+
+    evaluated with the bias corrections rounded as torch's differentiable Adam rounds them.
+
+    (AdamW's decoupled decay does not depend on G). Elements with G = 0 count as constants, as in
+    the differentiable replay (docs/design.md §3.2). Agrees with it to float32 rounding."""
+    out: list[list[Tensor | None]] = []
+    for e, g, u, theta, lam, group, st in zip(entries, grads, us, thetas, lams, record.groups, live_states):
+        th = [x.detach() for x in theta]
+        if lam is None:
+            out.append([None] * len(th))
+            continue
+        beta1, beta2 = (float(b) for b in group["betas"])
+        # the scalars exactly as torch's differentiable Adam forms them (from the float32 step
+        # tensor): v_{t+1} = v + m′/den, den = √s′/A + E, A = √bc₂·(−α), E = ε/(−α)
+        step = st["step"] if isinstance(st["step"], Tensor) else torch.tensor(float(st["step"]))
+        neg_alpha = (float(group["lr"]) / (1 - beta1**step)).neg()
+        big_a = (1 - beta2**step).sqrt() * neg_alpha
+        G = e.surrogate.psi(u, e.qn, e.qp, th).mul_(g)
+        sq = st["exp_avg_sq"].sqrt()
+        den = (sq / big_a).add_(float(group["eps"]) / neg_alpha)
+        # ∂v_{t+1}/∂G = (1 − β₁)/den − m′·(1 − β₂)·G / (den²·A·√s′)
+        t = torch.mul(st["exp_avg"], G).mul_(1.0 - beta2).div_(den).div_(den).div_(big_a).div_(sq)
+        J = den.reciprocal_().mul_(1.0 - beta1).sub_(t)
+        del t, den, sq
+        J.masked_fill_(G == 0, 0.0)
+        w = J.mul_(lam).mul_(g)  # ∂⟨λ, v_{t+1}⟩/∂ψ
         out.append([(w * d).sum_to_size(x.shape) for d, x in zip(e.surrogate.dpsi(u, e.qn, e.qp, th), th)])
     return out

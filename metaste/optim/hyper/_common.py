@@ -304,8 +304,9 @@ class HyperMethod:
             thetas = [pending.theta[self.slices[i]] for i in pending.idx]
         lams = [lam.get(i) for i in pending.idx]
         # the pending record is used once (its owner drops it): updated in place, not cloned
+        live = [self.optimizer.state.get(mw.param, {}) for mw in entries]  # the state after step t
         hs = one_step_hypergradient(
-            pending.record, entries, pending.grads, pending.us, thetas, lams, consume=True
+            pending.record, entries, pending.grads, pending.us, thetas, lams, consume=True, live_states=live
         )
         for i, hi in zip(pending.idx, hs):
             for k, h in zip(range(self.slices[i].start, self.slices[i].stop), hi):
