@@ -35,7 +35,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["key_halves", "uniform_from_index", "z_from_index", "perturb_", "combine_", "kernel", "FUSE_MIN"]
+__all__ = [
+    "host_floats",
+    "key_halves",
+    "uniform_from_index",
+    "z_from_index",
+    "perturb_",
+    "combine_",
+    "kernel",
+    "FUSE_MIN",
+]
 
 SQRT3 = math.sqrt(3.0)
 SQRT6 = math.sqrt(6.0)
@@ -126,6 +135,12 @@ def combine_(
         G.add_((vals[i] * z) / eps)
 
 
+def host_floats(xs: list[Tensor]) -> list[float]:
+    """0-dim tensors as Python floats in one host transfer (exact: float64 holds every float32)."""
+    dev = xs[0].device
+    return torch.stack([x.to(device=dev, dtype=torch.float64) for x in xs]).tolist()
+
+
 _COMPILED: dict[str, Any] = {}
 _BROKEN: list[str] = []  # a compile that failed once is not retried (the eager path gives the same bits)
 
@@ -148,8 +163,8 @@ def kernel(fn: Callable[..., None], kind: str, fused: bool) -> Callable[..., Non
         except Exception as err:  # no C++ compiler, no Triton, an unsupported device, ...
             _BROKEN.append(repr(err))
             warnings.warn(
-                f"FOGZO could not compile its fused passes ({type(err).__name__}: {err}); running them "
-                "eagerly, with the same numbers (pass fused=False to skip the attempt)",
+                f"metaste could not compile its fused passes ({type(err).__name__}: {err}); running them "
+                "eagerly, with the same numbers (FOGZO: pass fused=False to skip the attempt)",
                 RuntimeWarning,
                 stacklevel=4,
             )

@@ -26,6 +26,7 @@ from torch.optim import Optimizer
 from ..quant import registry
 from ..quant.registry import lookup
 from ._fused import FUSE_MIN, combine_, delta, kernel, key_halves, perturb_
+from ._fused import host_floats as _host_floats
 from ._snapshot import BufferGuard, RngState
 from ._wrapper import Closure, OptimizerWrapper, check_closure, check_latent_dtype, closure_value
 from .smoothing import SMOOTHINGS, STE_KINDS, derive_seed, noise, rademacher
@@ -194,12 +195,6 @@ def _joint_norm(grads: Sequence[Tensor | None], eps: Sequence[Tensor]) -> float:
             nk = nk * next(it)
         total += nk * nk
     return math.sqrt(total)
-
-
-def _host_floats(xs: list[Tensor]) -> list[float]:
-    """0-dim tensors as Python floats in one host transfer (exact: float64 holds every float32)."""
-    dev = xs[0].device
-    return torch.stack([x.to(device=dev, dtype=torch.float64) for x in xs]).tolist()
 
 
 @dataclass(frozen=True)

@@ -126,3 +126,26 @@ def test_cuda_fogzo_step_keeps_everything_on_the_device_and_matches_the_cpu(fuse
     # same noise bits; the forwards differ in rounding between devices, so the c_i do too
     for a, b in zip(out["cpu"], out["cuda"]):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("boundary", ["window", "none"])
+def test_hyperste_analytical_compiled_passes_give_the_eager_trajectory(monkeypatch, boundary):
+    """issue 11: above FUSE_MIN elements the analytical rule's element-wise front and back run as compiled
+    passes; weights and a follow the eager trajectory bitwise."""
+    import metaste.optim.hyper.analytical as analytical
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(300, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    base = metaste.quantize_model(net, bits=2, surrogate="slste", keep_last=False)
+    x, y = torch.randn(64, 300), torch.randint(0, 10, (64,))
+    runs = []
+    for limit in (1 << 40, analytical.FUSE_MIN):  # eager, then compiled for the 300×256 layer
+        monkeypatch.setattr(analytical, "FUSE_MIN", limit)
+        model = copy.deepcopy(base)
+        opt = metaste.HyperSTE(torch.optim.SGD(model.parameters(), lr=0.5), hyper_lr=0.05, boundary=boundary)
+        for _ in range(4):
+            opt.step(lambda m=model: torch.nn.functional.cross_entropy(m(x), y))
+        runs.append([t.detach().clone() for t in list(model.parameters()) + list(model.buffers())])
+    assert not _fused._BROKEN, _fused._BROKEN
+    assert {"_front", "_back"} <= set(_fused._COMPILED)  # the compiled passes did run
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

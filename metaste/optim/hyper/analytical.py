@@ -15,6 +15,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ...quant.surrogates import slste, slste_grad
+from .._fused import FUSE_MIN, kernel
+from .._fused import host_floats as _host_floats
 from .._wrapper import Closure
 from ._common import Evaluate, HyperMethod, ManagedWeight, MethodOptions
 
@@ -50,23 +52,14 @@ def analytical_update(
     """
     # Memory (issue 11): a handful of weight-sized temporaries at a time, in place where the
     # value is the same bitwise (1 − y = −y + 1; a/(1 − x) written into the 1 − x buffer);
-    # halvings / unresolved are expanded zeros unless some element is in the gap.
-    x = c * eta_a
-    t = torch.mul(a, u)  # a·u
-    r = torch.div(t, qp).neg_().add_(1)  # u > 0: 1 − a·u/Qp is the smaller one; u < 0: 1 + a·u/Qn
-    torch.minimum(r, t.div_(qn).add_(1), out=r)  # u = 0: both are 1
-    del t
-    clipped = r <= 0
-    legal = x < r
-    unclipped, illegal = ~clipped, ~legal
-    regions = {
-        "unique_identity": clipped & illegal,
-        "unique_scaling": unclipped & legal,
-        "overlap": clipped.logical_and_(legal),
-        "gap": illegal.logical_and_(unclipped),
-    }
-    del clipped, legal, unclipped, illegal
-    scaled = torch.div(a, x.neg().add_(1))  # a / (1 − x)
+    # halvings / unresolved are expanded zeros unless some element is in the gap. A large tensor
+    # runs the element-wise front as one compiled pass (the same values, :func:`_front`).
+    if a.numel() >= FUSE_MIN and a.shape == u.shape == c.shape:
+        eta = torch.tensor(eta_a, dtype=c.dtype, device=c.device)  # a tensor: one kernel for every η_a
+        x, r, ui, us, ov, gap, scaled = kernel(_front, "analytical", True)(a, u, c, eta, float(qn), float(qp))
+        regions = {"unique_identity": ui, "unique_scaling": us, "overlap": ov, "gap": gap}
+    else:
+        x, r, regions, scaled = _front_eager(a, u, c, eta_a, qn, qp)
     gi = regions["gap"].nonzero(as_tuple=True)
     has_gap = gi[0].numel() > 0
     halvings = torch.zeros_like(a) if has_gap else a.new_zeros(()).expand_as(a)
@@ -105,6 +98,53 @@ def analytical_update(
     else:  # "passive"
         a_new = torch.where(regions["unique_scaling"], scaled, a, out=scaled)
     return AnalyticalResult(a_new, regions, halvings, unresolved)
+
+
+def _front_eager(a: Tensor, u: Tensor, c: Tensor, eta_a: float, qn: float, qp: float) -> tuple:
+    """x, r, the four regions and a/(1 − x), eagerly with few temporaries (in place where the value
+    is the same bitwise: 1 − y = −y + 1)."""
+    x = c * eta_a
+    t = torch.mul(a, u)  # a·u
+    r = torch.div(t, qp).neg_().add_(1)  # u > 0: 1 − a·u/Qp is the smaller one; u < 0: 1 + a·u/Qn
+    torch.minimum(r, t.div_(qn).add_(1), out=r)  # u = 0: both are 1
+    del t
+    clipped = r <= 0
+    legal = x < r
+    unclipped, illegal = ~clipped, ~legal
+    regions = {
+        "unique_identity": clipped & illegal,
+        "unique_scaling": unclipped & legal,
+        "overlap": clipped.logical_and_(legal),
+        "gap": illegal.logical_and_(unclipped),
+    }
+    del clipped, legal, unclipped, illegal
+    return x, r, regions, torch.div(a, x.neg().add_(1))  # a / (1 − x)
+
+
+def _front(a: Tensor, u: Tensor, c: Tensor, eta: Tensor, qn: float, qp: float) -> tuple:
+    """:func:`_front_eager` in functional form for ``torch.compile``: one pass over a, u, c that
+    writes x, r, the four region masks and a/(1 − x) (the same operations, the same values)."""
+    x = c * eta
+    au = a * u
+    r = torch.minimum(-(au / qp) + 1, au / qn + 1)
+    clipped, legal = r <= 0, x < r
+    unclipped, illegal = ~clipped, ~legal
+    return x, r, clipped & illegal, unclipped & legal, clipped & legal, illegal & unclipped, a / (-x + 1)
+
+
+def _back(u: Tensor, a: Tensor, g: Tensor, c: Tensor, qn: float, qp: float, window: bool, b: float) -> tuple:
+    """After a′: the new gradient g·ψ(u; a′), the history's d = ∂ψ(u; a′)/∂a (:func:`slste_grad`),
+    the count of ψ ≠ 0 and Σ(c·ψ)², in one pass for ``torch.compile`` (the element-wise values
+    are those of the eager path; the two sums may round differently)."""
+    au = a * u
+    inside = (torch.clamp(au, -qn, qp) == au).to(u.dtype)  # band(a·u)
+    psi = inside * a
+    cp = c * psi
+    d = inside
+    if window:
+        tau = torch.where(u > 0, qp, -qn).to(u.dtype) / u
+        d = inside - (a / (2 * b)) * ((tau - a).abs() < b).to(u.dtype)
+    return psi * g, d, (psi != 0).sum(), (cp * cp).sum()
 
 
 @dataclass(frozen=True)
@@ -218,16 +258,22 @@ class AnalyticalMethod(HyperMethod):
                 stats["halved_frac"] = float((res.halvings > 0).sum()) / n
                 stats["unresolved_frac"] = float(res.unresolved.sum()) / n
             del res
-            psi = slste(u, a, mw.qn, mw.qp)
-            stats["clipped_frac"] = (n - float(psi.count_nonzero())) / n
-            sq_norm += float(torch.linalg.vector_norm(c.mul_(psi))) ** 2  # ∂L_t/∂a = −c·ψ(u_t; a')
+            if n >= FUSE_MIN and g.shape == u.shape == a.shape:  # one compiled pass, the same values
+                grad, d, nnz, sq = kernel(_back, "analytical", True)(
+                    u, a, g, c, float(mw.qn), float(mw.qp), s.boundary == "window", float(s.b)
+                )
+                nnz, sq = _host_floats([nnz, sq])
+            else:
+                psi = slste(u, a, mw.qn, mw.qp)
+                nnz = float(psi.count_nonzero())
+                sq = float(torch.linalg.vector_norm(c.mul_(psi))) ** 2  # ∂L_t/∂a = −c·ψ(u_t; a')
+                grad = psi.mul_(g)  # g·ψ, in ψ's buffer
+                d = slste_grad(u, a, mw.qn, mw.qp, s.boundary, s.b)
             del c
-            mw.param.grad = psi.mul_(g)  # g·ψ, in ψ's buffer
-            self.history[i] = (
-                g,
-                slste_grad(u, a, mw.qn, mw.qp, s.boundary, s.b),
-                float(group_of[id(mw.param)]["lr"]),
-            )
+            stats["clipped_frac"] = (n - nnz) / n
+            sq_norm += sq
+            mw.param.grad = grad
+            self.history[i] = (g, d, float(group_of[id(mw.param)]["lr"]))
             self.step_stats[mw.name] = stats
         self.hypergrad_norm = sq_norm**0.5
 
