@@ -56,8 +56,8 @@ def analytical_update(
     # runs the element-wise front as one compiled pass (the same values, :func:`_front`).
     if a.numel() >= FUSE_MIN and a.shape == u.shape == c.shape:
         eta = torch.tensor(eta_a, dtype=c.dtype, device=c.device)  # a tensor: one kernel for every η_a
-        x, r, ui, us, ov, gap, scaled = kernel(_front, "analytical", True)(a, u, c, eta, float(qn), float(qp))
-        regions = {"unique_identity": ui, "unique_scaling": us, "overlap": ov, "gap": gap}
+        x, r, scaled = kernel(_front, "analytical", True)(a, u, c, eta, float(qn), float(qp))
+        regions = _regions(x, r)  # eager: inductor's bool stores are slow on CPU (8 ms here)
     else:
         x, r, regions, scaled = _front_eager(a, u, c, eta_a, qn, qp)
     gi = regions["gap"].nonzero(as_tuple=True)
@@ -108,28 +108,29 @@ def _front_eager(a: Tensor, u: Tensor, c: Tensor, eta_a: float, qn: float, qp: f
     r = torch.div(t, qp).neg_().add_(1)  # u > 0: 1 − a·u/Qp is the smaller one; u < 0: 1 + a·u/Qn
     torch.minimum(r, t.div_(qn).add_(1), out=r)  # u = 0: both are 1
     del t
+    regions = _regions(x, r)
+    return x, r, regions, torch.div(a, x.neg().add_(1))  # a / (1 − x)
+
+
+def _regions(x: Tensor, r: Tensor) -> dict[str, Tensor]:
+    """The four regions (a partition; r = 0 counts as clipped, docs/design.md §3.1)."""
     clipped = r <= 0
     legal = x < r
     unclipped, illegal = ~clipped, ~legal
-    regions = {
+    return {
         "unique_identity": clipped & illegal,
         "unique_scaling": unclipped & legal,
         "overlap": clipped.logical_and_(legal),
         "gap": illegal.logical_and_(unclipped),
     }
-    del clipped, legal, unclipped, illegal
-    return x, r, regions, torch.div(a, x.neg().add_(1))  # a / (1 − x)
 
 
 def _front(a: Tensor, u: Tensor, c: Tensor, eta: Tensor, qn: float, qp: float) -> tuple:
-    """:func:`_front_eager` in functional form for ``torch.compile``: one pass over a, u, c that
-    writes x, r, the four region masks and a/(1 − x) (the same operations, the same values)."""
+    """x, r and a/(1 − x) of :func:`_front_eager` in functional form for ``torch.compile``: one pass
+    over a, u, c (the same operations, the same values)."""
     x = c * eta
     au = a * u
-    r = torch.minimum(-(au / qp) + 1, au / qn + 1)
-    clipped, legal = r <= 0, x < r
-    unclipped, illegal = ~clipped, ~legal
-    return x, r, clipped & illegal, unclipped & legal, clipped & legal, illegal & unclipped, a / (-x + 1)
+    return x, torch.minimum(-(au / qp) + 1, au / qn + 1), a / (-x + 1)
 
 
 def _back(u: Tensor, a: Tensor, g: Tensor, c: Tensor, qn: float, qp: float, window: bool, b: float) -> tuple:
