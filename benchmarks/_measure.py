@@ -38,8 +38,10 @@ if METASTE_PATH not in sys.path:
 
 
 def interleaved(fns: dict[str, Callable[[], object]], reps: int, steps: int) -> dict[str, dict[str, list]]:
-    """{name: {"cpu": [s/step per round], "wall": [...]}}; one warm-up call of each first."""
+    """{name: {"cpu": [s/step per round], "wall": [...]}}; two warm-up calls of each first (the
+    first of a fused FOGZO step compiles its kernels)."""
     for f in fns.values():
+        f()
         f()
     out = {n: {"cpu": [], "wall": []} for n in fns}
     names = list(fns)
