@@ -22,7 +22,7 @@ install-demo: datasets
 
 install-dev: datasets
 	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e '.[data,plot,dev]'
+	$(PIP) install -q -e '.[data,plot,dev,all]'
 
 demo: install-demo
 	$(PYTHON) -m metaste.bench.cli compare --suite demo --out results

@@ -16,12 +16,14 @@ math users and tests call is in :mod:`metaste.optim.smoothing`, :mod:`metaste.op
 :func:`metaste.optim.fogzo_estimate` and :func:`metaste.optim.analytical_update`.
 """
 
+from . import adapters  # noqa: F401  (metaste.adapters.scales_from(model) after import metaste)
 from .optim import (
     FAGU,
     FOGZO,
     LGATT,
     PEGE,
     PFAGU,
+    Accumulated,
     Analytical,
     Calibrated,
     Delayed,
@@ -44,6 +46,7 @@ from .quant import (
 )
 
 __all__ = [
+    "Accumulated",
     "Calibrated",
     "FOGZO",
     "HyperSTE",

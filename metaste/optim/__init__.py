@@ -4,6 +4,7 @@ update as a differentiable function of the surrogate parameters; the one-step hy
 :func:`~.fogzo.fogzo_estimate` and :func:`~.hyper.analytical.analytical_update`."""
 
 from ._wrapper import NonFiniteLossError, OptimizerWrapper
+from .amp import Accumulated
 from .calibrated import Calibrated
 from .fogzo import FOGZO, fogzo_estimate
 from .hyper import FAGU, LGATT, PFAGU, Analytical, Delayed, HorizonMemoryError, analytical_update
@@ -12,6 +13,7 @@ from .jacquant import JacQuant
 from .pege import PEGE
 
 __all__ = [
+    "Accumulated",
     "Calibrated",
     "FOGZO",
     "HyperSTE",

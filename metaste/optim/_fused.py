@@ -94,12 +94,15 @@ def z_from_index(kind: str, j: Tensor, m: int, k1: Tensor | int, k2: Tensor | in
     raise ValueError(f"unknown STE kind {kind!r}")
 
 
-def _index(v: Tensor) -> Tensor:
+def _index(v: Tensor, offset: Tensor | int = 0) -> Tensor:
+    """The int32 element indices of ``v``: its flat index plus ``offset`` (a shard's global offset
+    in the full tensor: a 0-dim int32 tensor, or 0)."""
     if v.numel() >= 1 << 31:
         raise ValueError(
             f"FOGZO's noise indexes elements with int32: a tensor of {v.numel()} elements is too large"
         )
-    return torch.arange(v.numel(), dtype=torch.int32, device=v.device).view(v.shape)
+    j = torch.arange(v.numel(), dtype=torch.int32, device=v.device).view(v.shape)
+    return j if isinstance(offset, int) and offset == 0 else j.add_(offset)
 
 
 def delta(z: Tensor, g: Tensor | None, eps2: Tensor, beps: Tensor, a_sig: Tensor) -> Tensor:
@@ -110,26 +113,32 @@ def delta(z: Tensor, g: Tensor | None, eps2: Tensor, beps: Tensor, a_sig: Tensor
 
 def perturb_(
     v: Tensor, g: Tensor | None, eps2: Tensor, beps: Tensor, a_sig: Tensor, alpha: Tensor, k1: Tensor, k2: Tensor,
-    kind: str,
+    kind: str, offset: Tensor | int = 0, numel: Tensor | int | None = None,
 ) -> None:  # fmt: skip
-    """v += α·ε⊙d_i in one pass, z computed from the element index (α ∈ {±1, ±2}: exact)."""
-    z = z_from_index(kind, _index(v), v.numel(), k1, k2)
+    """v += α·ε⊙d_i in one pass, z computed from the element index (α ∈ {±1, ±2}: exact).
+
+    A shard (FSDP2) passes ``offset``, its flat offset in the full tensor, and ``numel``, the full
+    tensor's size: z is then the full tensor's noise at the global indices offset + j."""
+    z = z_from_index(kind, _index(v, offset), v.numel() if numel is None else numel, k1, k2)
     if v.dtype != torch.float32:
         z = z.to(v.dtype)
     v.add_(delta(z, g, eps2, beps, a_sig) * alpha)
 
 
 def combine_(
-    G: Tensor, eps: Tensor, scale_g: Tensor, zero: bool, vals: Tensor, k1s: Tensor, k2s: Tensor, kind: str
-) -> None:
-    """G ← g·s_g (0 if ``zero``) + Σ_i (vals_i·z_i) ⊘ ε in one pass (the order of ``addcdiv``)."""
+    G: Tensor, eps: Tensor, scale_g: Tensor, zero: bool, vals: Tensor, k1s: Tensor, k2s: Tensor, kind: str,
+    offset: Tensor | int = 0, numel: Tensor | int | None = None,
+) -> None:  # fmt: skip
+    """G ← g·s_g (0 if ``zero``) + Σ_i (vals_i·z_i) ⊘ ε in one pass (the order of ``addcdiv``);
+    ``offset``/``numel``: a shard's, as in :func:`perturb_`."""
     if zero:
         G.zero_()
     else:
         G.mul_(scale_g)
-    j = _index(G)
+    j = _index(G, offset)
+    m = G.numel() if numel is None else numel
     for i in range(vals.numel()):
-        z = z_from_index(kind, j, G.numel(), k1s[i], k2s[i])
+        z = z_from_index(kind, j, m, k1s[i], k2s[i])
         if G.dtype != torch.float32:
             z = z.to(G.dtype)
         G.add_((vals[i] * z) / eps)

@@ -23,7 +23,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._modules import ModuleBufferGuard, captured_modules
 from ._snapshot import BufferGuard
+from .amp import GradientOverflow, check_grad_scaler, found_inf
 
 __all__ = ["OptimizerWrapper", "NonFiniteLossError", "Closure", "check_latent_dtype", "closure_value"]
 
@@ -38,7 +40,9 @@ class NonFiniteLossError(FloatingPointError):
 class OptimizerWrapper(Optimizer):
     """Base class of metaste's optimizer wrappers. Subclasses implement :meth:`step`."""
 
-    def __init__(self, optimizer: Optimizer) -> None:
+    def __init__(
+        self, optimizer: Optimizer, *, grad_scaler: Any = None, max_grad_norm: float | None = None
+    ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
                 f"{type(self).__name__} wraps a torch.optim.Optimizer instance, got "
@@ -55,6 +59,15 @@ class OptimizerWrapper(Optimizer):
         self.state = optimizer.state
         self.defaults = optimizer.defaults
         self._warned_no_grad = False
+        # fp16 loss scaling and clipping inside step (docs/design.md §5.1, optim/amp.py)
+        self.grad_scaler: Any = None
+        self.max_grad_norm: float | None = None
+        self.configure_amp(grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
+        self.last_grad_norm: Tensor | None = None  # the pre-clip norm of the last clipped step
+        self.last_step_skipped = False  # the scaler found inf/NaN gradients in the last step
+        self._in_step = False
+        self._unscaled = False
+        optimizer.register_step_pre_hook(self._before_base_step)
 
     # -- torch.optim.Optimizer plumbing ------------------------------------------------------
 
@@ -176,12 +189,24 @@ class OptimizerWrapper(Optimizer):
         return []
 
     @contextmanager
-    def _step_guard(self) -> Iterator[None]:
+    def _step_guard(self, closure: Any = None) -> Iterator[None]:
         """Around a whole ``step``: if it raises, the buffers (BN running statistics, activation
         quantizer state) of every module that ran are put back (docs/design.md §5); weights and
-        optimizer state are untouched because the base optimizer steps last."""
-        with BufferGuard(on_error_only=True):
-            yield
+        optimizer state are untouched because the base optimizer steps last. The modules are those
+        the closure refers to, found without hooks (a global hook breaks ``torch.compile``,
+        docs/design.md §10.5); the hook guard only when none is found. A skipped fp16 step
+        (:class:`~.amp.GradientOverflow`) is not an error: the clean pass's buffers stay, as in a
+        hand-written loop."""
+        modules = captured_modules(closure) if closure is not None else []
+        guard = ModuleBufferGuard(modules, on_error_only=True) if modules else BufferGuard(on_error_only=True)
+        overflow = None
+        with guard:
+            try:
+                yield
+            except GradientOverflow as skipped:
+                overflow = skipped
+        if overflow is not None:
+            raise overflow
 
     def _evaluate(self, closure: Closure | None, *, backward: bool = True) -> Tensor:
         """Zero the gradients, call ``closure``, check what it returns, run ``backward`` and return
@@ -194,11 +219,15 @@ class OptimizerWrapper(Optimizer):
 
         Raises a clear error — before any weight changes — for a missing closure, a non-tensor
         or non-scalar return, a closure that ran backward itself, a non-finite loss and a loss
-        scaled by a ``GradScaler``; then the gradients are cleared.
+        scaled by a ``GradScaler``; then the gradients are cleared. With ``grad_scaler`` the
+        backward is on the scaled loss, the gradients are unscaled, and inf/NaN gradients raise
+        :class:`~.amp.GradientOverflow` (the step is skipped, like ``GradScaler.step``); a
+        non-finite loss is then left to that test, as in a hand-written loop.
         """
         who = type(self).__name__
         check_closure(closure, who)
         self._zero_grads()
+        scaler = self._active_scaler() if backward else None
         total: Tensor | None = None
         try:
             with torch.enable_grad() if backward else torch.no_grad():
@@ -209,7 +238,7 @@ class OptimizerWrapper(Optimizer):
                             "it must only return the loss: opt.step(lambda: loss_fn(model(x), y)) — "
                             "the wrapper runs backward (and the extra passes) for you"
                         )
-                    if not math.isfinite(loss.item()):
+                    if scaler is None and not math.isfinite(loss.item()):
                         raise NonFiniteLossError(
                             f"the closure returned a non-finite loss ({loss.item()}"
                             + (f", micro-batch {k}" if k else "")
@@ -221,16 +250,77 @@ class OptimizerWrapper(Optimizer):
                                 "the loss returned by the closure does not require grad (was it computed "
                                 "under torch.no_grad(), or are all parameters frozen?)"
                             )
-                        loss.backward()
+                        (loss if scaler is None else scaler.scale(loss)).backward()
                     total = loss.detach() if total is None else total + loss.detach()
             if total is None:
                 raise ValueError(f"the closure passed to {who}.step() returned an empty iterable of losses")
         except BaseException:
             self._zero_grads()
             raise
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+            self._unscaled = True
+            if found_inf(scaler, self.optimizer):
+                raise GradientOverflow(total)
         if backward:
             self._warn_if_no_grad()
         return total
+
+    # -- fp16 loss scaling and clipping (docs/design.md §5.1) ------------------------------
+
+    #: whether ``step`` runs the scaler/clipping protocol (:meth:`_run_step`): FOGZO, HyperSTE
+    _supports_amp = False
+
+    def configure_amp(self, *, grad_scaler: Any = None, max_grad_norm: float | None = None) -> None:
+        """Set the ``GradScaler`` and the clip value (the constructor's ``grad_scaler=`` and
+        ``max_grad_norm=``; the trainer integrations call it with the framework's). ``None``
+        turns either off. A wrapper whose step does not run the protocol refuses both."""
+        who = type(self).__name__
+        if (grad_scaler is not None or max_grad_norm is not None) and not self._supports_amp:
+            raise ValueError(
+                f"{who} does not take grad_scaler / max_grad_norm: only metaste.FOGZO and metaste.HyperSTE "
+                "run the fp16 loss-scaling and clipping protocol (docs/design.md §5.1). Train it in bf16 or "
+                "float32, without gradient clipping (HF Trainer: max_grad_norm=0)"
+            )
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm}; it must be > 0 (or None: no clipping)")
+        self.grad_scaler = check_grad_scaler(grad_scaler, who)
+        self.max_grad_norm = max_grad_norm
+
+    def _active_scaler(self) -> Any:
+        s = self.grad_scaler
+        return s if s is not None and s.is_enabled() else None
+
+    def _run_step(self, step: Callable[[Closure | None], Tensor], closure: Closure | None) -> Tensor:
+        """Run one wrapper step ``step(closure)`` under the scaler protocol of optim/amp.py: an
+        overflow skips it (only the scale changes), ``scaler.update()`` ends it."""
+        self._in_step, self._unscaled, self.last_step_skipped = True, False, False
+        try:
+            loss = step(closure)
+        except GradientOverflow as overflow:
+            loss, self.last_step_skipped = overflow.loss, True
+        finally:
+            self._in_step = False
+            if self._unscaled:  # also after an error, so that the scaler stays usable
+                self._unscaled = False
+                self.grad_scaler.update()
+        return loss
+
+    #: where ``max_grad_norm`` clips: right before the base update (the surrogate gradient
+    #: g ⊙ ψ, HyperSTE), or — False — where the subclass calls :meth:`_clip` (FOGZO: the
+    #: backprop gradient, before its zeroth-order estimate replaces it)
+    _clip_before_base_step = True
+
+    def _clip(self) -> None:
+        if self.max_grad_norm is not None:
+            grads = [p for p in self.params() if p.grad is not None]
+            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
+
+    def _before_base_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        """Step pre-hook of the base optimizer: clip right before the base update, only inside
+        this wrapper's own step."""
+        if self._in_step and self._clip_before_base_step:
+            self._clip()
 
     def _warn_if_no_grad(self) -> None:
         managed = self._managed_params()
@@ -248,9 +338,10 @@ class OptimizerWrapper(Optimizer):
         """What ``scaler.step(wrapper, ...)`` does (:func:`_install_grad_scaler_guard`): raise."""
         raise RuntimeError(
             f"scaler.step({type(self).__name__}, ...) is not supported: the wrapper runs backward (and "
-            "its extra passes) itself, so a GradScaler cannot unscale the gradients in between. Call "
-            "loss = opt.step(closure) with a closure that returns the unscaled loss, and autocast to "
-            "bfloat16, which needs no loss scaling (README, Mixed precision)"
+            "its extra passes) itself, so a GradScaler cannot unscale the gradients in between. Give "
+            f"the scaler to the wrapper instead — {type(self).__name__}(base, ..., grad_scaler=scaler) — "
+            "and call loss = opt.step(closure) with a closure that returns the unscaled loss; it scales, "
+            "unscales, skips overflow steps and updates the scale (docs/design.md §5.1)"
         )
 
 
@@ -317,8 +408,8 @@ def check_loss(loss: object, who: str) -> None:
         raise ValueError(
             f"the closure passed to {who}.step() returned a loss multiplied by {factor:g}, which looks "
             "like GradScaler.scale(loss): the wrapper runs backward itself and never unscales, so the "
-            f"step would be {factor:g}x too large. Return the unscaled loss (with bfloat16 autocast no "
-            "scaler is needed; README, Mixed precision)"
+            f"step would be {factor:g}x too large. Return the unscaled loss and give the scaler to the "
+            "wrapper: grad_scaler=scaler (docs/design.md §5.1)"
         )
 
 

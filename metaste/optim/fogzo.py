@@ -27,9 +27,11 @@ from ..quant import registry
 from ..quant.registry import lookup
 from ._fused import FUSE_MIN, combine_, delta, kernel, key_halves, perturb_
 from ._fused import host_floats as _host_floats
+from ._modules import ModuleBufferGuard, captured_modules
 from ._snapshot import BufferGuard, RngState
 from ._wrapper import Closure, OptimizerWrapper, check_closure, check_latent_dtype, closure_value
-from .smoothing import SMOOTHINGS, STE_KINDS, derive_seed, noise, rademacher
+from .fsdp import all_reduce_sum, global_offset, is_dtensor, local, local_scale, mesh_group, reshard
+from .smoothing import SMOOTHINGS, STE_KINDS, derive_seed, noise_slice, rademacher
 
 __all__ = ["FOGZO", "fogzo_estimate", "RESTORE_MODES"]
 
@@ -54,6 +56,9 @@ def fogzo_estimate(
     keep_noise: bool = False,
     reduce: Callable[[Tensor], Tensor] | None = None,
     fused: bool = False,
+    offsets: Sequence[int] | None = None,
+    numels: Sequence[int] | None = None,
+    reduce_sum: Callable[[float], float] | None = None,
 ) -> tuple[list[Tensor] | None, Tensor]:
     """The FOGZO estimate G of docs/design.md §4.3 for the managed tensors ``weights`` (v_k).
 
@@ -63,7 +68,11 @@ def fogzo_estimate(
     ``"inplace"``: +1, −2, +1, within 4 ulp of max|v| per cycle); ``loss_at`` is called 2n times (n if
     ``one_sided``, then c_i = L₊ − ``loss0``). ``reduce`` averages the c_i across processes.
     ``grads`` are overwritten with G. Returns (G per tensor, c), or (None, c) if some c_i is
-    not finite (the caller keeps g).
+    not finite (the caller keeps g). Sharded tensors (FSDP2, :mod:`metaste.optim.fsdp`): ``weights``
+    are the rank's shards, ``offsets[k]``/``numels[k]`` their flat offset in and the size of the full
+    tensor (the noise is that slice of the full tensor's: the counter-based noise at the global
+    indices offset + j, :func:`~.smoothing.noise_slice`), and
+    ``reduce_sum`` sums ‖ε⊙g‖² over the ranks.
 
     The noise z_ik is regenerated from ``derive_seed(seed, step, i, k)`` each time it is used
     (``keep_noise=True`` keeps the n·D values instead: same result, fewer regenerations). Each
@@ -78,7 +87,7 @@ def fogzo_estimate(
         G = (1/n) Σ_i c_i d_i ⊘ ε  =  g·√β Σ_i σ_i c_i / (nN)  +  Σ_i √(1−β) c_i/n · z_i ⊘ ε
     """
     # 1. ĝ = ε⊙g / N with N = ‖ε⊙g‖ over all managed tensors jointly
-    norm = _joint_norm(grads, eps) if beta > 0 else 0.0
+    norm = _joint_norm(grads, eps, reduce_sum) if beta > 0 else 0.0
     inv_norm = 1.0 / norm if 0.0 < norm < math.inf else 0.0
     # ε⊙d_i = a σ_i (ε²⊙g) + b (ε⊙z_i): a = √β/N, b = √(1−β)
     a, b = math.sqrt(beta) * inv_norm, math.sqrt(1.0 - beta)
@@ -87,11 +96,30 @@ def fogzo_estimate(
     beps = [e * b for e in eps]
     keys = [[key_halves(derive_seed(seed, step, i, k)) for k in range(len(weights))] for i in range(n)]
     kept: dict[tuple[int, int], Tensor] = {}
+    k1t = torch.zeros((), dtype=torch.int32)  # the keys and indices: 0-dim int32 (one compiled kernel)
+    # a shard (FSDP2) draws the full tensor's noise at its global indices offset + j
+    starts = [0] * len(weights) if offsets is None else list(offsets)
+    totals = [v.numel() for v in weights] if numels is None else list(numels)
+    for v, s0, m in zip(weights, starts, totals):
+        if not 0 <= s0 <= s0 + v.numel() <= m < 1 << 31:
+            raise ValueError(
+                f"a shard of {v.numel()} elements at offset {s0} does not fit a tensor of {m} elements "
+                "(FOGZO's noise indexes elements with int32: at most 2^31 - 1)"
+            )
+    # the kernels' index arguments (0-dim int32, like the keys): none for whole tensors
+    shard_args = [
+        ()
+        if offsets is None and numels is None
+        else (torch.tensor(s0, dtype=torch.int32), torch.tensor(m, dtype=torch.int32))
+        for s0, m in zip(starts, totals)
+    ]
 
-    def z(i: int, k: int) -> Tensor:  # keep_noise: the stored z_ik
+    def z(i: int, k: int) -> Tensor:  # keep_noise: the stored z_ik (a shard's: its slice of the full z)
         if (i, k) not in kept:
             v = weights[k]
-            kept[(i, k)] = noise(kinds[k], v.shape, derive_seed(seed, step, i, k), v.device, v.dtype)
+            kept[(i, k)] = noise_slice(
+                kinds[k], totals[k], starts[k], v.numel(), (seed, step, i, k), v.device, v.dtype
+            ).view(v.shape)
         return kept[(i, k)]
 
     def scalar(x: float, like: Tensor) -> Tensor:  # a 0-dim tensor: one compiled kernel for all values
@@ -111,10 +139,18 @@ def fogzo_estimate(
             else:
                 k1, k2 = keys[i][k]
                 kernel(perturb_, kinds[k], fused)(
-                    v, gk, eps2[k], beps[k], a_sig, al, scalar(k1, k1t), scalar(k2, k1t), kinds[k]
+                    v,
+                    gk,
+                    eps2[k],
+                    beps[k],
+                    a_sig,
+                    al,
+                    scalar(k1, k1t),
+                    scalar(k2, k1t),
+                    kinds[k],
+                    *shard_args[k],
                 )
 
-    k1t = torch.zeros((), dtype=torch.int32)
     # 2. c_i from 2 (one-sided: 1) no-grad passes at v ± ε⊙d_i
     originals = [v.clone() for v in weights] if restore == "copy" else None
     c = torch.empty(n, dtype=torch.float64)
@@ -170,12 +206,16 @@ def fogzo_estimate(
             vals = torch.tensor([b * ci / n for ci in cs], dtype=v.dtype, device=v.device)
             k1s = torch.tensor([keys[i][k][0] for i in range(n)], dtype=torch.int32, device=v.device)
             k2s = torch.tensor([keys[i][k][1] for i in range(n)], dtype=torch.int32, device=v.device)
-            kernel(combine_, kinds[k], fused)(G, eps[k], scalar(scale_g, v), zero, vals, k1s, k2s, kinds[k])
+            kernel(combine_, kinds[k], fused)(
+                G, eps[k], scalar(scale_g, v), zero, vals, k1s, k2s, kinds[k], *shard_args[k]
+            )
         out.append(G)
     return out, c
 
 
-def _joint_norm(grads: Sequence[Tensor | None], eps: Sequence[Tensor]) -> float:
+def _joint_norm(
+    grads: Sequence[Tensor | None], eps: Sequence[Tensor], reduce_sum: Callable[[float], float] | None = None
+) -> float:
     """N = ‖ε ⊙ g‖₂ over all tensors, without a tensor-sized temporary for a scalar ε."""
     pairs = [(g, e) for g, e in zip(grads, eps) if g is not None]
     if not pairs:
@@ -194,6 +234,8 @@ def _joint_norm(grads: Sequence[Tensor | None], eps: Sequence[Tensor]) -> float:
         if e.numel() == 1:
             nk = nk * next(it)
         total += nk * nk
+    if reduce_sum is not None:  # sharded tensors: the partial sums of squares of every rank
+        total = reduce_sum(total)
     return math.sqrt(total)
 
 
@@ -275,6 +317,14 @@ class FOGZO(OptimizerWrapper):
             the same numbers as the eager path). ``"auto"``: when the managed weights hold at least
             2^16 elements; ``True``/``False``: always / never. The first step compiles (seconds);
             a failed compile warns once and runs eagerly.
+        grad_scaler (default ``None``): a ``torch.amp.GradScaler`` for fp16: backward on the scaled
+            loss, unscale before ĝ and G, an inf/NaN gradient skips the step (no perturbed passes,
+            no step count), then ``scaler.update()`` (docs/design.md §5.1). Do not call the
+            scaler's ``step``/``update`` yourself.
+        max_grad_norm (default ``None``): clip the backprop gradient (the STE gradient of the
+            managed weights and the unmanaged ones) to this total norm, before the estimate; G is
+            not clipped — its norm is the zeroth-order noise's (docs/design.md §5.1).
+            :attr:`last_grad_norm` holds the norm before clipping.
 
     Notes:
         * The closure returns the loss without calling ``backward`` and may be called 1 + 2n
@@ -282,8 +332,9 @@ class FOGZO(OptimizerWrapper):
           (train) mode with the torch RNG reset to its state before the clean call, so dropout
           masks and random augmentations match; afterwards the RNG continues from its state
           after the clean call. Python's ``random`` and NumPy's global RNG are not reset.
-        * Buffers of every module that runs during the perturbed passes (BatchNorm running
-          statistics) are restored after each of them: only the clean pass updates them.
+        * Buffers (BatchNorm running statistics) of the modules the closure refers to (found
+          without hooks, so ``torch.compile`` models keep one graph; docs/design.md §10.5) are
+          restored after each perturbed pass: only the clean pass updates them.
         * Under DDP the weight gradients are already averaged by backward; FOGZO averages the
           c_i, so every rank computes the same G.
         * A non-finite L₊/L₋ keeps g for that step (with β ≡ 0 and no backward there is no g:
@@ -292,13 +343,16 @@ class FOGZO(OptimizerWrapper):
           perturbation.
         * Gradient accumulation: the closure may yield the micro-batch losses (a generator);
           each is backpropagated as it comes and the perturbed passes loop over the same
-          micro-batches. AMP: run the closure's forward under ``torch.autocast``; a
-          ``GradScaler`` is not needed on CPU/bf16 and is not supported (the wrapper runs
-          backward itself; a scaled loss raises).
+          micro-batches (:class:`~metaste.optim.amp.Accumulated` builds such a closure). AMP:
+          run the closure's forward under ``torch.autocast``; fp16 takes ``grad_scaler=`` (a
+          loss scaled by the user raises).
         * ``load_state_dict`` keeps the constructor's settings: a checkpoint saved with another
           ``seed``, ``n``, ``beta_min``, ``total_steps``, ``ste_fraction`` or ``one_sided``
           raises ``ValueError`` (docs/design.md §5).
     """
+
+    _clip_before_base_step = False  # max_grad_norm clips the backprop gradient, not G
+    _supports_amp = True
 
     def __init__(
         self,
@@ -316,6 +370,8 @@ class FOGZO(OptimizerWrapper):
         scales: Mapping[Tensor, ScaleSpec | tuple[ScaleSpec, str]] | None = None,
         process_group: Any = None,
         fused: bool | str = "auto",
+        grad_scaler: Any = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"Invalid n: {n!r}; the number of directions must be an int >= 1")
@@ -347,7 +403,7 @@ class FOGZO(OptimizerWrapper):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if fused not in (True, False, "auto"):
             raise ValueError(f"Invalid fused: {fused!r}; choose True, False or 'auto'")
-        super().__init__(optimizer)
+        super().__init__(optimizer, grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
         self.fused = fused
         self.n = n
         self.beta_min = beta_min
@@ -438,7 +494,7 @@ class FOGZO(OptimizerWrapper):
         return self._step_weights
 
     def _eps(self, m: _Managed) -> Tensor:
-        s = m.scale()
+        s = local_scale(m.scale(), m.param)  # FSDP2: the rows of this rank's shard
         if s is None:
             raise ValueError(
                 f"the step size of the managed weight {m.name} is None: it is not initialised yet "
@@ -452,7 +508,7 @@ class FOGZO(OptimizerWrapper):
     def _check_scale(self, m: _Managed) -> None:
         e = self._eps(m)
         try:
-            torch.broadcast_shapes(e.shape, m.param.shape)
+            torch.broadcast_shapes(e.shape, local(m.param).shape)
         except RuntimeError as err:
             raise ValueError(
                 f"the step size of the managed weight {m.name} has shape {tuple(e.shape)}, "
@@ -482,7 +538,10 @@ class FOGZO(OptimizerWrapper):
         micro-batch losses); returns the clean loss. If it raises, no weight, buffer or optimizer
         state has changed."""
         check_closure(closure, type(self).__name__)
-        with self._step_guard():
+        return self._run_step(self._guarded_step, closure)
+
+    def _guarded_step(self, closure: Closure) -> Tensor:
+        with self._step_guard(closure):
             return self._step(closure)
 
     def _step(self, closure: Closure) -> Tensor:
@@ -490,6 +549,7 @@ class FOGZO(OptimizerWrapper):
         t = self.steps
         if t < math.floor(self.ste_fraction * (self.total_steps or 0)):
             loss = self._evaluate(closure)
+            self._clip()
             self.optimizer.step()
             self.steps = t + 1
             return loss
@@ -508,6 +568,7 @@ class FOGZO(OptimizerWrapper):
         devices = {p.device for p in weights}
         rng_before = RngState(devices)
         loss = self._evaluate(closure, backward=needs_backward)
+        self._clip()  # the backprop gradient, not G (docs/design.md §5.1)
         rng_after = RngState(devices)
         all_grads = [(p, p.grad) for p in self.params()]
         try:
@@ -524,14 +585,28 @@ class FOGZO(OptimizerWrapper):
             rng_before.restore()
             with torch.no_grad():
                 value = closure_value(closure, name)
+            if sharded:  # FSDP2: the next pass must gather the next perturbation
+                reshard(modules)
             buffers.restore()
             return value
 
-        with torch.no_grad(), BufferGuard() as buffers:
+        # the buffers of the modules the closure refers to; a global forward hook only as the
+        # fallback (it cannot be traced through torch.compile: docs/design.md §10.5)
+        modules = captured_modules(closure)
+        # FSDP2 (docs/design.md §10.4): the rank's shards, their offsets, the norm summed over ranks
+        sharded = [p for p in weights if is_dtensor(p)]
+        if sharded and not modules:
+            raise ValueError(
+                "FOGZO over FSDP2-sharded weights needs to find the model in the closure (to reshard it "
+                "between the perturbed passes); let the closure refer to the model, e.g. "
+                "opt.step(lambda: loss_fn(model(x), y))"
+            )
+        group = mesh_group(sharded[0]) if sharded else None
+        with torch.no_grad(), ModuleBufferGuard(modules) if modules else BufferGuard() as buffers:
             try:
                 G, c = fogzo_estimate(
-                    weights,
-                    [p.grad for p in weights],
+                    [local(p) for p in weights],
+                    [None if p.grad is None else local(p.grad) for p in weights],
                     eps,
                     [m.kind for m in managed],
                     loss_at,
@@ -545,6 +620,9 @@ class FOGZO(OptimizerWrapper):
                     keep_noise=self.keep_noise,
                     reduce=lambda c: self._all_reduce_mean(c, weights[0].device),
                     fused=self.fused is True or (self.fused == "auto" and d_managed >= FUSE_MIN),
+                    offsets=[global_offset(p) for p in weights] if sharded else None,
+                    numels=[p.numel() for p in weights] if sharded else None,
+                    reduce_sum=(lambda x: all_reduce_sum(x, group, weights[0].device)) if sharded else None,
                 )
             finally:
                 rng_after.restore()
@@ -562,7 +640,12 @@ class FOGZO(OptimizerWrapper):
                 )
         else:
             for p, g in zip(weights, G):
-                p.grad = g
+                if not is_dtensor(p):
+                    p.grad = g
+                elif (
+                    p.grad is None or local(p.grad).data_ptr() != g.data_ptr()
+                ):  # G was not computed in place
+                    p.grad = _as_dtensor_like(g, p)
         self.optimizer.step()
         self.steps = t + 1
         return loss
@@ -652,3 +735,11 @@ class FOGZO(OptimizerWrapper):
             f"FOGZO(n={self.n}, beta_min={self.beta_min}, total_steps={self.total_steps}, "
             f"one_sided={self.one_sided}, restore={self.restore!r}, {self.optimizer!r})"
         )
+
+
+def _as_dtensor_like(t: Tensor, p: Tensor) -> Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+    )

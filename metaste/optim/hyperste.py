@@ -10,8 +10,10 @@ from typing import Any
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ..adapters import foreign_quantization_hint
 from ..quant.registry import lookup
 from ._wrapper import Closure, OptimizerWrapper, check_latent_dtype
+from .fsdp import is_dtensor
 from .hyper import METHODS
 from .hyper._common import ManagedWeight, MethodOptions, surrogate_stats
 
@@ -99,10 +101,16 @@ class HyperSTE(OptimizerWrapper):
             options class.
         model: names the layers in :attr:`diagnostics` (default: ``"w0"``, ...); required by the
             horizon methods, whose snapshot holds its buffers (BN running statistics).
+        grad_scaler: a ``torch.amp.GradScaler`` for fp16 (per-step methods): backward on the
+            scaled loss, unscale before the hypergradients, an inf/NaN gradient skips the step and
+            leaves θ and the method's state untouched, then ``scaler.update()`` (docs/design.md §5.1).
+        max_grad_norm: clip g ⊙ ψ (and the other gradients) right before the base step; the
+            hypergradients see the unclipped update (exact whenever the clip does not act).
         **options: the method's options, when ``method`` is a name.
     """
 
     METHODS: dict[str, type[MethodOptions]] = METHODS
+    _supports_amp = True
 
     def __init__(
         self,
@@ -110,9 +118,11 @@ class HyperSTE(OptimizerWrapper):
         *,
         method: str | MethodOptions = "analytical",
         model: nn.Module | None = None,
+        grad_scaler: Any = None,
+        max_grad_norm: float | None = None,
         **options: Any,
     ) -> None:
-        super().__init__(optimizer)
+        super().__init__(optimizer, grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
         if isinstance(method, MethodOptions):
             if options:
                 raise TypeError(
@@ -128,7 +138,14 @@ class HyperSTE(OptimizerWrapper):
                 "object such as metaste.optim.hyper.Delayed(window=3)"
             )
         managed = self._find_managed(model)
+        if any(is_dtensor(mw.param) for mw in managed):
+            raise NotImplementedError(
+                "HyperSTE does not run on FSDP2-sharded weights yet (its hypergradients and the "
+                "differentiable optimizer update work on whole tensors). Supported: HyperSTE on one "
+                "process or under DDP, and metaste.FOGZO under fully_shard (docs/design.md §10.4)"
+            )
         opts.check(optimizer, managed, model)
+        _check_scaler_supported(opts, self._active_scaler())
         # validation is over: from here on the model is changed
         for mw in managed:
             mw.surrogate.boundary = opts.boundary or opts.default_boundary
@@ -163,7 +180,7 @@ class HyperSTE(OptimizerWrapper):
                 "HyperSTE found no quantized weight with a learnable surrogate among the optimizer's "
                 "parameters; quantize the model with one, e.g. "
                 "metaste.quantize_model(model, bits=2, surrogate='slste'), and build the optimizer "
-                "over the quantized model's parameters"
+                "over the quantized model's parameters" + foreign_quantization_hint(model, self.params())
             )
         return managed
 
@@ -181,7 +198,11 @@ class HyperSTE(OptimizerWrapper):
         may return an iterable of micro-batch losses (gradient accumulation). If it raises, no
         weight, buffer or optimizer state has changed (the horizon methods: except inside the
         replays of a horizon's last step)."""
-        with self._step_guard():
+        _check_scaler_supported(self.options, self._active_scaler())
+        return self._run_step(self._step, closure)
+
+    def _step(self, closure: Closure | None) -> Tensor:
+        with self._step_guard(closure):
             loss = self.method.step(closure, self._evaluate, self.steps)
         self.steps += 1
         return loss
@@ -267,3 +288,14 @@ class HyperSTE(OptimizerWrapper):
     def _load_wrapper_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = state["steps"]
         self.method.load_state_dict(state["method"])
+
+
+def _check_scaler_supported(opts: MethodOptions, scaler: Any) -> None:
+    from .hyper.horizon import HorizonOptions
+
+    if scaler is not None and isinstance(opts, HorizonOptions):
+        raise ValueError(
+            f"method={opts.name!r} replays its horizon and cannot skip a step on a gradient "
+            "overflow; a GradScaler is supported with the per-step methods ('analytical', "
+            "'delayed'). Train the horizon methods in bf16 (no loss scaling) or float32"
+        )

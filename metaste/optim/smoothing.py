@@ -19,7 +19,9 @@ Noise is never stored: :func:`noise` regenerates z for (seed, t, i, k) as a pure
 (:func:`derive_seed` (seed, t, i, k), element index): a counter-based integer hash written in
 torch ops (:mod:`metaste.optim._fused`), so the bits are computed where the weight lives — CPU
 or GPU, no host copy, the same stream on every device — and a fused kernel can recompute them
-from the element index alone (issue 11). W = 2U − 1 takes 16 random bits: the midpoints of a
+from the element index alone (issue 11). A shard of a tensor (FSDP2) evaluates the same function
+at its global indices (:func:`noise_slice`), so the union of the shards' noise is the
+single-process noise. W = 2U − 1 takes 16 random bits: the midpoints of a
 2^16-level grid, exactly symmetric and strictly inside (−1, 1), so ``atanh`` never sees ±1 (tanh
 kind: |z| ≤ 6.5, a tail of mass 2^-15 is cut and the variance is 0.999). (Before issue 11 the
 bits came from NumPy's SFC64 on CPU and a ``torch.Generator`` elsewhere: the distribution is the
@@ -44,6 +46,7 @@ __all__ = [
     "derive_seed",
     "rademacher",
     "noise",
+    "noise_slice",
     "uniform_w",
 ]
 
@@ -155,4 +158,33 @@ def noise(kind: str, shape: torch.Size, seed: int, device: torch.device, dtype: 
     sm = SMOOTHINGS[kind]
     m = math.prod(shape)
     z = sm.from_w(uniform_w(sm.uniforms * m, seed, device).view(sm.uniforms, m)).view(shape)
+    return z if dtype == torch.float32 else z.to(dtype)
+
+
+def noise_slice(
+    kind: str,
+    numel: int,
+    start: int,
+    length: int,
+    key: tuple[int, ...],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Tensor:
+    """Elements ``[start, start + length)`` of the flat noise z of a tensor of ``numel`` elements,
+    ``noise(kind, (numel,), derive_seed(*key), ...)[start : start + length]``, generated without the
+    rest: z is a pure function of (key, element index), so the slice is the hash evaluated at the
+    global indices start … start + length − 1 (approxsign: and at those + ``numel``). A shard of a
+    tensor (FSDP2) thus draws exactly its part of the noise a single process draws. Returns a fresh
+    flat tensor."""
+    from ._fused import key_halves, z_from_index
+
+    if length <= 0:
+        return torch.empty(0, device=device, dtype=dtype)
+    if numel >= 1 << 31:
+        raise ValueError(
+            f"FOGZO's noise indexes elements with int32: a tensor of {numel} elements is too large"
+        )
+    k1, k2 = key_halves(derive_seed(*key))
+    j = torch.arange(start, start + length, dtype=torch.int32, device=device)
+    z = z_from_index(kind, j, numel, k1, k2)
     return z if dtype == torch.float32 else z.to(dtype)

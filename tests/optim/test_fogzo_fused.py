@@ -77,6 +77,41 @@ def test_compiled_passes_give_the_eager_bits(kind, dtype, per_channel, with_g):
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_shard_passes_give_the_rows_of_the_whole_tensor(fused):
+    """FSDP2 (docs/design.md §10.4): a shard's passes at its global offset, with the full tensor's
+    size, give exactly its rows of the whole tensor's passes (eager and compiled)."""
+    kind, dtype = "approxsign", torch.float64
+    v, grad, eps = _case(dtype, True)
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    whole = v.clone()
+    kernel(perturb_, kind, fused)(*_perturb_args(whole, grad, eps, 99, 1.0, True), kind)
+    vals = torch.tensor([0.25, -1.5], dtype=dtype)
+    k1s, k2s = (torch.tensor(x, dtype=torch.int32) for x in zip(key_halves(5), key_halves(6)))
+    G = grad.clone()
+    kernel(combine_, kind, fused)(G, eps, torch.tensor(0.5, dtype=dtype), False, vals, k1s, k2s, kind)
+    for lo, hi in [(0, 19), (19, 37), (5, 6)]:
+        part = v[lo:hi].clone()
+        args = _perturb_args(part, grad[lo:hi], eps[lo:hi], 99, 1.0, True)
+        kernel(perturb_, kind, fused)(*args, kind, i32(lo * 11), i32(v.numel()))
+        assert torch.equal(part, whole[lo:hi])
+        Gp = grad[lo:hi].clone()
+        kernel(combine_, kind, fused)(
+            Gp,
+            eps[lo:hi],
+            torch.tensor(0.5, dtype=dtype),
+            False,
+            vals,
+            k1s,
+            k2s,
+            kind,
+            i32(lo * 11),
+            i32(v.numel()),
+        )
+        assert torch.equal(Gp, G[lo:hi])
+    assert not _fused._BROKEN, _fused._BROKEN
+
+
 def test_a_fused_fogzo_run_equals_the_eager_one_bitwise():
     torch.manual_seed(0)
     net = torch.nn.Sequential(

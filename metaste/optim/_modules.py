@@ -1,0 +1,126 @@
+"""Which modules a closure runs, found without hooks, and a buffer guard over them
+(docs/design.md §4.5, §10.5).
+
+FOGZO's perturbed passes must leave the buffers (BatchNorm running statistics) as the clean pass
+left them. :class:`~._snapshot.BufferGuard` finds the modules that run with a global forward
+pre-hook; Dynamo cannot trace that hook through ``torch.compile(model)`` (an ``AssertionError``:
+the module is "already tracked for mutation") and, with ``model.compile()``, every new hook handle
+is a new guard, so each step recompiles until the recompile limit drops the model to eager.
+:func:`captured_modules` instead finds the ``nn.Module`` objects a closure refers to — its cells,
+defaults, the globals it names, ``functools.partial`` arguments, a bound method's object and that
+object's attributes, the parts of an :class:`~.amp.Accumulated` — and :class:`ModuleBufferGuard`
+snapshots all their buffers up front: nothing runs inside the model's forward, so a compiled
+model keeps one graph.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .amp import Accumulated, GradientOverflow
+
+__all__ = ["captured_modules", "ModuleBufferGuard"]
+
+_MAX_DEPTH = 4
+
+
+def captured_modules(fn: Any) -> list[nn.Module]:
+    """The top-level ``nn.Module`` objects reachable from the callable ``fn`` (see the module
+    docstring), each once, submodules of another found module dropped."""
+    found: dict[int, nn.Module] = {}
+    _walk(fn, found, set(), 0)
+    inner = {id(m) for top in found.values() for m in top.modules() if m is not top}
+    return [m for k, m in found.items() if k not in inner]
+
+
+def _walk(obj: Any, found: dict[int, nn.Module], seen: set[int], depth: int) -> None:
+    if depth > _MAX_DEPTH or id(obj) in seen or isinstance(obj, (Tensor, str, bytes, int, float, type(None))):
+        return
+    seen.add(id(obj))
+    if isinstance(obj, nn.Module):
+        found[id(obj)] = obj
+        return
+    nxt = depth + 1
+    if isinstance(obj, Accumulated):
+        for c in obj.closures:
+            _walk(c, found, seen, nxt)
+        return
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        for x in obj:
+            _walk(x, found, seen, nxt)
+        return
+    if isinstance(obj, dict):
+        for x in obj.values():
+            _walk(x, found, seen, nxt)
+        return
+    if isinstance(obj, functools.partial):
+        for x in (obj.func, *obj.args, *obj.keywords.values()):
+            _walk(x, found, seen, nxt)
+        return
+    if isinstance(obj, types.MethodType):
+        _walk(obj.__func__, found, seen, nxt)
+        _walk(obj.__self__, found, seen, nxt)
+        return
+    if isinstance(obj, types.FunctionType):
+        for cell in obj.__closure__ or ():
+            try:
+                _walk(cell.cell_contents, found, seen, nxt)
+            except ValueError:  # an empty cell
+                pass
+        for x in (*(obj.__defaults__ or ()), *(obj.__kwdefaults__ or {}).values()):
+            _walk(x, found, seen, nxt)
+        g = obj.__globals__
+        for name in obj.__code__.co_names:
+            if name in g and not isinstance(g[name], types.ModuleType):
+                _walk(g[name], found, seen, nxt)
+        return
+    if isinstance(obj, (types.ModuleType, type)) or callable(obj) and not hasattr(obj, "__dict__"):
+        return
+    attrs = getattr(obj, "__dict__", None)  # an object a bound method or a closure carries
+    if isinstance(attrs, dict):
+        for x in attrs.values():
+            if isinstance(x, nn.Module):
+                found[id(x)] = x
+            elif isinstance(x, (types.FunctionType, types.MethodType, functools.partial)):
+                _walk(x, found, seen, nxt)
+
+
+class ModuleBufferGuard:
+    """Snapshots every buffer of ``modules`` (and the tensors a module names in a
+    ``forward_written()`` method, e.g. the activation quantizer's step size) on entry;
+    :meth:`restore` puts the values back, and leaving the context does too (``on_error_only``:
+    only when it is left by an exception other than a skipped fp16 step). The interface of
+    :class:`~._snapshot.BufferGuard`, without its global forward hook."""
+
+    def __init__(self, modules: list[nn.Module], *, on_error_only: bool = False) -> None:
+        self.modules = modules
+        self.on_error_only = on_error_only
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for buf, copy in self.saved:
+                buf.copy_(copy)
+
+    def __enter__(self) -> ModuleBufferGuard:
+        tensors: dict[int, Tensor] = {}
+        for top in self.modules:
+            for m in top.modules():
+                for b in m.buffers(recurse=False):
+                    tensors[id(b)] = b
+                written = getattr(m, "forward_written", None)
+                if callable(written):
+                    for t in written():
+                        tensors[id(t)] = t
+        self.saved = [(t, t.detach().clone()) for t in tensors.values()]
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        error = exc_type is not None and not issubclass(exc_type, GradientOverflow)
+        if error or not self.on_error_only:
+            self.restore()
+        self.saved = []

@@ -1,0 +1,110 @@
+"""FOGZO under FSDP2 (``fully_shard``) on 2 gloo CPU ranks: each rank perturbs its own rows with
+its slice of the noise, the norm and the c_i are reduced over the ranks, and the trajectory equals
+one process on the concatenated batch (docs/design.md §10.4). The first layer has more elements
+than a noise block, the second an odd number of rows (uneven shards)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import metaste
+from metaste.optim.fsdp import fully_shard, global_offset, local, register_sharded
+from metaste.optim.smoothing import derive_seed, noise, noise_slice
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "optim"))
+from _ddp import free_port, init_gloo  # noqa: E402
+
+STEPS = 3
+QUANT = {
+    "fixed": dict(quantizer="fixed"),
+    "lsq": dict(quantizer="lsq", per_channel=True),
+    "one-group": dict(quantizer="fixed"),
+}
+
+
+def model_for(quant: str) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(300, 256), nn.ReLU(), nn.Linear(256, 7), nn.ReLU(), nn.Linear(7, 3)
+    ).double()
+    return metaste.quantize_model(net, bits=2, surrogate="identity", **QUANT[quant])
+
+
+def data() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(8, 300, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g))
+        for _ in range(STEPS)
+    ]
+
+
+def train(model: nn.Module, batches) -> list[float]:
+    opt = metaste.FOGZO(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), total_steps=STEPS, n=2)
+    return [opt.step(lambda x=x, y=y: F.cross_entropy(model(x), y)).item() for x, y in batches]
+
+
+def _worker(rank: int, port: int, quant: str, path: str) -> None:
+    init_gloo(rank, port)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard as torch_fully_shard
+
+    mesh = init_device_mesh("cpu", (2,))
+    if quant == "one-group":  # only the root is sharded: the managed weights live in the root group
+        model = register_sharded(model_for("fixed"))
+        torch_fully_shard(model, mesh=mesh)
+        register_sharded(model)
+    else:
+        model = fully_shard(model_for(quant), mesh=mesh)
+    w = model[0].weight
+    assert local(w).shape == (128, 300) and global_offset(w) == rank * 128 * 300
+    if quant == "fixed":  # HyperSTE refuses sharded weights with a clear error
+        slste = fully_shard(
+            metaste.quantize_model(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), surrogate="slste"),
+            mesh=mesh,
+        )
+        try:
+            metaste.HyperSTE(torch.optim.SGD(slste.parameters(), lr=0.1))
+        except NotImplementedError as err:
+            assert "FSDP2" in str(err) and "FOGZO under fully_shard" in str(err)
+        else:
+            raise AssertionError("HyperSTE accepted FSDP2-sharded weights")
+    losses = train(model, [(x.chunk(2)[rank], y.chunk(2)[rank]) for x, y in data()])
+    full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+    torch.save((losses, full), f"{path}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("quant", list(QUANT))
+def test_fogzo_under_fully_shard_equals_one_process_on_the_whole_batch(quant, tmp_path):
+    path = str(tmp_path / "r")
+    mp.spawn(_worker, args=(free_port(), quant, path), nprocs=2, join=True)
+    (l0, full0), (l1, _) = (torch.load(f"{path}.{r}") for r in (0, 1))
+    ref_model = model_for(quant)
+    ref_losses = train(ref_model, data())
+    torch.testing.assert_close([(a + b) / 2 for a, b in zip(l0, l1)], ref_losses, rtol=1e-12, atol=0)
+    ref = ref_model.state_dict()
+    assert not torch.equal(ref["0.weight"], model_for(quant).state_dict()["0.weight"])
+    for k, v in ref.items():
+        torch.testing.assert_close(full0[k], v, rtol=1e-9, atol=1e-12, msg=k)
+
+
+def test_noise_slices_are_the_single_tensor_noise():
+    B = 2**16  # slices crossing 2^16-element boundaries (the former noise blocks) and a 2·2^16 + 123 tensor
+    n = B * 2 + 123
+    key = (7, 3, 1, 2)
+    whole = noise_slice("approxsign", n, 0, n, key, torch.device("cpu"), torch.float32)
+    for start, length in [(0, 10), (B - 5, 10), (B + 1, B + 100), (n - 3, 3)]:
+        part = noise_slice("approxsign", n, start, length, key, torch.device("cpu"), torch.float32)
+        assert torch.equal(part, whole[start : start + length])
+    # the whole tensor's slice is the noise FOGZO draws for an unsharded tensor
+    small = noise_slice("tanh", 1000, 0, 1000, key, torch.device("cpu"), torch.float64)
+    assert torch.equal(small, noise("tanh", (1000,), derive_seed(*key), torch.device("cpu"), torch.float64))
