@@ -8,7 +8,7 @@ SUITES ?= demo fogzo-mnist hyperste lsq-mnist new-methods fashion-resnet kjv-lla
 # one torch thread per process: the commands run their work in one process per core
 export OMP_NUM_THREADS := 1
 
-.PHONY: demo test test-fast results lint install-demo install-dev datasets
+.PHONY: demo test test-fast results lint install-demo install-dev datasets bench
 
 datasets:
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] || ! command -v bible >/dev/null; then \
@@ -42,3 +42,7 @@ results: install-demo
 lint:
 	ruff check metaste tests examples benchmarks
 	ruff format --check metaste tests examples benchmarks
+
+# the cost benchmarks; rewrites the README's cost block (about 10 minutes on 2 cores)
+bench:
+	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/run_all.py --readme README.md --json benchmarks/cost.json

@@ -1,37 +1,34 @@
-"""FOGZO cost vs plain STE in the same run (issue 4 targets: overhead beyond the forwards ≤ 10 %
-of an STE step; peak memory ≤ 1.05× STE in the default mode).
+"""FOGZO cost vs plain STE in the same run (issue 11 targets: overhead beyond the forwards ≤ 10 %
+of an STE step at n = 1 and n = 4; peak memory ≤ 1.05× STE in the default mode).
 
-For each model it prints t_ste (forward + backward + SGD step), t_fwd (no-grad forward + loss),
-the FOGZO step time, its ratio to STE and the overhead beyond the forwards it must run,
-(t_fogzo − t_ste − k·t_fwd) / t_ste with k = 2n (n one-sided), for n = 1 central, n = 1
-one-sided and n = 4, in both restore modes and with ``keep_noise``.
+For each model it reports t_ste (forward + backward + SGD step), t_fwd (no-grad forward + loss),
+the FOGZO step time, its ratio to STE, the floor 1 + k·t_fwd/t_ste (the forwards FOGZO must
+run, k = 2n, n one-sided) and the overhead beyond that floor, (t_fogzo − t_ste − k·t_fwd) /
+t_ste, for n = 1 (both restore modes, ``keep_noise``, one-sided) and n = 4.
 
-Time: median over interleaved repetitions (each rep times ``--steps`` steps of every
-configuration in turn, so machine noise hits all of them alike).
-Peak memory of one step, after warm-up steps: live bytes before the step (parameters, gradients,
-optimizer state, batch) + the peak of the torch CPU allocator's "Total Allocated" during the
-step (torch.profiler memory events, relative to its value before the step) + the peak of NumPy's allocations during the step
-(tracemalloc; FOGZO draws its CPU noise bits with NumPy, which torch's profiler does not see).
-Summing the two peaks can only overstate FOGZO's peak.
+Time: CPU time and wall time per step, medians and min–max spread over interleaved rounds
+(:mod:`_measure`); the overhead uses the CPU-time medians. Peak memory: peak resident bytes of
+one step above the process's size before the build, each configuration in a fresh process
+(:func:`_measure.peak_bytes`). Run with one thread::
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_fogzo.py [--reps 7 --steps 5 --models mlp,wide,cnn,llama]
+    OMP_NUM_THREADS=1 python benchmarks/bench_fogzo.py [--reps 5 --steps 3 --models mlp,wide,cnn,llama]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import tempfile
-import time
-import tracemalloc
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
-import metaste
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _measure import fmt, interleaved, peak_bytes, ratio, summary  # noqa: E402
+
+import metaste  # noqa: E402  (the checkout's, or $METASTE_PATH: _measure)
 
 CONFIGS = {
     # name: FOGZO kwargs (None: plain STE)
@@ -40,7 +37,6 @@ CONFIGS = {
     "n1-inplace": dict(n=1, restore="inplace"),
     "n1-keep": dict(n=1, keep_noise=True),
     "n1-1sided": dict(n=1, one_sided=True),
-    "n1-1sided-inplace": dict(n=1, one_sided=True, restore="inplace"),
     "n4-copy": dict(n=4),
     "n4-inplace": dict(n=4, restore="inplace"),
 }
@@ -132,30 +128,12 @@ def build(spec, cfg):
     return model, opt, (lambda: opt.step(closure)), closure
 
 
-def peak_bytes(model, opt, step) -> int:
-    for _ in range(2):
-        step()
-    live = [p for p in model.parameters()] + [p.grad for p in model.parameters() if p.grad is not None]
-    live += [v for s in opt.state.values() if isinstance(s, dict) for v in s.values() if torch.is_tensor(v)]
-    base = sum(t.numel() * t.element_size() for t in live)
-    tracemalloc.start()
-    tracemalloc.reset_peak()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    np_peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        prof.export_chrome_trace(f.name)
-        events = json.load(open(f.name))["traceEvents"]
-    mem = [e["args"] for e in events if e.get("name") == "[memory]"]
-    # "Total Allocated" is the allocator's running total: measure from its value before the step
-    torch_peak = max([0] + [m["Total Allocated"] for m in mem]) - (
-        mem[0]["Total Allocated"] - mem[0]["Bytes"]
-    )
-    return base + torch_peak + np_peak
+def build_step(name: str, cfg: str, batch: int = 64):
+    """The step function of one configuration (for the memory measurement in a fresh process)."""
+    return build(models(batch)[name], cfg)[2]
 
 
-def bench(name, spec, args) -> None:
+def bench(name, spec, args) -> dict:
     runs = {c: build(spec, c) for c in CONFIGS}
     _, x, y, loss_fn = spec
     fwd_model = runs["ste"][0]
@@ -164,48 +142,75 @@ def bench(name, spec, args) -> None:
         with torch.no_grad():
             loss_fn(fwd_model(x), y)
 
-    times = {c: [] for c in list(CONFIGS) + ["fwd"]}
     fns = {**{c: r[2] for c, r in runs.items()}, "fwd": fwd}
-    for f in fns.values():
-        f()
-    for _ in range(args.reps):
-        for c, f in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                f()
-            times[c].append((time.perf_counter() - t0) / args.steps)
-    med = {c: statistics.median(v) for c, v in times.items()}
-    mem = {c: peak_bytes(*build(spec, c)[:3]) for c in CONFIGS}
+    times = interleaved(fns, args.reps, args.steps)
+    mem = {c: peak_bytes("bench_fogzo", "build_step", name=name, cfg=c, batch=args.batch) for c in CONFIGS}
+    med = {c: summary(v["cpu"])[0] for c, v in times.items()}
     t_ste, t_fwd = med["ste"], med["fwd"]
     d = sum(e.weight.numel() for _, e in metaste.quantized_weights(runs["ste"][0]))
-    print(f"\n### {name}: D = {d} managed weights, t_ste = {t_ste * 1e3:.2f} ms, "
-          f"t_fwd = {t_fwd * 1e3:.2f} ms, STE peak = {mem['ste'] / 2**20:.2f} MiB\n")  # fmt: skip
-    print(
-        "| config | t_fogzo (ms) | × STE | floor 1 + k·t_fwd/t_ste | overhead beyond fwds | peak mem × STE |"
-    )
-    print("|---|---|---|---|---|---|")
+    rows = {}
     for c, kw in CONFIGS.items():
         if kw is None:
             continue
         k = kw["n"] * (1 if kw.get("one_sided") else 2)
-        over = (med[c] - t_ste - k * t_fwd) / t_ste
-        print(f"| {c} | {med[c] * 1e3:.2f} | {med[c] / t_ste:.2f} | {1 + k * t_fwd / t_ste:.2f} | "
-              f"{100 * over:+.1f} % | {mem[c] / mem['ste']:.3f} |")  # fmt: skip
+        rows[c] = {
+            "cpu_ms": summary([t * 1e3 for t in times[c]["cpu"]]),
+            "wall_ms": summary([t * 1e3 for t in times[c]["wall"]]),
+            "cpu_ratio": ratio(times[c]["cpu"], times["ste"]["cpu"]),
+            "floor": 1 + k * t_fwd / t_ste,
+            "overhead": (med[c] - t_ste - k * t_fwd) / t_ste,
+            "mem_ratio": mem[c] / mem["ste"],
+        }
+    return {
+        "D": d,
+        "t_ste_ms": summary([t * 1e3 for t in times["ste"]["cpu"]]),
+        "t_fwd_ms": summary([t * 1e3 for t in times["fwd"]["cpu"]]),
+        "ste_peak_mib": mem["ste"] / 2**20,
+        "rows": rows,
+    }
+
+
+def print_model(name: str, r: dict) -> None:
+    print(
+        f"\n### {name}: D = {r['D']} managed weights, t_ste = {fmt(r['t_ste_ms'])} ms, "
+        f"t_fwd = {fmt(r['t_fwd_ms'])} ms (CPU), STE peak = {r['ste_peak_mib']:.2f} MiB\n"
+    )
+    print(
+        "| config | CPU ms/step | × STE (CPU) | wall ms/step | floor 1 + k·t_fwd/t_ste | overhead beyond fwds | peak mem × STE |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for c, row in r["rows"].items():
+        print(
+            f"| {c} | {fmt(row['cpu_ms'])} | {fmt(row['cpu_ratio'])} | {fmt(row['wall_ms'])} | {row['floor']:.2f} "
+            f"| {100 * row['overhead']:+.1f} % | {row['mem_ratio']:.3f} |"
+        )
+
+
+def run(reps: int = 5, steps: int = 3, batch: int = 64, names: str = "mlp,wide,cnn,llama") -> dict:
+    """{model: bench(...)} for the comma-separated ``names`` (one thread)."""
+    torch.set_num_threads(1)
+    args = argparse.Namespace(reps=reps, steps=steps, batch=batch)
+    specs = models(batch)
+    return {name: bench(name, specs[name], args) for name in names.split(",")}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=64, help="batch of the small MLP and the CNN")
     ap.add_argument("--models", default="mlp,wide,cnn,llama")
+    ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
-    print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, reps {args.reps} × {args.steps} steps"
-    )
-    specs = models(args.batch)
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, threads 1, reps {args.reps} × {args.steps} steps")
+    results = {}
     for name in args.models.split(","):
-        bench(name, specs[name], args)
+        results.update(run(args.reps, args.steps, args.batch, name))
+        print_model(name, results[name])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"batch": args.batch, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,31 @@
-"""HyperSTE cost vs plain STE in the same run (issue 5 targets: analytical ≤ 1.10×, delayed ≤ 1.30×).
+"""HyperSTE cost vs plain STE in the same run (issue 11 targets: analytical ≤ 1.10× time,
+delayed ≤ 1.30× time, peak memory ≤ 1.3×).
 
-Step time: median over interleaved repetitions (each rep times ``--steps`` steps of every
-configuration in turn, so machine noise hits all of them alike). Peak memory: the peak of live
-CPU tensor bytes during one step (torch.profiler memory events), after a warm-up step so that the
-optimizer state and the HyperSTE history exist.
+Time: CPU time and wall time per step, medians and min–max spread over interleaved
+repetitions (:mod:`_measure`: each round times ``--steps`` steps of every configuration in a
+rotating order); the ratios to STE are taken round by round. Peak memory: the peak resident
+bytes of one step above the process's size before the build, each configuration in a fresh
+process with malloc returning every freed tensor (:func:`_measure.peak_bytes`). Run with one thread::
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_hyperste.py [--reps 7 --steps 10 --batch 128]
+    OMP_NUM_THREADS=1 python benchmarks/bench_hyperste.py [--reps 7 --steps 5 --batch 128 --json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import json
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
-import metaste
-from metaste import HyperSTE
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _measure import fmt, interleaved, peak_bytes, ratio, summary  # noqa: E402
+
+import metaste  # noqa: E402  (the checkout's, or $METASTE_PATH: _measure)
+from metaste import HyperSTE  # noqa: E402
 
 
 def mlp() -> nn.Module:
@@ -52,10 +57,13 @@ CONFIGS = {
     "ste-adam": ("adam", None),
     "delayed-adam": ("adam", "delayed"),
 }
+TARGETS = {"analytical": (1.10, 1.3), "delayed-sgd": (1.30, 1.3), "delayed-adam": (1.30, 1.3)}
 
 
-def build(arch: str, name: str, x: torch.Tensor, y: torch.Tensor):
+def build(arch: str, name: str, batch: int):
     torch.manual_seed(0)
+    x = torch.randn(batch, 1, 28, 28)
+    y = torch.randint(0, 10, (batch,))
     opt_name, method = CONFIGS[name]
     # plain STE runs the clipped-STE baseline; HyperSTE runs SLSTE (a = 1 starts as that STE)
     model = metaste.quantize_model(
@@ -79,56 +87,63 @@ def build(arch: str, name: str, x: torch.Tensor, y: torch.Tensor):
             base.step()
             return loss.detach()
 
-    else:
-        opt = HyperSTE(base, method=method, hyper_lr=0.01)
-
-        def step():
-            return opt.step(closure)
-
-    return step
+        return step
+    opt = HyperSTE(base, method=method, hyper_lr=0.01)
+    return lambda: opt.step(closure)
 
 
-def peak_bytes(step) -> int:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage != 0), key=lambda e: e.time_range.start)
-    live = peak = 0
-    for e in events:
-        live += e.cpu_memory_usage
-        peak = max(peak, live)
-    return peak
+def run(args) -> dict:
+    torch.set_num_threads(1)
+    results = {}
+    for arch in args.models.split(","):
+        steps = {n: build(arch, n, args.batch) for n in CONFIGS}
+        times = interleaved(steps, args.reps, args.steps)
+        peak = {
+            n: peak_bytes("bench_hyperste", "build", arch=arch, name=n, batch=args.batch) for n in CONFIGS
+        }
+        rows = {}
+        for n in CONFIGS:
+            ref = "ste-adam" if CONFIGS[n][0] == "adam" else "ste-sgd"
+            rows[n] = {
+                "ref": ref,
+                "cpu_ms": summary([t * 1e3 for t in times[n]["cpu"]]),
+                "wall_ms": summary([t * 1e3 for t in times[n]["wall"]]),
+                "cpu_ratio": ratio(times[n]["cpu"], times[ref]["cpu"]),
+                "wall_ratio": ratio(times[n]["wall"], times[ref]["wall"]),
+                "peak_mib": peak[n] / 2**20,
+                "mem_ratio": peak[n] / peak[ref],
+            }
+        results[arch] = rows
+    return results
+
+
+def print_table(results: dict, batch: int) -> None:
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {batch}")
+    print(
+        "| model | config | CPU ms/step | × STE (CPU) | wall ms/step | × STE (wall) | peak MiB | mem × STE |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for arch, rows in results.items():
+        for n, r in rows.items():
+            print(
+                f"| {arch} | {n} | {fmt(r['cpu_ms'])} | {fmt(r['cpu_ratio'], digits=3)} | {fmt(r['wall_ms'])} "
+                f"| {fmt(r['wall_ratio'], digits=3)} | {r['peak_mib']:.1f} | {r['mem_ratio']:.3f} |"
+            )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--models", default="mlp,cnn")
+    ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    x = torch.randn(args.batch, 1, 28, 28)
-    y = torch.randint(0, 10, (args.batch,))
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}")
-    print(f"{'model':5} {'config':14} {'ms/step':>8} {'time ×':>7} {'peak MB':>8} {'mem ×':>6}")
-    for arch in ("mlp", "cnn"):
-        steps = {n: build(arch, n, x, y) for n in CONFIGS}
-        for s in steps.values():  # warm-up: optimizer state, history, allocator
-            s(), s()
-        times = {n: [] for n in CONFIGS}
-        for _ in range(args.reps):
-            for n, s in steps.items():
-                t0 = time.perf_counter()
-                for _ in range(args.steps):
-                    s()
-                times[n].append((time.perf_counter() - t0) / args.steps)
-        med = {n: statistics.median(v) for n, v in times.items()}
-        peak = {n: peak_bytes(s) for n, s in steps.items()}
-        for n in CONFIGS:
-            ref = "ste-adam" if CONFIGS[n][0] == "adam" else "ste-sgd"
-            print(
-                f"{arch:5} {n:14} {med[n] * 1e3:8.2f} {med[n] / med[ref]:7.3f} "
-                f"{peak[n] / 2**20:8.1f} {peak[n] / peak[ref]:6.3f}"
-            )
+    results = run(args)
+    print_table(results, args.batch)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"batch": args.batch, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,9 @@ class BufferGuard:
 
     def _pre_hook(self, module: nn.Module, args: Any) -> None:
         if module not in self.saved:
-            tensors = list(module.buffers(recurse=False))
+            # the module's own buffers (= buffers(recurse=False), without the generator machinery:
+            # this hook runs for every module call of a wrapper's step, issue 11)
+            tensors = [b for b in module._buffers.values() if b is not None]
             written = getattr(module, "forward_written", None)
             if callable(written):
                 tensors += list(written())

@@ -102,21 +102,65 @@ class UpdateRecord:
         return cls(optimizer_cls, list(sd["params"]), list(sd["states"]), list(sd["groups"]))
 
 
-def record_update(optimizer: Optimizer, params: list[Tensor]) -> UpdateRecord:
-    """Snapshot what :func:`differentiable_update` needs; call it right before ``optimizer.step()``."""
+def record_update(optimizer: Optimizer, params: list[Tensor], *, light: bool = False) -> UpdateRecord:
+    """Snapshot what :func:`differentiable_update` needs; call it right before ``optimizer.step()``.
+
+    ``light=True`` (what :func:`one_step_hypergradient` needs, no more): for plain
+    ``torch.optim.SGD``, whose update is linear in the gradient, the hypergradient needs only the
+    group's hyperparameters and whether a momentum buffer existed, so v_t and the state are not
+    cloned (``params`` is empty, a state holds ``{"momentum_buffer": None}`` or nothing). For
+    ``Adam`` / ``AdamW`` without amsgrad and maximize (and, for Adam, without weight decay),
+    ∂v_{t+1}/∂G needs only the state *after* the update, which the optimizer still holds when the
+    hypergradient is taken (before the next step): nothing but the hyperparameters is recorded,
+    and :func:`one_step_hypergradient` is given the live state. Such a record cannot be replayed
+    by :func:`differentiable_update`. Other optimizers: a full record.
+    """
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     groups = [{k: _clone_value(v) for k, v in group_of[id(p)].items() if k != "params"} for p in params]
+    if light and params and all(_adam_closed_form(type(optimizer), g) for g in groups):
+        return UpdateRecord(type(optimizer), [], [{} for _ in params], groups)
+    if light and type(optimizer) is torch.optim.SGD:
+        states = [
+            {"momentum_buffer": None} if optimizer.state.get(p, {}).get("momentum_buffer") is not None else {}
+            for p in params
+        ]
+        return UpdateRecord(type(optimizer), [], states, groups)
     states = [{k: _clone_value(v) for k, v in optimizer.state.get(p, {}).items()} for p in params]
     return UpdateRecord(type(optimizer), [p.detach().clone() for p in params], states, groups)
 
 
-def differentiable_update(record: UpdateRecord, grads: list[Tensor]) -> list[Tensor]:
+def _adam_closed_form(cls: type[Optimizer], group: dict[str, Any]) -> bool:
+    """Whether :func:`_adam_hypergradient` covers this optimizer class and group."""
+    if cls not in (torch.optim.Adam, torch.optim.AdamW):
+        return False
+    if group.get("amsgrad") or group.get("maximize") or isinstance(group.get("lr"), Tensor):
+        return False
+    return cls is torch.optim.AdamW or float(group.get("weight_decay", 0.0)) == 0.0
+
+
+def sgd_gradient_coefficient(group: dict[str, Any], had_buffer: bool) -> float:
+    """∂v_{t+1}/∂G of one ``torch.optim.SGD`` step, a scalar (the update is linear in the gradient
+    G; weight decay adds a G-independent term): −lr·κ, κ = 1 without momentum; with momentum μ
+    and dampening d, κ = 1 − d if a buffer existed (1 on the first step, where torch sets the
+    buffer to G), and Nesterov adds μ times that; ``maximize`` flips the sign."""
+    lr = float(group["lr"])
+    mu = float(group.get("momentum", 0.0) or 0.0)
+    kappa = 1.0
+    if mu != 0.0:
+        buf = (1.0 - float(group.get("dampening", 0.0))) if had_buffer else 1.0
+        kappa = 1.0 + mu * buf if group.get("nesterov", False) else buf
+    return -lr * kappa * (-1.0 if group.get("maximize", False) else 1.0)
+
+
+def differentiable_update(
+    record: UpdateRecord, grads: list[Tensor], *, consume: bool = False
+) -> list[Tensor]:
     """v_{t+1} for each recorded parameter, as a differentiable function of ``grads``.
 
     ``grads`` are the gradients the update would have used (same order as ``record.params``),
-    typically ``g ⊙ ψ(u; θ)`` with a graph to θ. The record is not modified.
+    typically ``g ⊙ ψ(u; θ)`` with a graph to θ. The record is not modified (``consume=False``).
     """
-    return differentiable_step(record, grads)[0]
+    return differentiable_step(record, grads, consume=consume)[0]
 
 
 def differentiable_step(
@@ -125,6 +169,7 @@ def differentiable_step(
     *,
     params: list[Tensor] | None = None,
     states: list[dict[str, Any]] | None = None,
+    consume: bool = False,
 ) -> tuple[list[Tensor], list[dict[str, Any]]]:
     """(v_{t+1}, state_{t+1}) per recorded parameter, differentiable in ``grads`` and, when given,
     in ``params`` (v_t) and ``states`` (the optimizer state before the update).
@@ -133,11 +178,15 @@ def differentiable_step(
     graph (e.g. leaves that require grad: LGATT's reverse sweep takes one vector-Jacobian product
     of the whole step, docs/design.md §3.4) and are cloned, never modified. Without them this is
     :func:`differentiable_update` plus the new state. The fallback for an optimizer without a
-    ``differentiable`` mode returns the state unchanged.
+    ``differentiable`` mode returns the state unchanged. ``consume=True``: the record is used up —
+    its v_t and state tensors are updated in place instead of cloned (two to three weight copies
+    less with Adam, issue 11); the record cannot be used again.
     """
     cls = record.optimizer_cls
     v0 = record.params if params is None else params
-    if states is None:
+    if states is None and consume:
+        s0 = [dict(st) for st in record.states]
+    elif states is None:
         s0 = [{k: _clone_value(v) for k, v in st.items()} for st in record.states]
     else:  # clone, keeping the graph: the update runs in place on the state
         s0 = [
@@ -161,7 +210,7 @@ def differentiable_step(
                 hp[flag] = False
         # the record's v_t: a leaf that does not require grad (in-place updates build the graph);
         # a given v_t with a graph: a non-leaf clone
-        clone = p.clone()
+        clone = p if consume and params is None else p.clone()
         clones.append(clone)
         groups.append({**hp, "params": [clone]})
     # the constructor's defaults decide whether step() runs with grad enabled
@@ -187,6 +236,9 @@ def one_step_hypergradient(
     us: Sequence[Tensor],
     thetas: Sequence[Sequence[Tensor]],
     lams: Sequence[Tensor | None],
+    *,
+    consume: bool = False,
+    live_states: Sequence[dict[str, Any]] | None = None,
 ) -> list[list[Tensor | None]]:
     """h = ⟨λ_{t+1}, ∂v_{t+1}/∂θ_t⟩ for each recorded weight and each of its surrogate tensors
     (docs/design.md §3.2; thesis eq. 4.13 and A.2)::
@@ -201,12 +253,20 @@ def one_step_hypergradient(
     ∂v_{t+1}/∂θ = −η_w·g_t ⊙ ∂ψ(u_t; θ)/∂θ; any torch.optim optimizer works through its
     differentiable mode.
     """
+    if record.optimizer_cls is torch.optim.SGD:
+        return _sgd_hypergradient(record, entries, grads, us, thetas, lams)
+    if not record.params and record.groups:  # a light Adam/AdamW record (record_update)
+        if live_states is None:
+            raise ValueError(
+                "a light Adam record needs the optimizer's state after the update (live_states=)"
+            )
+        return _adam_hypergradient(record, entries, grads, us, thetas, lams, live_states)
     leaves, diff_grads = [], []
     for e, g, u, theta in zip(entries, grads, us, thetas):
         th = [x.detach().clone().requires_grad_() for x in theta]
         leaves.append(th)
         diff_grads.append(g * psi_differentiable(e.surrogate, u, e.qn, e.qp, th))
-    v_next = differentiable_update(record, diff_grads)
+    v_next = differentiable_update(record, diff_grads, consume=consume)
     keep = [n for n, lam in enumerate(lams) if lam is not None]  # weights with a gradient at t+1
     flat = [x for n in keep for x in leaves[n]]
     hs = iter(
@@ -220,3 +280,73 @@ def one_step_hypergradient(
         [next(hs) for _ in leaves[n]] if lams[n] is not None else [None] * len(leaves[n])
         for n in range(len(lams))
     ]
+
+
+def _sgd_hypergradient(
+    record: UpdateRecord,
+    entries: Sequence[QuantEntry],
+    grads: Sequence[Tensor],
+    us: Sequence[Tensor],
+    thetas: Sequence[Sequence[Tensor]],
+    lams: Sequence[Tensor | None],
+) -> list[list[Tensor | None]]:
+    """:func:`one_step_hypergradient` for plain ``torch.optim.SGD`` in closed form (issue 11: no
+    clones, no graph): v_{t+1} is linear in G = g ⊙ ψ(u; θ) with the scalar slope
+    :func:`sgd_gradient_coefficient`, so h = Σ_to_θ (λ·slope) ⊙ g ⊙ ∂ψ/∂θ — the products autograd
+    forms through the differentiable update, in the same order."""
+    out: list[list[Tensor | None]] = []
+    for e, g, u, theta, lam, group, state in zip(
+        entries, grads, us, thetas, lams, record.groups, record.states
+    ):
+        if lam is None:
+            out.append([None] * len(theta))
+            continue
+        had_buffer = "momentum_buffer" in state  # torch.optim.SGD stores it only with momentum
+        w = torch.mul(lam, sgd_gradient_coefficient(group, had_buffer)).mul_(g)  # ∂⟨λ, v_{t+1}⟩/∂ψ
+        th = [x.detach() for x in theta]
+        out.append([(w * d).sum_to_size(x.shape) for d, x in zip(e.surrogate.dpsi(u, e.qn, e.qp, th), th)])
+    return out
+
+
+def _adam_hypergradient(
+    record: UpdateRecord,
+    entries: Sequence[QuantEntry],
+    grads: Sequence[Tensor],
+    us: Sequence[Tensor],
+    thetas: Sequence[Sequence[Tensor]],
+    lams: Sequence[Tensor | None],
+    live_states: Sequence[dict[str, Any]],
+) -> list[list[Tensor | None]]:
+    """:func:`one_step_hypergradient` for Adam / AdamW in closed form from the state after the
+    update (m′, s′, t; issue 11: no clone of v_t, m_t, s_t, no graph). With G = g ⊙ ψ(u; θ),
+    D = √s′/√bc₂ + ε and the step size α = lr/bc₁ (bc_k = 1 − β_k^t), element-wise
+
+        ∂v_{t+1}/∂G = −α·[(1 − β₁)/D − m′·(1 − β₂)·G / (D²·√bc₂·√s′)]
+
+    evaluated with the bias corrections rounded as torch's differentiable Adam rounds them.
+
+    (AdamW's decoupled decay does not depend on G). Elements with G = 0 count as constants, as in
+    the differentiable replay (docs/design.md §3.2). Agrees with it to float32 rounding."""
+    out: list[list[Tensor | None]] = []
+    for e, g, u, theta, lam, group, st in zip(entries, grads, us, thetas, lams, record.groups, live_states):
+        th = [x.detach() for x in theta]
+        if lam is None:
+            out.append([None] * len(th))
+            continue
+        beta1, beta2 = (float(b) for b in group["betas"])
+        # the scalars exactly as torch's differentiable Adam forms them (from the float32 step
+        # tensor): v_{t+1} = v + m′/den, den = √s′/A + E, A = √bc₂·(−α), E = ε/(−α)
+        step = st["step"] if isinstance(st["step"], Tensor) else torch.tensor(float(st["step"]))
+        neg_alpha = (float(group["lr"]) / (1 - beta1**step)).neg()
+        big_a = (1 - beta2**step).sqrt() * neg_alpha
+        G = e.surrogate.psi(u, e.qn, e.qp, th).mul_(g)
+        sq = st["exp_avg_sq"].sqrt()
+        den = (sq / big_a).add_(float(group["eps"]) / neg_alpha)
+        # ∂v_{t+1}/∂G = (1 − β₁)/den − m′·(1 − β₂)·G / (den²·A·√s′)
+        t = torch.mul(st["exp_avg"], G).mul_(1.0 - beta2).div_(den).div_(den).div_(big_a).div_(sq)
+        J = den.reciprocal_().mul_(1.0 - beta1).sub_(t)
+        del t, den, sq
+        J.masked_fill_(G == 0, 0.0)
+        w = J.mul_(lam).mul_(g)  # ∂⟨λ, v_{t+1}⟩/∂ψ
+        out.append([(w * d).sum_to_size(x.shape) for d, x in zip(e.surrogate.dpsi(u, e.qn, e.qp, th), th)])
+    return out

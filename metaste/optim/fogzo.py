@@ -5,7 +5,7 @@ hygiene, DDP, checkpoints); the math is the plain function :func:`fogzo_estimate
 against docs/design.md §4.3 line by line. The (ε̄, p̄, sampler) table of §4.2 is in
 :mod:`metaste.optim.smoothing`.
 
-Size: ~510 lines, over the ~400 the package aims for, on purpose: one algorithm — the math
+Size: ~650 lines, over the ~400 the package aims for, on purpose: one algorithm — the math
 (:func:`fogzo_estimate`, ~150 lines) and the class whose docstring is the user manual (~95
 lines) and whose ``step`` owns the RNG/buffer hygiene of docs/design.md §4.5.
 """
@@ -23,12 +23,15 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..quant import registry
 from ..quant.registry import lookup
+from ._fused import FUSE_MIN, combine_, delta, kernel, key_halves, perturb_
+from ._fused import host_floats as _host_floats
 from ._modules import ModuleBufferGuard, captured_modules
 from ._snapshot import BufferGuard, RngState
 from ._wrapper import Closure, OptimizerWrapper, check_closure, check_latent_dtype, closure_value
 from .fsdp import all_reduce_sum, global_offset, is_dtensor, local, local_scale, mesh_group, reshard
-from .smoothing import SMOOTHINGS, STE_KINDS, noise_slice, rademacher
+from .smoothing import SMOOTHINGS, STE_KINDS, derive_seed, noise_slice, rademacher
 
 __all__ = ["FOGZO", "fogzo_estimate", "RESTORE_MODES"]
 
@@ -52,6 +55,7 @@ def fogzo_estimate(
     restore: str = "copy",
     keep_noise: bool = False,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    fused: bool = False,
     offsets: Sequence[int] | None = None,
     numels: Sequence[int] | None = None,
     reduce_sum: Callable[[float], float] | None = None,
@@ -66,11 +70,15 @@ def fogzo_estimate(
     ``grads`` are overwritten with G. Returns (G per tensor, c), or (None, c) if some c_i is
     not finite (the caller keeps g). Sharded tensors (FSDP2, :mod:`metaste.optim.fsdp`): ``weights``
     are the rank's shards, ``offsets[k]``/``numels[k]`` their flat offset in and the size of the full
-    tensor (the noise is that slice of the full tensor's, :func:`~.smoothing.noise_slice`), and
+    tensor (the noise is that slice of the full tensor's: the counter-based noise at the global
+    indices offset + j, :func:`~.smoothing.noise_slice`), and
     ``reduce_sum`` sums ‖ε⊙g‖² over the ranks.
 
     The noise z_ik is regenerated from ``derive_seed(seed, step, i, k)`` each time it is used
-    (``keep_noise=True`` keeps the n·D values instead: same result, fewer regenerations)::
+    (``keep_noise=True`` keeps the n·D values instead: same result, fewer regenerations). Each
+    perturbation is one pass that computes z from the element index (:func:`~metaste.optim._fused.perturb_`),
+    the final G one pass for all n samples (:func:`~metaste.optim._fused.combine_`); ``fused=True``
+    compiles both with ``torch.compile`` (the same numbers, :mod:`metaste.optim._fused`)::
 
         N  = ‖ε ⊙ g‖₂ over all tensors; ĝ = ε ⊙ g / N  (0 if N is 0 or not finite)
         for i in 1..n:
@@ -86,33 +94,62 @@ def fogzo_estimate(
     sigmas = [rademacher(seed, step, i) for i in range(n)]
     eps2 = [e * e for e in eps]
     beps = [e * b for e in eps]
+    keys = [[key_halves(derive_seed(seed, step, i, k)) for k in range(len(weights))] for i in range(n)]
     kept: dict[tuple[int, int], Tensor] = {}
+    k1t = torch.zeros((), dtype=torch.int32)  # the keys and indices: 0-dim int32 (one compiled kernel)
+    # a shard (FSDP2) draws the full tensor's noise at its global indices offset + j
+    starts = [0] * len(weights) if offsets is None else list(offsets)
+    totals = [v.numel() for v in weights] if numels is None else list(numels)
+    for v, s0, m in zip(weights, starts, totals):
+        if not 0 <= s0 <= s0 + v.numel() <= m < 1 << 31:
+            raise ValueError(
+                f"a shard of {v.numel()} elements at offset {s0} does not fit a tensor of {m} elements "
+                "(FOGZO's noise indexes elements with int32: at most 2^31 - 1)"
+            )
+    # the kernels' index arguments (0-dim int32, like the keys): none for whole tensors
+    shard_args = [
+        ()
+        if offsets is None and numels is None
+        else (torch.tensor(s0, dtype=torch.int32), torch.tensor(m, dtype=torch.int32))
+        for s0, m in zip(starts, totals)
+    ]
 
-    def z(i: int, k: int) -> Tensor:
-        if (i, k) in kept:
-            return kept[(i, k)]
-        v = weights[k]
-        total = v.numel() if numels is None else numels[k]
-        start = 0 if offsets is None else offsets[k]
-        zik = noise_slice(kinds[k], total, start, v.numel(), (seed, step, i, k), v.device, v.dtype).view(
-            v.shape
-        )
-        if keep_noise:
-            kept[(i, k)] = zik
-        return zik
+    def z(i: int, k: int) -> Tensor:  # keep_noise: the stored z_ik (a shard's: its slice of the full z)
+        if (i, k) not in kept:
+            v = weights[k]
+            kept[(i, k)] = noise_slice(
+                kinds[k], totals[k], starts[k], v.numel(), (seed, step, i, k), v.device, v.dtype
+            ).view(v.shape)
+        return kept[(i, k)]
 
-    def delta(i: int, k: int) -> Tensor:  # ε_k ⊙ d_ik, a fresh tensor
-        g = grads[k]
-        if b == 0.0:  # β = 1: d_i = σ_i ĝ, no noise
-            return g * (eps2[k] * (a * sigmas[i])) if g is not None else torch.zeros_like(weights[k])
-        w = z(i, k) * beps[k] if keep_noise else z(i, k).mul_(beps[k])
-        if a != 0.0 and g is not None:
-            w.addcmul_(g, eps2[k], value=a * sigmas[i])
-        return w
+    def scalar(x: float, like: Tensor) -> Tensor:  # a 0-dim tensor: one compiled kernel for all values
+        return torch.tensor(x, dtype=like.dtype, device=like.device)
 
-    def shift(i: int, alpha: float) -> None:  # v += alpha · ε⊙d_i, tensor by tensor
+    def shift(i: int, alpha: float) -> None:  # v += alpha · ε⊙d_i, one pass per tensor
         for k, v in enumerate(weights):
-            v.add_(delta(i, k), alpha=alpha)
+            g = grads[k]
+            if b == 0.0:  # β = 1: d_i = σ_i ĝ, no noise
+                if g is not None:
+                    v.add_(g * (eps2[k] * (a * sigmas[i])), alpha=alpha)
+                continue
+            gk = g if a != 0.0 else None
+            a_sig, al = scalar(a * sigmas[i], v), scalar(alpha, v)
+            if keep_noise:
+                v.add_(delta(z(i, k), gk, eps2[k], beps[k], a_sig) * al)
+            else:
+                k1, k2 = keys[i][k]
+                kernel(perturb_, kinds[k], fused)(
+                    v,
+                    gk,
+                    eps2[k],
+                    beps[k],
+                    a_sig,
+                    al,
+                    scalar(k1, k1t),
+                    scalar(k2, k1t),
+                    kinds[k],
+                    *shard_args[k],
+                )
 
     # 2. c_i from 2 (one-sided: 1) no-grad passes at v ± ε⊙d_i
     originals = [v.clone() for v in weights] if restore == "copy" else None
@@ -158,13 +195,20 @@ def fogzo_estimate(
     out = []
     for k, v in enumerate(weights):
         G = grads[k] if grads[k] is not None else torch.zeros_like(v)
-        if scale_g != 0.0:
-            G.mul_(scale_g)
-        else:
-            G.zero_()  # ĝ = 0: drop g (even a non-finite one) exactly
-        if b != 0.0:
+        zero = scale_g == 0.0  # ĝ = 0: drop g (even a non-finite one) exactly
+        if b == 0.0:
+            G.zero_() if zero else G.mul_(scale_g)
+        elif keep_noise:
+            G.zero_() if zero else G.mul_(scale_g)
             for i in range(n):
-                G.addcdiv_(z(i, k), eps[k], value=b * cs[i] / n)
+                G.add_((scalar(b * cs[i] / n, v) * z(i, k)) / eps[k])
+        else:
+            vals = torch.tensor([b * ci / n for ci in cs], dtype=v.dtype, device=v.device)
+            k1s = torch.tensor([keys[i][k][0] for i in range(n)], dtype=torch.int32, device=v.device)
+            k2s = torch.tensor([keys[i][k][1] for i in range(n)], dtype=torch.int32, device=v.device)
+            kernel(combine_, kinds[k], fused)(
+                G, eps[k], scalar(scale_g, v), zero, vals, k1s, k2s, kinds[k], *shard_args[k]
+            )
         out.append(G)
     return out, c
 
@@ -173,14 +217,22 @@ def _joint_norm(
     grads: Sequence[Tensor | None], eps: Sequence[Tensor], reduce_sum: Callable[[float], float] | None = None
 ) -> float:
     """N = ‖ε ⊙ g‖₂ over all tensors, without a tensor-sized temporary for a scalar ε."""
-    total = 0.0
-    for g, e in zip(grads, eps):
-        if g is None:
-            continue
+    pairs = [(g, e) for g, e in zip(grads, eps) if g is not None]
+    if not pairs:
+        return 0.0
+    # the per-tensor norms on the device, one host sync (then the same float arithmetic as before)
+    norms = torch.stack(
+        [torch.linalg.vector_norm(g) if e.numel() == 1 else torch.linalg.vector_norm(g * e) for g, e in pairs]
+    ).tolist()
+    scalars = (
+        torch.stack([e.reshape(()) for _, e in pairs if e.numel() == 1]).tolist()
+        if any(e.numel() == 1 for _, e in pairs)
+        else []
+    )
+    total, it = 0.0, iter(scalars)
+    for (_, e), nk in zip(pairs, norms):
         if e.numel() == 1:
-            nk = float(torch.linalg.vector_norm(g)) * float(e)
-        else:
-            nk = float(torch.linalg.vector_norm(g * e))
+            nk = nk * next(it)
         total += nk * nk
     if reduce_sum is not None:  # sharded tensors: the partial sums of squares of every rank
         total = reduce_sum(total)
@@ -260,6 +312,11 @@ class FOGZO(OptimizerWrapper):
             registry for the same weight.
         process_group (default ``None``): the group the c_i are averaged over when
             torch.distributed is initialized (``None``: the default group).
+        fused (default ``"auto"``): compile the perturbation and combine passes with
+            ``torch.compile`` (one vectorised C++ loop per pass on CPU, one Triton kernel on GPU;
+            the same numbers as the eager path). ``"auto"``: when the managed weights hold at least
+            2^16 elements; ``True``/``False``: always / never. The first step compiles (seconds);
+            a failed compile warns once and runs eagerly.
         grad_scaler (default ``None``): a ``torch.amp.GradScaler`` for fp16: backward on the scaled
             loss, unscale before ĝ and G, an inf/NaN gradient skips the step (no perturbed passes,
             no step count), then ``scaler.update()`` (docs/design.md §5.1). Do not call the
@@ -312,6 +369,7 @@ class FOGZO(OptimizerWrapper):
         keep_noise: bool = False,
         scales: Mapping[Tensor, ScaleSpec | tuple[ScaleSpec, str]] | None = None,
         process_group: Any = None,
+        fused: bool | str = "auto",
         grad_scaler: Any = None,
         max_grad_norm: float | None = None,
     ) -> None:
@@ -343,7 +401,10 @@ class FOGZO(OptimizerWrapper):
             raise ValueError(f"Invalid restore: {restore!r}; choose one of {RESTORE_MODES}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if fused not in (True, False, "auto"):
+            raise ValueError(f"Invalid fused: {fused!r}; choose True, False or 'auto'")
         super().__init__(optimizer, grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
+        self.fused = fused
         self.n = n
         self.beta_min = beta_min
         self.total_steps = total_steps
@@ -400,7 +461,18 @@ class FOGZO(OptimizerWrapper):
         return parsed
 
     def _managed(self, include_frozen: bool = False) -> list[_Managed]:
-        """The managed weights, in parameter order (registry entries or ``scales=``)."""
+        """The managed weights, in parameter order (registry entries or ``scales=``). Cached per
+        step until the parameter list, a ``requires_grad`` / dtype or the registry changes (the
+        lookups were a visible part of a small model's step, issue 11)."""
+        if include_frozen:
+            return self._find_managed(True)
+        key = (registry.version(), tuple((id(p), p.requires_grad, p.dtype) for p in self.params()))
+        cached = getattr(self, "_managed_cache", None)
+        if cached is None or cached[0] != key:
+            cached = self._managed_cache = (key, self._find_managed(False))
+        return cached[1]
+
+    def _find_managed(self, include_frozen: bool) -> list[_Managed]:
         out = []
         for k, p in enumerate(self.params()):
             if not p.requires_grad and not include_frozen:
@@ -487,7 +559,8 @@ class FOGZO(OptimizerWrapper):
                 "FOGZO has no managed weight to train: every quantized weight it manages is frozen "
                 "(requires_grad=False) now; unfreeze one, or step the bare optimizer (opt.optimizer)"
             )
-        beta = self.beta_at(t, sum(m.param.numel() for m in managed))
+        d_managed = sum(m.param.numel() for m in managed)
+        beta = self.beta_at(t, d_managed)
         weights = [m.param for m in managed]
         self._step_weights = weights
         is_managed = {id(p) for p in weights}
@@ -546,6 +619,7 @@ class FOGZO(OptimizerWrapper):
                     restore=self.restore,
                     keep_noise=self.keep_noise,
                     reduce=lambda c: self._all_reduce_mean(c, weights[0].device),
+                    fused=self.fused is True or (self.fused == "auto" and d_managed >= FUSE_MIN),
                     offsets=[global_offset(p) for p in weights] if sharded else None,
                     numels=[p.numel() for p in weights] if sharded else None,
                     reduce_sum=(lambda x: all_reduce_sum(x, group, weights[0].device)) if sharded else None,
@@ -587,8 +661,9 @@ class FOGZO(OptimizerWrapper):
         whatever s is, so the weights diffuse past the grid's range; a learned step (LSQ) follows
         them out (its gradient from clipped weights pushes s up), and a coarser grid on the
         logits layer can collapse the model (docs/design.md §4.4)."""
-        for m, e in zip(managed, eps):
-            s = (float(e) if e.numel() == 1 else float(e.mean())) / SMOOTHINGS[m.kind].eps_bar
+        means = _host_floats([e.reshape(()) if e.numel() == 1 else e.mean() for e in eps])
+        for m, e_mean in zip(managed, means):
+            s = e_mean / SMOOTHINGS[m.kind].eps_bar
             self.scales[m.name] = s
             s0 = self.initial_scales.setdefault(m.name, s)
             ratio = s / s0 if s0 > 0 else math.inf

@@ -5,8 +5,9 @@ After ``fully_shard`` a layer's ``weight`` is a new ``DTensor`` parameter (``Sha
 mesh): metaste's registry, keyed by the old ``Parameter``, no longer knows it, so call
 :func:`register_sharded` (or shard with :func:`fully_shard`, which does both). FOGZO then
 perturbs each rank's rows in place (FSDP2 all-gathers the perturbed shards in the next forward),
-draws the noise of exactly those elements (:func:`~metaste.optim.smoothing.noise_slice`: blocks at
-fixed global offsets, so the union of the shards' noise is the single-process noise), sums the
+draws the noise of exactly those elements (the counter-based noise at their global indices,
+:func:`~metaste.optim.smoothing.noise_slice`, so the union of the shards' noise is the
+single-process noise), sums the
 partial ‖ε ⊙ g‖² over the mesh and averages the c_i over the ranks; the gradient shards are
 already the batch mean (FSDP2's reduce-scatter). The step sizes s are gathered when they are
 sharded themselves (LSQ's ``s`` is a parameter too) and cut to the rank's rows.

@@ -15,13 +15,17 @@ approxsign sign  2x − x|x| on |x| ≤ 1 1/√6    tri(z/√6)/√6         √
 
 (√6(W₁ + W₂)/2 = √6(U₁ + U₂ − 1), the table of docs/design.md §4.2.)
 
-Noise is never stored: :func:`noise` regenerates z for (seed, t, i, k) from a generator seeded
-by :func:`derive_seed`. On CPU the random bits come from NumPy's SFC64 ``random_raw``; on other
-devices from a ``torch.Generator`` on that device, so the stream depends on the device type and
-on nothing else. W = 2U − 1 takes 16 random bits: the midpoints of a 2^16-level grid, exactly
-symmetric and strictly inside (−1, 1), so ``atanh`` never sees ±1 (tanh kind: |z| ≤ 6.5, a tail
-of mass 2^-15 is cut and the variance is 0.999). Four values per 64-bit draw make the noise
-3.5× cheaper than ``torch.rand`` (Mersenne Twister), which dominated the cost of a FOGZO step.
+Noise is never stored: :func:`noise` regenerates z for (seed, t, i, k) as a pure function of
+(:func:`derive_seed` (seed, t, i, k), element index): a counter-based integer hash written in
+torch ops (:mod:`metaste.optim._fused`), so the bits are computed where the weight lives — CPU
+or GPU, no host copy, the same stream on every device — and a fused kernel can recompute them
+from the element index alone (issue 11). A shard of a tensor (FSDP2) evaluates the same function
+at its global indices (:func:`noise_slice`), so the union of the shards' noise is the
+single-process noise. W = 2U − 1 takes 16 random bits: the midpoints of a
+2^16-level grid, exactly symmetric and strictly inside (−1, 1), so ``atanh`` never sees ±1 (tanh
+kind: |z| ≤ 6.5, a tail of mass 2^-15 is cut and the variance is 0.999). (Before issue 11 the
+bits came from NumPy's SFC64 on CPU and a ``torch.Generator`` elsewhere: the distribution is the
+same, the numbers are not.)
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -40,7 +43,6 @@ __all__ = [
     "Smoothing",
     "SMOOTHINGS",
     "STE_KINDS",
-    "NOISE_BLOCK",
     "derive_seed",
     "rademacher",
     "noise",
@@ -141,18 +143,13 @@ def rademacher(seed: int, step: int, sample: int) -> float:
 
 
 def uniform_w(count: int, seed: int, device: torch.device) -> Tensor:
-    """``count`` float32 values W = 2U − 1 ∈ (−1, 1), from a generator seeded with ``seed``.
+    """``count`` float32 values W = 2U − 1 ∈ (−1, 1), a pure function of (``seed``, index j):
+    the counter-based hash of :mod:`metaste.optim._fused` (16 random bits k ∈ [−2^15, 2^15) per
+    value: W = (k + ½)/2^15, the midpoints of a 65 536-level grid, exactly symmetric, never ±1)."""
+    from ._fused import key_halves, uniform_from_index
 
-    Each W uses 16 random bits k ∈ [−2^15, 2^15): W = (k + ½)/2^15, the midpoints of a
-    65 536-level grid, so W is exactly symmetric and never ±1.
-    """
-    if device.type == "cpu":
-        raw = np.random.SFC64(seed).random_raw((count + 3) // 4)  # 64 random bits → four values
-        k = torch.from_numpy(raw.view(np.int16)[:count].astype(np.float32))  # NumPy converts 10× faster
-    else:
-        gen = torch.Generator(device=device).manual_seed(seed)
-        k = torch.randint(-(2**15), 2**15, (count,), device=device, generator=gen).float()
-    return k.add_(0.5).mul_(2.0**-15)
+    k1, k2 = key_halves(seed)
+    return uniform_from_index(torch.arange(count, dtype=torch.int32, device=device), k1, k2)
 
 
 def noise(kind: str, shape: torch.Size, seed: int, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -162,10 +159,6 @@ def noise(kind: str, shape: torch.Size, seed: int, device: torch.device, dtype: 
     m = math.prod(shape)
     z = sm.from_w(uniform_w(sm.uniforms * m, seed, device).view(sm.uniforms, m)).view(shape)
     return z if dtype == torch.float32 else z.to(dtype)
-
-
-#: elements per independently seeded noise block (docs/design.md §10.4)
-NOISE_BLOCK = 2**16
 
 
 def noise_slice(
@@ -178,18 +171,20 @@ def noise_slice(
     dtype: torch.dtype,
 ) -> Tensor:
     """Elements ``[start, start + length)`` of the flat noise z of a tensor of ``numel`` elements,
-    generated without the rest: z is cut into blocks of :data:`NOISE_BLOCK` elements at fixed
-    global offsets, block b drawn by :func:`noise` from ``derive_seed(*key)`` (b = 0) or
-    ``derive_seed(*key, b)``. A shard of a tensor (FSDP2) thus draws exactly its part of the
-    noise a single process draws, and a tensor of at most one block is ``noise(kind, (numel,),
-    derive_seed(*key))``. Returns a fresh flat tensor."""
+    ``noise(kind, (numel,), derive_seed(*key), ...)[start : start + length]``, generated without the
+    rest: z is a pure function of (key, element index), so the slice is the hash evaluated at the
+    global indices start … start + length − 1 (approxsign: and at those + ``numel``). A shard of a
+    tensor (FSDP2) thus draws exactly its part of the noise a single process draws. Returns a fresh
+    flat tensor."""
+    from ._fused import key_halves, z_from_index
+
     if length <= 0:
         return torch.empty(0, device=device, dtype=dtype)
-    parts = []
-    for b in range(start // NOISE_BLOCK, (start + length - 1) // NOISE_BLOCK + 1):
-        lo = b * NOISE_BLOCK
-        m = min(NOISE_BLOCK, numel - lo)
-        z = noise(kind, (m,), derive_seed(*key) if b == 0 else derive_seed(*key, b), device, dtype)
-        a, e = max(start, lo) - lo, min(start + length, lo + m) - lo
-        parts.append(z if (a, e) == (0, m) else z[a:e])
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    if numel >= 1 << 31:
+        raise ValueError(
+            f"FOGZO's noise indexes elements with int32: a tensor of {numel} elements is too large"
+        )
+    k1, k2 = key_halves(derive_seed(*key))
+    j = torch.arange(start, start + length, dtype=torch.int32, device=device)
+    z = z_from_index(kind, j, numel, k1, k2)
+    return z if dtype == torch.float32 else z.to(dtype)

@@ -17,6 +17,12 @@ from torch.utils.weak import WeakIdKeyDictionary
 __all__ = ["QuantEntry", "register", "lookup", "quantized_weights", "surrogate_parameters"]
 
 _REGISTRY: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_VERSION = [0]  # bumped by every register(): lets wrappers cache their lookups (issue 11)
+
+
+def version() -> int:
+    """A counter that changes whenever a weight is (re-)registered."""
+    return _VERSION[0]
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,6 +65,7 @@ def register(weight: nn.Parameter, quantizer: nn.Module) -> None:
     The quantizer is held as long as the weight lives (it does not refer back to the weight), so
     ``FOGZO(SGD(make_model().parameters()))`` still finds it after the model object is gone."""
     _REGISTRY[weight] = quantizer
+    _VERSION[0] += 1
 
 
 def lookup(param: Tensor) -> QuantEntry | None:

@@ -17,7 +17,7 @@ from torch import nn
 
 import metaste
 from metaste.optim.fsdp import fully_shard, global_offset, local, register_sharded
-from metaste.optim.smoothing import NOISE_BLOCK, derive_seed, noise, noise_slice
+from metaste.optim.smoothing import derive_seed, noise, noise_slice
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "optim"))
 from _ddp import free_port, init_gloo  # noqa: E402
@@ -98,12 +98,13 @@ def test_fogzo_under_fully_shard_equals_one_process_on_the_whole_batch(quant, tm
 
 
 def test_noise_slices_are_the_single_tensor_noise():
-    n = NOISE_BLOCK * 2 + 123
+    B = 2**16  # slices crossing 2^16-element boundaries (the former noise blocks) and a 2·2^16 + 123 tensor
+    n = B * 2 + 123
     key = (7, 3, 1, 2)
     whole = noise_slice("approxsign", n, 0, n, key, torch.device("cpu"), torch.float32)
-    for start, length in [(0, 10), (NOISE_BLOCK - 5, 10), (NOISE_BLOCK + 1, NOISE_BLOCK + 100), (n - 3, 3)]:
+    for start, length in [(0, 10), (B - 5, 10), (B + 1, B + 100), (n - 3, 3)]:
         part = noise_slice("approxsign", n, start, length, key, torch.device("cpu"), torch.float32)
         assert torch.equal(part, whole[start : start + length])
-    # a tensor of at most one block keeps the noise FOGZO has always drawn
+    # the whole tensor's slice is the noise FOGZO draws for an unsharded tensor
     small = noise_slice("tanh", 1000, 0, 1000, key, torch.device("cpu"), torch.float64)
     assert torch.equal(small, noise("tanh", (1000,), derive_seed(*key), torch.device("cpu"), torch.float64))

@@ -50,7 +50,7 @@ def reference_estimate(
                 continue
             w = z[i][k] * (eps[k] * b)
             if a != 0.0 and g is not None:
-                w = torch.addcmul(w, g, eps[k] * eps[k], value=a * sig[i])
+                w = w + (g * (a * sig[i])) * (eps[k] * eps[k])  # addcmul's order
             row.append(w)
         delta.append(row)
     d = [[delta[i][k] / eps[k] for k in range(len(weights))] for i in range(n)]
@@ -87,7 +87,7 @@ def reference_estimate(
         Gk = grads[k] * scale_g if (grads[k] is not None and scale_g != 0.0) else torch.zeros_like(v)
         if b != 0.0:
             for i in range(n):
-                Gk = torch.addcdiv(Gk, z[i][k], eps[k], value=b * c[i] / n)
+                Gk = Gk + (z[i][k] * (b * c[i] / n)) / eps[k]  # addcdiv's order
         G.append(Gk)
         textbook.append(sum(c[i] * d[i][k] for i in range(n)) / n / eps[k])
     return G, textbook, c, d

@@ -167,3 +167,49 @@ def test_one_step_hypergradient_matches_finite_differences_of_the_real_update(cl
     # a weight without λ_{t+1} gets no hypergradient
     none = one_step_hypergradient(rec, entries, raw, us, thetas, [None] + lams[1:])
     assert all(h is None for h in none[0]) and torch.equal(none[1][0], hs[1][0])
+
+
+@pytest.mark.parametrize(
+    "cls,kw",
+    [
+        (torch.optim.SGD, dict(lr=0.1)),
+        (torch.optim.SGD, dict(lr=0.1, momentum=0.9, dampening=0.1, nesterov=False, weight_decay=1e-3)),
+        (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True)),
+        (torch.optim.Adam, dict(lr=1e-2)),
+        (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.05)),
+    ],
+)
+def test_light_records_give_the_hypergradient_of_the_differentiable_replay(cls, kw):
+    """issue 11: the closed forms behind record_update(light=True) — SGD from its hyperparameters, Adam /
+    AdamW from the state after the update — equal the differentiable replay of a full record."""
+    model = quantized_mlp(surrogate="plste", granularity="channel", dtype=torch.float64)
+    set_surrogate_params(model, 0.7, 1.3)
+    entries = [e for _, e in metaste.quantized_weights(model)]
+    params = [e.weight for e in entries]
+    for e in entries:
+        e.quantizer.defer_surrogate = True
+    opt = cls(model.parameters(), **kw)
+    x, y = batches(1, size=16, dtype=torch.float64)[0]
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+    opt.zero_grad()
+    loss_fn(model, x, y).backward()
+    raw = [p.grad.clone() for p in params]
+    us = [e.u() for e in entries]
+    thetas = [[t.detach().clone() for t in e.surrogate.params()] for e in entries]
+    for e, g, u, th in zip(entries, raw, us, thetas):  # the step uses g ⊙ ψ, as HyperSTE's does
+        e.weight.grad = g * e.surrogate.psi(u, e.qn, e.qp, th)
+    full, light = record_update(opt, params), record_update(opt, params, light=True)
+    assert light.params == []
+    opt.step()
+    gen = torch.Generator().manual_seed(0)
+    lams = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    live = [opt.state[p] for p in params]
+    h_full = one_step_hypergradient(full, entries, raw, us, thetas, lams)
+    h_light = one_step_hypergradient(light, entries, raw, us, thetas, lams, live_states=live)
+    for a, b in zip(h_full, h_light):
+        for x_full, x_light in zip(a, b):
+            assert x_full.abs().max() > 0
+            torch.testing.assert_close(x_light, x_full, rtol=1e-9, atol=1e-15)

@@ -275,8 +275,9 @@ class HyperMethod:
                 continue
             u = mw.u()
             psi = mw.surrogate.psi(u, mw.qn, mw.qp)
-            lam[i], raw[i] = g * psi, (g, u)
-            self.step_stats[mw.name] = {"clipped_frac": float((psi == 0).sum()) / g.numel()}
+            n = g.numel()
+            self.step_stats[mw.name] = {"clipped_frac": (n - float(psi.count_nonzero())) / n}
+            lam[i], raw[i] = psi.mul_(g), (g, u)  # g ⊙ ψ in ψ's buffer
         return lam, raw
 
     def record_pending(
@@ -286,7 +287,7 @@ class HyperMethod:
         from ..diffopt import record_update
 
         idx = sorted(raw)
-        record = record_update(self.optimizer, [self.managed[i].param for i in idx])
+        record = record_update(self.optimizer, [self.managed[i].param for i in idx], light=True)
         return PendingStep(record, [raw[i][0] for i in idx], [raw[i][1] for i in idx], idx, theta, t)
 
     def pending_hypergradient(
@@ -302,7 +303,11 @@ class HyperMethod:
         else:
             thetas = [pending.theta[self.slices[i]] for i in pending.idx]
         lams = [lam.get(i) for i in pending.idx]
-        hs = one_step_hypergradient(pending.record, entries, pending.grads, pending.us, thetas, lams)
+        # the pending record is used once (its owner drops it): updated in place, not cloned
+        live = [self.optimizer.state.get(mw.param, {}) for mw in entries]  # the state after step t
+        hs = one_step_hypergradient(
+            pending.record, entries, pending.grads, pending.us, thetas, lams, consume=True, live_states=live
+        )
         for i, hi in zip(pending.idx, hs):
             for k, h in zip(range(self.slices[i].start, self.slices[i].stop), hi):
                 if h is not None:

@@ -15,6 +15,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ...quant.surrogates import slste, slste_grad
+from .._fused import FUSE_MIN, kernel
+from .._fused import host_floats as _host_floats
 from .._wrapper import Closure
 from ._common import Evaluate, HyperMethod, ManagedWeight, MethodOptions
 
@@ -48,46 +50,102 @@ def analytical_update(
       docs/design.md §3.1, and with ≤ the three modes agree everywhere except the gap.)
     * ``"passive"``: identity in overlap and gap.
     """
-    x = eta_a * c
-    au = a * u
-    # u > 0: 1 − a·u/Qp is the smaller one; u < 0: 1 + a·u/Qn; u = 0: both are 1
-    r = torch.minimum(1 - au / qp, 1 + au / qn)
-    clipped = r <= 0
-    legal_scaling = x < r
-    regions = {
-        "unique_identity": clipped & ~legal_scaling,
-        "unique_scaling": ~clipped & legal_scaling,
-        "overlap": clipped & legal_scaling,
-        "gap": ~clipped & ~legal_scaling,
-    }
-    scaled = a / (1 - x)
-    a_halve = torch.where(regions["unique_scaling"], scaled, a)
-    halvings = torch.zeros_like(a)
-    unresolved = torch.zeros_like(clipped)
-    # the gap is usually a small fraction: the halving count is computed on its elements only
+    # Memory (issue 11): a handful of weight-sized temporaries at a time, in place where the
+    # value is the same bitwise (1 − y = −y + 1; a/(1 − x) written into the 1 − x buffer);
+    # halvings / unresolved are expanded zeros unless some element is in the gap. A large tensor
+    # runs the element-wise front as one compiled pass (the same values, :func:`_front`).
+    if a.numel() >= FUSE_MIN and a.shape == u.shape == c.shape:
+        eta = torch.tensor(eta_a, dtype=c.dtype, device=c.device)  # a tensor: one kernel for every η_a
+        x, r, scaled = kernel(_front, "analytical", True)(a, u, c, eta, float(qn), float(qp))
+        regions = _regions(x, r)  # eager: inductor's bool stores are slow on CPU (8 ms here)
+    else:
+        x, r, regions, scaled = _front_eager(a, u, c, eta_a, qn, qp)
     gi = regions["gap"].nonzero(as_tuple=True)
-    xg, rg = x[gi], r[gi]  # x ≥ r > 0 here
-    cap = max_halvings + 1
-    m = (torch.floor(torch.log2(xg / rg)) + 1).clamp(1, cap)  # smallest m with x·2^−m < r ...
-    m = torch.where(torch.ldexp(xg, -m) >= rg, (m + 1).clamp(max=cap), m)  # ... if log2 rounded down
-    m = torch.where((m > 1) & (torch.ldexp(xg, 1 - m) < rg), m - 1, m)  # ... or up
-    # ldexp scales by an exact power of two: x·2^−m carries no rounding of its own
-    xm = torch.ldexp(xg, -m)
-    bad = (m > max_halvings) | (xm >= rg)
-    a_halve[gi] = torch.where(bad, a[gi], a[gi] / (1 - xm))
+    has_gap = gi[0].numel() > 0
+    halvings = torch.zeros_like(a) if has_gap else a.new_zeros(()).expand_as(a)
+    unresolved = (
+        torch.zeros_like(r, dtype=torch.bool) if has_gap else r.new_zeros((), dtype=torch.bool).expand_as(r)
+    )
+    if has_gap:
+        # the gap is usually a small fraction: the halving count is computed on its elements only
+        xg, rg = x[gi], r[gi]  # x ≥ r > 0 here
+        cap = max_halvings + 1
+        m = (torch.floor(torch.log2(xg / rg)) + 1).clamp(1, cap)  # smallest m with x·2^−m < r ...
+        m = torch.where(torch.ldexp(xg, -m) >= rg, (m + 1).clamp(max=cap), m)  # ... if log2 rounded down
+        m = torch.where((m > 1) & (torch.ldexp(xg, 1 - m) < rg), m - 1, m)  # ... or up
+        # ldexp scales by an exact power of two: x·2^−m carries no rounding of its own
+        xm = torch.ldexp(xg, -m)
+        bad = (m > max_halvings) | (xm >= rg)
+        a_gap = torch.where(bad, a[gi], a[gi] / (1 - xm))
+    del r
     if resolve == "halve":
-        a_new = a_halve
-        halvings[gi] = torch.where(bad, 0.0, m)
-        unresolved[gi] = bad
+        a_new = torch.where(regions["unique_scaling"], scaled, a, out=scaled)
+        if has_gap:
+            a_new[gi] = a_gap
+            halvings[gi] = torch.where(bad, 0.0, m)
+            unresolved[gi] = bad
     elif resolve == "threshold":
-        fallback = ~clipped & (1 - x <= 0)  # scaling with the full x would flip a's sign: halve
+        a_halve = torch.where(regions["unique_scaling"], scaled, a)
+        if has_gap:
+            a_halve[gi] = a_gap
+        clipped = regions["unique_identity"] | regions["overlap"]
+        fallback = (1 - x <= 0).logical_and_(~clipped)  # scaling with the full x would flip a's sign
         a_new = torch.where(clipped, a, torch.where(fallback, a_halve, scaled))
-        use = fallback[gi]
-        halvings[gi] = torch.where(use & ~bad, m, 0.0)
-        unresolved[gi] = use & bad
+        if has_gap:
+            use = fallback[gi]
+            halvings[gi] = torch.where(use & ~bad, m, 0.0)
+            unresolved[gi] = use & bad
     else:  # "passive"
-        a_new = torch.where(regions["unique_scaling"], scaled, a)
+        a_new = torch.where(regions["unique_scaling"], scaled, a, out=scaled)
     return AnalyticalResult(a_new, regions, halvings, unresolved)
+
+
+def _front_eager(a: Tensor, u: Tensor, c: Tensor, eta_a: float, qn: float, qp: float) -> tuple:
+    """x, r, the four regions and a/(1 − x), eagerly with few temporaries (in place where the value
+    is the same bitwise: 1 − y = −y + 1)."""
+    x = c * eta_a
+    t = torch.mul(a, u)  # a·u
+    r = torch.div(t, qp).neg_().add_(1)  # u > 0: 1 − a·u/Qp is the smaller one; u < 0: 1 + a·u/Qn
+    torch.minimum(r, t.div_(qn).add_(1), out=r)  # u = 0: both are 1
+    del t
+    regions = _regions(x, r)
+    return x, r, regions, torch.div(a, x.neg().add_(1))  # a / (1 − x)
+
+
+def _regions(x: Tensor, r: Tensor) -> dict[str, Tensor]:
+    """The four regions (a partition; r = 0 counts as clipped, docs/design.md §3.1)."""
+    clipped = r <= 0
+    legal = x < r
+    unclipped, illegal = ~clipped, ~legal
+    return {
+        "unique_identity": clipped & illegal,
+        "unique_scaling": unclipped & legal,
+        "overlap": clipped.logical_and_(legal),
+        "gap": illegal.logical_and_(unclipped),
+    }
+
+
+def _front(a: Tensor, u: Tensor, c: Tensor, eta: Tensor, qn: float, qp: float) -> tuple:
+    """x, r and a/(1 − x) of :func:`_front_eager` in functional form for ``torch.compile``: one pass
+    over a, u, c (the same operations, the same values)."""
+    x = c * eta
+    au = a * u
+    return x, torch.minimum(-(au / qp) + 1, au / qn + 1), a / (-x + 1)
+
+
+def _back(u: Tensor, a: Tensor, g: Tensor, c: Tensor, qn: float, qp: float, window: bool, b: float) -> tuple:
+    """After a′: the new gradient g·ψ(u; a′), the history's d = ∂ψ(u; a′)/∂a (:func:`slste_grad`),
+    the count of ψ ≠ 0 and Σ(c·ψ)², in one pass for ``torch.compile`` (the element-wise values
+    are those of the eager path; the two sums may round differently)."""
+    au = a * u
+    inside = (torch.clamp(au, -qn, qp) == au).to(u.dtype)  # band(a·u)
+    psi = inside * a
+    cp = c * psi
+    d = inside
+    if window:
+        tau = torch.where(u > 0, qp, -qn).to(u.dtype) / u
+        d = inside - (a / (2 * b)) * ((tau - a).abs() < b).to(u.dtype)
+    return psi * g, d, (psi != 0).sum(), (cp * cp).sum()
 
 
 @dataclass(frozen=True)
@@ -185,23 +243,38 @@ class AnalyticalMethod(HyperMethod):
                 continue
             s, a, u = mw.surrogate, mw.surrogate.a, mw.u()
             hist = self.history[i]
-            c = torch.zeros_like(g) if hist is None else hist[2] * g * hist[0] * hist[1]
+            # c = η_w⁻·g·g⁻·d⁻, in one buffer (the same products in the same order)
+            c = torch.zeros_like(g) if hist is None else torch.mul(g, hist[2]).mul_(hist[0]).mul_(hist[1])
+            # g⁻ and d⁻ are spent: drop them now, not after the new ones exist (two weight copies
+            # less at this step's peak; the history is rebuilt below before anything can raise)
+            self.history[i] = hist = None
             res = analytical_update(a, u, c, self.hyper_lr(i, c), mw.qn, mw.qp, o.resolve, o.max_halvings)
-            a.copy_(res.a.clamp(s.a_min, s.a_max))
-            psi = slste(u, a, mw.qn, mw.qp)
-            mw.param.grad = g * psi
-            sq_norm += float(torch.linalg.vector_norm(c * psi)) ** 2  # ∂L_t/∂a = −c·ψ(u_t; a')
-            self.history[i] = (
-                g,
-                slste_grad(u, a, mw.qn, mw.qp, s.boundary, s.b),
-                float(group_of[id(mw.param)]["lr"]),
-            )
+            a.copy_(res.a.clamp_(s.a_min, s.a_max))
             n = g.numel()
             stats = {k: float(v.count_nonzero()) / n for k, v in res.regions.items()}
-            stats["halvings"] = float(res.halvings.sum())
-            stats["halved_frac"] = float((res.halvings > 0).sum()) / n
-            stats["unresolved_frac"] = float(res.unresolved.sum()) / n
-            stats["clipped_frac"] = float((psi == 0).sum()) / n
+            if stats["gap"] == 0:  # no gap element: nothing was halved or left unresolved
+                stats.update(halvings=0.0, halved_frac=0.0, unresolved_frac=0.0)
+            else:
+                stats["halvings"] = float(res.halvings.sum())
+                stats["halved_frac"] = float((res.halvings > 0).sum()) / n
+                stats["unresolved_frac"] = float(res.unresolved.sum()) / n
+            del res
+            if n >= FUSE_MIN and g.shape == u.shape == a.shape:  # one compiled pass, the same values
+                grad, d, nnz, sq = kernel(_back, "analytical", True)(
+                    u, a, g, c, float(mw.qn), float(mw.qp), s.boundary == "window", float(s.b)
+                )
+                nnz, sq = _host_floats([nnz, sq])
+            else:
+                psi = slste(u, a, mw.qn, mw.qp)
+                nnz = float(psi.count_nonzero())
+                sq = float(torch.linalg.vector_norm(c.mul_(psi))) ** 2  # ∂L_t/∂a = −c·ψ(u_t; a')
+                grad = psi.mul_(g)  # g·ψ, in ψ's buffer
+                d = slste_grad(u, a, mw.qn, mw.qp, s.boundary, s.b)
+            del c
+            stats["clipped_frac"] = (n - nnz) / n
+            sq_norm += sq
+            mw.param.grad = grad
+            self.history[i] = (g, d, float(group_of[id(mw.param)]["lr"]))
             self.step_stats[mw.name] = stats
         self.hypergrad_norm = sq_norm**0.5
 

@@ -1,0 +1,186 @@
+"""FOGZO's counter-based noise and fused passes (docs/design.md §4.2, §4.5; issue 11): the stream is a
+pure function of (key, index), the compiled kernels give the eager path's bits, and on CUDA the noise
+is made on the device with the CPU's bits."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import metaste
+from metaste.optim import _fused
+from metaste.optim._fused import combine_, kernel, key_halves, perturb_, z_from_index
+from metaste.optim.smoothing import derive_seed, noise
+
+CUDA = torch.cuda.is_available()
+
+
+def test_the_stream_is_a_pure_function_of_key_and_index():
+    """Golden values pin the generator (a change of the stream must be deliberate), and any slice of
+    the index range gives the same values as the whole tensor."""
+    z = noise("identity", torch.Size([6]), 12345, torch.device("cpu"), torch.float32)
+    w = z / _fused.SQRT3
+    k = (w * 2**15 - 0.5).round().to(torch.int64).tolist()
+    assert k == GOLDEN_K
+    k1, k2 = key_halves(12345)
+    whole = z_from_index("approxsign", torch.arange(1000, dtype=torch.int32), 1000, k1, k2)
+    part = z_from_index("approxsign", torch.arange(200, 300, dtype=torch.int32), 1000, k1, k2)
+    assert torch.equal(whole[200:300], part)
+    assert torch.equal(
+        whole, noise("approxsign", torch.Size([1000]), 12345, torch.device("cpu"), torch.float32)
+    )
+
+
+GOLDEN_K = [-30163, 15799, 19489, -22051, -30688, -2929]  # from a pure-Python transcription of the hash
+
+
+def _case(dtype, per_channel):
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(37, 11, generator=g, dtype=dtype)
+    grad = torch.randn(37, 11, generator=g, dtype=dtype)
+    eps = (
+        (torch.rand(37, 1, generator=g, dtype=dtype) + 0.5) if per_channel else torch.tensor(0.3, dtype=dtype)
+    )
+    return v, grad, eps
+
+
+def _perturb_args(v, grad, eps, key, alpha, with_g):
+    k1, k2 = key_halves(key)
+    s = lambda x, dt=v.dtype: torch.tensor(x, dtype=dt)  # noqa: E731
+    return [v, grad if with_g else None, eps * eps, eps * 0.7, s(0.37), s(alpha), s(k1, torch.int32),
+            s(k2, torch.int32)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kind,dtype,per_channel,with_g",
+    [("identity", torch.float32, True, True), ("approxsign", torch.float64, False, False)],
+)
+def test_compiled_passes_give_the_eager_bits(kind, dtype, per_channel, with_g):
+    v, grad, eps = _case(dtype, per_channel)
+    for alpha in (1.0, -2.0):
+        outs = []
+        for fused in (False, True):
+            w = v.clone()
+            kernel(perturb_, kind, fused)(*_perturb_args(w, grad, eps, 99, alpha, with_g), kind)
+            outs.append(w)
+        assert not _fused._BROKEN, _fused._BROKEN
+        assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], v)
+    vals = torch.tensor([0.25, -1.5], dtype=dtype)
+    k1s, k2s = (torch.tensor(x, dtype=torch.int32) for x in zip(key_halves(5), key_halves(6)))
+    outs = []
+    for fused in (False, True):
+        G = grad.clone()
+        kernel(combine_, kind, fused)(G, eps, torch.tensor(0.5, dtype=dtype), False, vals, k1s, k2s, kind)
+        outs.append(G)
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_shard_passes_give_the_rows_of_the_whole_tensor(fused):
+    """FSDP2 (docs/design.md §10.4): a shard's passes at its global offset, with the full tensor's
+    size, give exactly its rows of the whole tensor's passes (eager and compiled)."""
+    kind, dtype = "approxsign", torch.float64
+    v, grad, eps = _case(dtype, True)
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    whole = v.clone()
+    kernel(perturb_, kind, fused)(*_perturb_args(whole, grad, eps, 99, 1.0, True), kind)
+    vals = torch.tensor([0.25, -1.5], dtype=dtype)
+    k1s, k2s = (torch.tensor(x, dtype=torch.int32) for x in zip(key_halves(5), key_halves(6)))
+    G = grad.clone()
+    kernel(combine_, kind, fused)(G, eps, torch.tensor(0.5, dtype=dtype), False, vals, k1s, k2s, kind)
+    for lo, hi in [(0, 19), (19, 37), (5, 6)]:
+        part = v[lo:hi].clone()
+        args = _perturb_args(part, grad[lo:hi], eps[lo:hi], 99, 1.0, True)
+        kernel(perturb_, kind, fused)(*args, kind, i32(lo * 11), i32(v.numel()))
+        assert torch.equal(part, whole[lo:hi])
+        Gp = grad[lo:hi].clone()
+        kernel(combine_, kind, fused)(
+            Gp,
+            eps[lo:hi],
+            torch.tensor(0.5, dtype=dtype),
+            False,
+            vals,
+            k1s,
+            k2s,
+            kind,
+            i32(lo * 11),
+            i32(v.numel()),
+        )
+        assert torch.equal(Gp, G[lo:hi])
+    assert not _fused._BROKEN, _fused._BROKEN
+
+
+def test_a_fused_fogzo_run_equals_the_eager_one_bitwise():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(20, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.Linear(16, 3)
+    )
+    base = metaste.quantize_model(net, bits=2, quantizer="fixed", surrogate="identity")
+    x, y = torch.randn(32, 20), torch.randint(0, 3, (32,))
+    runs = []
+    for fused in (False, True):
+        model = copy.deepcopy(base)
+        opt = metaste.FOGZO(torch.optim.SGD(model.parameters(), lr=0.1), n=2, total_steps=10, fused=fused)
+        for _ in range(3):
+            opt.step(lambda m=model: torch.nn.functional.cross_entropy(m(x), y))
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["identity", "approxsign", "hardtanh"])
+def test_cuda_noise_is_made_on_the_device_with_the_cpu_bits(kind):
+    seed = derive_seed(3, 1, 0, 2)
+    on_gpu = noise(kind, torch.Size([513, 7]), seed, torch.device("cuda"), torch.float32)
+    assert on_gpu.device.type == "cuda"
+    assert torch.equal(
+        on_gpu.cpu(), noise(kind, torch.Size([513, 7]), seed, torch.device("cpu"), torch.float32)
+    )
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("fused", [False, True])
+def test_cuda_fogzo_step_keeps_everything_on_the_device_and_matches_the_cpu(fused):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.Linear(64, 3)
+    )
+    base = metaste.quantize_model(net, bits=2, quantizer="fixed", surrogate="identity")
+    x, y = torch.randn(32, 20), torch.randint(0, 3, (32,))
+    out = {}
+    for dev in ("cpu", "cuda"):
+        model = copy.deepcopy(base).to(dev)
+        xd, yd = x.to(dev), y.to(dev)
+        opt = metaste.FOGZO(torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10, fused=fused)
+        for _ in range(2):
+            opt.step(lambda m=model, xd=xd, yd=yd: torch.nn.functional.cross_entropy(m(xd), yd))
+        out[dev] = [p.detach().cpu() for p in model.parameters()]
+        assert all(p.device.type == dev for p in model.parameters())
+    # same noise bits; the forwards differ in rounding between devices, so the c_i do too
+    for a, b in zip(out["cpu"], out["cuda"]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("boundary", ["window", "none"])
+def test_hyperste_analytical_compiled_passes_give_the_eager_trajectory(monkeypatch, boundary):
+    """issue 11: above FUSE_MIN elements the analytical rule's element-wise front and back run as compiled
+    passes; weights and a follow the eager trajectory bitwise."""
+    import metaste.optim.hyper.analytical as analytical
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(300, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    base = metaste.quantize_model(net, bits=2, surrogate="slste", keep_last=False)
+    x, y = torch.randn(64, 300), torch.randint(0, 10, (64,))
+    runs = []
+    for limit in (1 << 40, analytical.FUSE_MIN):  # eager, then compiled for the 300×256 layer
+        monkeypatch.setattr(analytical, "FUSE_MIN", limit)
+        model = copy.deepcopy(base)
+        opt = metaste.HyperSTE(torch.optim.SGD(model.parameters(), lr=0.5), hyper_lr=0.05, boundary=boundary)
+        for _ in range(4):
+            opt.step(lambda m=model: torch.nn.functional.cross_entropy(m(x), y))
+        runs.append([t.detach().clone() for t in list(model.parameters()) + list(model.buffers())])
+    assert not _fused._BROKEN, _fused._BROKEN
+    assert {"_front", "_back"} <= set(_fused._COMPILED)  # the compiled passes did run
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
