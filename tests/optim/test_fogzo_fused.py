@@ -14,6 +14,16 @@ from metaste.optim import _fused
 from metaste.optim._fused import combine_, kernel, key_halves, perturb_, z_from_index
 from metaste.optim.smoothing import derive_seed, noise
 
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch: the other tests of a worker process compile the same
+    kernels for other dtypes and shapes, and fullgraph kernels past Dynamo's recompile limit fail."""
+    torch._dynamo.reset()
+    _fused._COMPILED.clear()
+    yield
+
+
 CUDA = torch.cuda.is_available()
 
 
