@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _lockstep import assert_lockstep
 from torch import nn
 
 import metaste
@@ -116,14 +117,7 @@ def test_probes_off_is_bitwise_plain_ste(quantizer):
     ref, cal = mlp("ste", quantizer), mlp("leaky", quantizer)
     base = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     opt = Calibrated(torch.optim.SGD(cal.parameters(), lr=0.1, momentum=0.9), every=None)
-    for t in range(8):
-        x, y = batch(seed=t)
-        base.zero_grad()
-        F.cross_entropy(ref(x), y).backward()
-        base.step()
-        opt.step(lambda x=x, y=y: F.cross_entropy(cal(x), y))
-    for p, q in zip(ref.parameters(), cal.parameters()):
-        assert torch.equal(p, q)
+    assert_lockstep(ref, base, cal, opt, [batch(seed=t) for t in range(8)])
 
 
 # -- ĉ_i = ⟨surrogate gradient, ε⊙d_i⟩ by autograd ---------------------------------------------

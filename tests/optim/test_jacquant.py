@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _lockstep import assert_lockstep
 from torch import nn
 
 import metaste
@@ -40,14 +41,7 @@ def test_slope_in_is_ste_plus_lsq_bitwise(monkeypatch):
     base = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
     opt = JacQuant(torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9))
     monkeypatch.setattr(opt, "refit", lambda: None)  # (α, γ) stay (1, 0): b = in
-    for t in range(5):
-        x, y = batch(seed=t)
-        base.zero_grad()
-        F.cross_entropy(ref(x), y).backward()
-        base.step()
-        opt.step(lambda x=x, y=y: F.cross_entropy(net(x), y))
-    for p, q in zip(ref.parameters(), net.parameters()):
-        assert torch.equal(p, q)
+    assert_lockstep(ref, base, net, opt, [batch(seed=t) for t in range(5)])
 
 
 def test_forward_unchanged_and_slopes_used():

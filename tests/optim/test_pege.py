@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _lockstep import assert_lockstep
 from torch import nn
 
 import metaste
@@ -64,14 +65,7 @@ def test_delta_lambda_zero_is_plain_ste_bitwise(quantizer, act_bits):
         model=net,
     )
     opt.steps = 1
-    for t in range(6):
-        x, y = batch(seed=t)
-        base.zero_grad()
-        F.cross_entropy(ref(x), y).backward()
-        base.step()
-        opt.step(lambda x=x, y=y: F.cross_entropy(net(x), y))
-    for p, q in zip(ref.parameters(), net.parameters()):
-        assert torch.equal(p, q)
+    assert_lockstep(ref, base, net, opt, [batch(seed=t) for t in range(6)])
 
 
 def _single_layer():
