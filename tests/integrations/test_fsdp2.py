@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -20,7 +18,7 @@ from metaste.optim.fsdp import fully_shard, global_offset, local, register_shard
 from metaste.optim.smoothing import derive_seed, noise, noise_slice
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "optim"))
-from _ddp import free_port, init_gloo  # noqa: E402
+from _ddp import spawn_ranks  # noqa: E402
 
 STEPS = 3
 QUANT = {
@@ -51,8 +49,7 @@ def train(model: nn.Module, batches) -> list[float]:
     return [opt.step(lambda x=x, y=y: F.cross_entropy(model(x), y)).item() for x, y in batches]
 
 
-def _worker(rank: int, port: int, quant: str, path: str) -> None:
-    init_gloo(rank, port)
+def _worker(rank: int, quant: str, path: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard as torch_fully_shard
 
@@ -79,14 +76,13 @@ def _worker(rank: int, port: int, quant: str, path: str) -> None:
     losses = train(model, [(x.chunk(2)[rank], y.chunk(2)[rank]) for x, y in data()])
     full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
     torch.save((losses, full), f"{path}.{rank}")
-    dist.destroy_process_group()
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("quant", list(QUANT))
 def test_fogzo_under_fully_shard_equals_one_process_on_the_whole_batch(quant, tmp_path):
     path = str(tmp_path / "r")
-    mp.spawn(_worker, args=(free_port(), quant, path), nprocs=2, join=True)
+    spawn_ranks(_worker, quant, path)
     (l0, full0), (l1, _) = (torch.load(f"{path}.{r}") for r in (0, 1))
     ref_model = model_for(quant)
     ref_losses = train(ref_model, data())

@@ -8,10 +8,8 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from _ddp import free_port, init_gloo
+from _ddp import spawn_ranks
 from _optim_db import optim_db_cases
 from fogzo_reference import reference_estimate
 from torch import nn
@@ -608,21 +606,19 @@ def _ddp_run(model, data):
         opt.step(closure_for(model, x, y))
 
 
-def _ddp_worker(rank, port, path):
-    init_gloo(rank, port)
+def _ddp_worker(rank, path):
     model = mlp(dtype=torch.float64)
     ddp = nn.parallel.DistributedDataParallel(model)
     data = [(x.chunk(2)[rank], y.chunk(2)[rank]) for x, y in _ddp_data()]
     _ddp_run(ddp, data)
     torch.save([p.detach() for p in model.parameters()], f"{path}.{rank}")
-    dist.destroy_process_group()
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_ddp_ranks_agree_and_match_one_process_on_the_whole_batch(tmp_path):
     path = str(tmp_path / "p")
-    mp.spawn(_ddp_worker, args=(free_port(), path), nprocs=2, join=True)
+    spawn_ranks(_ddp_worker, path)
     p0, p1 = (torch.load(f"{path}.{r}") for r in (0, 1))
     assert all(torch.equal(a, b) for a, b in zip(p0, p1))
     model = mlp(dtype=torch.float64)

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from _ddp import free_port, init_gloo
+from _ddp import spawn_ranks
 from _hyperste_helpers import batches, loss_fn, quantized_mlp
 from torch.nn.parallel import DistributedDataParallel
 
@@ -23,14 +21,12 @@ def _run(model, method, data):
         opt.step(lambda x=x, y=y: loss_fn(model, x, y))
 
 
-def _worker(rank, port, method, path):
-    init_gloo(rank, port)
+def _worker(rank, method, path):
     model = quantized_mlp(dtype=torch.float64)
     ddp = DistributedDataParallel(model)
     data = [(x.chunk(2)[rank], y.chunk(2)[rank]) for x, y in batches(STEPS, size=32, dtype=torch.float64)]
     _run(ddp, method, data)
     torch.save([t for _, t in metaste.surrogate_parameters(model)], f"{path}.{rank}")
-    dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -38,7 +34,7 @@ def _worker(rank, port, method, path):
 @pytest.mark.parametrize("method", ["analytical", "delayed"])
 def test_ddp_surrogates_agree_across_ranks_and_with_one_process_on_the_whole_batch(method, tmp_path):
     path = str(tmp_path / "a")
-    mp.spawn(_worker, args=(free_port(), method, path), nprocs=2, join=True)
+    spawn_ranks(_worker, method, path)
     a0, a1 = (torch.load(f"{path}.{r}") for r in (0, 1))
     for t0, t1 in zip(a0, a1):
         assert torch.equal(t0, t1)
