@@ -42,6 +42,7 @@ __all__ = [
     "z_from_index",
     "perturb_",
     "combine_",
+    "restore_combine_",
     "kernel",
     "FUSE_MIN",
 ]
@@ -142,6 +143,33 @@ def combine_(
         if G.dtype != torch.float32:
             z = z.to(G.dtype)
         G.add_((vals[i] * z) / eps)
+
+
+def restore_combine_(
+    v: Tensor, g: Tensor | None, eps2: Tensor, beps: Tensor, a_sig: Tensor, alpha: Tensor, k1: Tensor, k2: Tensor,
+    G: Tensor, eps: Tensor, scale_g: Tensor, zero: bool, vals: Tensor, k1s: Tensor, k2s: Tensor, kind: str,
+    offset: Tensor | int = 0, numel: Tensor | int | None = None,
+) -> None:  # fmt: skip
+    """:func:`perturb_` (v += α·ε⊙d with the noise of (k1, k2), read with the g before G replaces it)
+    and then :func:`combine_` into ``G`` — G may be g itself — in one pass: the in-place restore of
+    the last sample shares its noise with the combine (``(k1, k2)`` is one of ``(k1s, k2s)``; its z
+    is computed once). The same values as the two passes run one after the other."""
+    j = _index(v, offset)
+    m = v.numel() if numel is None else numel
+    z = z_from_index(kind, j, m, k1, k2)
+    if v.dtype != torch.float32:
+        z = z.to(v.dtype)
+    v.add_(delta(z, g, eps2, beps, a_sig) * alpha)
+    if zero:
+        G.zero_()
+    else:
+        G.mul_(scale_g)
+    last = vals.numel() - 1
+    for i in range(vals.numel()):
+        zi = z if i == last else z_from_index(kind, j, m, k1s[i], k2s[i])
+        if i != last and G.dtype != torch.float32:
+            zi = zi.to(G.dtype)
+        G.add_((vals[i] * zi) / eps)
 
 
 def host_floats(xs: list[Tensor]) -> list[float]:

@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 
 from ..quant import registry
 from ..quant.registry import lookup
-from ._fused import FUSE_MIN, combine_, delta, kernel, key_halves, perturb_
+from ._fused import FUSE_MIN, combine_, delta, kernel, key_halves, perturb_, restore_combine_
 from ._fused import host_floats as _host_floats
 from ._modules import ModuleBufferGuard, captured_modules
 from ._snapshot import BufferGuard, RngState
@@ -98,6 +98,9 @@ def fogzo_estimate(
     beps = [e * b for e in eps]
     keys = [[key_halves(derive_seed(seed, step, i, k)) for k in range(len(weights))] for i in range(n)]
     kept: dict[tuple[int, int], Tensor] = {}
+    # the eager path on a small step keeps the noise it draws (at most FUSE_MIN values; the same
+    # numbers as regenerating them): one hash per sample instead of 2–4, the bulk of its time
+    keep = keep_noise or (not fused and n * sum(v.numel() for v in weights) <= FUSE_MIN)
     k1t = torch.zeros((), dtype=torch.int32)  # the keys and indices: 0-dim int32 (one compiled kernel)
     # a shard (FSDP2) draws the full tensor's noise at its global indices offset + j
     starts = [0] * len(weights) if offsets is None else list(offsets)
@@ -127,16 +130,17 @@ def fogzo_estimate(
     def scalar(x: float, like: Tensor) -> Tensor:  # a 0-dim tensor: one compiled kernel for all values
         return torch.tensor(x, dtype=like.dtype, device=like.device)
 
-    def shift(i: int, alpha: float) -> None:  # v += alpha · ε⊙d_i, one pass per tensor
-        for k, v in enumerate(weights):
-            g = grads[k]
+    def shift(i: int, alpha: float, ks: Sequence[int] | None = None) -> None:
+        # v += alpha · ε⊙d_i, one pass per tensor (``ks``: only those tensors)
+        for k in range(len(weights)) if ks is None else ks:
+            v, g = weights[k], grads[k]
             if b == 0.0:  # β = 1: d_i = σ_i ĝ, no noise
                 if g is not None:
                     v.add_(g * (eps2[k] * (a * sigmas[i])), alpha=alpha)
                 continue
             gk = g if a != 0.0 else None
             a_sig, al = scalar(a * sigmas[i], v), scalar(alpha, v)
-            if keep_noise:
+            if keep:
                 v.add_(delta(z(i, k), gk, eps2[k], beps[k], a_sig) * al)
             else:
                 k1, k2 = keys[i][k]
@@ -155,8 +159,12 @@ def fogzo_estimate(
 
     # 2. c_i from 2 (one-sided: 1) no-grad passes at v ± ε⊙d_i
     originals = [v.clone() for v in weights] if restore == "copy" else None
+    # in-place restore: the last sample's restoring pass is also the combine pass of step 3 (it
+    # computes the same noise), so it waits for c; ``pending`` are the tensors not yet restored
+    fuse_last = originals is None and not keep and b != 0.0
+    pending = list(range(len(weights)))
     c = torch.empty(n, dtype=torch.float64)
-    offset = (0, 0.0)  # (i, m): the weights are now v + m·ε⊙d_i
+    offset = (0, 0.0)  # (i, m): the weights ``pending`` are now v + m·ε⊙d_i
     try:
         for i in range(n):
             shift(i, 1.0)
@@ -175,44 +183,70 @@ def fogzo_estimate(
             if originals is not None:
                 for v, v0 in zip(weights, originals):
                     v.copy_(v0)
+            elif fuse_last and i == n - 1:
+                break  # restored with the combine below (or by ``finally``)
             else:
                 shift(i, -offset[1])
             offset = (i, 0.0)
-    finally:
-        if offset[1] != 0.0:  # a pass raised: put the weights back before re-raising
-            if originals is not None:
-                for v, v0 in zip(weights, originals):
-                    v.copy_(v0)
-            else:
-                shift(offset[0], -offset[1])
-    del originals
-    if reduce is not None:
-        c = reduce(c)
-    if not bool(torch.isfinite(c).all()):
-        return None, c
+        originals = None  # every tensor is restored: the copies are freed
+        if reduce is not None:
+            c = reduce(c)
+        if not bool(torch.isfinite(c).all()):
+            return None, c
 
-    # 3. G = g·√β Σσ_i c_i/(nN) + Σ_i √(1−β) c_i/n · z_i ⊘ ε   (replaces g)
-    cs = c.tolist()
-    scale_g = a * sum(s * ci for s, ci in zip(sigmas, cs)) / n
-    out = []
-    for k, v in enumerate(weights):
-        G = grads[k] if grads[k] is not None else torch.zeros_like(v)
-        zero = scale_g == 0.0  # ĝ = 0: drop g (even a non-finite one) exactly
-        if b == 0.0:
-            G.zero_() if zero else G.mul_(scale_g)
-        elif keep_noise:
-            G.zero_() if zero else G.mul_(scale_g)
-            for i in range(n):
-                G.add_((scalar(b * cs[i] / n, v) * z(i, k)) / eps[k])
-        else:
-            vals = torch.tensor([b * ci / n for ci in cs], dtype=v.dtype, device=v.device)
-            k1s = torch.tensor([keys[i][k][0] for i in range(n)], dtype=torch.int32, device=v.device)
-            k2s = torch.tensor([keys[i][k][1] for i in range(n)], dtype=torch.int32, device=v.device)
-            kernel(combine_, kinds[k], fused)(
-                G, eps[k], scalar(scale_g, v), zero, vals, k1s, k2s, kinds[k], *shard_args[k]
-            )
-        out.append(G)
-    return out, c
+        # 3. G = g·√β Σσ_i c_i/(nN) + Σ_i √(1−β) c_i/n · z_i ⊘ ε   (replaces g)
+        cs = c.tolist()
+        scale_g = a * sum(s * ci for s, ci in zip(sigmas, cs)) / n
+        out = []
+        for k, v in enumerate(weights):
+            G = grads[k] if grads[k] is not None else torch.zeros_like(v)
+            zero = scale_g == 0.0  # ĝ = 0: drop g (even a non-finite one) exactly
+            if b == 0.0:
+                G.zero_() if zero else G.mul_(scale_g)
+            elif keep:
+                G.zero_() if zero else G.mul_(scale_g)
+                for i in range(n):
+                    G.add_((scalar(b * cs[i] / n, v) * z(i, k)) / eps[k])
+            else:
+                vals = torch.tensor([b * ci / n for ci in cs], dtype=v.dtype, device=v.device)
+                k1s = torch.tensor([keys[i][k][0] for i in range(n)], dtype=torch.int32, device=v.device)
+                k2s = torch.tensor([keys[i][k][1] for i in range(n)], dtype=torch.int32, device=v.device)
+                if fuse_last and offset[1] != 0.0:
+                    i = n - 1
+                    k1, k2 = keys[i][k]
+                    kernel(restore_combine_, kinds[k], fused)(
+                        v,
+                        grads[k] if a != 0.0 else None,
+                        eps2[k],
+                        beps[k],
+                        scalar(a * sigmas[i], v),
+                        scalar(-offset[1], v),
+                        scalar(k1, k1t),
+                        scalar(k2, k1t),
+                        G,
+                        eps[k],
+                        scalar(scale_g, v),
+                        zero,
+                        vals,
+                        k1s,
+                        k2s,
+                        kinds[k],
+                        *shard_args[k],
+                    )
+                    pending.remove(k)
+                else:
+                    kernel(combine_, kinds[k], fused)(
+                        G, eps[k], scalar(scale_g, v), zero, vals, k1s, k2s, kinds[k], *shard_args[k]
+                    )
+            out.append(G)
+        return out, c
+    finally:
+        if offset[1] != 0.0 and pending:  # a pass raised (or c is not finite): put the weights back
+            if restore == "copy":
+                for k in pending:
+                    weights[k].copy_(originals[k])  # type: ignore[index]
+            else:
+                shift(offset[0], -offset[1], pending)
 
 
 def _joint_norm(

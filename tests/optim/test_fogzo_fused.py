@@ -11,7 +11,7 @@ import torch
 
 import metaste
 from metaste.optim import _fused
-from metaste.optim._fused import combine_, kernel, key_halves, perturb_, z_from_index
+from metaste.optim._fused import combine_, kernel, key_halves, perturb_, restore_combine_, z_from_index
 from metaste.optim.smoothing import derive_seed, noise
 
 
@@ -134,6 +134,80 @@ def test_a_fused_fogzo_run_equals_the_eager_one_bitwise():
         model = copy.deepcopy(base)
         opt = metaste.FOGZO(torch.optim.SGD(model.parameters(), lr=0.1), n=2, total_steps=10, fused=fused)
         for _ in range(3):
+            opt.step(lambda m=model: torch.nn.functional.cross_entropy(m(x), y))
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("kind,dtype,n", [("identity", torch.float32, 1), ("approxsign", torch.float64, 2)])
+def test_the_fused_restore_and_combine_give_the_bits_of_the_two_passes(kind, dtype, n):
+    """restore_combine_ (the in-place restore of the last sample fused with the combine, issue 11)
+    gives exactly perturb_ and then combine_, eagerly and compiled."""
+    v, grad, eps = _case(dtype, True)
+    keys = [key_halves(5 + i) for i in range(n)]
+    vals = torch.tensor([0.25, -1.5][:n], dtype=dtype)
+    k1s, k2s = (torch.tensor(x, dtype=torch.int32) for x in zip(*keys))
+    s = lambda x, dt=dtype: torch.tensor(x, dtype=dt)  # noqa: E731
+    w0, G0 = v.clone(), grad.clone()
+    args = [
+        grad,
+        eps * eps,
+        eps * 0.7,
+        s(0.37),
+        s(1.0),
+        s(keys[-1][0], torch.int32),
+        s(keys[-1][1], torch.int32),
+    ]
+    perturb_(w0, *args, kind)
+    combine_(G0, eps, s(0.5), False, vals, k1s, k2s, kind)
+    for fused in (False, True):
+        w, G = v.clone(), grad.clone()
+        args[0] = G  # G is g itself, as in FOGZO: the restore reads g before the combine overwrites it
+        kernel(restore_combine_, kind, fused)(w, *args, G, eps, s(0.5), False, vals, k1s, k2s, kind)
+        assert torch.equal(w, w0) and torch.equal(G, G0)
+    assert not _fused._BROKEN, _fused._BROKEN
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_fused_inplace_fogzo_run_equals_the_eager_one_bitwise(n):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    base = metaste.quantize_model(net, bits=2, quantizer="fixed", surrogate="identity")
+    x, y = torch.randn(32, 20), torch.randint(0, 3, (32,))
+    runs = []
+    for fused in (False, True):
+        model = copy.deepcopy(base)
+        opt = metaste.FOGZO(
+            torch.optim.SGD(model.parameters(), lr=0.1), n=n, total_steps=10, fused=fused, restore="inplace"
+        )
+        for _ in range(3):
+            opt.step(lambda m=model: torch.nn.functional.cross_entropy(m(x), y))
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert not _fused._BROKEN, _fused._BROKEN
+
+
+@pytest.mark.parametrize("restore", ["copy", "inplace"])
+def test_the_eager_regenerating_path_equals_the_kept_noise_bitwise(restore):
+    """Above FUSE_MIN noise values the eager path regenerates the noise (and fuses the in-place
+    restore with the combine); below it keeps the noise: both give keep_noise=True's bits."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(300, 256), torch.nn.ReLU(), torch.nn.Linear(256, 3))
+    base = metaste.quantize_model(net, bits=2, quantizer="fixed", surrogate="identity")
+    assert sum(e.weight.numel() for _, e in metaste.quantized_weights(base)) > _fused.FUSE_MIN
+    x, y = torch.randn(8, 300), torch.randint(0, 3, (8,))
+    runs = []
+    for keep in (False, True):
+        model = copy.deepcopy(base)
+        opt = metaste.FOGZO(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            n=2,
+            total_steps=10,
+            fused=False,
+            restore=restore,
+            keep_noise=keep,
+        )
+        for _ in range(2):
             opt.step(lambda m=model: torch.nn.functional.cross_entropy(m(x), y))
         runs.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
