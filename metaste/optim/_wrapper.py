@@ -72,6 +72,7 @@ class OptimizerWrapper(Optimizer):
         self.last_step_skipped = False  # the scaler found inf/NaN gradients in the last step
         self._in_step = False
         self._unscaled = False
+        self._step_modules: list | None = None  # the modules the current step's closure refers to
         optimizer.register_step_pre_hook(self._before_base_step)
 
     # -- torch.optim.Optimizer plumbing ------------------------------------------------------
@@ -205,11 +206,14 @@ class OptimizerWrapper(Optimizer):
         modules = captured_modules(closure) if closure is not None else []
         guard = ModuleBufferGuard(modules, on_error_only=True) if modules else BufferGuard(on_error_only=True)
         overflow = None
+        self._step_modules = modules  # the step's own guards reuse the search (issue 11)
         with guard:
             try:
                 yield
             except GradientOverflow as skipped:
                 overflow = skipped
+            finally:
+                self._step_modules = None
         if overflow is not None:
             raise overflow
 

@@ -628,7 +628,9 @@ class FOGZO(OptimizerWrapper):
 
         # the buffers of the modules the closure refers to; a global forward hook only as the
         # fallback (it cannot be traced through torch.compile: docs/design.md §10.5)
-        modules = captured_modules(closure)
+        modules = getattr(self, "_step_modules", None)  # found by the step guard
+        if modules is None:
+            modules = captured_modules(closure)
         # FSDP2 (docs/design.md §10.4): the rank's shards, their offsets, the norm summed over ranks
         sharded = [p for p in weights if is_dtensor(p)]
         if sharded and not modules:

@@ -268,3 +268,31 @@ def test_hyperste_analytical_compiled_passes_give_the_eager_trajectory(monkeypat
     assert not _fused._BROKEN, _fused._BROKEN
     assert {"_front", "_back"} <= set(_fused._COMPILED)  # the compiled passes did run
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("resolve", ["halve", "threshold", "passive"])
+def test_hyperste_analytical_compiled_counts_give_the_eager_stats_and_trajectory(monkeypatch, resolve):
+    """issue 11: the compiled front counts the regions instead of building their masks and halves
+    only the gap elements; a, the weights and every per-layer statistic follow the eager path."""
+    import metaste.optim.hyper.analytical as analytical
+
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(300, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    base = metaste.quantize_model(net, bits=2, surrogate="slste", keep_last=False)
+    x, y = torch.randn(64, 300), torch.randint(0, 10, (64,))
+    runs, stats = [], []
+    for limit in (1 << 40, analytical.FUSE_MIN):
+        monkeypatch.setattr(analytical, "FUSE_MIN", limit)
+        model = copy.deepcopy(base)
+        opt = metaste.HyperSTE(torch.optim.SGD(model.parameters(), lr=0.5), hyper_lr=2.0, resolve=resolve)
+        steps = []
+        for _ in range(4):
+            opt.step(lambda m=model: torch.nn.functional.cross_entropy(m(x), y))
+            steps.append(copy.deepcopy(opt.method.step_stats))
+        runs.append([t.detach().clone() for t in list(model.parameters()) + list(model.buffers())])
+        stats.append(steps)
+    assert not _fused._BROKEN, _fused._BROKEN
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert stats[0] == stats[1]
+    big = [s for step in stats[1] for name, s in step.items() if s["gap"] > 0]
+    assert big, "no step had gap elements: the halving path was not exercised"

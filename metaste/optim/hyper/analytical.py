@@ -56,8 +56,10 @@ def analytical_update(
     # runs the element-wise front as one compiled pass (the same values, :func:`_front`).
     if a.numel() >= FUSE_MIN and a.shape == u.shape == c.shape:
         eta = torch.tensor(eta_a, dtype=c.dtype, device=c.device)  # a tensor: one kernel for every η_a
-        x, r, scaled = kernel(_front, "analytical", True)(a, u, c, eta, float(qn), float(qp))
+        x, r, scaled, _ = kernel(_front, "analytical", True)(a, u, c, eta, float(qn), float(qp))
         regions = _regions(x, r)  # eager: inductor's bool stores are slow on CPU (8 ms here)
+        if resolve == "threshold":  # _front gave a/(1 − x) on the unique-scaling region only
+            scaled = torch.div(a, x.neg().add_(1))
     else:
         x, r, regions, scaled = _front_eager(a, u, c, eta_a, qn, qp)
     gi = regions["gap"].nonzero(as_tuple=True)
@@ -67,16 +69,7 @@ def analytical_update(
         torch.zeros_like(r, dtype=torch.bool) if has_gap else r.new_zeros((), dtype=torch.bool).expand_as(r)
     )
     if has_gap:
-        # the gap is usually a small fraction: the halving count is computed on its elements only
-        xg, rg = x[gi], r[gi]  # x ≥ r > 0 here
-        cap = max_halvings + 1
-        m = (torch.floor(torch.log2(xg / rg)) + 1).clamp(1, cap)  # smallest m with x·2^−m < r ...
-        m = torch.where(torch.ldexp(xg, -m) >= rg, (m + 1).clamp(max=cap), m)  # ... if log2 rounded down
-        m = torch.where((m > 1) & (torch.ldexp(xg, 1 - m) < rg), m - 1, m)  # ... or up
-        # ldexp scales by an exact power of two: x·2^−m carries no rounding of its own
-        xm = torch.ldexp(xg, -m)
-        bad = (m > max_halvings) | (xm >= rg)
-        a_gap = torch.where(bad, a[gi], a[gi] / (1 - xm))
+        a_gap, m, bad = _gap(x[gi], r[gi], a[gi], max_halvings)
     del r
     if resolve == "halve":
         a_new = torch.where(regions["unique_scaling"], scaled, a, out=scaled)
@@ -98,6 +91,40 @@ def analytical_update(
     else:  # "passive"
         a_new = torch.where(regions["unique_scaling"], scaled, a, out=scaled)
     return AnalyticalResult(a_new, regions, halvings, unresolved)
+
+
+def _gap(xg: Tensor, rg: Tensor, ag: Tensor, max_halvings: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The gap elements (x ≥ r > 0; usually a small fraction, so computed on them only): a′ with
+    the halving count m and the elements past ``max_halvings`` (``bad``: a′ = a)."""
+    cap = max_halvings + 1
+    m = (torch.floor(torch.log2(xg / rg)) + 1).clamp(1, cap)  # smallest m with x·2^−m < r ...
+    m = torch.where(torch.ldexp(xg, -m) >= rg, (m + 1).clamp(max=cap), m)  # ... if log2 rounded down
+    m = torch.where((m > 1) & (torch.ldexp(xg, 1 - m) < rg), m - 1, m)  # ... or up
+    # ldexp scales by an exact power of two: x·2^−m carries no rounding of its own
+    xm = torch.ldexp(xg, -m)
+    bad = (m > max_halvings) | (xm >= rg)
+    return torch.where(bad, ag, ag / (1 - xm)), m, bad
+
+
+def _update_counts(
+    a: Tensor, u: Tensor, c: Tensor, eta_a: float, qn: float, qp: float, resolve: str, max_halvings: int
+) -> tuple[Tensor, list[float], tuple[float, float, float]]:
+    """:func:`analytical_update` for ``resolve`` "halve" / "passive" on a large tensor, without the
+    region masks (issue 11): one compiled pass gives x, r, a′ off the gap and the four region
+    counts; only a step with gap elements finds them (eagerly) and halves them. Returns (a′ before
+    clamping, the counts in :data:`REGIONS` order, (Σ halvings, #halved, #unresolved)): the values
+    of :func:`analytical_update`."""
+    eta = torch.tensor(eta_a, dtype=c.dtype, device=c.device)
+    x, r, a_new, counts_t = kernel(_front, "analytical", True)(a, u, c, eta, float(qn), float(qp))
+    counts = [float(k) for k in counts_t.tolist()]
+    halv = (0.0, 0.0, 0.0)
+    if counts[3] and resolve == "halve":  # the gap: x ≥ r > 0 (NaN counts as there, as in _regions)
+        gi = (x < r).logical_not_().logical_and_((r <= 0).logical_not_()).nonzero(as_tuple=True)
+        a_gap, m, bad = _gap(x[gi], r[gi], a[gi], max_halvings)
+        a_new[gi] = a_gap
+        unresolved = float(bad.sum())
+        halv = (float(torch.where(bad, 0.0, m).sum()), float(bad.numel()) - unresolved, unresolved)
+    return a_new, counts, halv
 
 
 def _front_eager(a: Tensor, u: Tensor, c: Tensor, eta_a: float, qn: float, qp: float) -> tuple:
@@ -126,17 +153,32 @@ def _regions(x: Tensor, r: Tensor) -> dict[str, Tensor]:
 
 
 def _front(a: Tensor, u: Tensor, c: Tensor, eta: Tensor, qn: float, qp: float) -> tuple:
-    """x, r and a/(1 − x) of :func:`_front_eager` in functional form for ``torch.compile``: one pass
-    over a, u, c (the same operations, the same values)."""
+    """x, r, a/(1 − x) on the unique-scaling region and a elsewhere (the "halve"/"passive" a′ off
+    the gap), and the element count of each region (int64, :data:`REGIONS` order), in functional
+    form for ``torch.compile``: one pass over a, u, c (the operations of :func:`_front_eager` and
+    :func:`_regions`, the same values)."""
     x = c * eta
     au = a * u
-    return x, torch.minimum(-(au / qp) + 1, au / qn + 1), a / (-x + 1)
+    r = torch.minimum(-(au / qp) + 1, au / qn + 1)
+    clipped, legal = r <= 0, x < r
+    scaling = ~clipped & legal
+    counts = torch.stack(
+        [(clipped & ~legal).sum(), scaling.sum(), (clipped & legal).sum(), (~clipped & ~legal).sum()]
+    )
+    return x, r, torch.where(scaling, a / (-x + 1), a), counts
 
 
-def _back(u: Tensor, a: Tensor, g: Tensor, c: Tensor, qn: float, qp: float, window: bool, b: float) -> tuple:
-    """After a′: the new gradient g·ψ(u; a′), the history's d = ∂ψ(u; a′)/∂a (:func:`slste_grad`),
-    the count of ψ ≠ 0 and Σ(c·ψ)², in one pass for ``torch.compile`` (the element-wise values
-    are those of the eager path; the two sums may round differently)."""
+def _back(
+    u: Tensor, a: Tensor, a_new: Tensor, g: Tensor, c: Tensor, qn: float, qp: float, window: bool, b: float,
+    a_min: float, a_max: float,
+) -> tuple:  # fmt: skip
+    """After a′: a ← clamp(a′) (``a_new``), the new gradient g·ψ(u; a′), the history's
+    d = ∂ψ(u; a′)/∂a (:func:`slste_grad`), the count of ψ ≠ 0 and Σ(c·ψ)², in one pass for
+    ``torch.compile`` (the element-wise values are those of the eager path; the two sums may round
+    differently)."""
+    a_new = a_new.clamp(a_min, a_max)
+    a.copy_(a_new)
+    a = a_new
     au = a * u
     inside = (torch.clamp(au, -qn, qp) == au).to(u.dtype)  # band(a·u)
     psi = inside * a
@@ -248,23 +290,33 @@ class AnalyticalMethod(HyperMethod):
             # g⁻ and d⁻ are spent: drop them now, not after the new ones exist (two weight copies
             # less at this step's peak; the history is rebuilt below before anything can raise)
             self.history[i] = hist = None
-            res = analytical_update(a, u, c, self.hyper_lr(i, c), mw.qn, mw.qp, o.resolve, o.max_halvings)
-            a.copy_(res.a.clamp_(s.a_min, s.a_max))
             n = g.numel()
-            stats = {k: float(v.count_nonzero()) / n for k, v in res.regions.items()}
-            if stats["gap"] == 0:  # no gap element: nothing was halved or left unresolved
-                stats.update(halvings=0.0, halved_frac=0.0, unresolved_frac=0.0)
-            else:
-                stats["halvings"] = float(res.halvings.sum())
-                stats["halved_frac"] = float((res.halvings > 0).sum()) / n
-                stats["unresolved_frac"] = float(res.unresolved.sum()) / n
-            del res
-            if n >= FUSE_MIN and g.shape == u.shape == a.shape:  # one compiled pass, the same values
-                grad, d, nnz, sq = kernel(_back, "analytical", True)(
-                    u, a, g, c, float(mw.qn), float(mw.qp), s.boundary == "window", float(s.b)
+            fast = n >= FUSE_MIN and g.shape == u.shape == a.shape  # compiled passes, the same values
+            if fast and o.resolve != "threshold":  # no region masks: their counts
+                a_new, counts, (halvings, halved, unresolved) = _update_counts(
+                    a, u, c, self.hyper_lr(i, c), mw.qn, mw.qp, o.resolve, o.max_halvings
                 )
+                stats = {k: cnt / n for k, cnt in zip(REGIONS, counts)}
+                stats.update(halvings=halvings, halved_frac=halved / n, unresolved_frac=unresolved / n)
+            else:
+                res = analytical_update(a, u, c, self.hyper_lr(i, c), mw.qn, mw.qp, o.resolve, o.max_halvings)
+                a_new = res.a
+                stats = {k: float(v.count_nonzero()) / n for k, v in res.regions.items()}
+                if stats["gap"] == 0:  # no gap element: nothing was halved or left unresolved
+                    stats.update(halvings=0.0, halved_frac=0.0, unresolved_frac=0.0)
+                else:
+                    stats["halvings"] = float(res.halvings.sum())
+                    stats["halved_frac"] = float((res.halvings > 0).sum()) / n
+                    stats["unresolved_frac"] = float(res.unresolved.sum()) / n
+                del res
+            if fast:  # a ← clamp(a′) and the back pass in one compiled pass
+                grad, d, nnz, sq = kernel(_back, "analytical", True)(
+                    u, a, a_new, g, c, float(mw.qn), float(mw.qp), s.boundary == "window", float(s.b),
+                    float(s.a_min), float(s.a_max),
+                )  # fmt: skip
                 nnz, sq = _host_floats([nnz, sq])
             else:
+                torch.clamp(a_new, s.a_min, s.a_max, out=a)  # a′ clamped, written into a
                 psi = slste(u, a, mw.qn, mw.qp)
                 nnz = float(psi.count_nonzero())
                 sq = float(torch.linalg.vector_norm(c.mul_(psi))) ** 2  # ∂L_t/∂a = −c·ψ(u_t; a')
