@@ -168,6 +168,11 @@ def _front(a: Tensor, u: Tensor, c: Tensor, eta: Tensor, qn: float, qp: float) -
     return x, r, torch.where(scaling, a / (-x + 1), a), counts
 
 
+def _history_product(g: Tensor, lr: Tensor, g_prev: Tensor, d_prev: Tensor) -> Tensor:
+    """c = η_w⁻·g·g⁻·d⁻ for ``torch.compile``: one pass, the products of the eager path in its order."""
+    return ((g * lr) * g_prev) * d_prev
+
+
 def _back(
     u: Tensor, a: Tensor, a_new: Tensor, g: Tensor, c: Tensor, qn: float, qp: float, window: bool, b: float,
     a_min: float, a_max: float,
@@ -286,12 +291,19 @@ class AnalyticalMethod(HyperMethod):
             s, a, u = mw.surrogate, mw.surrogate.a, mw.u()
             hist = self.history[i]
             # c = η_w⁻·g·g⁻·d⁻, in one buffer (the same products in the same order)
-            c = torch.zeros_like(g) if hist is None else torch.mul(g, hist[2]).mul_(hist[0]).mul_(hist[1])
+            n = g.numel()
+            fast = n >= FUSE_MIN and g.shape == u.shape == a.shape  # compiled passes, the same values
+            if hist is None:
+                c = torch.zeros_like(g)
+            elif fast and hist[0].shape == hist[1].shape == g.shape:  # one compiled pass
+                c = kernel(_history_product, "analytical", True)(
+                    g, torch.tensor(hist[2], dtype=g.dtype, device=g.device), hist[0], hist[1]
+                )
+            else:
+                c = torch.mul(g, hist[2]).mul_(hist[0]).mul_(hist[1])
             # g⁻ and d⁻ are spent: drop them now, not after the new ones exist (two weight copies
             # less at this step's peak; the history is rebuilt below before anything can raise)
             self.history[i] = hist = None
-            n = g.numel()
-            fast = n >= FUSE_MIN and g.shape == u.shape == a.shape  # compiled passes, the same values
             if fast and o.resolve != "threshold":  # no region masks: their counts
                 a_new, counts, (halvings, halved, unresolved) = _update_counts(
                     a, u, c, self.hyper_lr(i, c), mw.qn, mw.qp, o.resolve, o.max_halvings
