@@ -5,8 +5,8 @@ hygiene, DDP, checkpoints); the math is the plain function :func:`fogzo_estimate
 against docs/design.md §4.3 line by line. The (ε̄, p̄, sampler) table of §4.2 is in
 :mod:`metaste.optim.smoothing`.
 
-Size: ~750 lines, over the ~400 the package aims for, on purpose: one algorithm — the math
-(:func:`fogzo_estimate`, ~190 lines with its sharded (FSDP2) and fused paths) and the class
+Size: ~790 lines, over the ~400 the package aims for, on purpose: one algorithm — the math
+(:func:`fogzo_estimate`, ~220 lines with its sharded (FSDP2) and fused paths) and the class
 whose docstring is the user manual (~100 lines) and whose ``step`` owns the RNG/buffer hygiene
 of docs/design.md §4.5, the GradScaler path and the checkpoint checks. Splitting the estimate
 from the class would leave two files that only make sense read together.
@@ -79,7 +79,8 @@ def fogzo_estimate(
     The noise z_ik is regenerated from ``derive_seed(seed, step, i, k)`` each time it is used
     (``keep_noise=True`` keeps the n·D values instead: same result, fewer regenerations). Each
     perturbation is one pass that computes z from the element index (:func:`~metaste.optim._fused.perturb_`),
-    the final G one pass for all n samples (:func:`~metaste.optim._fused.combine_`); ``fused=True``
+    the final G one pass for all n samples (:func:`~metaste.optim._fused.combine_`; ``"inplace"``: the
+    same pass also restores the last sample, :func:`~metaste.optim._fused.restore_combine_`); ``fused=True``
     compiles both with ``torch.compile`` (the same numbers, :mod:`metaste.optim._fused`)::
 
         N  = ‖ε ⊙ g‖₂ over all tensors; ĝ = ε ⊙ g / N  (0 if N is 0 or not finite)
@@ -333,12 +334,15 @@ class FOGZO(OptimizerWrapper):
         restore (str, default ``"copy"``): ``"copy"`` keeps a copy of the managed weights
             during the no-grad passes, restores them bitwise and mirrors v⁺ into v⁻ without
             regenerating the noise (fastest: 2 noise draws per sample); ``"inplace"`` adds
-            +1, −2, +1 times ε⊙d_i (no copy, 4 draws per sample). In-place restore cannot be
+            +1, −2, +1 times ε⊙d_i (no copy, 4 draws per sample, one less per tensor and step: the
+            last restore is the combine pass, which draws the same noise). In-place restore cannot be
             exact: one cycle leaves each tensor within 4 ulp of its max|v|, and the rounding
             errors of many cycles add up as a random walk (measured: ≈ 17 ulp of max|v| after
             200 cycles at lr = 0), far below any learning-rate step but not bounded.
         keep_noise (bool, default False): keep the n·D noise values of a step instead of
             regenerating them: one draw per sample, n·D floats more memory, identical results.
+            A step on the eager path (``fused`` off or below its threshold) with at most 2^16
+            noise values keeps them anyway (the hash dominates a small step's passes).
         scales (mapping, default ``None``): manage weights metaste's registry does not know
             (a model fake-quantized by another library): ``{weight: s}`` or
             ``{weight: (s, ste_kind)}`` with s the step size (a positive float, a tensor
