@@ -226,6 +226,16 @@ SUITES: dict[str, list[SuiteEntry]] = {
     ]
     + [
         SuiteEntry(
+            "new-methods-mnist-1bit-confirm",
+            "MNIST MLP 784-10-10, both layers 1-bit DoReFa, SGD, 1,500 steps: `pege` against the identity "
+            "STE on 20 fresh seeds",
+            *_mnist(1, "dorefa", "sgd", ["ste-identity", "pege"], 20, first_seed=10, tune=_NEW_TUNE),
+            "a confirmation of the `better` verdict of `new-methods-mnist-1bit` (seeds 0–9), whose "
+            "protocol it repeats (same tuning seeds and grids) on evaluation seeds 10–29",
+        )
+    ]
+    + [
+        SuiteEntry(
             f"jacquant-{name}",
             f"MNIST MLP 784-10-10, {title}: JacQuant without and with STORM",
             *_mnist(*args, ["ste", "ste-identity", "jacquant", "jacquant-storm"], 10, **kw),
