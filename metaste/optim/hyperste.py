@@ -47,6 +47,14 @@ class HyperSTE(OptimizerWrapper):
     all-reduced across ranks by DDP. Every rank therefore computes the same θ, equal to a
     single-process run on the concatenated batch (docs/design.md §3.1).
 
+    FSDP2 (``metaste.optim.fsdp.fully_shard``, docs/design.md §10.4): ``"analytical"`` and
+    ``"delayed"`` run on the sharded weights, each rank on its rows; a per-element or per-channel
+    θ is sharded with its weight (a DTensor buffer with the weight's placement, so the model's
+    ``state_dict`` holds it as it holds the weights), a per-tensor θ is whole on every rank; the
+    sums over θ are reduced over the mesh, so the run equals one process on the whole batch.
+    ``diagnostics["layers"]``' statistics of θ's values are of the rank's rows; ``release()``
+    gathers θ (call it on every rank). The horizon methods raise ``NotImplementedError``.
+
     Methods:
 
     * ``"analytical"`` (docs/design.md §3.1, thesis 4.3): the self-consistent per-element update
