@@ -27,7 +27,7 @@ class SuiteEntry:
     title: str
     setup: Setup
     protocol: Protocol
-    note: str = ""  # where the suite departs from the source (seeds, steps) and why
+    note: str = ""  # where the suite departs from the source (seeds, steps) and why, or what it confirms
 
 
 # The FOGZO paper's MNIST experiment: MLP 784-10-10, both layers 2-bit with a fixed step set once
@@ -377,7 +377,7 @@ def write_reports(results: Path, doc: Path, readme: Path) -> list[Path]:
         for entry, comp in entries:
             parts += [f"### {entry.title}", ""]
             if entry.note:
-                parts += [f"*Scaled down:* {entry.note}.", ""]
+                parts += [f"*Set-up:* {entry.note}.", ""]
             if comp is None:
                 parts += ["*Not run yet.*", ""]
                 continue
