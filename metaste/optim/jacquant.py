@@ -246,7 +246,7 @@ class JacQuant(OptimizerWrapper):
             if (
                 isinstance(q, LSQQuantizer) and q.s.grad is not None
             ):  # ∂L/∂s = Σ g(c − b·u): add Σ g·u·(in − b)
-                corr = (p.grad * u * (inside - b)).sum_to_size(q.s.shape) * q.grad_scale
+                corr = (p.grad * u).mul_(inside.sub_(b)).sum_to_size(q.s.shape) * q.grad_scale
                 q.s.grad.add_(corr)
             p.grad.mul_(b)
 
