@@ -226,13 +226,28 @@ SUITES: dict[str, list[SuiteEntry]] = {
     ]
     + [
         SuiteEntry(
-            "new-methods-mnist-1bit-confirm",
-            "MNIST MLP 784-10-10, both layers 1-bit DoReFa, SGD, 1,500 steps: `pege` against the identity "
-            "STE on 20 fresh seeds",
-            *_mnist(1, "dorefa", "sgd", ["ste-identity", "pege"], 20, first_seed=10, tune=_NEW_TUNE),
-            "a confirmation of the `better` verdict of `new-methods-mnist-1bit` (seeds 0–9), whose "
+            f"new-methods-{name}-confirm",
+            f"MNIST MLP 784-10-10, {title}: `{method}` against the identity STE on 20 fresh seeds",
+            *_mnist(*args, ["ste-identity", method], 20, first_seed=10, tune=tune),
+            f"a confirmation of the `better` verdict of `new-methods-{name}` (seeds 0–9), whose "
             "protocol it repeats (same tuning seeds and grids) on evaluation seeds 10–29",
         )
+        for name, title, args, method, tune in [
+            (
+                "mnist-1bit",
+                "both layers 1-bit DoReFa, SGD, 1,500 steps",
+                (1, "dorefa", "sgd"),
+                "pege",
+                {"lam": _NEW_TUNE["lam"]},
+            ),
+            (
+                "lsq-mnist-2bit",
+                "2-bit LSQ (last layer float), SGD, 1,500 steps",
+                (2, "lsq", "sgd"),
+                "calibrated",
+                {"lam_init": _NEW_TUNE["lam_init"]},
+            ),
+        ]
     ]
     + [
         SuiteEntry(
