@@ -209,6 +209,13 @@ SUITES: dict[str, list[SuiteEntry]] = {
                 "round-to-nearest codes (fixed or LSQ quantizers), which a 1-bit sign quantizer has not",
             ),
             (
+                "mnist-1bit-adam",
+                "both layers 1-bit DoReFa, Adam, 1,500 steps",
+                (1, "dorefa", "adam"),
+                {},
+                "`new-methods-mnist-1bit` with Adam",
+            ),
+            (
                 "mnist-2bit-adam",
                 "both layers 2-bit, fixed LSQ-init step, Adam, 3,000 steps",
                 (2, "fixed", "adam"),
