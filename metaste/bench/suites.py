@@ -258,6 +258,27 @@ SUITES: dict[str, list[SuiteEntry]] = {
     ]
     + [
         SuiteEntry(
+            f"new-methods-{task}-{bits}bit",
+            f"{title}, {bits}-bit, {opt.upper()}, {steps} steps: PEGE (λ = 0.01, the 1-bit MNIST choice)",
+            Setup(task, bits=bits, optimizer=opt, steps=steps),
+            Protocol(
+                methods=["ste", "ste-identity", "pege[lam=0.01]"],
+                seeds=list(range(4)),
+                tune_seeds=[100, 101],
+                tune_lr=lrs,
+                max_extend=1,
+            ),
+            f"does PEGE's 1-bit MNIST gain carry over? 4 evaluation seeds, 2 tuning seeds, {steps} steps, "
+            "3-point lr grid (one extension), λ fixed: the CPU budget of the `fashion-resnet` / "
+            "`kjv-llama` suites",
+        )
+        for task, title, bits, opt, steps, lrs in [
+            ("fashion-resnet", "Fashion-MNIST subset, ResNet-8-style", 1, "sgd", 300, [0.025, 0.05, 0.1]),
+            ("kjv-llama", "KJV characters, tiny LLaMA (1M), LSQ", 2, "adamw", 150, [1e-3, 2e-3, 4e-3]),
+        ]
+    ]
+    + [
+        SuiteEntry(
             f"jacquant-{name}",
             f"MNIST MLP 784-10-10, {title}: JacQuant without and with STORM",
             *_mnist(*args, ["ste", "ste-identity", "jacquant", "jacquant-storm"], 10, **kw),
