@@ -8,7 +8,7 @@ SUITES ?= demo fogzo-mnist hyperste lsq-mnist new-methods fashion-resnet kjv-lla
 # one torch thread per process: the commands run their work in one process per core
 export OMP_NUM_THREADS := 1
 
-.PHONY: demo test test-fast results lint install-demo install-dev datasets bench
+.PHONY: demo test test-fast results lint install-demo install-dev datasets bench learned-plots
 
 datasets:
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] || ! command -v bible >/dev/null; then \
@@ -46,3 +46,7 @@ lint:
 # the cost benchmarks; rewrites the README's cost block (about 10 minutes on 2 cores)
 bench:
 	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/run_all.py --readme README.md --json benchmarks/cost.json
+
+# the plots of what PEGE, JacQuant and the calibrated surrogate learn (docs/methods/*.png; about a minute)
+learned-plots: install-demo
+	$(PYTHON) -m metaste.bench.learned --out docs/methods

@@ -1,27 +1,41 @@
 """Per-step time of PEGE, JacQuant and the calibrated surrogate relative to plain STE, measured
-interleaved in one process (docs/methods/*.md "Cost"): python benchmarks/bench_new_methods.py [--steps N]."""
+interleaved in one process, CPU time, one thread (docs/methods/*.md "Cost")::
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_new_methods.py [--model mlp|wide] [--steps N] [--rounds R]
+
+``mlp``: the FOGZO paper's MLP 784-10-10, batch 64; ``wide``: MLP 784-512-512-10, batch 256; both
+layers 2-bit LSQ. ``jacquant-storm-nophase``: STORM with flip_rate = 1 (no phase boundary, so the
+second pass at the previous weights runs every step)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 import warnings
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-import metaste
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _measure  # noqa: E402,F401  (puts the checkout's metaste, or $METASTE_PATH's, first on sys.path)
+
+import metaste  # noqa: E402
+from metaste.bench import models  # noqa: E402
+
+MODELS = {"mlp": ((784, 10, 10), 64), "wide": ((784, 512, 512, 10), 256)}
 
 
-def make(surrogate="ste", **kw):
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
-    return metaste.quantize_model(net, bits=2, quantizer="fixed", surrogate=surrogate, keep_last=False, **kw)
+def builders(steps, sizes):
+    def make(surrogate="ste", **kw):
+        torch.manual_seed(0)
+        net = models.mlp(sizes)
+        return metaste.quantize_model(
+            net, bits=2, quantizer="lsq", surrogate=surrogate, keep_last=False, **kw
+        )
 
-
-def builders(steps):
     def ste():
         m = make()
         return m, torch.optim.SGD(m.parameters(), lr=0.1)
@@ -30,12 +44,12 @@ def builders(steps):
         m = make()
         return m, metaste.PEGE(torch.optim.SGD(m.parameters(), lr=0.1), total_steps=steps, model=m)
 
-    def jacquant(vr):
+    def jacquant(vr, **kw):
         def b():
             m = make()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return m, metaste.JacQuant(torch.optim.SGD(m.parameters(), lr=0.1), vr=vr)
+                return m, metaste.JacQuant(torch.optim.SGD(m.parameters(), lr=0.1), vr=vr, **kw)
 
         return b
 
@@ -44,21 +58,24 @@ def builders(steps):
         return m, metaste.Calibrated(torch.optim.SGD(m.parameters(), lr=0.1), every=10, n=1)
 
     return {"ste": ste, "pege": pege, "jacquant": jacquant("none"), "jacquant-storm": jacquant("storm"),
-            "calibrated": calibrated}  # fmt: skip
+            "jacquant-storm-nophase": jacquant("storm", flip_rate=1.0), "calibrated": calibrated}  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=tuple(MODELS), default="mlp")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+    sizes, batch = MODELS[args.model]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch, 784, generator=g), torch.randint(0, 10, (batch,), generator=g)
     times: dict[str, list[float]] = {}
     for _ in range(args.rounds):  # interleaved: every method once per round
-        for name, build in builders(args.steps).items():
+        for name, build in builders(args.steps, sizes).items():
             model, opt = build()
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             for _ in range(args.steps):
                 if isinstance(opt, metaste.optim.OptimizerWrapper):
                     opt.step(lambda m=model: F.cross_entropy(m(x), y))
@@ -66,11 +83,13 @@ def main() -> None:
                     opt.zero_grad()
                     F.cross_entropy(model(x), y).backward()
                     opt.step()
-            times.setdefault(name, []).append((time.perf_counter() - t0) / args.steps)
-    ste = statistics.median(times["ste"])
+            times.setdefault(name, []).append((time.process_time() - t0) / args.steps)
+    print(
+        f"{args.model}: MLP {'-'.join(map(str, sizes))}, batch {batch}, {args.rounds} rounds x {args.steps} steps"
+    )
     for name, ts in times.items():
-        ratios = [t / ste for t in ts]
-        print(f"{name:16s} {1e3 * statistics.median(ts):7.3f} ms/step  ×{statistics.median(ratios):.2f} "
+        ratios = [t / s for t, s in zip(ts, times["ste"])]  # round by round
+        print(f"{name:24s} {1e3 * statistics.median(ts):7.3f} ms/step  ×{statistics.median(ratios):.2f} "
               f"(min ×{min(ratios):.2f}, max ×{max(ratios):.2f})")  # fmt: skip
 
 

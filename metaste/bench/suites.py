@@ -27,7 +27,7 @@ class SuiteEntry:
     title: str
     setup: Setup
     protocol: Protocol
-    note: str = ""  # where the suite departs from the source (seeds, steps) and why
+    note: str = ""  # where the suite departs from the source (seeds, steps) and why, or what it confirms
 
 
 # The FOGZO paper's MNIST experiment: MLP 784-10-10, both layers 2-bit with a fixed step set once
@@ -60,6 +60,8 @@ def _mnist(
     return setup, Protocol(methods=methods, seeds=seeds_, tune_lr=lrs, **kw)
 
 
+_NEW_METHODS = ["ste", "ste-identity", "calibrated", "pege"]
+_NEW_TUNE = {"lam": [0.01, 0.1], "lam_init": [0.0, 1.0]}
 _HYPER_METHODS = ["ste", "ste-identity", "ste-pwl", "analytical", "delayed-sgd", "delayed-sgd-plste"]
 
 SUITES: dict[str, list[SuiteEntry]] = {
@@ -184,12 +186,119 @@ SUITES: dict[str, list[SuiteEntry]] = {
                 ["ste", "ste-identity", "calibrated", "pege", "pege-error"],
                 10,
                 steps=3000,
-                tune={"lam": [0.01, 0.1], "lam_init": [0.0, 1.0]},
+                tune=_NEW_TUNE,
             ),
             "10 evaluation seeds; PEGE's λ and the calibrated start leak λ₀ are tuned with the lr; JacQuant "
-            "is not in it (built after this suite ran); the issue's other set-ups (1-bit, LSQ, Fashion-ResNet, KJV, Adam) "
-            "were not run: CPU time",
+            "has its own entries (`jacquant-*`)",
         )
+    ]
+    + [
+        SuiteEntry(
+            f"new-methods-{name}",
+            f"MNIST MLP 784-10-10, {title}: calibrated surrogate and PEGE",
+            *_mnist(*args, _NEW_METHODS, 10, tune=_NEW_TUNE, **kw),
+            note,
+        )
+        for name, title, args, kw, note in [
+            (
+                "mnist-1bit",
+                "both layers 1-bit DoReFa, SGD, 1,500 steps",
+                (1, "dorefa", "sgd"),
+                {},
+                "the set-up of `hyperste-mnist-1bit`; JacQuant is not in it: its slope is fitted to "
+                "round-to-nearest codes (fixed or LSQ quantizers), which a 1-bit sign quantizer has not",
+            ),
+            (
+                "mnist-1bit-adam",
+                "both layers 1-bit DoReFa, Adam, 1,500 steps",
+                (1, "dorefa", "adam"),
+                {},
+                "`new-methods-mnist-1bit` with Adam",
+            ),
+            (
+                "mnist-2bit-adam",
+                "both layers 2-bit, fixed LSQ-init step, Adam, 3,000 steps",
+                (2, "fixed", "adam"),
+                {"steps": 3000},
+                "`new-methods-mnist-2bit` with Adam",
+            ),
+            (
+                "lsq-mnist-2bit",
+                "2-bit LSQ (last layer float), SGD, 1,500 steps",
+                (2, "lsq", "sgd"),
+                {},
+                "the set-up of `lsq-mnist-2bit-sgd`",
+            ),
+        ]
+    ]
+    + [
+        SuiteEntry(
+            f"new-methods-{name}-confirm",
+            f"MNIST MLP 784-10-10, {title}: `{method}` against the identity STE on 20 fresh seeds",
+            *_mnist(*args, ["ste-identity", method], 20, first_seed=10, tune=tune),
+            f"a confirmation of the `better` verdict of `new-methods-{name}` (seeds 0–9), whose "
+            "protocol it repeats (same tuning seeds and grids) on evaluation seeds 10–29",
+        )
+        for name, title, args, method, tune in [
+            (
+                "mnist-1bit",
+                "both layers 1-bit DoReFa, SGD, 1,500 steps",
+                (1, "dorefa", "sgd"),
+                "pege",
+                {"lam": _NEW_TUNE["lam"]},
+            ),
+            (
+                "lsq-mnist-2bit",
+                "2-bit LSQ (last layer float), SGD, 1,500 steps",
+                (2, "lsq", "sgd"),
+                "calibrated",
+                {"lam_init": _NEW_TUNE["lam_init"]},
+            ),
+        ]
+    ]
+    + [
+        SuiteEntry(
+            f"new-methods-{task}-{bits}bit",
+            f"{title}, {bits}-bit, {opt.upper()}, {steps} steps: PEGE (λ = 0.01, the 1-bit MNIST choice)",
+            Setup(task, bits=bits, optimizer=opt, steps=steps),
+            Protocol(
+                methods=["ste", "ste-identity", "pege[lam=0.01]"],
+                seeds=list(range(4)),
+                tune_seeds=[100, 101],
+                tune_lr=lrs,
+                max_extend=1,
+            ),
+            f"does PEGE's 1-bit MNIST gain carry over? 4 evaluation seeds, 2 tuning seeds, {steps} steps, "
+            "3-point lr grid (one extension), λ fixed: the CPU budget of the `fashion-resnet` / "
+            "`kjv-llama` suites",
+        )
+        for task, title, bits, opt, steps, lrs in [
+            ("fashion-resnet", "Fashion-MNIST subset, ResNet-8-style", 1, "sgd", 300, [0.025, 0.05, 0.1]),
+            ("kjv-llama", "KJV characters, tiny LLaMA (1M), LSQ", 2, "adamw", 150, [1e-3, 2e-3, 4e-3]),
+        ]
+    ]
+    + [
+        SuiteEntry(
+            f"jacquant-{name}",
+            f"MNIST MLP 784-10-10, {title}: JacQuant without and with STORM",
+            *_mnist(*args, ["ste", "ste-identity", "jacquant", "jacquant-storm"], 10, **kw),
+            "10 evaluation seeds; JacQuant's defaults (G = 128, K = 50, dither fit)",
+        )
+        for name, title, args, kw in [
+            (
+                "mnist-2bit",
+                "both layers 2-bit, fixed LSQ-init step, SGD, 3,000 steps",
+                (2, "fixed", "sgd"),
+                {"steps": 3000},
+            ),
+            (
+                "mnist-2bit-adam",
+                "both layers 2-bit, fixed LSQ-init step, Adam, 3,000 steps",
+                (2, "fixed", "adam"),
+                {"steps": 3000},
+            ),
+            ("lsq-mnist-2bit", "2-bit LSQ (last layer float), SGD, 1,500 steps", (2, "lsq", "sgd"), {}),
+        ]
     ],
 }
 
@@ -296,7 +405,7 @@ def write_reports(results: Path, doc: Path, readme: Path) -> list[Path]:
         for entry, comp in entries:
             parts += [f"### {entry.title}", ""]
             if entry.note:
-                parts += [f"*Scaled down:* {entry.note}.", ""]
+                parts += [f"*Set-up:* {entry.note}.", ""]
             if comp is None:
                 parts += ["*Not run yet.*", ""]
                 continue

@@ -32,7 +32,16 @@ from ._fused import host_floats as _host_floats
 from ._modules import ModuleBufferGuard, captured_modules
 from ._snapshot import BufferGuard, RngState
 from ._wrapper import Closure, OptimizerWrapper, check_closure, check_latent_dtype, closure_value
-from .fsdp import all_reduce_sum, global_offset, is_dtensor, local, local_scale, mesh_group, reshard
+from .fsdp import (
+    all_reduce_sum,
+    as_dtensor_like,
+    global_offset,
+    is_dtensor,
+    local,
+    local_scale,
+    mesh_group,
+    reshard,
+)
 from .smoothing import SMOOTHINGS, STE_KINDS, derive_seed, noise_slice, rademacher
 
 __all__ = ["FOGZO", "fogzo_estimate", "RESTORE_MODES"]
@@ -687,7 +696,7 @@ class FOGZO(OptimizerWrapper):
                 elif (
                     p.grad is None or local(p.grad).data_ptr() != g.data_ptr()
                 ):  # G was not computed in place
-                    p.grad = _as_dtensor_like(g, p)
+                    p.grad = as_dtensor_like(g, p)
         self.optimizer.step()
         self.steps = t + 1
         return loss
@@ -777,11 +786,3 @@ class FOGZO(OptimizerWrapper):
             f"FOGZO(n={self.n}, beta_min={self.beta_min}, total_steps={self.total_steps}, "
             f"one_sided={self.one_sided}, restore={self.restore!r}, {self.optimizer!r})"
         )
-
-
-def _as_dtensor_like(t: Tensor, p: Tensor) -> Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(
-        t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
-    )

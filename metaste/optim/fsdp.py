@@ -11,6 +11,12 @@ single-process noise), sums the
 partial ‖ε ⊙ g‖² over the mesh and averages the c_i over the ranks; the gradient shards are
 already the batch mean (FSDP2's reduce-scatter). The step sizes s are gathered when they are
 sharded themselves (LSQ's ``s`` is a parameter too) and cut to the rank's rows.
+
+HyperSTE's per-step methods use the same pieces: :func:`shard_rows_like` shards a per-row or
+per-element surrogate parameter θ like its weight, :func:`local` gives the rank's rows of θ, of
+the weight and of its gradient, :func:`as_dtensor_like` hands the surrogate gradient back as a
+DTensor, and the sums over a sharded tensor are summed over :func:`shard_group`
+(:func:`all_reduce_sums`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,12 @@ __all__ = [
     "global_offset",
     "local_scale",
     "mesh_group",
+    "shard_group",
+    "shard_rows_like",
+    "as_dtensor_like",
+    "gather",
+    "all_reduce_sum",
+    "all_reduce_sums",
 ]
 
 
@@ -105,6 +117,55 @@ def all_reduce_sum(value: float, group: Any, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, group=group)
     return float(t)
+
+
+def all_reduce_sums(values: list[float], group: Any, device: torch.device) -> list[float]:
+    """Each value summed over the ranks of ``group`` (one float64 all-reduce)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, group=group)
+    return t.tolist()
+
+
+def shard_group(p: Tensor) -> Any:
+    """The process group over which the rows of ``p`` are sharded (FSDP2's ``Shard(0)``), or
+    ``None`` for a tensor every rank holds whole (a plain tensor, a ``Replicate`` DTensor)."""
+    from torch.distributed.tensor import Shard
+
+    if not is_dtensor(p):
+        return None
+    _check_placement(p)
+    return mesh_group(p) if isinstance(p.placements[0], Shard) else None
+
+
+def shard_rows_like(t: Tensor, p: Tensor) -> Tensor:
+    """``t`` — whole and the same on every rank, with one entry per row of ``p`` or more
+    (``t.shape[0] == p.shape[0]``: a per-element or per-channel surrogate parameter) — as a
+    DTensor sharded like ``p``'s rows; each rank keeps its rows (no communication). Any other
+    ``t`` (0-dim, per-tensor, already a DTensor, ``p`` not sharded) is returned as it is."""
+    if shard_group(p) is None or is_dtensor(t) or t.dim() == 0 or t.shape[0] != p.shape[0]:
+        return t
+    start, rows = _row_start(p), local(p).shape[0]
+    return as_dtensor_like(t[start : start + rows].clone(), p, shape=t.shape, stride=t.stride())
+
+
+def as_dtensor_like(t: Tensor, p: Tensor, shape: Any = None, stride: Any = None) -> Tensor:
+    """The rank's shard ``t`` as a DTensor placed like ``p`` (global ``shape``/``stride``:
+    ``p``'s unless given); no communication."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        t,
+        p.device_mesh,
+        p.placements,
+        run_check=False,
+        shape=p.shape if shape is None else shape,
+        stride=p.stride() if stride is None else stride,
+    )
+
+
+def gather(t: Tensor) -> Tensor:
+    """The whole tensor of a DTensor (a collective: every rank must call it), else ``t``."""
+    return t.full_tensor() if is_dtensor(t) else t
 
 
 def reshard(modules: list[nn.Module]) -> None:

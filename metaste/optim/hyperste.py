@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 from ..adapters import foreign_quantization_hint
 from ..quant.registry import lookup
 from ._wrapper import Closure, OptimizerWrapper, check_latent_dtype
-from .fsdp import is_dtensor
+from .fsdp import gather, is_dtensor, shard_group, shard_rows_like
 from .hyper import METHODS
 from .hyper._common import ManagedWeight, MethodOptions, surrogate_stats
 
@@ -46,6 +46,14 @@ class HyperSTE(OptimizerWrapper):
     *complete* gradient: summed over the micro-batches of a closure that returns their mean loss,
     all-reduced across ranks by DDP. Every rank therefore computes the same θ, equal to a
     single-process run on the concatenated batch (docs/design.md §3.1).
+
+    FSDP2 (``metaste.optim.fsdp.fully_shard``, docs/design.md §10.4): ``"analytical"`` and
+    ``"delayed"`` run on the sharded weights, each rank on its rows; a per-element or per-channel
+    θ is sharded with its weight (a DTensor buffer with the weight's placement, so the model's
+    ``state_dict`` holds it as it holds the weights), a per-tensor θ is whole on every rank; the
+    sums over θ are reduced over the mesh, so the run equals one process on the whole batch.
+    ``diagnostics["layers"]``' statistics of θ's values are of the rank's rows; ``release()``
+    gathers θ (call it on every rank). The horizon methods raise ``NotImplementedError``.
 
     Methods:
 
@@ -138,11 +146,15 @@ class HyperSTE(OptimizerWrapper):
                 "object such as metaste.optim.hyper.Delayed(window=3)"
             )
         managed = self._find_managed(model)
-        if any(is_dtensor(mw.param) for mw in managed):
+        sharded = [mw for mw in managed if is_dtensor(mw.param)]
+        for mw in sharded:
+            shard_group(mw.param)  # raises for a placement other than fully_shard's rows
+        if sharded and opts.name not in ("analytical", "delayed"):
             raise NotImplementedError(
-                "HyperSTE does not run on FSDP2-sharded weights yet (its hypergradients and the "
-                "differentiable optimizer update work on whole tensors). Supported: HyperSTE on one "
-                "process or under DDP, and metaste.FOGZO under fully_shard (docs/design.md §10.4)"
+                f"HyperSTE(method={opts.name!r}) does not run on FSDP2-sharded weights (weight "
+                f"{sharded[0].name!r}): its horizon snapshots and replays work on whole tensors. "
+                "Supported under fully_shard: the per-step methods 'analytical' and 'delayed' "
+                "(docs/design.md §10.4); the horizon methods run on one process or under DDP"
             )
         opts.check(optimizer, managed, model)
         _check_scaler_supported(opts, self._active_scaler())
@@ -151,6 +163,8 @@ class HyperSTE(OptimizerWrapper):
             mw.surrogate.boundary = opts.boundary or opts.default_boundary
             mw.surrogate.b = float(opts.boundary_width)
             mw.quantizer.defer_surrogate = True
+            for pname in mw.surrogate.param_names:  # FSDP2: θ sharded like its weight's rows
+                setattr(mw.surrogate, pname, shard_rows_like(getattr(mw.surrogate, pname), mw.param))
         self.options = opts
         self.managed = managed
         self.method = opts.build(optimizer, managed, model)
@@ -186,9 +200,12 @@ class HyperSTE(OptimizerWrapper):
 
     def release(self) -> None:
         """Hand ψ back to the quantizers' backward (undo ``defer_surrogate``). Call it before
-        training the model without this wrapper; the wrapper must not be stepped afterwards."""
+        training the model without this wrapper; the wrapper must not be stepped afterwards.
+        Under FSDP2 it gathers the sharded θ back into whole buffers: call it on every rank."""
         for mw in self.managed:
             mw.quantizer.defer_surrogate = False
+            for pname in mw.surrogate.param_names:
+                setattr(mw.surrogate, pname, gather(getattr(mw.surrogate, pname)))
 
     def _managed_params(self) -> list[Tensor]:
         return [mw.param for mw in self.managed]
@@ -237,7 +254,7 @@ class HyperSTE(OptimizerWrapper):
         for mw in self.managed:
             s = mw.surrogate
             d: dict[str, Any] = {}
-            for pname, t in zip(s.param_names, s.params()):
+            for pname, t in zip(s.param_names, mw.theta()):  # FSDP2: the rank's rows
                 st = surrogate_stats(t, s.a_min, s.a_max)
                 d.update(st if pname == "a" else {f"{pname}.{k}": v for k, v in st.items()})
             d.update(self.method.step_stats.get(mw.name, {}))

@@ -2,15 +2,18 @@
 
 The forward quantizer is unchanged. The STE's ∂v̂/∂v = in becomes b = clip(α_g + γ_g·φ, b_min, b_max)·in
 with φ = 2|u − round(u)|, two numbers per group of G input elements. :func:`fit_slope` is the fit
-(a 2×2 weighted ridge least squares of code changes on (α + γφ)·η); :class:`JacQuant` applies b
-after backward (the quantizers defer ψ), refits every K steps or at a phase boundary, and
-optionally runs STORM variance reduction with the closure at the previous iterate.
+(a 2×2 ridge least squares of code changes on (α + γφ)·η, weighted by the layer input's second
+moment); :class:`JacQuant` applies b after backward (the quantizers defer ψ), refits every K steps,
+ends a code-preserving phase when too many codes flip, and optionally runs STORM variance
+reduction with the closure at the previous iterate (reset at each phase boundary).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -56,13 +59,16 @@ def fit_slope(
 
     Code-unit perturbations η (``"probe"``: ±ε; ``"dither"``: U(−ε, ε)), Δ = c(u + η) − c(u) with
     c = clamp(round(·), −Qn, Qp); per group the weighted ridge least squares of Δ on
-    [η, φη] over the in-range elements, weights ``weight`` (broadcast per input column, e.g. the
-    input's second moment), ridge ``ridge``·tr toward the STE (1, 0).
+    [η, φη] over the in-range elements, weights ``weight`` (broadcast against the weight flattened
+    to (out, in·kh·kw): shape (in·kh·kw,) per input column — the layer input's second moment — or
+    (out, in·kh·kw)), ridge ``ridge``·tr toward the STE (1, 0). An element of weight 0 does not
+    enter the fit; a group whose weights are all 0 gets (1, 0).
     """
     gen = torch.Generator(device=u.device).manual_seed(derive_seed(seed, 7))
     r = torch.rand(u.shape, generator=gen, device=u.device, dtype=torch.float64)
     eta = (torch.where(r < 0.5, -eps, eps) if fit == "probe" else (2 * r - 1) * eps).to(torch.float64)
-    u64 = u.detach().to(torch.float64)
+    u64 = u.detach().reshape(u.shape[0], -1).to(torch.float64)
+    r = r.view(u64.shape)
     c0 = torch.round(u64).clamp(-qn, qp)
     delta = torch.round(u64 + eta).clamp(-qn, qp) - c0
     inside = band(u64, -qn, qp)
@@ -93,11 +99,13 @@ class JacQuant(OptimizerWrapper):
         every (int, default 50): K, steps between refits.
         fit (``"dither"`` | ``"probe"``), eps (default ½): the perturbations of the fit.
         b_range (default (0, 4)): the clip of α + γφ.
-        ema (float in [0, 1), default 0.9): EMA over fits (and of the input second moment).
+        ema (float in [0, 1), default 0.9): EMA over fits, and of the layer input's second moment
+            per weight column (recorded in every training forward; the fit's weights).
         vr (``"none"`` | ``"storm"``), storm_a (float in (0, 1], default 0.1): STORM's a; needs
             a closure that can be evaluated again at the previous weights on the same batch.
         flip_rate (default 1e−4): a step whose per-tensor code-flip rate exceeds it ends a
-            code-preserving phase: the STORM state resets and b is refitted.
+            code-preserving phase: the STORM state resets (b is refitted on the K-step schedule
+            only, docs/design.md §8).
     """
 
     SETTINGS = ("vr", "storm_a", "flip_rate", "seed")
@@ -154,6 +162,7 @@ class JacQuant(OptimizerWrapper):
             self.managed.append(e)
             self.groups.append(g)
             e.quantizer.defer_surrogate = True  # backward leaves g = ∂L/∂v̂; b is applied in step
+            e.quantizer.input_moment_ema, e.quantizer.input_moment = self.ema, None  # the fit's weights
         if not self.managed:
             raise ValueError(
                 "JacQuant found no quantized (fixed or LSQ) weight among the optimizer's parameters"
@@ -169,24 +178,55 @@ class JacQuant(OptimizerWrapper):
         self._checked = False
 
     def close(self) -> None:
-        """Hand the quantizers back (ψ applied in their backward again)."""
+        """Hand the quantizers back (ψ applied in their backward again, no moment recorded)."""
         for e in self.managed:
             e.quantizer.defer_surrogate = False
+            e.quantizer.input_moment_ema, e.quantizer.input_moment = None, None
 
-    def slopes(self, k: int) -> Tensor:
-        """b of managed weight k (its shape)."""
-        e, g = self.managed[k], self.groups[k]
-        u = e.u()
-        ab = self.alpha[k].to(u).unsqueeze(-1) + self.gamma[k].to(u).unsqueeze(-1) * _grouped(slope_phi(u), g)
-        b = ab.clamp_(*self.b_range).reshape(u.shape)
-        return b.mul_(band(u, -e.qn, e.qp))
+    @contextlib.contextmanager
+    def _recording(self, on: bool) -> Iterator[None]:
+        """Record the input moment in the forwards inside (on) or not (STORM's extra passes)."""
+        for e in self.managed:
+            e.quantizer.input_moment_ema = self.ema if on else None
+        try:
+            yield
+        finally:
+            for e in self.managed:
+                e.quantizer.input_moment_ema = self.ema
+
+    def slopes(self, k: int, u: Tensor | None = None) -> Tensor:
+        """b of managed weight k (its shape), at ``u`` (default: the weight's current u)."""
+        return self._slopes(k, self.managed[k].u() if u is None else u)[0]
 
     @torch.no_grad()
-    def refit(self) -> None:
+    def _slopes(self, k: int, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(b, in, c): the slope, the band mask and the codes clamp(round(u)) (as floats), from one
+        pass over u. In the band, round(clamp(u)) = round(u), so φ is that of :func:`slope_phi`
+        (2γ·|u − c| = γ·φ exactly); outside, b = 0 whatever φ is."""
+        e, g = self.managed[k], self.groups[k]
+        inside = u.clamp(-e.qn, e.qp)
+        c = torch.round(inside)
+        b = (u - c).abs_()
+        ab = _grouped(b, g)  # a view of b
+        ab.mul_(self.gamma[k].to(u).unsqueeze(-1) * 2).add_(self.alpha[k].to(u).unsqueeze(-1))
+        b.clamp_(*self.b_range)
+        inside.eq_(u)  # band(u, −Qn, Qp)
+        return b.mul_(inside), inside, c
+
+    @torch.no_grad()
+    def refit(self, us: list[Tensor] | None = None) -> None:
+        """Refit (α, γ) of every managed weight at ``us`` (default: the current u), weighted by the
+        recorded input moment, and fold the fit into the EMA."""
         for k, (e, g) in enumerate(zip(self.managed, self.groups)):
-            moment = getattr(e.quantizer, "_jq_moment", None)
             a, c = fit_slope(
-                e.u(), e.qn, e.qp, g, fit=self.fit, eps=self.eps, weight=moment, seed=self.seed + self.fits
+                e.u() if us is None else us[k],
+                e.qn,
+                e.qp,
+                g,
+                fit=self.fit,
+                eps=self.eps,
+                weight=e.quantizer.input_moment,
+                seed=self.seed + self.fits,
             )
             w = self.ema if self.fits else 0.0
             self.alpha[k] = w * self.alpha[k] + (1 - w) * a.float()
@@ -194,31 +234,43 @@ class JacQuant(OptimizerWrapper):
         self.fits += 1
 
     @torch.no_grad()
-    def _apply_slopes(self) -> None:
+    def _apply_slopes(self, us: list[Tensor], pre: list[tuple[Tensor, Tensor]] | None = None) -> None:
+        """g ← b⊙g for every managed weight (``pre``: its (b, in) already computed at ``us``)."""
         for k, e in enumerate(self.managed):
             p = e.weight
             if p.grad is None:
                 continue
-            b = self.slopes(k)
+            u = us[k]
+            b, inside = pre[k] if pre is not None else self._slopes(k, u)[:2]
             q = e.quantizer
             if (
                 isinstance(q, LSQQuantizer) and q.s.grad is not None
             ):  # ∂L/∂s = Σ g(c − b·u): add Σ g·u·(in − b)
-                u = e.u()
-                corr = (p.grad * u * (band(u, -e.qn, e.qp) - b)).sum_to_size(q.s.shape) * q.grad_scale
+                corr = (p.grad * u).mul_(inside.sub_(b)).sum_to_size(q.s.shape) * q.grad_scale
                 q.s.grad.add_(corr)
             p.grad.mul_(b)
 
     def _grads(self, closure: Closure) -> Tensor:
-        loss = self._evaluate(closure)
-        self._apply_slopes()
+        """Gradients with the slopes at the weights as they are (STORM's pass at x_{t−1}, which
+        records no input moment)."""
+        with self._recording(False):
+            loss = self._evaluate(closure)
+        self._apply_slopes([e.u() for e in self.managed])
         return loss
+
+    def _phase_boundary(self, codes: list[Tensor]) -> bool:
+        """Whether some tensor's fraction of changed codes since the last step exceeds flip_rate
+        (one host sync for all tensors)."""
+        if self._codes is None:
+            return False
+        flips = torch.stack([(c != c0).sum() for c, c0 in zip(codes, self._codes)]).tolist()
+        return any(f > self.flip_rate * c.numel() for f, c in zip(flips, codes))
 
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
         check_closure(closure, type(self).__name__)
         params = [p for p in self.params() if p.requires_grad]
         if self.vr == "storm" and not self._checked:
-            with torch.no_grad():
+            with torch.no_grad(), self._recording(False):
                 l1, l2 = float(closure()), float(closure())
             if l1 != l2:
                 raise ValueError(
@@ -227,17 +279,22 @@ class JacQuant(OptimizerWrapper):
                     "(or dropout) per call. Capture the batch in the closure, or use vr='none'"
                 )
             self._checked = True
-        codes = [e.quantizer.codes(e.weight) for e in self.managed]
-        boundary = self._codes is not None and any(
-            float((c != c0).float().mean()) > self.flip_rate for c, c0 in zip(codes, self._codes)
-        )
-        if boundary:
+        # the weights do not move until the base step: one u per weight serves the flip check, the
+        # refit and the slopes, all after the closure (whose forward records the input moment)
+        loss = self._evaluate(closure)
+        us = [e.u() for e in self.managed]
+        if self.steps % self.every == 0:
+            self.refit(us)
+        pre = [self._slopes(k, u) for k, u in enumerate(us)]
+        codes = [
+            c.to(torch.int8 if e.quantizer.bits <= 8 else torch.int32)
+            for (_, _, c), e in zip(pre, self.managed)
+        ]
+        if self._phase_boundary(codes):
             self.phases += 1
             self._d = None
-        if self.steps % self.every == 0 or boundary:
-            self.refit()
         self._codes = codes
-        loss = self._grads(closure)
+        self._apply_slopes(us, [(b, inside) for b, inside, _ in pre])
         if self.vr == "storm":
             g_now = [p.grad.clone() if p.grad is not None else None for p in params]
             if self._d is not None and self.storm_a < 1.0:
@@ -265,8 +322,16 @@ class JacQuant(OptimizerWrapper):
         return loss
 
     def _wrapper_state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "fits": self.fits, "alpha": self.alpha, "gamma": self.gamma}
+        return {
+            "steps": self.steps,
+            "fits": self.fits,
+            "alpha": self.alpha,
+            "gamma": self.gamma,
+            "moments": [e.quantizer.input_moment for e in self.managed],
+        }
 
     def _load_wrapper_state_dict(self, state: dict[str, Any]) -> None:
         self.steps, self.fits = state["steps"], state["fits"]
         self.alpha, self.gamma = list(state["alpha"]), list(state["gamma"])
+        for e, m in zip(self.managed, state.get("moments", [None] * len(self.managed))):
+            e.quantizer.input_moment = None if m is None else m.clone()

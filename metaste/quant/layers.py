@@ -75,7 +75,26 @@ class QuantLayer:
         return self.weight_quant(self.weight)
 
     def _quant_input(self, x: Tensor) -> Tensor:
-        return x if self.act_quant is None else self.act_quant(x)
+        x = x if self.act_quant is None else self.act_quant(x)
+        ema = self.weight_quant.input_moment_ema
+        if ema is not None and self.training:
+            self._record_input_moment(x, ema)
+        return x
+
+    def _record_input_moment(self, x: Tensor, ema: float) -> None:
+        """EMA of E[x_j²] per weight column j into ``weight_quant.input_moment`` (no forward hook:
+        a flag the forward reads, so a compiled model keeps one graph; docs/design.md §8)."""
+        q = self.weight_quant
+        with torch.no_grad():
+            m = self._column_moment(x.detach())
+            if q.input_moment is None or q.input_moment.shape != m.shape:
+                q.input_moment = m
+            else:
+                q.input_moment.lerp_(m, 1.0 - ema)
+
+    def _column_moment(self, x: Tensor) -> Tensor:
+        """E[x_j²] over everything but the input feature (Linear: shape (in,))."""
+        return x.reshape(-1, x.shape[-1]).square().mean(0)
 
     @classmethod
     def from_float(cls, module: nn.Module, config: QuantConfig | None = None) -> nn.Module:
@@ -139,3 +158,15 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(self._quant_input(x), self.quantized_weight(), self.bias)
+
+    def _column_moment(self, x: Tensor) -> Tensor:
+        """The input channel's E[x²] over the batch and the spatial positions (padding not
+        counted), repeated over kh·kw: the columns of the weight flattened to (out, in/groups·kh·kw)
+        — shape (in·kh·kw,), or (out, in/groups·kh·kw) for a grouped convolution."""
+        c = self.in_channels
+        m = x.reshape(-1, c, x.shape[-2] * x.shape[-1]).square().mean((0, 2))
+        khkw = self.kernel_size[0] * self.kernel_size[1]
+        if self.groups == 1:
+            return m.repeat_interleave(khkw)
+        per_group = m.view(self.groups, c // self.groups)
+        return per_group.repeat_interleave(self.out_channels // self.groups, 0).repeat_interleave(khkw, 1)

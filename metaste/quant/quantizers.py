@@ -191,6 +191,12 @@ class Quantizer(GridSpecMixin, nn.Module):
 
     kind: str = ""  # "fixed" | "lsq" | "dorefa"
 
+    #: the layer input's second moment per weight column, recorded by the layer's forward (in
+    #: training mode, without a graph) while ``input_moment_ema`` is set — JacQuant's fit weights
+    #: (docs/design.md §8). ``None``: off, the forward does nothing extra (every other use).
+    input_moment_ema: float | None = None
+    input_moment: Tensor | None = None
+
     def __init__(self, surrogate: Surrogate) -> None:
         super().__init__()
         self.surrogate = surrogate

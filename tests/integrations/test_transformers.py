@@ -170,6 +170,36 @@ class _Skips(transformers.TrainerCallback):
         self.out.append(self.trainer.accelerator.optimizer_step_was_skipped)
 
 
+@pytest.mark.parametrize("method", ["fogzo", "delayed"])
+def test_a_run_resumed_from_a_checkpoint_continues_like_the_uninterrupted_run(method, tmp_path):
+    """save_steps=5 of 10: the run resumed from checkpoint-5 (a fresh model and wrapper; the
+    wrapper's state comes back from state_dict()["metaste"], θ with the model's weights; delayed:
+    in the middle of a window) logs the same losses and ends with the same weights."""
+    data = kjv_samples(STEPS * BATCH)
+
+    def run(resume: str | None):
+        model = tiny_llama()
+        opt = METHODS[method](model.parameters())
+        losses: list[float] = []
+        record_losses(opt, losses)
+        kw = dict(save_strategy="steps", save_steps=5, save_only_model=False)
+        trainer = MetasteTrainer(
+            model=model, args=args(tmp_path, 1, False, **kw), train_dataset=data, optimizers=(opt, None)
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return losses, model, opt
+
+    ref_losses, ref_model, ref_opt = run(None)
+    losses, model, opt = run(str(tmp_path / "checkpoint-5"))
+    assert len(ref_losses) == STEPS and losses == ref_losses[5:]
+    assert opt.steps == ref_opt.steps == STEPS
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), ref_model.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+    if method == "delayed":
+        a = [t for _, t in metaste.surrogate_parameters(model)]
+        assert not all(torch.equal(t, torch.ones_like(t)) for t in a)  # θ was learned
+
+
 def test_wrap_applies_to_the_optimizer_the_trainer_builds(tmp_path):
     data = kjv_samples(4 * BATCH)
     model = tiny_llama()

@@ -40,7 +40,7 @@ def test_slope_in_is_ste_plus_lsq_bitwise(monkeypatch):
     ref, net = mlp(), mlp()
     base = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
     opt = JacQuant(torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9))
-    monkeypatch.setattr(opt, "refit", lambda: None)  # (α, γ) stay (1, 0): b = in
+    monkeypatch.setattr(opt, "refit", lambda us=None: None)  # (α, γ) stay (1, 0): b = in
     assert_lockstep(ref, base, net, opt, [batch(seed=t) for t in range(5)])
 
 
@@ -116,3 +116,105 @@ def test_group_not_dividing_falls_back_with_warning():
 def test_invalid_options(kw, match):
     with pytest.raises(ValueError, match=match):
         JacQuant(torch.optim.SGD(mlp().parameters(), lr=0.1), **kw)
+
+
+# -- the fit's weights: the layer input's second moment (docs/design.md §8) ---------------------------------
+
+
+def test_input_moment_linear_is_the_ema_of_the_column_second_moment():
+    layer = metaste.quantize_model(nn.Sequential(nn.Linear(6, 3)), bits=2, keep_last=False)[0]
+    q = layer.weight_quant
+    x1, x2 = torch.randn(5, 6), torch.randn(2, 4, 6)  # any leading dims
+    layer(x1)
+    assert q.input_moment is None  # off by default: a plain model records nothing
+    q.input_moment_ema = 0.75
+    layer(x1)
+    assert torch.allclose(q.input_moment, (x1**2).mean(0))
+    layer(x2)
+    expected = 0.75 * (x1**2).mean(0) + 0.25 * (x2.reshape(-1, 6) ** 2).mean(0)
+    assert torch.allclose(q.input_moment, expected)
+    layer.eval()
+    layer(10 * x1)  # eval forwards do not record
+    assert torch.allclose(q.input_moment, expected)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_input_moment_conv_repeats_the_channel_moment_over_the_kernel(groups):
+    net = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=groups))
+    layer = metaste.quantize_model(net, bits=2, keep_last=False)[0]
+    layer.weight_quant.input_moment_ema = 0.0
+    x = torch.randn(2, 4, 5, 5)
+    layer(x)
+    per_channel = [float((x[:, c] ** 2).mean()) for c in range(4)]
+    cpg = 4 // groups
+    rows = []
+    for o in range(6):
+        grp = o // (6 // groups)
+        rows.append([per_channel[grp * cpg + j // 9] for j in range(cpg * 9)])  # column j = (channel, kh, kw)
+    expected = torch.tensor(rows)
+    got = layer.weight_quant.input_moment
+    assert got.shape == ((cpg * 9,) if groups == 1 else (6, cpg * 9))
+    assert torch.allclose(got.expand(6, cpg * 9), expected)
+
+
+@pytest.mark.parametrize("fit", ["dither", "probe"])
+def test_fit_ignores_columns_of_weight_zero(fit):
+    torch.manual_seed(0)
+    u = torch.rand(1, 512) * 3 - 1.5  # a 2-bit grid: some elements clipped
+    w = torch.cat([torch.rand(256) + 0.5, torch.zeros(256)])
+    a, g = fit_slope(u, 2, 1, 512, fit=fit, weight=w, seed=3)
+    other = u.clone()
+    other[:, 256:] = torch.rand(1, 256) * 40 - 20  # whatever the ignored columns hold
+    assert fit_slope(other, 2, 1, 512, fit=fit, weight=w, seed=3) == (a, g)
+    # the fit on the kept columns only: the same perturbations η (a row's draws are a prefix)
+    a_kept, g_kept = fit_slope(u[:, :256], 2, 1, 256, fit=fit, weight=w[:256], seed=3)
+    assert float(a) == pytest.approx(float(a_kept), rel=1e-12)
+    assert float(g) == pytest.approx(float(g_kept), rel=1e-12)
+    a_all, _ = fit_slope(u, 2, 1, 512, fit=fit, seed=3)  # unweighted: the other columns count
+    assert float(a_all) != pytest.approx(float(a), rel=1e-3)
+
+
+def test_wrapper_fits_with_the_recorded_input_moment(monkeypatch):
+    import metaste.optim.jacquant as jq
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 4))
+    net = metaste.quantize_model(net, bits=2, quantizer="lsq", keep_last=False)
+    opt = JacQuant(torch.optim.SGD(net.parameters(), lr=0.05), every=1)
+    seen = []
+
+    def spy(u, *args, weight=None, **kw):
+        seen.append(None if weight is None else weight.clone())
+        return fit_slope(u, *args, weight=weight, **kw)
+
+    monkeypatch.setattr(jq, "fit_slope", spy)
+    x, y = batch()
+    net.eval()  # an eval forward records nothing
+    hidden = torch.relu(net[0](x))  # the second layer's input at the step's weights
+    net.train()
+    opt.step(lambda: F.cross_entropy(net(x), y))
+    assert len(seen) == 2
+    assert torch.allclose(seen[0], (x**2).mean(0))  # the first step's fit sees that step's batch
+    assert torch.allclose(seen[1], (hidden**2).mean(0))
+    x2, y2 = batch(seed=2)
+    opt.step(lambda: F.cross_entropy(net(x2), y2))
+    assert torch.allclose(seen[2], 0.9 * (x**2).mean(0) + 0.1 * (x2**2).mean(0))  # the wrapper's ema
+    opt.close()
+    net(x2)
+    assert all(m.weight_quant.input_moment is None for m in (net[0], net[2]))
+
+
+def test_weighted_fit_changes_the_slopes():
+    # inputs whose first half of columns are 0: a weighted fit uses only the second half's elements
+    def run(weighted):
+        net = mlp()
+        opt = JacQuant(torch.optim.SGD(net.parameters(), lr=0.05), every=1)
+        if not weighted:
+            for e in opt.managed:
+                e.quantizer.input_moment_ema = None
+        x, y = batch()
+        x[:, :64] = 0
+        opt.step(lambda: F.cross_entropy(net(x), y))
+        return opt.alpha[0]
+
+    assert not torch.allclose(run(True), run(False))

@@ -6,6 +6,11 @@ A method is two objects: its *options* (a frozen dataclass that validates itself
 :class:`~metaste.optim.hyper.delayed.Delayed`; what the user passes as ``HyperSTE(method=...)``)
 and its *runtime* (a :class:`HyperMethod` subclass the options build once the managed weights are
 known; it holds the state and answers ``step``, ``diagnostics`` and ``state_dict``).
+
+Size: ~450 lines, over the ~400 the package aims for, on purpose: the FSDP2 view of a managed
+weight (its rows of g, u and θ, docs/design.md §10.4) is a handful of accessors on
+:class:`ManagedWeight` that every per-step method calls; kept here, the methods read the same on
+one process and on a mesh.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -25,6 +31,7 @@ from ...quant.registry import QuantEntry
 from ...quant.surrogates import BOUNDARIES
 from .._wrapper import Closure
 from ..diffopt import UpdateRecord, one_step_hypergradient
+from ..fsdp import all_reduce_sums, as_dtensor_like, is_dtensor, local, local_scale, shard_group
 
 __all__ = [
     "MethodOptions",
@@ -46,13 +53,49 @@ HyperOptimizerSpec = type[Optimizer] | Callable[..., Optimizer] | str | None
 class ManagedWeight(QuantEntry):
     """A quantized weight whose learnable surrogate HyperSTE trains: its registry entry
     (``qn``, ``qp``, ``surrogate``, ``u()`` — u = v/s now, detached: in ``step`` the u of the
-    forward that made the grad) plus a name for the diagnostics."""
+    forward that made the grad) plus a name for the diagnostics.
+
+    Under FSDP2 (docs/design.md §10.4) the weight is a DTensor sharded by rows and the method
+    works on the rank's rows: ``u()``, :meth:`local_grad` and :meth:`theta` are those rows (θ is
+    sharded like the weight when it has an entry per row, :func:`~metaste.optim.fsdp.shard_rows_like`;
+    a per-tensor θ is whole on every rank), :meth:`set_grad` hands the rows back as a DTensor and
+    :attr:`group` is the mesh to sum over (``None`` on one process: every method is unchanged)."""
 
     name: str = ""
 
     @property
     def param(self) -> nn.Parameter:
         return self.weight
+
+    @property
+    def group(self) -> Any:
+        """The process group the weight's rows are sharded over (FSDP2), else ``None``."""
+        return shard_group(self.weight)
+
+    def u(self) -> Tensor:
+        if not is_dtensor(self.weight):
+            return super().u()
+        w = self.weight.detach()
+        return local(w) / local_scale(self.quantizer.scale(w), w)
+
+    def local_grad(self) -> Tensor | None:
+        """The gradient of the weight (the rank's rows under FSDP2), or ``None``."""
+        g = self.weight.grad
+        return None if g is None else local(g)
+
+    def set_grad(self, g: Tensor) -> None:
+        """Set the weight's gradient to ``g`` (the rank's rows under FSDP2)."""
+        self.weight.grad = as_dtensor_like(g, self.weight) if is_dtensor(self.weight) else g
+
+    def theta(self) -> tuple[Tensor, ...]:
+        """The surrogate parameters (the rank's rows where they are sharded; in-place changes
+        reach the buffers)."""
+        return tuple(local(t) for t in self.surrogate.params())
+
+    def sum_over_shards(self, values: list[float], device: torch.device) -> list[float]:
+        """``values`` (partial sums over the rank's rows) summed over the weight's shards."""
+        group = self.group
+        return values if group is None else all_reduce_sums(values, group, device)
 
 
 def resolve_hyper_optimizer(spec: HyperOptimizerSpec) -> Callable[..., Optimizer] | None:
@@ -156,16 +199,22 @@ class HyperLR:
     η_a is 0 (there is nothing to move it by).
     """
 
-    def __init__(self, hyper_lr: float, mode: str, beta: float, n: int) -> None:
+    def __init__(self, hyper_lr: float, mode: str, beta: float, n: int, groups: Sequence[Any] = ()) -> None:
         self.hyper_lr, self.mode, self.beta = hyper_lr, mode, beta
         self.ema = [0.0] * n
         self.count = [0] * n
+        # FSDP2: the process group over which tensor i is sharded (its mean square sums over it)
+        self.groups = list(groups) or [None] * n
 
     def __call__(self, i: int, h: Tensor) -> float:
-        """η_a for tensor ``i`` given this update's hypergradient ``h``."""
+        """η_a for tensor ``i`` given this update's hypergradient ``h`` (the rank's rows of it
+        when tensor ``i`` is sharded)."""
         if self.mode == "raw":
             return self.hyper_lr
-        mean_sq = float(torch.linalg.vector_norm(h)) ** 2 / h.numel()
+        sq, n = float(torch.linalg.vector_norm(h)) ** 2, h.numel()
+        if self.groups[i] is not None:
+            sq, n = all_reduce_sums([sq, n], self.groups[i], h.device)
+        mean_sq = sq / n
         if mean_sq > 0:
             self.ema[i] = self.beta * self.ema[i] + (1 - self.beta) * mean_sq
             self.count[i] += 1
@@ -231,9 +280,18 @@ class HyperMethod:
     ) -> None:
         self.optimizer, self.managed, self.opts, self.model = optimizer, managed, opts, model
         self.name = opts.name
-        self.tensors = [t for mw in managed for t in mw.surrogate.params()]
+        self.tensors = [t for mw in managed for t in mw.theta()]  # the rank's rows under FSDP2
         self.slices = _slices(managed)  # managed weight i owns self.tensors[self.slices[i]]
-        self.hyper_lr = HyperLR(opts.hyper_lr, opts.hyper_lr_mode, opts.normalize_beta, len(self.tensors))
+        # FSDP2 (docs/design.md §10.4), per surrogate tensor: the group a sharded θ's entries are
+        # summed over, and the group a whole θ's hypergradient (a sum over the weight's
+        # elements, of which the rank holds its rows) is all-reduced over
+        self.theta_groups = [
+            mw.group if is_dtensor(t) else None for mw in managed for t in mw.surrogate.params()
+        ]
+        self.h_groups = [None if is_dtensor(t) else mw.group for mw in managed for t in mw.surrogate.params()]
+        self.hyper_lr = HyperLR(
+            opts.hyper_lr, opts.hyper_lr_mode, opts.normalize_beta, len(self.tensors), self.theta_groups
+        )
         # per-step scalars for the diagnostics, filled by the method: {layer name: {key: value}}
         self.step_stats: dict[str, dict[str, float]] = {}
         self.hypergrad_norm = 0.0
@@ -270,13 +328,13 @@ class HyperMethod:
         lam, raw = {}, {}
         self.step_stats = {}
         for i, mw in enumerate(self.managed):
-            g = mw.param.grad
+            g = mw.local_grad()
             if g is None:  # weight not used by this loss: the base optimizer skips it too
                 continue
             u = mw.u()
-            psi = mw.surrogate.psi(u, mw.qn, mw.qp)
-            n = g.numel()
-            self.step_stats[mw.name] = {"clipped_frac": (n - float(psi.count_nonzero())) / n}
+            psi = mw.surrogate.psi(u, mw.qn, mw.qp, mw.theta())
+            n, nnz = mw.sum_over_shards([g.numel(), float(psi.count_nonzero())], g.device)
+            self.step_stats[mw.name] = {"clipped_frac": (n - nnz) / n}
             lam[i], raw[i] = psi.mul_(g), (g, u)  # g ⊙ ψ in ψ's buffer
         return lam, raw
 
@@ -288,6 +346,8 @@ class HyperMethod:
 
         idx = sorted(raw)
         record = record_update(self.optimizer, [self.managed[i].param for i in idx], light=True)
+        record.params = [local(p) for p in record.params]  # FSDP2: the rank's rows
+        record.states = [_local_state(st) for st in record.states]
         return PendingStep(record, [raw[i][0] for i in idx], [raw[i][1] for i in idx], idx, theta, t)
 
     def pending_hypergradient(
@@ -299,26 +359,34 @@ class HyperMethod:
             return  # no managed weight got a gradient at t or t+1 (a loss that missed them)
         entries = [self.managed[i] for i in pending.idx]
         if pending.theta is None:
-            thetas = [list(mw.surrogate.params()) for mw in entries]
+            thetas = [list(mw.theta()) for mw in entries]
         else:
             thetas = [pending.theta[self.slices[i]] for i in pending.idx]
         lams = [lam.get(i) for i in pending.idx]
         # the pending record is used once (its owner drops it): updated in place, not cloned
-        live = [self.optimizer.state.get(mw.param, {}) for mw in entries]  # the state after step t
+        live = [_local_state(self.optimizer.state.get(mw.param, {})) for mw in entries]  # after step t
         hs = one_step_hypergradient(
             pending.record, entries, pending.grads, pending.us, thetas, lams, consume=True, live_states=live
         )
         for i, hi in zip(pending.idx, hs):
             for k, h in zip(range(self.slices[i].start, self.slices[i].stop), hi):
                 if h is not None:
+                    if self.h_groups[k] is not None:  # FSDP2: the rank's rows' part of a whole θ's h
+                        dist.all_reduce(h, group=self.h_groups[k])
                     yield k, h
 
     def apply_hypergradient(self, params: list[Tensor], h: list[Tensor], hyper_opt: Optimizer | None) -> bool:
         """θ ← θ − η_a·h (η_a per tensor, :class:`HyperLR`) on ``params``, by ``hyper_opt`` if given
         (its lr is ``hyper_lr``; normalisation rescales the gradient it sees). Records the norm;
-        a non-finite h changes nothing and returns False. Clamping is the caller's."""
-        self.hypergrad_norm = float(sum(float((x.double() ** 2).sum()) for x in h)) ** 0.5
-        if not all(bool(torch.isfinite(x).all()) for x in h):
+        a non-finite h changes nothing and returns False. Clamping is the caller's. A sharded
+        θ (FSDP2): ``params`` and ``h`` are the rank's rows; the norm and the test sum over the mesh."""
+        sq = [float((x.double() ** 2).sum()) for x in h]
+        bad = [float(not bool(torch.isfinite(x).all())) for x in h]
+        for k, group in enumerate(self.theta_groups):
+            if group is not None:
+                sq[k], bad[k] = all_reduce_sums([sq[k], bad[k]], group, h[k].device)
+        self.hypergrad_norm = float(sum(sq)) ** 0.5
+        if any(bad):
             return False
         with torch.no_grad():
             etas = [self.hyper_lr(k, x) for k, x in enumerate(h)]
@@ -344,6 +412,11 @@ class HyperMethod:
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.hyper_lr.load_state_dict(sd["hyper_lr"])
+
+
+def _local_state(state: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state with its DTensors replaced by the rank's shards (FSDP2)."""
+    return {k: local(v) if isinstance(v, Tensor) else v for k, v in state.items()}
 
 
 def _slices(managed: list[ManagedWeight]) -> list[slice]:

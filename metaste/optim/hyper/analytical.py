@@ -285,14 +285,13 @@ class AnalyticalMethod(HyperMethod):
         self.step_stats = {}
         sq_norm = 0.0
         for i, mw in enumerate(self.managed):
-            g = mw.param.grad
+            g = mw.local_grad()  # FSDP2: g, u, a, c and the history are the rank's rows
             if g is None:  # weight not used by this loss: the base optimizer skips it too
                 continue
-            s, a, u = mw.surrogate, mw.surrogate.a, mw.u()
+            s, a, u = mw.surrogate, mw.theta()[0], mw.u()
             hist = self.history[i]
             # c = η_w⁻·g·g⁻·d⁻, in one buffer (the same products in the same order)
-            n = g.numel()
-            fast = n >= FUSE_MIN and g.shape == u.shape == a.shape  # compiled passes, the same values
+            fast = g.numel() >= FUSE_MIN and g.shape == u.shape == a.shape  # compiled passes, the same values
             if hist is None:
                 c = torch.zeros_like(g)
             elif fast and hist[0].shape == hist[1].shape == g.shape:  # one compiled pass
@@ -304,22 +303,24 @@ class AnalyticalMethod(HyperMethod):
             # g⁻ and d⁻ are spent: drop them now, not after the new ones exist (two weight copies
             # less at this step's peak; the history is rebuilt below before anything can raise)
             self.history[i] = hist = None
+            # counts over the rank's elements (summed over the shards below): regions, halvings
             if fast and o.resolve != "threshold":  # no region masks: their counts
-                a_new, counts, (halvings, halved, unresolved) = _update_counts(
+                a_new, counts, halv = _update_counts(
                     a, u, c, self.hyper_lr(i, c), mw.qn, mw.qp, o.resolve, o.max_halvings
                 )
-                stats = {k: cnt / n for k, cnt in zip(REGIONS, counts)}
-                stats.update(halvings=halvings, halved_frac=halved / n, unresolved_frac=unresolved / n)
+                counts += list(halv)
             else:
                 res = analytical_update(a, u, c, self.hyper_lr(i, c), mw.qn, mw.qp, o.resolve, o.max_halvings)
                 a_new = res.a
-                stats = {k: float(v.count_nonzero()) / n for k, v in res.regions.items()}
-                if stats["gap"] == 0:  # no gap element: nothing was halved or left unresolved
-                    stats.update(halvings=0.0, halved_frac=0.0, unresolved_frac=0.0)
+                counts = [float(res.regions[k].count_nonzero()) for k in REGIONS]
+                if counts[REGIONS.index("gap")] == 0:  # no gap element: nothing halved or unresolved
+                    counts += [0.0, 0.0, 0.0]
                 else:
-                    stats["halvings"] = float(res.halvings.sum())
-                    stats["halved_frac"] = float((res.halvings > 0).sum()) / n
-                    stats["unresolved_frac"] = float(res.unresolved.sum()) / n
+                    counts += [
+                        float(res.halvings.sum()),
+                        float((res.halvings > 0).sum()),
+                        float(res.unresolved.sum()),
+                    ]
                 del res
             if fast:  # a ← clamp(a′) and the back pass in one compiled pass
                 grad, d, nnz, sq = kernel(_back, "analytical", True)(
@@ -334,10 +335,13 @@ class AnalyticalMethod(HyperMethod):
                 sq = float(torch.linalg.vector_norm(c.mul_(psi))) ** 2  # ∂L_t/∂a = −c·ψ(u_t; a')
                 grad = psi.mul_(g)  # g·ψ, in ψ's buffer
                 d = slste_grad(u, a, mw.qn, mw.qp, s.boundary, s.b)
-            del c
+            del a_new, c
+            n, *counts, nnz, sq = mw.sum_over_shards([g.numel(), *counts, nnz, sq], g.device)
+            stats = {k: x / n for k, x in zip(REGIONS, counts)}
+            stats.update(halvings=counts[4], halved_frac=counts[5] / n, unresolved_frac=counts[6] / n)
             stats["clipped_frac"] = (n - nnz) / n
             sq_norm += sq
-            mw.param.grad = grad
+            mw.set_grad(grad)
             self.history[i] = (g, d, float(group_of[id(mw.param)]["lr"]))
             self.step_stats[mw.name] = stats
         self.hypergrad_norm = sq_norm**0.5

@@ -103,7 +103,7 @@ class DelayedMethod(HyperMethod):
                 self.h[k] += h
             self.pairs += 1
         for i, g in lam.items():
-            self.managed[i].param.grad = g
+            self.managed[i].set_grad(g)
         if pos < o.window - 1 and (o.accumulate != "first" or pos == 0):
             self.pending = self.record_pending(raw)
         else:
