@@ -178,6 +178,14 @@ def host_floats(xs: list[Tensor]) -> list[float]:
     return torch.stack([x.to(device=dev, dtype=torch.float64) for x in xs]).tolist()
 
 
+#: the recompile limit while a kernel runs: each weight shape may compile its own variant
+RECOMPILE_LIMIT = 64
+
+
+def _dynamo_limit() -> int:
+    return int(torch._dynamo.config.recompile_limit)
+
+
 _COMPILED: dict[str, Any] = {}
 _BROKEN: list[str] = []  # a compile that failed once is not retried (the eager path gives the same bits)
 
@@ -196,7 +204,10 @@ def kernel(fn: Callable[..., None], kind: str, fused: bool) -> Callable[..., Non
         if _BROKEN:
             return fn(*args)
         try:
-            return compiled(*args)
+            # one variant per weight shape (Dynamo specialises these shapes): a model has more
+            # shapes than the default limit of 8, past which a fullgraph kernel fails (issue 11)
+            with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, _dynamo_limit())):
+                return compiled(*args)
         except Exception as err:  # no C++ compiler, no Triton, an unsupported device, ...
             _BROKEN.append(repr(err))
             warnings.warn(

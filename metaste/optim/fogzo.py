@@ -88,8 +88,8 @@ def fogzo_estimate(
     The noise z_ik is regenerated from ``derive_seed(seed, step, i, k)`` each time it is used
     (``keep_noise=True`` keeps the n·D values instead: same result, fewer regenerations). Each
     perturbation is one pass that computes z from the element index (:func:`~metaste.optim._fused.perturb_`),
-    the final G one pass for all n samples (:func:`~metaste.optim._fused.combine_`; ``"inplace"``: the
-    same pass also restores the last sample, :func:`~metaste.optim._fused.restore_combine_`); ``fused=True``
+    the final G one pass for all n samples (:func:`~metaste.optim._fused.combine_`; ``"inplace"`` at
+    n = 1: the same pass also restores the weights, :func:`~metaste.optim._fused.restore_combine_`); ``fused=True``
     compiles both with ``torch.compile`` (the same numbers, :mod:`metaste.optim._fused`)::
 
         N  = ‖ε ⊙ g‖₂ over all tensors; ĝ = ε ⊙ g / N  (0 if N is 0 or not finite)
@@ -169,9 +169,11 @@ def fogzo_estimate(
 
     # 2. c_i from 2 (one-sided: 1) no-grad passes at v ± ε⊙d_i
     originals = [v.clone() for v in weights] if restore == "copy" else None
-    # in-place restore: the last sample's restoring pass is also the combine pass of step 3 (it
-    # computes the same noise), so it waits for c; ``pending`` are the tensors not yet restored
-    fuse_last = originals is None and not keep and b != 0.0
+    # in-place restore, n = 1: the restoring pass is also the combine pass of step 3 (it computes
+    # the same noise), so it waits for c; ``pending`` are the tensors not yet restored. (n > 1
+    # would save one of 4n draws and give the compiled kernel one more variant per n: Dynamo's
+    # recompile limit, shared by all calls of a function, then turns every fused pass eager.)
+    fuse_last = originals is None and not keep and b != 0.0 and n == 1
     pending = list(range(len(weights)))
     c = torch.empty(n, dtype=torch.float64)
     offset = (0, 0.0)  # (i, m): the weights ``pending`` are now v + m·ε⊙d_i
@@ -343,8 +345,8 @@ class FOGZO(OptimizerWrapper):
         restore (str, default ``"copy"``): ``"copy"`` keeps a copy of the managed weights
             during the no-grad passes, restores them bitwise and mirrors v⁺ into v⁻ without
             regenerating the noise (fastest: 2 noise draws per sample); ``"inplace"`` adds
-            +1, −2, +1 times ε⊙d_i (no copy, 4 draws per sample, one less per tensor and step: the
-            last restore is the combine pass, which draws the same noise). In-place restore cannot be
+            +1, −2, +1 times ε⊙d_i (no copy, 4 draws per sample; at n = 1 the restore is the
+            combine pass, which draws the same noise: 3). In-place restore cannot be
             exact: one cycle leaves each tensor within 4 ulp of its max|v|, and the rounding
             errors of many cycles add up as a random walk (measured: ≈ 17 ulp of max|v| after
             200 cycles at lr = 0), far below any learning-rate step but not bounded.
