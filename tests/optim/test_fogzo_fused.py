@@ -296,4 +296,3 @@ def test_hyperste_analytical_compiled_counts_give_the_eager_stats_and_trajectory
     assert stats[0] == stats[1]
     big = [s for step in stats[1] for name, s in step.items() if s["gap"] > 0]
     assert big, "no step had gap elements: the halving path was not exercised"
-
