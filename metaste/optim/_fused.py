@@ -182,10 +182,6 @@ def host_floats(xs: list[Tensor]) -> list[float]:
 RECOMPILE_LIMIT = 64
 
 
-def _dynamo_limit() -> int:
-    return int(torch._dynamo.config.recompile_limit)
-
-
 _COMPILED: dict[str, Any] = {}
 _BROKEN: list[str] = []  # a compile that failed once is not retried (the eager path gives the same bits)
 
@@ -205,9 +201,15 @@ def kernel(fn: Callable[..., None], kind: str, fused: bool) -> Callable[..., Non
             return fn(*args)
         try:
             # one variant per weight shape (Dynamo specialises these shapes): a model has more
-            # shapes than the default limit of 8, past which a fullgraph kernel fails (issue 11)
-            with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, _dynamo_limit())):
+            # shapes than the default limit of 8, past which a fullgraph kernel fails (issue 11).
+            # Set and reset by hand: config.patch costs ~1 ms a call, a plain attribute µs.
+            cfg = torch._dynamo.config
+            limit = cfg.recompile_limit
+            cfg.recompile_limit = max(RECOMPILE_LIMIT, limit)
+            try:
                 return compiled(*args)
+            finally:
+                cfg.recompile_limit = limit
         except Exception as err:  # no C++ compiler, no Triton, an unsupported device, ...
             _BROKEN.append(repr(err))
             warnings.warn(
