@@ -435,4 +435,24 @@ def write_reports(results: Path, doc: Path, readme: Path) -> list[Path]:
             text = replace_block(text, "demo", demo)
         readme.write_text(text)
         written.append(readme)
+    for page in sorted(doc.parent.rglob("*.md")):  # a docs page may hold one suite's verdicts
+        text = page.read_text()
+        blocks = [name for name in found if f"<!-- results:suite:{name} -->" in text]
+        for name in blocks:
+            text = replace_block(text, f"suite:{name}", suite_summary(found[name]))
+        if blocks:
+            page.write_text(text)
+            written.append(page)
     return written
+
+
+def suite_summary(entries: list[tuple[SuiteEntry, Comparison | None]]) -> str:
+    """The verdict lines of one suite's comparisons, grouped under each comparison's title."""
+    from .report import verdict_lines
+
+    parts = []
+    for entry, comp in entries:
+        parts.append(f"- **{entry.title}** (`{entry.id}`)" + (": *not run yet*" if comp is None else ""))
+        if comp is not None:
+            parts += [f"  - {line}" for line in verdict_lines(comp)]
+    return "\n".join(parts)
