@@ -258,6 +258,28 @@ SUITES: dict[str, list[SuiteEntry]] = {
     ]
     + [
         SuiteEntry(
+            "new-methods-mnist-1bit-ablation",
+            "MNIST MLP 784-10-10, both layers 1-bit DoReFa, SGD, 1,500 steps: which part of PEGE gains",
+            *_mnist(
+                1,
+                "dorefa",
+                "sgd",
+                [
+                    "ste-identity",
+                    "pege[lam=0.01]",
+                    "pege[lam=0]",  # no discretization-error penalty
+                    "pege[lam=0.01,delta=0]",  # no EWGS term: the STE's gradient on replaced elements
+                    "pege[lam=0.01,replace_frac=0.001]",  # no curriculum: every element replaced at once
+                ],
+                10,
+                first_seed=30,
+            ),
+            "PEGE with one part removed at a time, λ fixed at the tuned 0.01, lr tuned for each; "
+            "evaluation seeds 30–39 (fresh)",
+        )
+    ]
+    + [
+        SuiteEntry(
             f"new-methods-{task}-{bits}bit",
             f"{title}, {bits}-bit, {opt.upper()}, {steps} steps: PEGE (λ = 0.01, the 1-bit MNIST choice)",
             Setup(task, bits=bits, optimizer=opt, steps=steps),
