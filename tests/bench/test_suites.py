@@ -73,9 +73,7 @@ def test_report_regeneration_is_idempotent_and_replaces_only_its_block(tmp_path,
     first = (readme.read_text(), doc.read_text(), page.read_text())
     suites.write_reports(results, doc, readme)
     assert (readme.read_text(), doc.read_text(), page.read_text()) == first
-    assert first[2].startswith(
-        "a\n<!-- results:suite:tiny -->\n- **digits, 6 steps** (`tiny`)\n  - `ste` vs"
-    )
+    assert first[2].startswith("a\n<!-- results:suite:tiny -->\n- **digits, 6 steps** (`tiny`)\n  - `ste` vs")
     assert first[2].endswith("<!-- /results:suite:tiny -->\nb\n") and "old" not in first[2]
     assert "  - `fogzo` vs best STE" in first[2]
     text = first[0]
