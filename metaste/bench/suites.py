@@ -258,6 +258,28 @@ SUITES: dict[str, list[SuiteEntry]] = {
     ]
     + [
         SuiteEntry(
+            "new-methods-mnist-1bit-ablation",
+            "MNIST MLP 784-10-10, both layers 1-bit DoReFa, SGD, 1,500 steps: which part of PEGE gains",
+            *_mnist(
+                1,
+                "dorefa",
+                "sgd",
+                [
+                    "ste-identity",
+                    "pege[lam=0.01]",
+                    "pege[lam=0]",  # no discretization-error penalty
+                    "pege[lam=0.01,delta=0]",  # no EWGS term: the STE's gradient on replaced elements
+                    "pege[lam=0.01,replace_frac=0.001]",  # no curriculum: every element replaced at once
+                ],
+                10,
+                first_seed=30,
+            ),
+            "PEGE with one part removed at a time, λ fixed at the tuned 0.01, lr tuned for each; "
+            "evaluation seeds 30–39 (fresh)",
+        )
+    ]
+    + [
+        SuiteEntry(
             f"new-methods-{task}-{bits}bit",
             f"{title}, {bits}-bit, {opt.upper()}, {steps} steps: PEGE (λ = 0.01, the 1-bit MNIST choice)",
             Setup(task, bits=bits, optimizer=opt, steps=steps),
@@ -435,4 +457,24 @@ def write_reports(results: Path, doc: Path, readme: Path) -> list[Path]:
             text = replace_block(text, "demo", demo)
         readme.write_text(text)
         written.append(readme)
+    for page in sorted(doc.parent.rglob("*.md")):  # a docs page may hold one suite's verdicts
+        text = page.read_text()
+        blocks = [name for name in found if f"<!-- results:suite:{name} -->" in text]
+        for name in blocks:
+            text = replace_block(text, f"suite:{name}", suite_summary(found[name]))
+        if blocks:
+            page.write_text(text)
+            written.append(page)
     return written
+
+
+def suite_summary(entries: list[tuple[SuiteEntry, Comparison | None]]) -> str:
+    """The verdict lines of one suite's comparisons, grouped under each comparison's title."""
+    from .report import verdict_lines
+
+    parts = []
+    for entry, comp in entries:
+        parts.append(f"- **{entry.title}** (`{entry.id}`)" + (": *not run yet*" if comp is None else ""))
+        if comp is not None:
+            parts += [f"  - {line}" for line in verdict_lines(comp)]
+    return "\n".join(parts)

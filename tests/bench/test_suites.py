@@ -66,10 +66,16 @@ def test_report_regeneration_is_idempotent_and_replaces_only_its_block(tmp_path,
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:suites -->\nold\n<!-- /results:suites -->\noutro\n")
     doc = tmp_path / "docs" / "results.md"
+    page = tmp_path / "docs" / "methods" / "page.md"
+    page.parent.mkdir(parents=True)
+    page.write_text("a\n<!-- results:suite:tiny -->\nold\n<!-- /results:suite:tiny -->\nb\n")
     suites.write_reports(results, doc, readme)
-    first = (readme.read_text(), doc.read_text())
+    first = (readme.read_text(), doc.read_text(), page.read_text())
     suites.write_reports(results, doc, readme)
-    assert (readme.read_text(), doc.read_text()) == first
+    assert (readme.read_text(), doc.read_text(), page.read_text()) == first
+    assert first[2].startswith("a\n<!-- results:suite:tiny -->\n- **digits, 6 steps** (`tiny`)\n  - `ste` vs")
+    assert first[2].endswith("<!-- /results:suite:tiny -->\nb\n") and "old" not in first[2]
+    assert "  - `fogzo` vs best STE" in first[2]
     text = first[0]
     assert text.startswith("intro\n<!-- results:suites -->\n") and text.endswith(
         "<!-- /results:suites -->\noutro\n"
