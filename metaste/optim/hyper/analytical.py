@@ -125,12 +125,13 @@ def _update_counts(
     clamping, the counts in :data:`REGIONS` order, (Σ halvings, #halved, #unresolved)): the values
     of :func:`analytical_update`."""
     eta = torch.tensor(eta_a, dtype=c.dtype, device=c.device)
-    a_new, counts_t = kernel(_front_counts, "analytical", True)(a, u, c, eta, float(qn), float(qp))
+    counts_t = kernel(_front_count_only, "analytical", True)(a, u, c, eta, float(qn), float(qp))
     counts = [float(k) for k in counts_t.tolist()]
     halv = (0.0, 0.0, 0.0)
-    if counts[3] and resolve == "halve":  # the gap: x ≥ r > 0 (NaN counts as there, as in _regions)
-        # x and r (two weight copies) only where they are needed: the full front again
-        del a_new
+    gap = bool(counts[3]) and resolve == "halve"
+    if not gap:  # a′ without x and r: two weight copies less (issue 11)
+        a_new = kernel(_front_a, "analytical", True)(a, u, c, eta, float(qn), float(qp))
+    else:  # the gap: x ≥ r > 0 (NaN counts as there, as in _regions); x and r only here
         x, r, a_new, _ = kernel(_front, "analytical", True)(a, u, c, eta, float(qn), float(qp))
         gi = (x < r).logical_not_().logical_and_((r <= 0).logical_not_()).nonzero(as_tuple=True)
         a_gap, m, bad = _gap(x[gi], r[gi], a[gi], max_halvings)
@@ -183,16 +184,30 @@ def _front(a: Tensor, u: Tensor, c: Tensor, eta: Tensor, qn: float, qp: float) -
 
 def _front_counts(a: Tensor, u: Tensor, c: Tensor, eta: Tensor, qn: float, qp: float) -> tuple:
     """:func:`_front` without x and r (the same a′ and counts; issue 11: two weight copies less
-    when no element is in the gap)."""
+    when no element is in the gap), as two compiled passes: one kernel for both would store the
+    scaling mask as bools, which inductor does slowly on CPU."""
+    counts = kernel(_front_count_only, "analytical", True)(a, u, c, eta, qn, qp)
+    return kernel(_front_a, "analytical", True)(a, u, c, eta, qn, qp), counts
+
+
+def _front_count_only(a: Tensor, u: Tensor, c: Tensor, eta: Tensor, qn: float, qp: float) -> Tensor:
+    """The region counts of :func:`_front` (the same expressions)."""
     x = c * eta
     au = a * u
     r = torch.minimum(-(au / qp) + 1, au / qn + 1)
     clipped, legal = r <= 0, x < r
     scaling = ~clipped & legal
-    counts = torch.stack(
+    return torch.stack(
         [(clipped & ~legal).sum(), scaling.sum(), (clipped & legal).sum(), (~clipped & ~legal).sum()]
     )
-    return torch.where(scaling, a / (-x + 1), a), counts
+
+
+def _front_a(a: Tensor, u: Tensor, c: Tensor, eta: Tensor, qn: float, qp: float) -> Tensor:
+    """The a′ of :func:`_front` (the same expressions)."""
+    x = c * eta
+    au = a * u
+    r = torch.minimum(-(au / qp) + 1, au / qn + 1)
+    return torch.where(~(r <= 0) & (x < r), a / (-x + 1), a)
 
 
 def _history_product(g: Tensor, lr: Tensor, g_prev: Tensor, d_prev: Tensor) -> Tensor:
@@ -250,14 +265,14 @@ def _back(
     a = a_new.clamp(a_min, a_max)
     a_new.copy_(a)
     au = a * u
-    inside_b = torch.clamp(au, -qn, qp) == au  # band(a·u)
-    inside = inside_b.to(u.dtype)
+    inside = (torch.clamp(au, -qn, qp) == au).to(u.dtype)  # band(a·u)
     psi = inside * a
     cp = c * psi
-    code = inside_b.to(torch.uint8)
+    code = inside  # formed in floats, then one conversion: inductor's bool/uint8 ops are slow on CPU
     if window:
         tau = torch.where(u > 0, qp, -qn).to(u.dtype) / u
-        code = code | (((tau - a).abs() < b).to(torch.uint8) << 1)
+        code = inside + 2 * ((tau - a).abs() < b).to(u.dtype)
+    code = code.to(torch.uint8)
     nnz, sq = (psi != 0).sum(), (cp * cp).sum()
     c.copy_(psi * g)
     return code, nnz, sq
