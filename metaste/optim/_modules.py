@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import types
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -97,9 +98,14 @@ class ModuleBufferGuard:
     only when it is left by an exception other than a skipped fp16 step). The interface of
     :class:`~._snapshot.BufferGuard`, without its global forward hook."""
 
-    def __init__(self, modules: list[nn.Module], *, on_error_only: bool = False) -> None:
+    def __init__(
+        self, modules: list[nn.Module], *, on_error_only: bool = False, exclude: Sequence[Tensor] = ()
+    ) -> None:
         self.modules = modules
         self.on_error_only = on_error_only
+        self.exclude = {
+            id(t) for t in exclude
+        }  # buffers their owner keeps unchanged until no error can follow
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -116,7 +122,7 @@ class ModuleBufferGuard:
                 if callable(written):
                     for t in written():
                         tensors[id(t)] = t
-        self.saved = [(t, t.detach().clone()) for t in tensors.values()]
+        self.saved = [(t, t.detach().clone()) for k, t in tensors.items() if k not in self.exclude]
         return self
 
     def __exit__(self, exc_type: Any, *exc: object) -> None:

@@ -15,7 +15,7 @@ run a closure again without leaving a trace (docs/design.md §3.3, §4.5).
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,9 +71,12 @@ class BufferGuard:
     restored with its buffers.
     """
 
-    def __init__(self, *, on_error_only: bool = False) -> None:
+    def __init__(self, *, on_error_only: bool = False, exclude: Sequence[Tensor] = ()) -> None:
         self.saved: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {}
         self.on_error_only = on_error_only
+        self.exclude = {
+            id(t) for t in exclude
+        }  # buffers their owner keeps unchanged until no error can follow
 
     def _pre_hook(self, module: nn.Module, args: Any) -> None:
         if module not in self.saved:
@@ -83,7 +86,7 @@ class BufferGuard:
             written = getattr(module, "forward_written", None)
             if callable(written):
                 tensors += list(written())
-            self.saved[module] = [(b, b.detach().clone()) for b in tensors]
+            self.saved[module] = [(b, b.detach().clone()) for b in tensors if id(b) not in self.exclude]
 
     def restore(self) -> None:
         with torch.no_grad():

@@ -194,6 +194,11 @@ class OptimizerWrapper(Optimizer):
         """The weights the wrapper manages (subclasses); used by the no-gradient warning."""
         return []
 
+    def _unguarded_buffers(self) -> list[Tensor]:
+        """Buffers the step guard need not snapshot (subclasses): a step that raises leaves them
+        unchanged by itself."""
+        return []
+
     @contextmanager
     def _step_guard(self, closure: Any = None) -> Iterator[None]:
         """Around a whole ``step``: if it raises, the buffers (BN running statistics, activation
@@ -202,9 +207,16 @@ class OptimizerWrapper(Optimizer):
         the closure refers to, found without hooks (a global hook breaks ``torch.compile``,
         docs/design.md §10.5); the hook guard only when none is found. A skipped fp16 step
         (:class:`~.amp.GradientOverflow`) is not an error: the clean pass's buffers stay, as in a
-        hand-written loop."""
+        hand-written loop. Buffers named by :meth:`_unguarded_buffers` are not snapshotted: their
+        owner writes them only once nothing can raise any more (issue 11: one weight copy less
+        for HyperSTE's surrogate parameters)."""
         modules = captured_modules(closure) if closure is not None else []
-        guard = ModuleBufferGuard(modules, on_error_only=True) if modules else BufferGuard(on_error_only=True)
+        exclude = self._unguarded_buffers()
+        guard = (
+            ModuleBufferGuard(modules, on_error_only=True, exclude=exclude)
+            if modules
+            else BufferGuard(on_error_only=True, exclude=exclude)
+        )
         overflow = None
         self._step_modules = modules  # the step's own guards reuse the search (issue 11)
         with guard:

@@ -304,8 +304,19 @@ def _sgd_hypergradient(
         had_buffer = "momentum_buffer" in state  # torch.optim.SGD stores it only with momentum
         w = torch.mul(lam, sgd_gradient_coefficient(group, had_buffer)).mul_(g)  # ∂⟨λ, v_{t+1}⟩/∂ψ
         th = [x.detach() for x in theta]
-        out.append([(w * d).sum_to_size(x.shape) for d, x in zip(e.surrogate.dpsi(u, e.qn, e.qp, th), th)])
+        out.append(_contract(w, e.surrogate.dpsi(u, e.qn, e.qp, th), th))
+        del w
     return out
+
+
+def _contract(w: Tensor, dpsi: Sequence[Tensor], theta: Sequence[Tensor]) -> list[Tensor]:
+    """(w ⊙ ∂ψ/∂θ_k) summed to θ_k's shape, per k; the last product in w's buffer (w is the
+    caller's own: one weight copy less, issue 11)."""
+    last = len(dpsi) - 1
+    return [
+        (w.mul_(d) if k == last and d.shape == w.shape else w * d).sum_to_size(x.shape)
+        for k, (d, x) in enumerate(zip(dpsi, theta))
+    ]
 
 
 def _adam_hypergradient(
@@ -348,5 +359,7 @@ def _adam_hypergradient(
         del t, den, sq
         J.masked_fill_(G == 0, 0.0)
         w = J.mul_(lam).mul_(g)  # ∂⟨λ, v_{t+1}⟩/∂ψ
-        out.append([(w * d).sum_to_size(x.shape) for d, x in zip(e.surrogate.dpsi(u, e.qn, e.qp, th), th)])
+        del J, G
+        out.append(_contract(w, e.surrogate.dpsi(u, e.qn, e.qp, th), th))
+        del w
     return out

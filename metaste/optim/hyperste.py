@@ -174,6 +174,13 @@ class HyperSTE(OptimizerWrapper):
     def method_name(self) -> str:
         return self.options.name
 
+    def _unguarded_buffers(self) -> list[Tensor]:
+        """θ, when the method writes it only after the base optimizer's step (analytical,
+        delayed): the step guard need not hold a copy of it (issue 11)."""
+        if not self.method.writes_theta_last:
+            return []
+        return [t for mw in self.managed for t in mw.surrogate.params()]
+
     def _find_managed(self, model: nn.Module | None) -> list[ManagedWeight]:
         names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
         managed, seen = [], set()

@@ -274,6 +274,9 @@ class HyperMethod:
     :meth:`step` (replays run inside it)."""
 
     name: ClassVar[str]
+    #: whether the method writes θ only after the base optimizer's step (in :meth:`after_update`),
+    #: so that a step that raises before it leaves θ unchanged without the step guard's copy
+    writes_theta_last: ClassVar[bool] = False
 
     def __init__(
         self, optimizer: Optimizer, managed: list[ManagedWeight], opts: MethodOptions, model: nn.Module | None

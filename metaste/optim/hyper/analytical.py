@@ -2,7 +2,8 @@
 (docs/design.md §3.1).
 
 The math is the plain function :func:`analytical_update`; :class:`Analytical` holds the options
-and :class:`AnalyticalMethod` the bookkeeping (history g⁻, d⁻, η_w; diagnostics) around it.
+and :class:`AnalyticalMethod` the bookkeeping (history g⁻, d⁻, η_w; diagnostics) around it. d⁻ is
+kept as a one-byte region code (:func:`slste_grad_code`) and rebuilt from it and a (issue 11).
 """
 
 from __future__ import annotations
@@ -14,13 +15,22 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ...quant.surrogates import slste, slste_grad
+from ...quant.surrogates import slste
 from .._fused import FUSE_MIN, kernel
 from .._fused import host_floats as _host_floats
 from .._wrapper import Closure
 from ._common import Evaluate, HyperMethod, ManagedWeight, MethodOptions
 
-__all__ = ["Analytical", "AnalyticalMethod", "analytical_update", "AnalyticalResult", "REGIONS", "RESOLVES"]
+__all__ = [
+    "Analytical",
+    "AnalyticalMethod",
+    "analytical_update",
+    "AnalyticalResult",
+    "REGIONS",
+    "RESOLVES",
+    "slste_grad_code",
+    "slste_grad_from_code",
+]
 
 REGIONS = ("unique_identity", "unique_scaling", "overlap", "gap")
 RESOLVES = ("halve", "threshold", "passive")
@@ -115,10 +125,14 @@ def _update_counts(
     clamping, the counts in :data:`REGIONS` order, (Σ halvings, #halved, #unresolved)): the values
     of :func:`analytical_update`."""
     eta = torch.tensor(eta_a, dtype=c.dtype, device=c.device)
-    x, r, a_new, counts_t = kernel(_front, "analytical", True)(a, u, c, eta, float(qn), float(qp))
+    counts_t = kernel(_front_count_only, "analytical", True)(a, u, c, eta, float(qn), float(qp))
     counts = [float(k) for k in counts_t.tolist()]
     halv = (0.0, 0.0, 0.0)
-    if counts[3] and resolve == "halve":  # the gap: x ≥ r > 0 (NaN counts as there, as in _regions)
+    gap = bool(counts[3]) and resolve == "halve"
+    if not gap:  # a′ without x and r: two weight copies less (issue 11)
+        a_new = kernel(_front_a, "analytical", True)(a, u, c, eta, float(qn), float(qp))
+    else:  # the gap: x ≥ r > 0 (NaN counts as there, as in _regions); x and r only here
+        x, r, a_new, _ = kernel(_front, "analytical", True)(a, u, c, eta, float(qn), float(qp))
         gi = (x < r).logical_not_().logical_and_((r <= 0).logical_not_()).nonzero(as_tuple=True)
         a_gap, m, bad = _gap(x[gi], r[gi], a[gi], max_halvings)
         a_new[gi] = a_gap
@@ -168,31 +182,100 @@ def _front(a: Tensor, u: Tensor, c: Tensor, eta: Tensor, qn: float, qp: float) -
     return x, r, torch.where(scaling, a / (-x + 1), a), counts
 
 
+def _front_counts(a: Tensor, u: Tensor, c: Tensor, eta: Tensor, qn: float, qp: float) -> tuple:
+    """:func:`_front` without x and r (the same a′ and counts; issue 11: two weight copies less
+    when no element is in the gap), as two compiled passes: one kernel for both would store the
+    scaling mask as bools, which inductor does slowly on CPU."""
+    counts = kernel(_front_count_only, "analytical", True)(a, u, c, eta, qn, qp)
+    return kernel(_front_a, "analytical", True)(a, u, c, eta, qn, qp), counts
+
+
+def _front_count_only(a: Tensor, u: Tensor, c: Tensor, eta: Tensor, qn: float, qp: float) -> Tensor:
+    """The region counts of :func:`_front` (the same expressions)."""
+    x = c * eta
+    au = a * u
+    r = torch.minimum(-(au / qp) + 1, au / qn + 1)
+    clipped, legal = r <= 0, x < r
+    scaling = ~clipped & legal
+    return torch.stack(
+        [(clipped & ~legal).sum(), scaling.sum(), (clipped & legal).sum(), (~clipped & ~legal).sum()]
+    )
+
+
+def _front_a(a: Tensor, u: Tensor, c: Tensor, eta: Tensor, qn: float, qp: float) -> Tensor:
+    """The a′ of :func:`_front` (the same expressions)."""
+    x = c * eta
+    au = a * u
+    r = torch.minimum(-(au / qp) + 1, au / qn + 1)
+    return torch.where(~(r <= 0) & (x < r), a / (-x + 1), a)
+
+
 def _history_product(g: Tensor, lr: Tensor, g_prev: Tensor, d_prev: Tensor) -> Tensor:
-    """c = η_w⁻·g·g⁻·d⁻ for ``torch.compile``: one pass, the products of the eager path in its order."""
+    """c = η_w⁻·g·g⁻·d⁻ for ``torch.compile``: one pass, the products of the eager path in its order
+    (a history with a full d⁻: an old checkpoint's)."""
     return ((g * lr) * g_prev) * d_prev
+
+
+def _history_product_code(
+    g: Tensor, lr: Tensor, g_prev: Tensor, code: Tensor, a: Tensor, window: bool, b: float
+) -> Tensor:
+    """:func:`_history_product` with d⁻ rebuilt from its region code and a (the expressions of
+    :func:`_back`, so the same d⁻ bit for bit)."""
+    inside = (code & 1).to(g.dtype)
+    d = inside
+    if window:
+        d = inside - (a / (2 * b)) * (code >> 1).to(g.dtype)
+    return ((g * lr) * g_prev) * d
+
+
+def slste_grad_code(
+    u: Tensor, a: Tensor, qn: float, qp: float, boundary: str = "none", b: float = 0.5
+) -> Tensor:
+    """:func:`~metaste.quant.surrogates.slste_grad` as a one-byte region code (uint8): bit 0 is
+    1{−Qn ≤ a·u ≤ Qp}, bit 1 (``"window"``) 1{|a − τ| < b}. ∂ψ/∂a takes one of four values given
+    them, so :func:`slste_grad_from_code` with the same a gives slste_grad's values bit for bit
+    (issue 11: the analytical history's d⁻ in a quarter of the memory)."""
+    au = a * u
+    code = torch.clamp(au, -qn, qp).eq_(au).to(torch.uint8)  # band(a·u), as slste_grad
+    if boundary == "window":
+        t = torch.full_like(u, -qn).masked_fill_(u > 0, qp).div_(u)  # τ, as slste_grad
+        code |= t.sub_(a).abs_().lt(b).to(torch.uint8) << 1
+    return code
+
+
+def slste_grad_from_code(code: Tensor, a: Tensor, boundary: str = "none", b: float = 0.5) -> Tensor:
+    """∂ψ/∂a of SLSTE from :func:`slste_grad_code`: inside − (a/2b)·near, the operations of
+    :func:`~metaste.quant.surrogates.slste_grad`."""
+    inside = (code & 1).to(a.dtype)
+    if boundary != "window":
+        return inside
+    return inside.sub_(a.div(2 * b).mul_((code >> 1).to(a.dtype)))
 
 
 def _back(
     u: Tensor, a: Tensor, a_new: Tensor, g: Tensor, c: Tensor, qn: float, qp: float, window: bool, b: float,
     a_min: float, a_max: float,
 ) -> tuple:  # fmt: skip
-    """After a′: a ← clamp(a′) (``a_new``), the new gradient g·ψ(u; a′), the history's
-    d = ∂ψ(u; a′)/∂a (:func:`slste_grad`), the count of ψ ≠ 0 and Σ(c·ψ)², in one pass for
+    """After a′: clamp(a′) written into ``a_new`` (θ itself is written after the base step), the new
+    gradient g·ψ(u; a′) written into ``c``'s buffer, the history's region code of
+    d = ∂ψ(u; a′)/∂a (:func:`slste_grad_code`), the count of ψ ≠ 0 and Σ(c·ψ)², in one pass for
     ``torch.compile`` (the element-wise values are those of the eager path; the two sums may round
-    differently)."""
-    a_new = a_new.clamp(a_min, a_max)
-    a.copy_(a_new)
-    a = a_new
+    differently). In place: two weight copies less at the step's peak (issue 11). ``a`` is unused
+    (the signature of the kernel)."""
+    a = a_new.clamp(a_min, a_max)
+    a_new.copy_(a)
     au = a * u
     inside = (torch.clamp(au, -qn, qp) == au).to(u.dtype)  # band(a·u)
     psi = inside * a
     cp = c * psi
-    d = inside
+    code = inside  # formed in floats, then one conversion: inductor's bool/uint8 ops are slow on CPU
     if window:
         tau = torch.where(u > 0, qp, -qn).to(u.dtype) / u
-        d = inside - (a / (2 * b)) * ((tau - a).abs() < b).to(u.dtype)
-    return psi * g, d, (psi != 0).sum(), (cp * cp).sum()
+        code = inside + 2 * ((tau - a).abs() < b).to(u.dtype)
+    code = code.to(torch.uint8)
+    nnz, sq = (psi != 0).sum(), (cp * cp).sum()
+    c.copy_(psi * g)
+    return code, nnz, sq
 
 
 @dataclass(frozen=True)
@@ -263,16 +346,24 @@ class AnalyticalMethod(HyperMethod):
     a' = clamp(analytical_update(a, u_t, c, η_a), a_min, a_max)
     p.grad = g · ψ(u_t; a')          (the base SGD step uses this)
     g⁻, d⁻, η_w⁻ ← g, ∂ψ(u_t; a')/∂a, the lr of this step's update
+    a ← a'                           (after the base step: a step that raises leaves a as it was)
+
+    d⁻ is kept as its region code (:func:`slste_grad_code`) and rebuilt with a (= a' until the next
+    step; θ changed from outside between two steps changes the rebuilt d⁻ too). ``state_dict``
+    saves the full d⁻, as before; a loaded full d⁻ is used as it is.
     """
 
     opts: Analytical
+    writes_theta_last = True  # a ← a' in after_update
 
     def __init__(
         self, optimizer: Optimizer, managed: list[ManagedWeight], opts: Analytical, model: nn.Module | None
     ) -> None:
         super().__init__(optimizer, managed, opts, model)
-        # history per managed weight: (g⁻, d⁻, η_w⁻) or None before the first step
+        # history per managed weight: (g⁻, d⁻ as its uint8 region code or in full, η_w⁻) or None
+        # before the first step
         self.history: list[tuple[Tensor, Tensor, float] | None] = [None] * len(managed)
+        self.a_new: list[tuple[Tensor, Tensor]] = []  # (a, clamped a') until after the base step
 
     def step(self, closure: Closure | None, evaluate: Evaluate, t: int) -> Tensor:
         Analytical.check_groups(self.optimizer)  # before anything runs
@@ -284,6 +375,8 @@ class AnalyticalMethod(HyperMethod):
         group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
         self.step_stats = {}
         sq_norm = 0.0
+        new_a: list[tuple[Tensor, Tensor]] = []
+        self.a_new = []
         for i, mw in enumerate(self.managed):
             g = mw.local_grad()  # FSDP2: g, u, a, c and the history are the rank's rows
             if g is None:  # weight not used by this loss: the base optimizer skips it too
@@ -292,14 +385,23 @@ class AnalyticalMethod(HyperMethod):
             hist = self.history[i]
             # c = η_w⁻·g·g⁻·d⁻, in one buffer (the same products in the same order)
             fast = g.numel() >= FUSE_MIN and g.shape == u.shape == a.shape  # compiled passes, the same values
+            window = s.boundary == "window"
             if hist is None:
                 c = torch.zeros_like(g)
             elif fast and hist[0].shape == hist[1].shape == g.shape:  # one compiled pass
-                c = kernel(_history_product, "analytical", True)(
-                    g, torch.tensor(hist[2], dtype=g.dtype, device=g.device), hist[0], hist[1]
-                )
+                lr = torch.tensor(hist[2], dtype=g.dtype, device=g.device)
+                if hist[1].dtype == torch.uint8:
+                    c = kernel(_history_product_code, "analytical", True)(
+                        g, lr, hist[0], hist[1], a, window, float(s.b)
+                    )
+                else:
+                    c = kernel(_history_product, "analytical", True)(g, lr, hist[0], hist[1])
             else:
-                c = torch.mul(g, hist[2]).mul_(hist[0]).mul_(hist[1])
+                d_prev = hist[1]
+                if d_prev.dtype == torch.uint8:
+                    d_prev = slste_grad_from_code(d_prev, a, s.boundary, s.b)
+                c = torch.mul(g, hist[2]).mul_(hist[0]).mul_(d_prev)
+                del d_prev
             # g⁻ and d⁻ are spent: drop them now, not after the new ones exist (two weight copies
             # less at this step's peak; the history is rebuilt below before anything can raise)
             self.history[i] = hist = None
@@ -322,20 +424,21 @@ class AnalyticalMethod(HyperMethod):
                         float(res.unresolved.sum()),
                     ]
                 del res
-            if fast:  # a ← clamp(a′) and the back pass in one compiled pass
-                grad, d, nnz, sq = kernel(_back, "analytical", True)(
-                    u, a, a_new, g, c, float(mw.qn), float(mw.qp), s.boundary == "window", float(s.b),
+            if fast:  # clamp(a′) and the back pass in one compiled pass
+                d, nnz, sq = kernel(_back, "analytical", True)(
+                    u, a, a_new, g, c, float(mw.qn), float(mw.qp), window, float(s.b),
                     float(s.a_min), float(s.a_max),
                 )  # fmt: skip
                 nnz, sq = _host_floats([nnz, sq])
+                grad = c  # g·ψ, written into c's buffer
             else:
-                torch.clamp(a_new, s.a_min, s.a_max, out=a)  # a′ clamped, written into a
-                psi = slste(u, a, mw.qn, mw.qp)
+                a_new.clamp_(s.a_min, s.a_max)  # a′ clamped
+                psi = slste(u, a_new, mw.qn, mw.qp)
                 nnz = float(psi.count_nonzero())
                 sq = float(torch.linalg.vector_norm(c.mul_(psi))) ** 2  # ∂L_t/∂a = −c·ψ(u_t; a')
                 grad = psi.mul_(g)  # g·ψ, in ψ's buffer
-                d = slste_grad(u, a, mw.qn, mw.qp, s.boundary, s.b)
-            del a_new, c
+                d = slste_grad_code(u, a_new, mw.qn, mw.qp, s.boundary, s.b)
+            del c, u
             n, *counts, nnz, sq = mw.sum_over_shards([g.numel(), *counts, nnz, sq], g.device)
             stats = {k: x / n for k, x in zip(REGIONS, counts)}
             stats.update(halvings=counts[4], halved_frac=counts[5] / n, unresolved_frac=counts[6] / n)
@@ -343,8 +446,17 @@ class AnalyticalMethod(HyperMethod):
             sq_norm += sq
             mw.set_grad(grad)
             self.history[i] = (g, d, float(group_of[id(mw.param)]["lr"]))
+            new_a.append((a, a_new))
             self.step_stats[mw.name] = stats
         self.hypergrad_norm = sq_norm**0.5
+        self.a_new = new_a
+
+    def after_update(self, step: int) -> None:
+        """a ← a′, now that the base step is done."""
+        with torch.no_grad():
+            for a, a_new in self.a_new:
+                a.copy_(a_new)
+        self.a_new = []
 
     def diagnostics(self) -> dict[str, Any]:
         """``branch_fractions``: the region fractions over all elements of the last step."""
@@ -358,8 +470,18 @@ class AnalyticalMethod(HyperMethod):
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["history"] = [None if h is None else {"g": h[0], "d": h[1], "lr": h[2]} for h in self.history]
+        sd["history"] = [
+            None if h is None else {"g": h[0], "d": self._full_d(i, h[1]), "lr": h[2]}
+            for i, h in enumerate(self.history)
+        ]
         return sd
+
+    def _full_d(self, i: int, d: Tensor) -> Tensor:
+        """d⁻ of weight ``i`` in full (the checkpoint's format): rebuilt from its region code."""
+        if d.dtype != torch.uint8:
+            return d
+        s = self.managed[i].surrogate
+        return slste_grad_from_code(d, self.managed[i].theta()[0], s.boundary, s.b)
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         super().load_state_dict(sd)

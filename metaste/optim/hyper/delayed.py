@@ -79,17 +79,22 @@ class DelayedMethod(HyperMethod):
     """
 
     opts: Delayed
+    writes_theta_last = True  # θ changes in after_update only
 
     def __init__(
         self, optimizer: Optimizer, managed: list[ManagedWeight], opts: Delayed, model: nn.Module | None
     ) -> None:
         super().__init__(optimizer, managed, opts, model)
-        # the hyper-optimizer trains leaf copies of the surrogate buffers; the buffers stay the truth
+        # the hyper-optimizer trains leaf copies of the surrogate buffers; the buffers stay the truth.
+        # The copies hold θ only inside after_update (issue 11: one weight copy less between
+        # windows); otherwise their data is an empty tensor (the objects, the optimizer's keys, stay)
         self.leaves = [t.detach().clone() for t in self.tensors]
         factory = opts.hyper_optimizer or torch.optim.SGD
         self.hyper_opt = factory(self.leaves, lr=opts.hyper_lr, **opts.hyper_optimizer_kwargs)
+        self._release_leaves()
         self.pending: PendingStep | None = None
-        self.h: list[Tensor] = [torch.zeros_like(t) for t in self.tensors]
+        # the window's accumulated h; None: nothing added yet (zeros, allocated at the first pair)
+        self.h: list[Tensor | None] = [None] * len(self.tensors)
         self.pairs = 0
         self.skipped = 0  # windows whose hypergradient was not finite (θ left unchanged)
         self.hypergrad: list[Tensor] = [torch.zeros_like(t) for t in self.tensors]  # last applied h
@@ -98,35 +103,54 @@ class DelayedMethod(HyperMethod):
         o = self.opts
         pos = step % o.window
         lam, raw = self.surrogate_grads()
+        record = pos < o.window - 1 and (o.accumulate != "first" or pos == 0)
+        if not record:
+            raw = None  # u_t is not kept: one weight copy less during the hypergradient (issue 11)
         if self.pending is not None:
             for k, h in self.pending_hypergradient(self.pending, lam):
-                self.h[k] += h
+                acc = self.h[k]
+                if acc is not None:
+                    acc += h
+                elif h.shape == self.tensors[k].shape:  # h is the method's own: 0 + h in its buffer
+                    self.h[k] = h.add_(0.0)  # (x + 0 = 0 + x exactly, −0 included)
+                else:
+                    self.h[k] = torch.zeros_like(self.tensors[k]).add_(h)
             self.pairs += 1
         for i, g in lam.items():
             self.managed[i].set_grad(g)
-        if pos < o.window - 1 and (o.accumulate != "first" or pos == 0):
-            self.pending = self.record_pending(raw)
-        else:
-            self.pending = None
+        self.pending = self.record_pending(raw) if record else None
 
     def after_update(self, step: int) -> None:
         if step % self.opts.window != self.opts.window - 1:
             return
-        h = [x / self.pairs for x in self.h] if self.opts.accumulate == "mean" and self.pairs else self.h
+        h = self._accumulated()
+        if self.opts.accumulate == "mean" and self.pairs:
+            h = [x / self.pairs for x in h]
         self.hypergrad = h
         with torch.no_grad():
             for leaf, t in zip(self.leaves, self.tensors):
-                leaf.copy_(t)
-        if self.apply_hypergradient(self.leaves, h, self.hyper_opt):
-            with torch.no_grad():
-                for mw, sl in zip(self.managed, self.slices):
-                    for leaf, t in zip(self.leaves[sl], self.tensors[sl]):
-                        leaf.clamp_(mw.surrogate.a_min, mw.surrogate.a_max)
-                        t.copy_(leaf)
-        else:
-            self.skipped += 1
-        self.h = [torch.zeros_like(t) for t in self.tensors]
+                leaf.data = t.detach().clone()
+        try:
+            if self.apply_hypergradient(self.leaves, h, self.hyper_opt):
+                with torch.no_grad():
+                    for mw, sl in zip(self.managed, self.slices):
+                        for leaf, t in zip(self.leaves[sl], self.tensors[sl]):
+                            leaf.clamp_(mw.surrogate.a_min, mw.surrogate.a_max)
+                            t.copy_(leaf)
+            else:
+                self.skipped += 1
+        finally:
+            self._release_leaves()
+        self.h = [None] * len(self.tensors)
         self.pairs = 0
+
+    def _accumulated(self) -> list[Tensor]:
+        """The window's h, zeros where nothing was added."""
+        return [torch.zeros_like(t) if x is None else x for x, t in zip(self.h, self.tensors)]
+
+    def _release_leaves(self) -> None:
+        for leaf in self.leaves:
+            leaf.data = leaf.data.new_empty(0)
 
     def diagnostics(self) -> dict[str, Any]:
         """``skipped_windows``: windows whose hypergradient was not finite."""
@@ -136,7 +160,7 @@ class DelayedMethod(HyperMethod):
         sd = super().state_dict()
         sd["hyper_opt"] = self.hyper_opt.state_dict()
         sd["h"], sd["pairs"], sd["skipped"], sd["hypergrad"] = (
-            self.h,
+            self._accumulated(),
             self.pairs,
             self.skipped,
             self.hypergrad,

@@ -195,3 +195,80 @@ def test_normalized_hyper_lr_moves_a_by_about_hyper_lr_per_step():
     moved = rel[rel != 0]
     rms = float(moved.pow(2).mean().sqrt())
     assert 0.003 < rms < 0.03
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("boundary,b", [("none", 0.5), ("window", 0.5), ("window", 0.3), ("window", 2.0)])
+def test_the_region_code_of_d_rebuilds_slste_grad_bit_for_bit(dtype, boundary, b):
+    """issue 11: the history keeps ∂ψ/∂a as a one-byte region code; rebuilt with the same a it is
+    slste_grad's value bit for bit, band edges, |τ − a| = b, u = 0 and NaN included."""
+    from metaste.optim.hyper.analytical import slste_grad_code, slste_grad_from_code
+    from metaste.quant.surrogates import slste_grad
+
+    g = torch.Generator().manual_seed(0)
+    u = (torch.randn(4000, generator=g, dtype=dtype) * 2).round(decimals=2)
+    a = (torch.rand(4000, generator=g, dtype=dtype) * 3 + 0.25).round(decimals=2)
+    u[:8] = torch.tensor([0.0, 1.0, -2.0, 0.5, float("nan"), 2.0, -4.0, 0.25], dtype=dtype)
+    a[:8] = torch.tensor([1.0, 1.0, 1.0, 2.0, 1.0, 1.0, 1.0, 2.0], dtype=dtype)
+    full = slste_grad(u, a, QN, QP, boundary, b)
+    code = slste_grad_code(u, a, QN, QP, boundary, b)
+    assert code.dtype == torch.uint8 and int(code.max()) <= (3 if boundary == "window" else 1)
+    rebuilt = slste_grad_from_code(code, a, boundary, b)
+    assert torch.equal(rebuilt.view(torch.int64 if dtype == torch.float64 else torch.int32),
+                       full.view(torch.int64 if dtype == torch.float64 else torch.int32))  # fmt: skip
+
+
+@pytest.mark.parametrize("boundary", ["none", "window"])
+def test_the_compiled_history_product_from_the_code_is_the_full_one(boundary):
+    """issue 11: c = η_w·g·g⁻·d⁻ with d⁻ rebuilt from the compiled back pass's region code equals
+    the product with the full d⁻ of slste_grad, bit for bit; the front without x, r gives the same
+    a′ and counts as the full front."""
+    from metaste.optim import _fused
+    from metaste.optim.hyper import analytical as an
+    from metaste.quant.surrogates import slste_grad
+
+    g0 = torch.Generator().manual_seed(1)
+    n = (300, 256)
+    u, g, gp, c = (torch.randn(n, generator=g0) * s for s in (2.0, 1e-2, 1e-2, 1e-3))
+    a = torch.rand(n, generator=g0) * 3 + 0.25
+    a_new = a * (1 + 0.1 * torch.randn(n, generator=g0))
+    a_clamped = a_new.clamp(0.25, 4.0)
+    grad_ref = slste_grad(u, a_clamped, QN, QP, boundary, 0.5)  # the history's full d⁻ (eager)
+    psi_ref = metaste.quant.surrogates.slste(u, a_clamped, QN, QP).mul_(g)
+    c_in = c.clone()
+    code, _, _ = _fused.kernel(an._back, "analytical", True)(
+        u, a, a_new, g, c_in, float(QN), float(QP), boundary == "window", 0.5, 0.25, 4.0
+    )
+    assert torch.equal(a_new, a_clamped) and torch.equal(c_in, psi_ref)  # written in place
+    lr = torch.tensor(0.05)
+    g2 = torch.randn(n, generator=g0)
+    got = _fused.kernel(an._history_product_code, "analytical", True)(
+        g2, lr, g, code, a_clamped, boundary == "window", 0.5
+    )
+    want = torch.mul(g2, 0.05).mul_(g).mul_(grad_ref)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    eta = torch.tensor(10.0)
+    x, r, a_full, counts_full = _fused.kernel(an._front, "analytical", True)(a, u, c, eta, 2.0, 1.0)
+    a_cnt, counts = an._front_counts(a, u, c, eta, 2.0, 1.0)
+    assert torch.equal(a_cnt, a_full) and torch.equal(counts, counts_full)
+    assert not _fused._BROKEN, _fused._BROKEN
+
+
+def test_a_base_step_that_raises_leaves_a_and_the_model_as_they_were():
+    """issue 11: a ← a′ happens after the base step (the step guard holds no copy of θ), so a step
+    that raises in the base optimizer changes no surrogate parameter."""
+    model = quantized_mlp()
+    opt = HyperSTE(torch.optim.SGD(model.parameters(), lr=0.5), hyper_lr=0.5)
+    data = batches(3)
+    for x, y in data[:2]:
+        opt.step(lambda x=x, y=y: loss_fn(model, x, y))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("base step failed")
+
+    opt.optimizer.step = boom
+    with pytest.raises(RuntimeError, match="base step failed"):
+        opt.step(lambda: loss_fn(model, *data[2]))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
