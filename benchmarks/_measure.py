@@ -8,7 +8,7 @@
   same round (:func:`ratio`), which cancels most of the machine's drift.
 * **Peak memory**: :func:`peak_bytes` runs the configuration in a fresh process: it builds the
   model, optimizer and batch, runs warm-up steps, resets the kernel's peak-RSS counter (VmHWM,
-  ``/proc/self/clear_refs``) and runs one step; the peak is VmHWM minus the resident size before
+  ``/proc/self/clear_refs``) and runs two steps; the peak is VmHWM minus the resident size before
   the build (taken after a first build and steps of the same configuration were run and freed, so
   code pages and lazy initialisation are not counted). glibc malloc runs with a fixed 64 KiB mmap threshold (``MALLOC_MMAP_THRESHOLD_``),
   so every tensor block of that size or more is its own mapping, returned to the kernel when
@@ -73,13 +73,16 @@ def fmt(s: tuple[float, float, float], scale: float = 1.0, digits: int = 2) -> s
     return f"{m:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
 
 
-def peak_bytes(module: str, builder: str, warmup: int = 2, **kwargs: object) -> int:
-    """Peak resident bytes of one step of ``module.builder(**kwargs)`` (a zero-arg step function),
-    above what the process held before building it; measured in a fresh process (see the module
-    docstring)."""
+def peak_bytes(module: str, builder: str, warmup: int = 2, measured: int = 2, **kwargs: object) -> int:
+    """Peak resident bytes over ``measured`` consecutive steps of ``module.builder(**kwargs)`` (a
+    zero-arg step function), above what the process held before building it; measured in a fresh
+    process (see the module docstring). Two steps by default: HyperSTE delayed (window 2) records
+    an update on one step and consumes it on the next, and the two peak differently."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), OMP_NUM_THREADS="1")
     here = os.path.dirname(os.path.abspath(__file__))
-    code = _CHILD.format(here=here, module=module, builder=builder, kwargs=json.dumps(kwargs), warmup=warmup)
+    code = _CHILD.format(
+        here=here, module=module, builder=builder, kwargs=json.dumps(kwargs), warmup=warmup, measured=measured
+    )
     env["METASTE_PATH"] = METASTE_PATH
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=here, capture_output=True, text=True, check=False
@@ -111,7 +114,8 @@ step = m.{builder}(**kwargs)
 for _ in range({warmup}):
     step()
 _reset_peak()
-step()
+for _ in range({measured}):
+    step()
 print((_status_kib("VmHWM") - base) * 1024)
 """
 

@@ -151,7 +151,7 @@ def main() -> None:
     meta = (
         f"`OMP_NUM_THREADS=1 python benchmarks/run_all.py --readme README.md` (torch {torch.__version__}, one "
         f"thread, CPU time; FOGZO {reps} rounds × 3 steps, HyperSTE {reps + 2} × 5, substrate "
-        f"{8 if args.quick else 30} rounds; peak memory: peak resident bytes of one step in a fresh process). "
+        f"{8 if args.quick else 30} rounds; peak memory: peak resident bytes over two consecutive steps in a fresh process). "
         "Ratios are to plain STE in the same run; the shared machine moves them by a few percent, and FOGZO's "
         "overhead, which subtracts k·t_fwd, by more at n = 4 (k = 8). The 784-10-10 MLP's whole step peaks "
         "below 1 MiB, where page rounding decides its memory ratios."
