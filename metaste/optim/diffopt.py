@@ -251,16 +251,18 @@ def one_step_hypergradient(
     parameters θ_t used (values; leaf copies are made here), ``lams`` λ_{t+1} = g_{t+1} ⊙ ψ_{t+1}
     (``None``: the weight got no gradient at t+1; its h are ``None``). For plain SGD,
     ∂v_{t+1}/∂θ = −η_w·g_t ⊙ ∂ψ(u_t; θ)/∂θ; any torch.optim optimizer works through its
-    differentiable mode.
+    differentiable mode. A u may be the one-byte code of ``surrogate.code`` (SLSTE). ``consume=True``:
+    the record and, where ``grads`` / ``us`` are lists, their entries are used up (an entry is set
+    to ``None`` once its weight is done: a weight copy less at the peak, issue 11).
     """
     if record.optimizer_cls is torch.optim.SGD:
-        return _sgd_hypergradient(record, entries, grads, us, thetas, lams)
+        return _sgd_hypergradient(record, entries, grads, us, thetas, lams, consume)
     if not record.params and record.groups:  # a light Adam/AdamW record (record_update)
         if live_states is None:
             raise ValueError(
                 "a light Adam record needs the optimizer's state after the update (live_states=)"
             )
-        return _adam_hypergradient(record, entries, grads, us, thetas, lams, live_states)
+        return _adam_hypergradient(record, entries, grads, us, thetas, lams, live_states, consume)
     leaves, diff_grads = [], []
     for e, g, u, theta in zip(entries, grads, us, thetas):
         th = [x.detach().clone().requires_grad_() for x in theta]
@@ -289,24 +291,34 @@ def _sgd_hypergradient(
     us: Sequence[Tensor],
     thetas: Sequence[Sequence[Tensor]],
     lams: Sequence[Tensor | None],
+    consume: bool = False,
 ) -> list[list[Tensor | None]]:
     """:func:`one_step_hypergradient` for plain ``torch.optim.SGD`` in closed form (issue 11: no
     clones, no graph): v_{t+1} is linear in G = g ⊙ ψ(u; θ) with the scalar slope
     :func:`sgd_gradient_coefficient`, so h = Σ_to_θ (λ·slope) ⊙ g ⊙ ∂ψ/∂θ — the products autograd
     forms through the differentiable update, in the same order."""
     out: list[list[Tensor | None]] = []
-    for e, g, u, theta, lam, group, state in zip(
-        entries, grads, us, thetas, lams, record.groups, record.states
+    for n, (e, theta, lam, group, state) in enumerate(
+        zip(entries, thetas, lams, record.groups, record.states)
     ):
         if lam is None:
             out.append([None] * len(theta))
             continue
         had_buffer = "momentum_buffer" in state  # torch.optim.SGD stores it only with momentum
-        w = torch.mul(lam, sgd_gradient_coefficient(group, had_buffer)).mul_(g)  # ∂⟨λ, v_{t+1}⟩/∂ψ
+        # ∂⟨λ, v_{t+1}⟩/∂ψ
+        w = torch.mul(lam, sgd_gradient_coefficient(group, had_buffer)).mul_(_take(grads, n, consume))
         th = [x.detach() for x in theta]
-        out.append(_contract(w, e.surrogate.dpsi(u, e.qn, e.qp, th), th))
+        out.append(_contract(w, e.surrogate.dpsi(_take(us, n, consume), e.qn, e.qp, th), th))
         del w
     return out
+
+
+def _take(xs: Sequence[Tensor], n: int, consume: bool) -> Tensor:
+    """``xs[n]``; with ``consume`` and a list, the entry is dropped from it (the caller's last use)."""
+    x = xs[n]
+    if consume and isinstance(xs, list):
+        xs[n] = None
+    return x
 
 
 def _contract(w: Tensor, dpsi: Sequence[Tensor], theta: Sequence[Tensor]) -> list[Tensor]:
@@ -327,6 +339,7 @@ def _adam_hypergradient(
     thetas: Sequence[Sequence[Tensor]],
     lams: Sequence[Tensor | None],
     live_states: Sequence[dict[str, Any]],
+    consume: bool = False,
 ) -> list[list[Tensor | None]]:
     """:func:`one_step_hypergradient` for Adam / AdamW in closed form from the state after the
     update (m′, s′, t; issue 11: no clone of v_t, m_t, s_t, no graph). With G = g ⊙ ψ(u; θ),
@@ -339,7 +352,7 @@ def _adam_hypergradient(
     (AdamW's decoupled decay does not depend on G). Elements with G = 0 count as constants, as in
     the differentiable replay (docs/design.md §3.2). Agrees with it to float32 rounding."""
     out: list[list[Tensor | None]] = []
-    for e, g, u, theta, lam, group, st in zip(entries, grads, us, thetas, lams, record.groups, live_states):
+    for n, (e, theta, lam, group, st) in enumerate(zip(entries, thetas, lams, record.groups, live_states)):
         th = [x.detach() for x in theta]
         if lam is None:
             out.append([None] * len(th))
@@ -350,6 +363,7 @@ def _adam_hypergradient(
         step = st["step"] if isinstance(st["step"], Tensor) else torch.tensor(float(st["step"]))
         neg_alpha = (float(group["lr"]) / (1 - beta1**step)).neg()
         big_a = (1 - beta2**step).sqrt() * neg_alpha
+        g, u = _take(grads, n, consume), _take(us, n, consume)
         G = e.surrogate.psi(u, e.qn, e.qp, th).mul_(g)
         sq = st["exp_avg_sq"].sqrt()
         den = (sq / big_a).add_(float(group["eps"]) / neg_alpha)
@@ -359,7 +373,7 @@ def _adam_hypergradient(
         del t, den, sq
         J.masked_fill_(G == 0, 0.0)
         w = J.mul_(lam).mul_(g)  # ∂⟨λ, v_{t+1}⟩/∂ψ
-        del J, G
+        del J, G, g
         out.append(_contract(w, e.surrogate.dpsi(u, e.qn, e.qp, th), th))
-        del w
+        del w, u
     return out

@@ -47,6 +47,8 @@ __all__ = [
     "pwl",
     "slste",
     "slste_grad",
+    "slste_grad_code",
+    "slste_grad_from_code",
     "plste",
     "plste_grad",
     "dlste",
@@ -123,9 +125,22 @@ def pwl(u: Tensor, qn: float, qp: float) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def _band_au(u: Tensor, a: Tensor, qn: float, qp: float, inplace: bool = False) -> Tensor:
+    """band(a·u, −Qn, Qp) with one weight-sized float buffer (issue 11: clamp(x) == x needs two):
+    1{a·u ≥ −Qn} as bools, then 1{a·u ≤ Qp} written over a·u and the two multiplied — the same
+    0/1 values (NaN gives 0). ``inplace``: a·u (= u·a exactly) is formed in ``u``'s buffer."""
+    au = u.detach().mul_(a.detach()) if inplace else torch.mul(a.detach(), u.detach())
+    ge = au >= -qn
+    return torch.le(au, qp, out=au).mul_(ge)
+
+
 def slste(u: Tensor, a: Tensor, qn: float, qp: float) -> Tensor:
-    """Scaled-linear STE: ψ = a·1{−Qn/a ≤ u ≤ Qp/a}. Mass Qn on u ≤ 0 and Qp on u > 0."""
-    return band(a * u, -qn, qp).mul_(a)
+    """Scaled-linear STE: ψ = a·1{−Qn/a ≤ u ≤ Qp/a}. Mass Qn on u ≤ 0 and Qp on u > 0.
+
+    ``u`` may be the one-byte region code of :func:`slste_grad_code` made with the same a."""
+    if u.dtype == torch.uint8:
+        return (u & 1).to(a.dtype).mul_(a)
+    return _band_au(u, a, qn, qp).mul_(a)
 
 
 def slste_grad(u: Tensor, a: Tensor, qn: float, qp: float, boundary: str = "none", b: float = 0.5) -> Tensor:
@@ -134,10 +149,13 @@ def slste_grad(u: Tensor, a: Tensor, qn: float, qp: float, boundary: str = "none
     ``"none"``: 1{a ≤ τ(u)} = ψ/a (what autograd gives; thesis Lemma 4.5.1).
     ``"window"``: 1{a ≤ τ} − (a/2b)·1{|a − τ| < b} with τ = Qp/u (u > 0), −Qn/u (u < 0),
     +∞ (u = 0) — the thesis's analytical implementation with the sign corrected.
+    ``u`` may be the region code of :func:`slste_grad_code` made with the same a and boundary.
     """
     if boundary not in BOUNDARIES:
         raise ValueError(f"Invalid boundary: {boundary!r}; choose one of {BOUNDARIES}")
-    inside = band(a * u, -qn, qp)  # 1{−Qn ≤ a·u ≤ Qp}
+    if u.dtype == torch.uint8:  # a region code (slste_grad_code)
+        return slste_grad_from_code(u, a, boundary, b)
+    inside = _band_au(u, a, qn, qp)  # 1{−Qn ≤ a·u ≤ Qp}
     if boundary == "none":
         return inside
     # τ = Qp/u (u > 0), −Qn/u (u ≤ 0): ±inf at u = 0, where |a − τ| < b is then false, as
@@ -146,6 +164,38 @@ def slste_grad(u: Tensor, a: Tensor, qn: float, qp: float, boundary: str = "none
     t = torch.full_like(u, -qn).masked_fill_(u > 0, qp).div_(u)
     near = t.sub_(a).abs_().lt(b)  # |τ − a| = |a − τ|
     return inside.sub_(t.copy_(a).div_(2 * b).mul_(near))
+
+
+def slste_grad_code(
+    u: Tensor,
+    a: Tensor,
+    qn: float,
+    qp: float,
+    boundary: str = "none",
+    b: float = 0.5,
+    *,
+    inplace: bool = False,
+) -> Tensor:
+    """:func:`slste_grad` as a one-byte region code (uint8): bit 0 is 1{−Qn ≤ a·u ≤ Qp}, bit 1
+    (``"window"``) 1{|a − τ| < b}. ∂ψ/∂a takes one of four values given them, so
+    :func:`slste_grad_from_code` with the same a gives slste_grad's values bit for bit, and
+    :func:`slste` of the code gives ψ (issue 11: a quarter of u's or d's memory; the analytical
+    history's d⁻, the delayed record's u_t). ``inplace`` (``"none"`` only): ``u`` is overwritten
+    (one weight-sized buffer less)."""
+    code = _band_au(u, a, qn, qp, inplace and boundary != "window").to(torch.uint8)
+    if boundary == "window":
+        t = torch.full_like(u, -qn).masked_fill_(u > 0, qp).div_(u)  # τ, as slste_grad
+        code |= t.sub_(a).abs_().lt(b).to(torch.uint8) << 1
+    return code
+
+
+def slste_grad_from_code(code: Tensor, a: Tensor, boundary: str = "none", b: float = 0.5) -> Tensor:
+    """∂ψ/∂a of SLSTE from :func:`slste_grad_code`: inside − (a/2b)·near, the operations of
+    :func:`slste_grad` (a of any granularity: broadcast to the code's shape)."""
+    inside = (code & 1).to(a.dtype)
+    if boundary != "window":
+        return inside
+    return inside.sub_((code >> 1).to(a.dtype).mul_(a.div(2 * b)))
 
 
 def plste(u: Tensor, a: Tensor, qn: float, qp: float) -> Tensor:
@@ -227,6 +277,18 @@ class Surrogate(nn.Module):
 
     def psi(self, u: Tensor, qn: float, qp: float) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def code(
+        self,
+        u: Tensor,
+        qn: float,
+        qp: float,
+        params: Sequence[Tensor] | None = None,
+        *,
+        inplace: bool = False,
+    ) -> Tensor | None:
+        """A compact stand-in for u that :meth:`psi` takes (:meth:`LearnableSurrogate.code`); none here."""
+        return None
 
     @property
     def ste_kind(self) -> str:
@@ -358,6 +420,23 @@ class LearnableSurrogate(Surrogate):
         if self.name == "plste":
             return (plste_grad(u, p[0], qn, qp),)
         return dlste_grad(u, p[0], p[1], qn, qp)
+
+    def code(
+        self,
+        u: Tensor,
+        qn: float,
+        qp: float,
+        params: Sequence[Tensor] | None = None,
+        *,
+        inplace: bool = False,
+    ) -> Tensor | None:
+        """u as a one-byte region code that :meth:`psi` and :meth:`dpsi` take in its place with the
+        same θ, bit for bit (SLSTE: :func:`slste_grad_code`), or ``None`` where ψ needs u itself.
+        ``inplace``: ``u`` may be overwritten (the caller's own, not used after)."""
+        p = self.params() if params is None else tuple(params)
+        if self.name != "slste" or u.dtype != p[0].dtype or u.dtype == torch.uint8:
+            return None
+        return slste_grad_code(u.detach(), p[0].detach(), qn, qp, self.boundary, self.b, inplace=inplace)
 
     @torch.no_grad()
     def clamp_(self) -> None:

@@ -234,7 +234,9 @@ class HyperLR:
 class PendingStep:
     """A recorded update v_t → v_{t+1} whose one-step hypergradient waits for λ_{t+1}: the
     update's inputs (no graph), the raw gradients g_t and u_t of the managed weights ``idx``, and
-    (horizon methods) θ_t per surrogate tensor and t. ``None`` θ: the surrogates' current values."""
+    (horizon methods) θ_t per surrogate tensor and t. ``None`` θ: the surrogates' current values.
+    A u_t may be its one-byte SLSTE code (uint8, ``record_pending(compact=True)``); a checkpoint
+    holds either form, and one with the full u_t (before the code) loads as it is."""
 
     record: UpdateRecord
     grads: list[Tensor]
@@ -325,16 +327,24 @@ class HyperMethod:
 
     # -- shared pieces ----------------------------------------------------------------------
 
-    def surrogate_grads(self) -> tuple[dict[int, Tensor], dict[int, tuple[Tensor, Tensor]]]:
+    def surrogate_grads(
+        self, compact: bool = False
+    ) -> tuple[dict[int, Tensor], dict[int, tuple[Tensor, Tensor]]]:
         """λ = g ⊙ ψ(u; θ) per managed weight index (θ = the surrogate buffers now) and its
-        (g, u); records each layer's ``clipped_frac`` (ψ = 0) for the diagnostics."""
+        (g, u); records each layer's ``clipped_frac`` (ψ = 0) for the diagnostics. ``compact``: u
+        is the surrogate's one-byte code where it has one (SLSTE; the same ψ bit for bit, formed
+        in u's buffer: issue 11), valid while θ stays as it is."""
         lam, raw = {}, {}
         self.step_stats = {}
         for i, mw in enumerate(self.managed):
             g = mw.local_grad()
             if g is None:  # weight not used by this loss: the base optimizer skips it too
                 continue
-            u = mw.u()
+            u = mw.u()  # a fresh tensor
+            code = mw.surrogate.code(u, mw.qn, mw.qp, mw.theta(), inplace=True) if compact else None
+            if code is not None:
+                u = code
+            del code
             psi = mw.surrogate.psi(u, mw.qn, mw.qp, mw.theta())
             n, nnz = mw.sum_over_shards([g.numel(), float(psi.count_nonzero())], g.device)
             self.step_stats[mw.name] = {"clipped_frac": (n - nnz) / n}
@@ -342,16 +352,29 @@ class HyperMethod:
         return lam, raw
 
     def record_pending(
-        self, raw: dict[int, tuple[Tensor, Tensor]], theta: list[Tensor] | None = None, t: int | None = None
+        self,
+        raw: dict[int, tuple[Tensor, Tensor]],
+        theta: list[Tensor] | None = None,
+        t: int | None = None,
+        *,
+        compact: bool = False,
     ) -> PendingStep:
-        """A :class:`PendingStep` of the coming base update; call it right before ``optimizer.step()``."""
+        """A :class:`PendingStep` of the coming base update; call it right before ``optimizer.step()``.
+        ``compact``: u_t kept as the surrogate's one-byte code where it has one (SLSTE,
+        ``LearnableSurrogate.code`` with the current θ, which must be the θ the hypergradient
+        uses: θ frozen until then; issue 11)."""
         from ..diffopt import record_update
 
         idx = sorted(raw)
         record = record_update(self.optimizer, [self.managed[i].param for i in idx], light=True)
         record.params = [local(p) for p in record.params]  # FSDP2: the rank's rows
         record.states = [_local_state(st) for st in record.states]
-        return PendingStep(record, [raw[i][0] for i in idx], [raw[i][1] for i in idx], idx, theta, t)
+        us = []
+        for i in idx:
+            mw, u = self.managed[i], raw[i][1]
+            code = mw.surrogate.code(u, mw.qn, mw.qp, mw.theta()) if compact and theta is None else None
+            us.append(u if code is None else code)
+        return PendingStep(record, [raw[i][0] for i in idx], us, idx, theta, t)
 
     def pending_hypergradient(
         self, pending: PendingStep, lam: dict[int, Tensor]
@@ -383,7 +406,7 @@ class HyperMethod:
         (its lr is ``hyper_lr``; normalisation rescales the gradient it sees). Records the norm;
         a non-finite h changes nothing and returns False. Clamping is the caller's. A sharded
         θ (FSDP2): ``params`` and ``h`` are the rank's rows; the norm and the test sum over the mesh."""
-        sq = [float((x.double() ** 2).sum()) for x in h]
+        sq = [float(x.to(torch.float64, copy=True).pow_(2).sum()) for x in h]  # one copy at a time (issue 11)
         bad = [float(not bool(torch.isfinite(x).all())) for x in h]
         for k, group in enumerate(self.theta_groups):
             if group is not None:

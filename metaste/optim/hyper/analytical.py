@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ...quant.surrogates import slste
+from ...quant.surrogates import slste, slste_grad_code, slste_grad_from_code
 from .._fused import FUSE_MIN, kernel
 from .._fused import host_floats as _host_floats
 from .._wrapper import Closure
@@ -226,30 +226,6 @@ def _history_product_code(
     if window:
         d = inside - (a / (2 * b)) * (code >> 1).to(g.dtype)
     return ((g * lr) * g_prev) * d
-
-
-def slste_grad_code(
-    u: Tensor, a: Tensor, qn: float, qp: float, boundary: str = "none", b: float = 0.5
-) -> Tensor:
-    """:func:`~metaste.quant.surrogates.slste_grad` as a one-byte region code (uint8): bit 0 is
-    1{−Qn ≤ a·u ≤ Qp}, bit 1 (``"window"``) 1{|a − τ| < b}. ∂ψ/∂a takes one of four values given
-    them, so :func:`slste_grad_from_code` with the same a gives slste_grad's values bit for bit
-    (issue 11: the analytical history's d⁻ in a quarter of the memory)."""
-    au = a * u
-    code = torch.clamp(au, -qn, qp).eq_(au).to(torch.uint8)  # band(a·u), as slste_grad
-    if boundary == "window":
-        t = torch.full_like(u, -qn).masked_fill_(u > 0, qp).div_(u)  # τ, as slste_grad
-        code |= t.sub_(a).abs_().lt(b).to(torch.uint8) << 1
-    return code
-
-
-def slste_grad_from_code(code: Tensor, a: Tensor, boundary: str = "none", b: float = 0.5) -> Tensor:
-    """∂ψ/∂a of SLSTE from :func:`slste_grad_code`: inside − (a/2b)·near, the operations of
-    :func:`~metaste.quant.surrogates.slste_grad`."""
-    inside = (code & 1).to(a.dtype)
-    if boundary != "window":
-        return inside
-    return inside.sub_(a.div(2 * b).mul_((code >> 1).to(a.dtype)))
 
 
 def _back(

@@ -85,9 +85,9 @@ class DelayedMethod(HyperMethod):
         self, optimizer: Optimizer, managed: list[ManagedWeight], opts: Delayed, model: nn.Module | None
     ) -> None:
         super().__init__(optimizer, managed, opts, model)
-        # the hyper-optimizer trains leaf copies of the surrogate buffers; the buffers stay the truth.
-        # The copies hold θ only inside after_update (issue 11: one weight copy less between
-        # windows); otherwise their data is an empty tensor (the objects, the optimizer's keys, stay)
+        # the hyper-optimizer trains leaves that alias the surrogate buffers inside after_update
+        # only (issue 11: no θ copy); otherwise their data is an empty tensor (the objects, the
+        # optimizer's keys, stay)
         self.leaves = [t.detach().clone() for t in self.tensors]
         factory = opts.hyper_optimizer or torch.optim.SGD
         self.hyper_opt = factory(self.leaves, lr=opts.hyper_lr, **opts.hyper_optimizer_kwargs)
@@ -102,11 +102,16 @@ class DelayedMethod(HyperMethod):
     def before_update(self, step: int) -> None:
         o = self.opts
         pos = step % o.window
-        lam, raw = self.surrogate_grads()
+        lam, raw = self.surrogate_grads(compact=True)  # u_t as SLSTE's code: θ is frozen until used
         record = pos < o.window - 1 and (o.accumulate != "first" or pos == 0)
         if not record:
             raw = None  # u_t is not kept: one weight copy less during the hypergradient (issue 11)
+        # λ_t becomes p.grad now: the raw g_t it replaces is freed before the hypergradient (kept
+        # in ``raw`` only for the record; issue 11)
+        for i, g in lam.items():
+            self.managed[i].set_grad(g)
         if self.pending is not None:
+            # consumed: its g_t, u_t are dropped from it as they are used (one_step_hypergradient)
             for k, h in self.pending_hypergradient(self.pending, lam):
                 acc = self.h[k]
                 if acc is not None:
@@ -116,9 +121,8 @@ class DelayedMethod(HyperMethod):
                 else:
                     self.h[k] = torch.zeros_like(self.tensors[k]).add_(h)
             self.pairs += 1
-        for i, g in lam.items():
-            self.managed[i].set_grad(g)
-        self.pending = self.record_pending(raw) if record else None
+        self.pending = self.record_pending(raw, compact=True) if record else None
+        del raw
 
     def after_update(self, step: int) -> None:
         if step % self.opts.window != self.opts.window - 1:
@@ -127,16 +131,16 @@ class DelayedMethod(HyperMethod):
         if self.opts.accumulate == "mean" and self.pairs:
             h = [x / self.pairs for x in h]
         self.hypergrad = h
-        with torch.no_grad():
-            for leaf, t in zip(self.leaves, self.tensors):
-                leaf.data = t.detach().clone()
+        # the leaves alias the buffers during the update (issue 11: no θ copy; the hyper-optimizer
+        # and the clamp write θ in place, the same operations as on a copy)
+        for leaf, t in zip(self.leaves, self.tensors):
+            leaf.data = t.detach()
         try:
             if self.apply_hypergradient(self.leaves, h, self.hyper_opt):
                 with torch.no_grad():
                     for mw, sl in zip(self.managed, self.slices):
-                        for leaf, t in zip(self.leaves[sl], self.tensors[sl]):
+                        for leaf in self.leaves[sl]:
                             leaf.clamp_(mw.surrogate.a_min, mw.surrogate.a_max)
-                            t.copy_(leaf)
             else:
                 self.skipped += 1
         finally:
