@@ -14,9 +14,10 @@
 Learnable parameters are initialised to their baseline (a = 1) and clamped to
 ``[a_min, a_max]`` (docs/design.md §2 *[decision]*).
 
-Size: ~420 lines, over the ~400 the package aims for, on purpose: this is the one file of every
-formula of docs/design.md §2 (ten ψ, three ∂ψ/∂a and the modules holding them); splitting the
-fixed from the learnable ψ would separate ``pwl`` from the PLSTE it equals at a = 1.
+Size: ~510 lines, over the ~400 the package aims for, on purpose: this is the one file of every
+formula of docs/design.md §2 (ten ψ, three ∂ψ/∂a, SLSTE's one-byte region code that HyperSTE
+keeps instead of u or ∂ψ/∂a, and the modules holding them); splitting the fixed from the
+learnable ψ would separate ``pwl`` from the PLSTE it equals at a = 1.
 """
 
 from __future__ import annotations

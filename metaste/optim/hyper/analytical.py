@@ -4,6 +4,10 @@
 The math is the plain function :func:`analytical_update`; :class:`Analytical` holds the options
 and :class:`AnalyticalMethod` the bookkeeping (history g⁻, d⁻, η_w; diagnostics) around it. d⁻ is
 kept as a one-byte region code (:func:`slste_grad_code`) and rebuilt from it and a (issue 11).
+
+Size: ~470 lines, over the ~400 the package aims for, on purpose: one algorithm, with its eager
+path beside the compiled passes that must give the same bits (the region front, the gap halving,
+the back pass).
 """
 
 from __future__ import annotations
