@@ -415,9 +415,9 @@ def write_reports(results: Path, doc: Path, readme: Path) -> list[Path]:
         "forward-pass equivalents as the method's run.",
         "Each verdict is one 95 % test; over the dozens of verdicts on this page a few `better` or `worse`",
         "are expected by chance alone, so a lone `better` is a lead to confirm on fresh seeds, not a result.",
-        "The FOGZO rows of `fashion-resnet` and `kjv-llama` were recorded before FOGZO's noise became a",
-        "counter-based hash (the same distribution, other draws); `make results` reruns them with the",
-        "current generator (the other suites were rerun with it).",
+        "The FOGZO rows of `fashion-resnet` were recorded before FOGZO's noise became a counter-based",
+        "hash (the same distribution, other draws); `make results` reruns them with the current",
+        "generator (the other suites were rerun with it).",
         "",
     ]
     summary = []
