@@ -4,6 +4,10 @@ Each suite is a list of comparisons that mirror a source's experiment; every com
 every method (the STE baselines included) on the tuning seeds. ``run_suite`` saves one JSON and
 one PNG per comparison under ``OUT/NAME/``; ``write_reports`` rebuilds ``docs/results.md`` and the
 README's results block from those files, so no number in them is typed by hand.
+
+Size: ~480 lines, over the ~400 the package aims for, on purpose: about 300 of them are the suite
+table itself (data: each comparison with its title and its note), which reads best in one place;
+the code around it (running a suite, writing the pages) is ~150 lines.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ the wrapper keeps (step counters, history, schedules, hyper-optimizer state) goe
 ``state_dict()["metaste"]`` via :meth:`_wrapper_state_dict`: one ``state_dict()`` saves
 everything.
 
-Size: ~460 lines, because every wrapper's guarantees live here once — the step guard that
+Size: ~480 lines, because every wrapper's guarantees live here once — the step guard that
 restores weights and buffers on any error, the checkpoint validation and roll-back, the
 micro-batch closure protocol and the GradScaler hook; split, each piece would be re-imported by
 all six wrappers.
