@@ -365,15 +365,18 @@ def _adam_hypergradient(
         big_a = (1 - beta2**step).sqrt() * neg_alpha
         g, u = _take(grads, n, consume), _take(us, n, consume)
         G = e.surrogate.psi(u, e.qn, e.qp, th).mul_(g)
+        constant = G == 0
         sq = st["exp_avg_sq"].sqrt()
         den = (sq / big_a).add_(float(group["eps"]) / neg_alpha)
-        # ∂v_{t+1}/∂G = (1 − β₁)/den − m′·(1 − β₂)·G / (den²·A·√s′)
-        t = torch.mul(st["exp_avg"], G).mul_(1.0 - beta2).div_(den).div_(den).div_(big_a).div_(sq)
+        # ∂v_{t+1}/∂G = (1 − β₁)/den − m′·(1 − β₂)·G / (den²·A·√s′); the second term is formed in
+        # G's buffer (issue 11: three weight-sized temporaries at the peak, not four)
+        t = torch.mul(st["exp_avg"], G, out=G).mul_(1.0 - beta2).div_(den).div_(den).div_(big_a).div_(sq)
+        del sq
         J = den.reciprocal_().mul_(1.0 - beta1).sub_(t)
-        del t, den, sq
-        J.masked_fill_(G == 0, 0.0)
+        del t, den, G
+        J.masked_fill_(constant, 0.0)
         w = J.mul_(lam).mul_(g)  # ∂⟨λ, v_{t+1}⟩/∂ψ
-        del J, G, g
+        del J, g, constant
         out.append(_contract(w, e.surrogate.dpsi(u, e.qn, e.qp, th), th))
         del w, u
     return out

@@ -12,7 +12,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .._wrapper import Closure
 from ._common import (
+    Evaluate,
     HyperMethod,
     HyperOptimizerSpec,
     ManagedWeight,
@@ -97,7 +99,16 @@ class DelayedMethod(HyperMethod):
         self.h: list[Tensor | None] = [None] * len(self.tensors)
         self.pairs = 0
         self.skipped = 0  # windows whose hypergradient was not finite (θ left unchanged)
-        self.hypergrad: list[Tensor] = [torch.zeros_like(t) for t in self.tensors]  # last applied h
+        # the last applied h: a diagnostic (nothing reads it back), released at the start of the
+        # step that applies the next one so that the two never coexist (issue 11)
+        self.hypergrad: list[Tensor] = [torch.zeros_like(t) for t in self.tensors]
+
+    def step(self, closure: Closure | None, evaluate: Evaluate, t: int) -> Tensor:
+        if t % self.opts.window == self.opts.window - 1:
+            # this step applies the next h: the last one is released before the backward pass,
+            # where the pending record makes the window's peak (a step that raises leaves it empty)
+            self.hypergrad = []
+        return super().step(closure, evaluate, t)
 
     def before_update(self, step: int) -> None:
         o = self.opts

@@ -228,3 +228,28 @@ def test_optimizer_without_differentiable_mode_falls_back_to_sgd_with_a_warning(
         assert torch.equal(sd_plain[k], sd_sgd[k]), k
     for a, b in zip(h_plain, h_sgd):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("window", [2, 3])
+def test_last_hypergradient_is_released_before_the_step_that_replaces_it(window):
+    """issue 11: ``method.hypergrad`` (a diagnostic) holds the last applied h between steps and is
+    released when the window's last step starts, before its backward pass (the peak): never two at once."""
+    model = quantized_mlp(surrogate="slste", seed=0)
+    opt = HyperSTE(torch.optim.SGD(model.parameters(), lr=0.1), method="delayed", window=window, hyper_lr=0.1)
+    seen = []
+    data = batches(3 * window, size=16)
+    for t, (x, y) in enumerate(data):
+
+        def closure(x=x, y=y):
+            seen.append([h.clone() for h in opt.method.hypergrad])
+            return loss_fn(model, x, y)
+
+        before = [h.clone() for h in opt.method.hypergrad]
+        opt.step(closure)
+        last = t % window == window - 1
+        assert (seen[-1] == []) == last  # released inside the last step only
+        if last:  # replaced by this window's h, which moved θ
+            assert len(opt.method.hypergrad) == len(before) and opt.method.hypergrad_norm > 0
+            assert not all(torch.equal(a, b) for a, b in zip(opt.method.hypergrad, before))
+        else:  # visible unchanged between the other steps
+            assert all(torch.equal(a, b) for a, b in zip(opt.method.hypergrad, before))
