@@ -28,12 +28,11 @@ G = g·s_g + Σ_i (b·c_i/n)·z_i ⊘ ε, one pass for all n samples.
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor
+
+from .._compile import _BROKEN, _COMPILED, FUSE_MIN, kernel  # noqa: F401  (the passes' runner)
 
 __all__ = [
     "host_floats",
@@ -43,6 +42,9 @@ __all__ = [
     "perturb_",
     "combine_",
     "restore_combine_",
+    "perturb_many_",
+    "combine_many_",
+    "restore_combine_many_",
     "kernel",
     "FUSE_MIN",
 ]
@@ -50,10 +52,6 @@ __all__ = [
 SQRT3 = math.sqrt(3.0)
 SQRT6 = math.sqrt(6.0)
 TANH_EPS = math.pi / math.sqrt(12.0)
-
-#: ``fused="auto"`` compiles the passes when the step's managed weights hold at least this many
-#: elements (below it, the compile time and the kernel launch outweigh the gain)
-FUSE_MIN = 1 << 16
 
 
 def _s32(x: int) -> int:
@@ -172,52 +170,58 @@ def restore_combine_(
         G.add_((vals[i] * zi) / eps)
 
 
+# One call for all of a step's tensors (issue 11): a compiled call costs ~50–100 µs in Dynamo's
+# wrapper (guards, cache lookup) whatever its size, so a model of many small weights (a language
+# model's projections) paid it per tensor per pass. Each loops over the per-tensor pass; under
+# ``torch.compile`` the loop unrolls into one graph. ``k1s``/``k2s``: int32 keys per tensor
+# (``[K]`` for a perturbation, ``[K, n]`` for a combine); ``offsets``/``numels``: per tensor, 0 /
+# ``None`` for a whole tensor.
+
+
+def perturb_many_(
+    vs: list[Tensor], gs: list[Tensor | None], eps2s: list[Tensor], bepss: list[Tensor], a_sigs: list[Tensor],
+    alphas: list[Tensor], k1s: Tensor, k2s: Tensor, kind: str, offsets: list, numels: list,
+) -> None:  # fmt: skip
+    """:func:`perturb_` on each tensor ``vs[k]`` with its own arguments."""
+    for k in range(len(vs)):
+        perturb_(
+            vs[k],
+            gs[k],
+            eps2s[k],
+            bepss[k],
+            a_sigs[k],
+            alphas[k],
+            k1s[k],
+            k2s[k],
+            kind,
+            offsets[k],
+            numels[k],
+        )
+
+
+def combine_many_(
+    Gs: list[Tensor], epss: list[Tensor], scale_gs: list[Tensor], zero: bool, vals: list[Tensor], k1s: Tensor,
+    k2s: Tensor, kind: str, offsets: list, numels: list,
+) -> None:  # fmt: skip
+    """:func:`combine_` on each tensor ``Gs[k]`` with its own arguments."""
+    for k in range(len(Gs)):
+        combine_(Gs[k], epss[k], scale_gs[k], zero, vals[k], k1s[k], k2s[k], kind, offsets[k], numels[k])
+
+
+def restore_combine_many_(
+    vs: list[Tensor], gs: list[Tensor | None], eps2s: list[Tensor], bepss: list[Tensor], a_sigs: list[Tensor],
+    alphas: list[Tensor], k1: Tensor, k2: Tensor, Gs: list[Tensor], epss: list[Tensor], scale_gs: list[Tensor],
+    zero: bool, vals: list[Tensor], k1s: Tensor, k2s: Tensor, kind: str, offsets: list, numels: list,
+) -> None:  # fmt: skip
+    """:func:`restore_combine_` on each tensor (``k1``/``k2``: the restored sample's keys, ``[K]``)."""
+    for k in range(len(vs)):
+        restore_combine_(
+            vs[k], gs[k], eps2s[k], bepss[k], a_sigs[k], alphas[k], k1[k], k2[k], Gs[k], epss[k], scale_gs[k],
+            zero, vals[k], k1s[k], k2s[k], kind, offsets[k], numels[k],
+        )  # fmt: skip
+
+
 def host_floats(xs: list[Tensor]) -> list[float]:
     """0-dim tensors as Python floats in one host transfer (exact: float64 holds every float32)."""
     dev = xs[0].device
     return torch.stack([x.to(device=dev, dtype=torch.float64) for x in xs]).tolist()
-
-
-#: the recompile limit while a kernel runs: each weight shape may compile its own variant
-RECOMPILE_LIMIT = 64
-
-
-_COMPILED: dict[str, Any] = {}
-_BROKEN: list[str] = []  # a compile that failed once is not retried (the eager path gives the same bits)
-
-
-def kernel(fn: Callable[..., None], kind: str, fused: bool) -> Callable[..., None]:
-    """``fn`` compiled by ``torch.compile`` (dynamic shapes) when ``fused`` and the kind allows it,
-    else ``fn`` itself. A kernel that fails to compile warns once and runs eagerly from then on."""
-    if not fused or kind == "tanh" or _BROKEN:
-        return fn
-    name = fn.__name__
-    if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
-    compiled = _COMPILED[name]
-
-    def run(*args: Any) -> None:
-        if _BROKEN:
-            return fn(*args)
-        try:
-            # one variant per weight shape (Dynamo specialises these shapes): a model has more
-            # shapes than the default limit of 8, past which a fullgraph kernel fails (issue 11).
-            # Set and reset by hand: config.patch costs ~1 ms a call, a plain attribute µs.
-            cfg = torch._dynamo.config
-            limit = cfg.recompile_limit
-            cfg.recompile_limit = max(RECOMPILE_LIMIT, limit)
-            try:
-                return compiled(*args)
-            finally:
-                cfg.recompile_limit = limit
-        except Exception as err:  # no C++ compiler, no Triton, an unsupported device, ...
-            _BROKEN.append(repr(err))
-            warnings.warn(
-                f"metaste could not compile its fused passes ({type(err).__name__}: {err}); running them "
-                "eagerly, with the same numbers (FOGZO: pass fused=False to skip the attempt)",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            return fn(*args)
-
-    return run

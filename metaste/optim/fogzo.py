@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 
 from ..quant import registry
 from ..quant.registry import lookup
-from ._fused import FUSE_MIN, combine_, delta, kernel, key_halves, perturb_, restore_combine_
+from ._fused import FUSE_MIN, combine_many_, delta, kernel, key_halves, perturb_many_, restore_combine_many_
 from ._fused import host_floats as _host_floats
 from ._modules import ModuleBufferGuard, captured_modules
 from ._snapshot import BufferGuard, RngState
@@ -111,7 +111,6 @@ def fogzo_estimate(
     # the eager path on a small step keeps the noise it draws (at most FUSE_MIN values; the same
     # numbers as regenerating them): one hash per sample instead of 2–4, the bulk of its time
     keep = keep_noise or (not fused and n * sum(v.numel() for v in weights) <= FUSE_MIN)
-    k1t = torch.zeros((), dtype=torch.int32)  # the keys and indices: 0-dim int32 (one compiled kernel)
     # a shard (FSDP2) draws the full tensor's noise at its global indices offset + j
     starts = [0] * len(weights) if offsets is None else list(offsets)
     totals = [v.numel() for v in weights] if numels is None else list(numels)
@@ -121,13 +120,32 @@ def fogzo_estimate(
                 f"a shard of {v.numel()} elements at offset {s0} does not fit a tensor of {m} elements "
                 "(FOGZO's noise indexes elements with int32: at most 2^31 - 1)"
             )
-    # the kernels' index arguments (0-dim int32, like the keys): none for whole tensors
-    shard_args = [
-        ()
-        if offsets is None and numels is None
-        else (torch.tensor(s0, dtype=torch.int32), torch.tensor(m, dtype=torch.int32))
-        for s0, m in zip(starts, totals)
-    ]
+    # the kernels' index arguments per tensor (0-dim int32): 0 / None for whole tensors
+    i32 = torch.int32
+    if offsets is None and numels is None:
+        offs: list = [0] * len(weights)
+        nums: list = [None] * len(weights)
+    else:
+        offs = [torch.tensor(s0, dtype=i32) for s0 in starts]
+        nums = [torch.tensor(m, dtype=i32) for m in totals]
+    # the keys as int32 tensors: [i, k] halves of sample i, tensor k
+    key1 = torch.tensor([[k1 for k1, _ in row] for row in keys], dtype=i32)
+    key2 = torch.tensor([[k2 for _, k2 in row] for row in keys], dtype=i32)
+    # the tensors of each STE kind and device: one kernel call per group and pass for all of them,
+    # with the group's keys on its device
+    groups: dict[tuple[str, torch.device], list[int]] = {}
+    for k, (kind, v) in enumerate(zip(kinds, weights)):
+        groups.setdefault((kind, v.device), []).append(k)
+    group_keys = {gk: (key1[:, sel].to(gk[1]), key2[:, sel].to(gk[1])) for gk, sel in groups.items()}
+    scalars: dict[tuple[str, float, torch.dtype, torch.device], Tensor] = {}
+
+    def scalar(x: float, like: Tensor, role: str = "") -> Tensor:
+        # a 0-dim tensor (one compiled kernel for all values), one per role, value, dtype and
+        # device: the lists a kernel gets alias the same way at every call (no recompiles)
+        key = (role, x, like.dtype, like.device)
+        if key not in scalars:
+            scalars[key] = torch.tensor(x, dtype=like.dtype, device=like.device)
+        return scalars[key]
 
     def z(i: int, k: int) -> Tensor:  # keep_noise: the stored z_ik (a shard's: its slice of the full z)
         if (i, k) not in kept:
@@ -137,34 +155,39 @@ def fogzo_estimate(
             ).view(v.shape)
         return kept[(i, k)]
 
-    def scalar(x: float, like: Tensor) -> Tensor:  # a 0-dim tensor: one compiled kernel for all values
-        return torch.tensor(x, dtype=like.dtype, device=like.device)
-
     def shift(i: int, alpha: float, ks: Sequence[int] | None = None) -> None:
-        # v += alpha · ε⊙d_i, one pass per tensor (``ks``: only those tensors)
-        for k in range(len(weights)) if ks is None else ks:
-            v, g = weights[k], grads[k]
-            if b == 0.0:  # β = 1: d_i = σ_i ĝ, no noise
-                if g is not None:
-                    v.add_(g * (eps2[k] * (a * sigmas[i])), alpha=alpha)
-                continue
-            gk = g if a != 0.0 else None
-            a_sig, al = scalar(a * sigmas[i], v), scalar(alpha, v)
-            if keep:
-                v.add_(delta(z(i, k), gk, eps2[k], beps[k], a_sig) * al)
-            else:
-                k1, k2 = keys[i][k]
-                kernel(perturb_, kinds[k], fused)(
-                    v,
-                    gk,
-                    eps2[k],
-                    beps[k],
-                    a_sig,
-                    al,
-                    scalar(k1, k1t),
-                    scalar(k2, k1t),
-                    kinds[k],
-                    *shard_args[k],
+        # v += alpha · ε⊙d_i, one pass per tensor (``ks``: only those tensors, eagerly: the same
+        # numbers, and no compiled variant for a subset that only an error asks for)
+        if b == 0.0:  # β = 1: d_i = σ_i ĝ, no noise
+            for k in range(len(weights)) if ks is None else ks:
+                if grads[k] is not None:
+                    weights[k].add_(grads[k] * (eps2[k] * (a * sigmas[i])), alpha=alpha)
+            return
+        if keep:
+            for k in range(len(weights)) if ks is None else ks:
+                v, gk = weights[k], grads[k] if a != 0.0 else None
+                v.add_(
+                    delta(z(i, k), gk, eps2[k], beps[k], scalar(a * sigmas[i], v, "a_sig"))
+                    * scalar(alpha, v, "alpha")
+                )
+            return
+        for (kind, _), group in groups.items():
+            pos = [j for j, k in enumerate(group) if ks is None or k in ks]
+            if pos:
+                sel = [group[j] for j in pos]
+                k1s, k2s = group_keys[(kind, _)]
+                kernel(perturb_many_, kind, fused and ks is None)(
+                    [weights[k] for k in sel],
+                    [grads[k] if a != 0.0 else None for k in sel],
+                    [eps2[k] for k in sel],
+                    [beps[k] for k in sel],
+                    [scalar(a * sigmas[i], weights[k], "a_sig") for k in sel],
+                    [scalar(alpha, weights[k], "alpha") for k in sel],
+                    k1s[i] if ks is None else k1s[i, pos],
+                    k2s[i] if ks is None else k2s[i, pos],
+                    kind,
+                    [offs[k] for k in sel],
+                    [nums[k] for k in sel],
                 )
 
     # 2. c_i from 2 (one-sided: 1) no-grad passes at v ± ε⊙d_i
@@ -209,49 +232,52 @@ def fogzo_estimate(
         # 3. G = g·√β Σσ_i c_i/(nN) + Σ_i √(1−β) c_i/n · z_i ⊘ ε   (replaces g)
         cs = c.tolist()
         scale_g = a * sum(s * ci for s, ci in zip(sigmas, cs)) / n
-        out = []
-        for k, v in enumerate(weights):
-            G = grads[k] if grads[k] is not None else torch.zeros_like(v)
-            zero = scale_g == 0.0  # ĝ = 0: drop g (even a non-finite one) exactly
-            if b == 0.0:
+        Gs = [grads[k] if grads[k] is not None else torch.zeros_like(v) for k, v in enumerate(weights)]
+        zero = scale_g == 0.0  # ĝ = 0: drop g (even a non-finite one) exactly
+        if b == 0.0 or keep:
+            for k, G in enumerate(Gs):
                 G.zero_() if zero else G.mul_(scale_g)
-            elif keep:
-                G.zero_() if zero else G.mul_(scale_g)
-                for i in range(n):
-                    G.add_((scalar(b * cs[i] / n, v) * z(i, k)) / eps[k])
+                if b != 0.0:
+                    for i in range(n):
+                        G.add_((scalar(b * cs[i] / n, G) * z(i, k)) / eps[k])
+            return Gs, c
+        vals = {}  # per dtype and device: b·c_i/n
+        for G in Gs:
+            if (G.dtype, G.device) not in vals:
+                vals[(G.dtype, G.device)] = torch.tensor(
+                    [b * ci / n for ci in cs], dtype=G.dtype, device=G.device
+                )
+        for (kind, dev), sel in groups.items():
+            k1s, k2s = group_keys[(kind, dev)]
+            common = (
+                [Gs[k] for k in sel],
+                [eps[k] for k in sel],
+                [scalar(scale_g, Gs[k], "scale_g") for k in sel],
+                zero,
+                [vals[(Gs[k].dtype, Gs[k].device)] for k in sel],
+                k1s.T.contiguous(),
+                k2s.T.contiguous(),
+                kind,
+                [offs[k] for k in sel],
+                [nums[k] for k in sel],
+            )
+            if fuse_last and offset[1] != 0.0:
+                i = n - 1
+                kernel(restore_combine_many_, kind, fused)(
+                    [weights[k] for k in sel],
+                    [grads[k] if a != 0.0 else None for k in sel],
+                    [eps2[k] for k in sel],
+                    [beps[k] for k in sel],
+                    [scalar(a * sigmas[i], weights[k], "a_sig") for k in sel],
+                    [scalar(-offset[1], weights[k], "alpha") for k in sel],
+                    k1s[i],
+                    k2s[i],
+                    *common,
+                )
+                pending = [k for k in pending if k not in sel]
             else:
-                vals = torch.tensor([b * ci / n for ci in cs], dtype=v.dtype, device=v.device)
-                k1s = torch.tensor([keys[i][k][0] for i in range(n)], dtype=torch.int32, device=v.device)
-                k2s = torch.tensor([keys[i][k][1] for i in range(n)], dtype=torch.int32, device=v.device)
-                if fuse_last and offset[1] != 0.0:
-                    i = n - 1
-                    k1, k2 = keys[i][k]
-                    kernel(restore_combine_, kinds[k], fused)(
-                        v,
-                        grads[k] if a != 0.0 else None,
-                        eps2[k],
-                        beps[k],
-                        scalar(a * sigmas[i], v),
-                        scalar(-offset[1], v),
-                        scalar(k1, k1t),
-                        scalar(k2, k1t),
-                        G,
-                        eps[k],
-                        scalar(scale_g, v),
-                        zero,
-                        vals,
-                        k1s,
-                        k2s,
-                        kinds[k],
-                        *shard_args[k],
-                    )
-                    pending.remove(k)
-                else:
-                    kernel(combine_, kinds[k], fused)(
-                        G, eps[k], scalar(scale_g, v), zero, vals, k1s, k2s, kinds[k], *shard_args[k]
-                    )
-            out.append(G)
-        return out, c
+                kernel(combine_many_, kind, fused)(*common)
+        return Gs, c
     finally:
         if offset[1] != 0.0 and pending:  # a pass raised (or c is not finite): put the weights back
             if restore == "copy":

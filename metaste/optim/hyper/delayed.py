@@ -99,14 +99,16 @@ class DelayedMethod(HyperMethod):
         self.h: list[Tensor | None] = [None] * len(self.tensors)
         self.pairs = 0
         self.skipped = 0  # windows whose hypergradient was not finite (θ left unchanged)
-        # the last applied h: a diagnostic (nothing reads it back), released at the start of the
-        # step that applies the next one so that the two never coexist (issue 11)
-        self.hypergrad: list[Tensor] = [torch.zeros_like(t) for t in self.tensors]
+        # the last applied h: a diagnostic (nothing reads it back, checkpoints do not hold it),
+        # released at the start of the step that applies the next one so that the two never
+        # coexist (issue 11); empty until a window ends
+        self.hypergrad: list[Tensor] = []
 
     def step(self, closure: Closure | None, evaluate: Evaluate, t: int) -> Tensor:
         if t % self.opts.window == self.opts.window - 1:
             # this step applies the next h: the last one is released before the backward pass,
-            # where the pending record makes the window's peak (a step that raises leaves it empty)
+            # where the pending record makes the window's peak (a step that raises leaves it
+            # empty; the trajectory does not depend on it)
             self.hypergrad = []
         return super().step(closure, evaluate, t)
 
@@ -174,12 +176,8 @@ class DelayedMethod(HyperMethod):
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         sd["hyper_opt"] = self.hyper_opt.state_dict()
-        sd["h"], sd["pairs"], sd["skipped"], sd["hypergrad"] = (
-            self._accumulated(),
-            self.pairs,
-            self.skipped,
-            self.hypergrad,
-        )
+        # not ``hypergrad``: a diagnostic of the last window, not part of the trajectory
+        sd["h"], sd["pairs"], sd["skipped"] = self._accumulated(), self.pairs, self.skipped
         if self.pending is not None:
             sd["pending"] = self.pending.state_dict()
         return sd
@@ -189,7 +187,7 @@ class DelayedMethod(HyperMethod):
         self.hyper_opt.load_state_dict(sd["hyper_opt"])
         self.h = [t.clone() for t in sd["h"]]  # accumulated in place: never alias the caller's dict
         self.pairs, self.skipped = sd["pairs"], sd["skipped"]
-        self.hypergrad = list(sd["hypergrad"])
+        self.hypergrad = []  # the next window's end sets it (a checkpoint does not hold it)
         p = sd.get("pending")
         self.pending = None if p is None else PendingStep.from_state_dict(type(self.optimizer), p)
 

@@ -1,0 +1,93 @@
+"""The quantizers' compiled forward and backward (issue 11): above FUSE_MIN elements they run as
+compiled passes (metaste._compile.kernel) that give the eager path's values, bit for bit."""
+
+import pytest
+import torch
+
+import metaste._compile as compile_
+from metaste.quant import quantizers
+from metaste.quant.quantizers import DoReFaBinaryQuantizer, FixedScaleQuantizer, LSQQuantizer
+from metaste.quant.surrogates import make_surrogate
+
+KINDS = ["ste", "hardtanh", "approxsign", "pwl", "slste", "plste", "dlste"]
+
+
+def _surrogate(kind, shape, binary, dtype):
+    s = make_surrogate(kind, shape, binary=binary, dtype=dtype)
+    gen = torch.Generator().manual_seed(1)
+    for t in s.params() if s.learnable else ():
+        t.copy_(torch.rand(t.shape, generator=gen, dtype=dtype) * 2 + 0.5)
+    return s
+
+
+def _grads(make, dtype, fused, monkeypatch, specials=True):
+    """Forward and backward of a fresh quantizer from ``make``: (v̂, ∂L/∂v, ∂L/∂s or None)."""
+    monkeypatch.setattr(quantizers, "FUSE_MIN", 1 if fused else 1 << 40)
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(96, 80, generator=gen, dtype=dtype) * 0.3).requires_grad_()
+    q = make(w)
+    with torch.no_grad():  # after the step size's initialisation from w (DoReFa's E = mean|w|: none)
+        if specials:
+            w[0, :4] = torch.tensor([float("nan"), 0.0, -0.0, float("inf")], dtype=dtype)
+    out = q(w)
+    g = torch.randn(out.shape, generator=gen, dtype=dtype)
+    g[1, :3] = torch.tensor([0.0, -0.0, float("nan")], dtype=dtype)
+    out.backward(g)
+    s = getattr(q, "s", None)
+    return out.detach(), w.grad, None if s is None or s.grad is None else s.grad
+
+
+def _bits(x):
+    """The tensor's bits with every NaN made one NaN (compiled and eager NaNs may differ in sign)."""
+    x = torch.where(torch.isnan(x), torch.full_like(x, float("nan")), x)
+    return x.view(torch.int64 if x.dtype == torch.float64 else torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("quantizer", ["lsq", "fixed", "lsq-channel", "dorefa", "deferred"])
+def test_compiled_quantizer_passes_equal_the_eager_ones_bitwise(quantizer, kind, dtype, monkeypatch):
+    compile_._BROKEN.clear()
+    binary = quantizer == "dorefa"
+
+    def make(w):
+        s = _surrogate(kind, w.shape, binary, dtype)
+        if quantizer == "dorefa":
+            return DoReFaBinaryQuantizer(s)
+        if quantizer == "fixed":
+            return FixedScaleQuantizer(w, 2, s)
+        q = LSQQuantizer(w, 3, s, per_channel=quantizer == "lsq-channel")
+        q.defer_surrogate = quantizer == "deferred"
+        return q
+
+    eager = _grads(make, dtype, False, monkeypatch, not binary)
+    calls = []
+    real = quantizers.kernel
+    monkeypatch.setattr(
+        quantizers, "kernel", lambda fn, kind_, fused: calls.append(fused) or real(fn, kind_, fused)
+    )
+    fused = _grads(make, dtype, True, monkeypatch, not binary)
+    assert not compile_._BROKEN, compile_._BROKEN
+    assert calls and all(calls)  # every pass of the second run was compiled
+    assert {"_round_forward", "_round_backward"} <= set(compile_._COMPILED) or quantizer == "dorefa"
+    for a, b in zip(eager, fused):
+        assert (a is None) == (b is None)
+        if a is not None:
+            if a.numel() > 1:  # (a per-tensor ∂L/∂s sums the NaN element: NaN)
+                assert a.abs().nan_to_num(posinf=0).max() > 0 and torch.isnan(a).sum() < a.numel() / 10
+            assert torch.equal(_bits(a), _bits(b))
+
+
+def test_compiled_passes_step_aside_under_transforms_and_grad_recording(monkeypatch):
+    """A torch.func transform, a double backward and an enclosing torch.compile run the eager ops."""
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        assert compile_.compilable(x, torch.nn.Parameter(x.clone()))
+        assert not torch.vmap(lambda r: torch.tensor(compile_.compilable(r)))(x).any()
+        assert not torch.compile(lambda r: r + compile_.compilable(r), backend="eager")(x).ne(x).any()
+    assert not compile_.compilable(x)  # autograd records
+    monkeypatch.setattr(quantizers, "FUSE_MIN", 1)
+    w = torch.randn(8, 8, dtype=torch.float64, requires_grad=True)
+    q = LSQQuantizer(w, 2, make_surrogate("slste", w.shape, dtype=torch.float64))
+    (gw,) = torch.autograd.grad(q(w).pow(2).sum(), w, create_graph=True)  # eager: a graph for the 2nd order
+    assert gw.requires_grad
