@@ -32,10 +32,15 @@ _BROKEN: list[str] = []  # a compile that failed once is not retried (the eager 
 def compilable(*tensors: Tensor) -> bool:
     """Whether a kernel may run compiled on ``tensors`` now: plain tensors (not a subclass such as
     DTensor or a fake tensor, not under a torch.func transform), outside an enclosing
-    ``torch.compile`` (which traces the eager function into its own graph) and without autograd
-    recording (a double backward needs the eager ops)."""
-    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+    ``torch.compile`` (which traces the eager function into its own graph), outside a torch
+    dispatch or function mode, and not where autograd records them (a double backward needs the
+    eager ops)."""
+    if torch.compiler.is_compiling():
         return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return False  # a user's mode (a FLOP counter, a debugging mode) sees the eager ops
     is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     return all(type(t) in (Tensor, torch.nn.Parameter) and not is_wrapped(t) for t in tensors)
 

@@ -27,8 +27,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ..._compile import FUSE_MIN, compilable, kernel
 from ...quant.registry import QuantEntry
-from ...quant.surrogates import BOUNDARIES
+from ...quant.surrogates import BOUNDARIES, slste, slste_grad_code
 from .._wrapper import Closure
 from ..diffopt import UpdateRecord, one_step_hypergradient
 from ..fsdp import all_reduce_sums, as_dtensor_like, is_dtensor, local, local_scale, shard_group
@@ -96,6 +97,18 @@ class ManagedWeight(QuantEntry):
         """``values`` (partial sums over the rank's rows) summed over the weight's shards."""
         group = self.group
         return values if group is None else all_reduce_sums(values, group, device)
+
+
+def _slste_lambda(
+    u: Tensor, a: Tensor, g: Tensor, qn: float, qp: float, boundary: str, b: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(SLSTE's region code of u, λ = ψ(code; a)·g, the count of ψ ≠ 0) for ``torch.compile``:
+    the operations of :meth:`HyperMethod.surrogate_grads`'s eager path (the same values; a·u
+    out of place, which equals the eager path's u·a in u's buffer)."""
+    code = slste_grad_code(u, a, qn, qp, boundary, b)
+    psi = slste(code, a, qn, qp)
+    nnz = psi.count_nonzero()
+    return code, psi.mul_(g), nnz
 
 
 def resolve_hyper_optimizer(spec: HyperOptimizerSpec) -> Callable[..., Optimizer] | None:
@@ -341,11 +354,27 @@ class HyperMethod:
             if g is None:  # weight not used by this loss: the base optimizer skips it too
                 continue
             u = mw.u()  # a fresh tensor
-            code = mw.surrogate.code(u, mw.qn, mw.qp, mw.theta(), inplace=True) if compact else None
+            theta = mw.theta()
+            s = mw.surrogate
+            if (
+                compact
+                and s.name == "slste"
+                and u.numel() >= FUSE_MIN
+                and u.dtype == theta[0].dtype
+                and compilable(u, g, theta[0])
+            ):  # the code, ψ, its count and λ in one compiled pass (issue 11)
+                code, lam_i, nnz = kernel(_slste_lambda, "hyper", True)(
+                    u, theta[0], g, mw.qn, mw.qp, s.boundary, s.b
+                )
+                n, nnz = mw.sum_over_shards([g.numel(), float(nnz)], g.device)
+                self.step_stats[mw.name] = {"clipped_frac": (n - nnz) / n}
+                lam[i], raw[i] = lam_i, (g, code)
+                continue
+            code = s.code(u, mw.qn, mw.qp, theta, inplace=True) if compact else None
             if code is not None:
                 u = code
             del code
-            psi = mw.surrogate.psi(u, mw.qn, mw.qp, mw.theta())
+            psi = s.psi(u, mw.qn, mw.qp, theta)
             n, nnz = mw.sum_over_shards([g.numel(), float(psi.count_nonzero())], g.device)
             self.step_stats[mw.name] = {"clipped_frac": (n - nnz) / n}
             lam[i], raw[i] = psi.mul_(g), (g, u)  # g ⊙ ψ in ψ's buffer
@@ -407,7 +436,10 @@ class HyperMethod:
         a non-finite h changes nothing and returns False. Clamping is the caller's. A sharded
         θ (FSDP2): ``params`` and ``h`` are the rank's rows; the norm and the test sum over the mesh."""
         sq = [float(x.to(torch.float64, copy=True).pow_(2).sum()) for x in h]  # one copy at a time (issue 11)
-        bad = [float(not bool(torch.isfinite(x).all())) for x in h]
+        # a non-finite entry makes its sum of squares non-finite, and finite float32 squares cannot
+        # overflow a float64 sum: the test needs no pass of its own (issue 11; a float64 entry
+        # beyond ~1e154 counts as non-finite, and its window is skipped)
+        bad = [float(not math.isfinite(x)) for x in sq]
         for k, group in enumerate(self.theta_groups):
             if group is not None:
                 sq[k], bad[k] = all_reduce_sums([sq[k], bad[k]], group, h[k].device)

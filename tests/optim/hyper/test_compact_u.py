@@ -31,3 +31,36 @@ def test_code_is_only_for_slste():
     u = torch.randn(4, 3)
     assert make_surrogate("plste", u.shape).code(u, 2.0, 1.0) is None
     assert make_surrogate("ste").code(u, 2.0, 1.0) is None
+
+
+@pytest.mark.parametrize("boundary", ["none", "window"])
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_compiled_surrogate_grads_give_the_eager_trajectory_bitwise(boundary, opt_name, monkeypatch):
+    """issue 11: above FUSE_MIN, delayed's λ, region code and clipped count are one compiled pass
+    (``_slste_lambda``); a run with it equals the eager run bit for bit."""
+    from _hyperste_helpers import batches, loss_fn, quantized_mlp
+
+    import metaste._compile as compile_
+    from metaste import HyperSTE
+    from metaste.optim.hyper import _common
+
+    runs = []
+    for limit in (1 << 40, 1):
+        monkeypatch.setattr(_common, "FUSE_MIN", limit)
+        model = quantized_mlp(surrogate="slste", boundary=boundary)
+        base = (
+            torch.optim.SGD(model.parameters(), lr=0.1)
+            if opt_name == "sgd"
+            else torch.optim.Adam(model.parameters())
+        )
+        opt = HyperSTE(base, method="delayed", hyper_lr=0.5, boundary=boundary)
+        for x, y in batches(6, size=16):
+            opt.step(lambda x=x, y=y, m=model: loss_fn(m, x, y))
+        runs.append((model.state_dict(), opt.diagnostics["layers"]))
+    assert not compile_._BROKEN, compile_._BROKEN
+    assert "_slste_lambda" in compile_._COMPILED
+    (sd0, d0), (sd1, d1) = runs
+    assert any(not torch.equal(v, torch.ones_like(v)) for k, v in sd0.items() if k.endswith(".a"))  # θ moved
+    for k in sd0:
+        assert torch.equal(sd0[k], sd1[k]), k
+    assert [v["clipped_frac"] for v in d0.values()] == [v["clipped_frac"] for v in d1.values()]
