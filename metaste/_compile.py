@@ -9,6 +9,7 @@ and the quantizers' backward (ψ·g, :mod:`metaste.quant.quantizers`).
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,10 @@ FUSE_MIN = 1 << 16
 
 #: the recompile limit while a kernel runs: each weight shape may compile its own variant
 RECOMPILE_LIMIT = 64
+
+#: ``METASTE_FUSED=0`` in the environment turns every compiled pass off (the eager ops, the same
+#: values): for a machine without a C++ compiler or Triton, or to skip the first calls' compiles
+ENABLED = os.environ.get("METASTE_FUSED", "1") != "0"
 
 _COMPILED: dict[str, Any] = {}
 _BROKEN: list[str] = []  # a compile that failed once is not retried (the eager path gives the same values)
@@ -48,7 +53,7 @@ def compilable(*tensors: Tensor) -> bool:
 def kernel(fn: Callable[..., Any], kind: str, fused: bool) -> Callable[..., Any]:
     """``fn`` compiled by ``torch.compile`` (dynamic shapes) when ``fused`` and the kind allows it,
     else ``fn`` itself. A kernel that fails to compile warns once and runs eagerly from then on."""
-    if not fused or kind == "tanh" or _BROKEN:
+    if not fused or kind == "tanh" or _BROKEN or not ENABLED:
         return fn
     name = fn.__name__
     if name not in _COMPILED:

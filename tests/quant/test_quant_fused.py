@@ -91,3 +91,11 @@ def test_compiled_passes_step_aside_under_transforms_and_grad_recording(monkeypa
     q = LSQQuantizer(w, 2, make_surrogate("slste", w.shape, dtype=torch.float64))
     (gw,) = torch.autograd.grad(q(w).pow(2).sum(), w, create_graph=True)  # eager: a graph for the 2nd order
     assert gw.requires_grad
+
+
+def test_metaste_fused_0_turns_every_compiled_pass_off(monkeypatch):
+    """``METASTE_FUSED=0`` (read at import into ``ENABLED``): kernel() hands back the eager function."""
+    fn = quantizers._round_forward
+    assert compile_.kernel(fn, "quant", True) is not fn
+    monkeypatch.setattr(compile_, "ENABLED", False)
+    assert compile_.kernel(fn, "quant", True) is fn
