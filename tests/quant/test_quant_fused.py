@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import metaste._compile as compile_
-from metaste.quant import quantizers
+from metaste.quant import _functions as functions
 from metaste.quant.quantizers import DoReFaBinaryQuantizer, FixedScaleQuantizer, LSQQuantizer
 from metaste.quant.surrogates import make_surrogate
 
@@ -22,7 +22,7 @@ def _surrogate(kind, shape, binary, dtype):
 
 def _grads(make, dtype, fused, monkeypatch, specials=True):
     """Forward and backward of a fresh quantizer from ``make``: (v̂, ∂L/∂v, ∂L/∂s or None)."""
-    monkeypatch.setattr(quantizers, "FUSE_MIN", 1 if fused else 1 << 40)
+    monkeypatch.setattr(functions, "FUSE_MIN", 1 if fused else 1 << 40)
     gen = torch.Generator().manual_seed(0)
     w = (torch.randn(96, 80, generator=gen, dtype=dtype) * 0.3).requires_grad_()
     q = make(w)
@@ -62,9 +62,9 @@ def test_compiled_quantizer_passes_equal_the_eager_ones_bitwise(quantizer, kind,
 
     eager = _grads(make, dtype, False, monkeypatch, not binary)
     calls = []
-    real = quantizers.kernel
+    real = functions.kernel
     monkeypatch.setattr(
-        quantizers, "kernel", lambda fn, kind_, fused: calls.append(fused) or real(fn, kind_, fused)
+        functions, "kernel", lambda fn, kind_, fused: calls.append(fused) or real(fn, kind_, fused)
     )
     fused = _grads(make, dtype, True, monkeypatch, not binary)
     assert not compile_._BROKEN, compile_._BROKEN
@@ -86,7 +86,7 @@ def test_compiled_passes_step_aside_under_transforms_and_grad_recording(monkeypa
         assert not torch.vmap(lambda r: torch.tensor(compile_.compilable(r)))(x).any()
         assert not torch.compile(lambda r: r + compile_.compilable(r), backend="eager")(x).ne(x).any()
     assert compile_.compilable(x) and not compile_.compilable(x.requires_grad_())  # autograd would record
-    monkeypatch.setattr(quantizers, "FUSE_MIN", 1)
+    monkeypatch.setattr(functions, "FUSE_MIN", 1)
     w = torch.randn(8, 8, dtype=torch.float64, requires_grad=True)
     q = LSQQuantizer(w, 2, make_surrogate("slste", w.shape, dtype=torch.float64))
     (gw,) = torch.autograd.grad(q(w).pow(2).sum(), w, create_graph=True)  # eager: a graph for the 2nd order
@@ -95,7 +95,7 @@ def test_compiled_passes_step_aside_under_transforms_and_grad_recording(monkeypa
 
 def test_metaste_fused_0_turns_every_compiled_pass_off(monkeypatch):
     """``METASTE_FUSED=0`` (read at import into ``ENABLED``): kernel() hands back the eager function."""
-    fn = quantizers._round_forward
+    fn = functions._round_forward
     assert compile_.kernel(fn, "quant", True) is not fn
     monkeypatch.setattr(compile_, "ENABLED", False)
     assert compile_.kernel(fn, "quant", True) is fn
