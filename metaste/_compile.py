@@ -4,7 +4,7 @@
 or runs the function itself where compiling cannot help or cannot work. Every compiled function
 is also the eager path: the same torch ops in the same order, so both give the same values (the
 callers' tests check them bit for bit). Used by FOGZO's noise passes, HyperSTE's analytical rule
-and the quantizers' forward and backward (:mod:`metaste.quant._functions`).
+and the quantizers' backward (:mod:`metaste.quant._functions`).
 """
 
 from __future__ import annotations
