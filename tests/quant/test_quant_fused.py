@@ -99,3 +99,24 @@ def test_metaste_fused_0_turns_every_compiled_pass_off(monkeypatch):
     assert compile_.kernel(fn, "quant", True) is not fn
     monkeypatch.setattr(compile_, "ENABLED", False)
     assert compile_.kernel(fn, "quant", True) is fn
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["ste", "slste", "plste"])
+def test_cuda_compiled_backward_stays_on_the_device_and_matches_eager(kind, monkeypatch):
+    """On a GPU the backward compiles to a Triton kernel (which may contract a multiply-add: compared
+    to rounding, not bitwise) and keeps everything on the device."""
+    grads = []
+    for limit in (1 << 40, 1):
+        monkeypatch.setattr(functions, "FUSE_MIN", limit)
+        gen = torch.Generator().manual_seed(0)
+        w = (torch.randn(256, 300, generator=gen) * 0.3).cuda().requires_grad_()
+        q = LSQQuantizer(w, 3, _surrogate(kind, w.shape, False, torch.float32).cuda())
+        out = q(w)
+        out.backward(torch.randn(out.shape, generator=gen).cuda())
+        assert w.grad.device.type == "cuda" and q.s.grad.device.type == "cuda"
+        grads.append((w.grad.cpu(), q.s.grad.cpu()))
+    assert not compile_._BROKEN, compile_._BROKEN
+    for eager, fused in zip(*grads):
+        assert eager.abs().max() > 0
+        torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-7)
