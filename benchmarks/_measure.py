@@ -37,12 +37,15 @@ if METASTE_PATH not in sys.path:
     sys.path.insert(0, METASTE_PATH)
 
 
-def interleaved(fns: dict[str, Callable[[], object]], reps: int, steps: int) -> dict[str, dict[str, list]]:
-    """{name: {"cpu": [s/step per round], "wall": [...]}}; two warm-up calls of each first (the
-    first of a fused FOGZO step compiles its kernels)."""
+def interleaved(
+    fns: dict[str, Callable[[], object]], reps: int, steps: int, warmup: int = 5
+) -> dict[str, dict[str, list]]:
+    """{name: {"cpu": [s/step per round], "wall": [...]}}; ``warmup`` untimed calls of each first:
+    the first calls compile the fused passes (FOGZO's on its first step, the quantizers' on the
+    first backward, HyperSTE analytical's history pass on its third step)."""
     for f in fns.values():
-        f()
-        f()
+        for _ in range(warmup):
+            f()
     out = {n: {"cpu": [], "wall": []} for n in fns}
     names = list(fns)
     for r in range(reps):
