@@ -32,7 +32,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._compile import _BROKEN, _COMPILED, FUSE_MIN, kernel  # noqa: F401  (the passes' runner)
+from .._compile import _BROKEN, _COMPILED, FUSE_MIN, kernel  # noqa: F401  (their runner, and its state, as before issue 11)
 
 __all__ = [
     "host_floats",
