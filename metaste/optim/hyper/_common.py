@@ -7,7 +7,7 @@ A method is two objects: its *options* (a frozen dataclass that validates itself
 and its *runtime* (a :class:`HyperMethod` subclass the options build once the managed weights are
 known; it holds the state and answers ``step``, ``diagnostics`` and ``state_dict``).
 
-Size: ~470 lines, over the ~400 the package aims for, on purpose: the FSDP2 view of a managed
+Size: ~500 lines, over the ~400 the package aims for, on purpose: the FSDP2 view of a managed
 weight (its rows of g, u and θ, docs/design.md §10.4) is a handful of accessors on
 :class:`ManagedWeight` that every per-step method calls; kept here, the methods read the same on
 one process and on a mesh.
