@@ -9,6 +9,7 @@ version of a task (wider models, more data and steps) meant for one modern GPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Iterator
@@ -17,7 +18,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..quant.bn import recalibrate_bn
 from . import data, models
 
 __all__ = ["Task", "TASKS", "get_task"]
@@ -48,6 +51,7 @@ class Task:
     eval_points: int = 10
     quant_kwargs: dict = field(default_factory=dict)
     device: str = "cpu"
+    calibration_batches: int = 20  # BatchNorm re-estimation before every evaluation (see below)
 
     def model(self, seed: int) -> nn.Module:
         """The float model with the seed's initialisation (drawn on the CPU, so every device starts
@@ -73,9 +77,31 @@ class Task:
     def evaluate(self, model: nn.Module) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @contextlib.contextmanager
+    def recalibrated(self, model: nn.Module, *, holdout: bool = False, keep: bool = False) -> Iterator[None]:
+        """Inside: every BatchNorm of ``model`` holds statistics re-estimated on the same
+        ``calibration_batches`` training batches (a fixed stream, the same for every method and
+        seed; without the validation part when ``holdout``), with the weights the model has now —
+        the quantized ones. On exit the training statistics come back (``keep=False``), so an
+        evaluation never changes the run it measures. A model without BatchNorm is left alone."""
+        bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+        if not bns or self.calibration_batches < 1:
+            yield
+            return
+        saved = [{k: v.clone() for k, v in bn.named_buffers(recurse=False)} for bn in bns]
+        try:
+            recalibrate_bn(model, self.batches(_CALIBRATION_SEED, self.calibration_batches, holdout=holdout))
+            yield
+        finally:
+            if not keep:
+                for bn, buffers in zip(bns, saved):
+                    for k, v in buffers.items():
+                        getattr(bn, k).copy_(v)
+
 
 _VAL_FRACTION = 0.1  # of the training set, held out for tuning
 _VAL_SEED = 4242  # the validation part is the same for every seed and method
+_CALIBRATION_SEED = -7_777  # batches(seed) draws from 10_000 + seed: apart from every run's stream
 
 
 def _val_rows(n: int) -> tuple[Tensor, Tensor]:
@@ -121,21 +147,23 @@ class ClassificationTask(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> float:
         split = self.load()
-        correct = self._eval_mode(
-            model, split.x_test, split.y_test, lambda out, y: int((out.argmax(1) == y).sum())
-        )
+        with self.recalibrated(model):
+            correct = self._eval_mode(
+                model, split.x_test, split.y_test, lambda out, y: int((out.argmax(1) == y).sum())
+            )
         return 100.0 * correct / len(split.y_test)
 
     @torch.no_grad()
     def validation_loss(self, model: nn.Module) -> float:
         split = self.load()
         rows = _val_rows(len(split.y_train))[1]
-        total = self._eval_mode(
-            model,
-            split.x_train[rows],
-            split.y_train[rows],
-            lambda out, y: float(F.cross_entropy(out, y, reduction="sum")),
-        )
+        with self.recalibrated(model, holdout=True):
+            total = self._eval_mode(
+                model,
+                split.x_train[rows],
+                split.y_train[rows],
+                lambda out, y: float(F.cross_entropy(out, y, reduction="sum")),
+            )
         return total / len(rows)
 
 
