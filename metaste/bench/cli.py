@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..quant.quantizers import QUANTIZERS
 from ..quant.surrogates import SURROGATES
-from .compare import DEFAULT_TUNE_SEEDS, Protocol, Setup, check, compare
+from .compare import DEFAULT_TUNE_SEEDS, INITS, Protocol, Setup, check, compare
 from .methods import METHODS, _parse_value
 from .report import write_outputs
 from .suites import SUITES, run_suite, write_reports
@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--task", default="mnist-mlp", choices=tuple(TASKS))
     c.add_argument("--scale", default="cpu", choices=tuple(SCALES), help="task size preset (gpu: larger)")
     c.add_argument("--device", default="cpu", help="cpu or cuda[:i]: model, data and noise live there")
+    c.add_argument(
+        "--init",
+        default="scratch",
+        choices=INITS,
+        help="scratch: quantized from a random init; float: from the seed's trained float model (cached)",
+    )
     c.add_argument(
         "--methods",
         default="fp32,ste,ste-identity",
@@ -149,6 +155,7 @@ def _compare(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         method_opts=_key_values(p, args.method_opt, "--method-opt"),
         scale=args.scale,
         device=args.device,
+        init=args.init,
     )
     protocol = Protocol(
         methods=[m for m in _split_methods(args.methods) if m],

@@ -35,7 +35,7 @@ from .methods import METHODS, STE_BASELINES, RunContext, check_options, parse_me
 from .runner import RunResult, RunSpec, eval_marks, loss_at, run_all
 from .tasks import get_task
 
-__all__ = ["Setup", "Protocol", "Comparison", "check", "compare", "QUANT_KEYS"]
+__all__ = ["Setup", "Protocol", "Comparison", "check", "compare", "QUANT_KEYS", "INITS"]
 
 # quantize_model settings a comparison may override (bits and the quantizer have their own flags)
 QUANT_KEYS = tuple(f.name for f in dataclasses.fields(QuantConfig) if f.name not in ("bits", "quantizer")) + (
@@ -43,6 +43,7 @@ QUANT_KEYS = tuple(f.name for f in dataclasses.fields(QuantConfig) if f.name not
     "keep_fp",
 )
 DEFAULT_TUNE_SEEDS = (100, 101, 102)
+INITS = ("scratch", "float")
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Setup:
     method_opts: dict = field(default_factory=dict)  # given to every method that reads the key
     scale: str = "cpu"
     device: str = "cpu"
+    init: str = "scratch"  # or "float": every method starts from the seed's trained float model
 
     def resolved(self) -> Setup:
         """A copy with the task's defaults filled in."""
@@ -74,6 +76,7 @@ class Setup:
             dict(self.method_opts),
             self.scale,
             self.device,
+            self.init,
         )
 
 
@@ -131,9 +134,16 @@ def check(setup: Setup, protocol: Protocol) -> list[tuple[str, str, dict]]:
     """Validate a comparison before anything runs; returns (label, method, fixed options) per
     listed method. Every problem raises ``ValueError`` naming the valid choices."""
     get_task(setup.task, setup.scale)  # unknown task / scale
+    if setup.init not in INITS:
+        raise ValueError(f"unknown init {setup.init!r}; valid choices are {', '.join(INITS)}")
     if not protocol.methods:
         raise ValueError("no methods given")
     parsed = [(spec.strip(), *parse_method(spec)) for spec in protocol.methods]
+    for _, name, _ in parsed:
+        try:
+            METHODS[name].available()
+        except ImportError as e:
+            raise ValueError(f"method {name!r}: {e}") from e
     labels = [p[0] for p in parsed]
     if len(set(labels)) != len(labels):
         raise ValueError(f"a method is listed twice: {labels}")
@@ -206,6 +216,8 @@ def _spec(setup: Setup, label: str, name: str, lr: float, opts: dict, seed: int,
         optimizer=setup.optimizer,
         scale=setup.scale,
         device=setup.device,
+        init=setup.init,
+        schedule_steps=setup.steps,
         **kw,
     )
 

@@ -1,15 +1,18 @@
-"""Training methods compared by ``metaste compare`` (one registry; each issue adds its own).
+"""Training methods compared by ``metaste compare`` (one registry).
 
 A :class:`Method` says how to quantize the model (``quant``: overrides of the task's
 ``quantize_model`` settings, or ``None`` for the float reference) and how to build the
 optimizer (``build``: from the model and a :class:`RunContext`). Every optimizer is driven the
 same way by :func:`train_step`: wrappers through ``step(closure)``, plain optimizers through
-zero_grad / backward / step.
+zero_grad / backward / step. Peers that quantize by their own means (torchao's PARQ) live in
+:mod:`metaste.bench.peers`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -41,12 +44,16 @@ class RunContext:
     weight_decay: float = 0.0
     momentum: float = 0.0
     extra: dict = field(default_factory=dict)  # method options from the command line
+    quant: dict = field(default_factory=dict)  # the quantize_model settings of the run (bits, quantizer, …)
 
 
-def base_optimizer(model: nn.Module, ctx: RunContext, name: str | None = None) -> Optimizer:
-    """The plain torch optimizer named ``name`` (default: the task's) over model.parameters()."""
+def base_optimizer(
+    model: nn.Module, ctx: RunContext, name: str | None = None, params: Iterable | None = None
+) -> Optimizer:
+    """The plain torch optimizer named ``name`` (default: the task's) over model.parameters()
+    (or over ``params``: parameters or param groups)."""
     name = name or ctx.optimizer
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
     if name == "sgd":
         return torch.optim.SGD(params, lr=ctx.lr, momentum=ctx.momentum, weight_decay=ctx.weight_decay)
     if name == "adam":
@@ -65,12 +72,32 @@ class Method:
     # forward-pass equivalents per step (an STE step = 3: forward + backward ≈ 2 forwards)
     fwd_equiv: Callable[[RunContext], float] = lambda ctx: 3.0
     options: tuple[str, ...] = ()  # the RunContext.extra keys ``build`` reads
+    # True: the model trains in float for round(float_frac · total_steps) steps, then is quantized
+    # (quantize_model, LSQ steps initialised from the trained weights) and ``build`` makes a fresh
+    # optimizer for the rest of the run
+    float_phase: bool = False
+    # False: the runner leaves the model float and the method quantizes by its own means (a peer)
+    substrate: bool = True
+    # the weights to evaluate: inside this context the model holds its quantized weights
+    eval_view: Callable[[nn.Module, Optimizer], AbstractContextManager] = lambda model, opt: (
+        contextlib.nullcontext()
+    )
+    # raises ImportError naming the install command when an extra the method needs is missing
+    available: Callable[[], object] = lambda: None
+
+    def float_steps(self, ctx: RunContext) -> int:
+        """Steps of the float phase (0 without one)."""
+        if not self.float_phase:
+            return 0
+        frac = float(ctx.extra.get("float_frac", FLOAT_FRAC_DEFAULT))
+        return min(ctx.total_steps, max(0, int(round(frac * ctx.total_steps))))
 
 
 METHODS: dict[str, Method] = {}
 
-# the plain-STE family: ``--baseline best`` picks the best of these (variant × tuned lr)
-STE_BASELINES = ("ste", "ste-identity", "ste-pwl")
+# the plain-STE family: ``--baseline best`` picks the best of these (variant × tuned lr × float phase)
+STE_BASELINES = ("ste", "ste-identity", "ste-pwl", "ste-float", "ste-identity-float")
+FLOAT_FRAC_DEFAULT = 0.1
 
 
 def register_method(method: Method) -> Method:
@@ -151,6 +178,21 @@ register_method(
         base_optimizer,
     )
 )
+for _name, _what, _quant in (
+    ("ste-float", "clipped", {}),
+    ("ste-identity-float", "identity", {"surrogate": "identity"}),
+):
+    register_method(
+        Method(
+            _name,
+            f"float for a fraction float_frac of the steps (default {FLOAT_FRAC_DEFAULT:g}), then quantized "
+            f"(LSQ steps set from the trained weights, a fresh optimizer) and trained with the {_what} STE",
+            _quant,
+            base_optimizer,
+            options=("float_frac",),
+            float_phase=True,
+        )
+    )
 
 
 # --- HyperSTE (docs/design.md §3.1–3.2) ------------------------------------------------------------------
@@ -384,13 +426,23 @@ for _sel in ("random", "error"):
     register_method(
         Method(
             "pege" + ("" if _sel == "random" else "-error"),
-            f"PEGE, {_sel} masks, log curriculum, EWGS estimator + discretization-error penalty "
+            f"PEGE, {_sel} masks, log curriculum, EWGS estimator + discretization-error penalty, clipped ψ "
             "(docs/design.md §7); 3 forward equivalents per step",
             {},
             _pege(_sel),
             options=_PEGE_OPTIONS,
         )
     )
+register_method(
+    Method(
+        "pege-identity",
+        "PEGE, random masks, with the identity STE as ψ (the curriculum's effect apart from the clip mask); "
+        "3 forward equivalents per step",
+        {"surrogate": "identity"},
+        _pege("random"),
+        options=_PEGE_OPTIONS,
+    )
+)
 
 
 # --- JacQuant (docs/design.md §8) -------------------------------------------------------------------------
@@ -421,3 +473,6 @@ for _vr, _cost in (("none", 3.0), ("storm", 6.0)):
             options=_JACQUANT_OPTIONS,
         )
     )
+
+
+from . import peers  # noqa: E402,F401  (registers the torchao PARQ methods)

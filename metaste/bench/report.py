@@ -118,6 +118,7 @@ def format_table(comp: Comparison) -> str:
     s = comp.setup
     lines = [
         f"task `{s['task']}` ({s['scale']} scale), {s['bits']}-bit {s['quantizer']}, {s['optimizer']}, "
+        f"from {s.get('init', 'scratch')}, "
         f"{steps} steps; evaluation seeds {_seeds(comp.protocol['seeds'])}, "
         f"tuning seeds {_seeds(comp.protocol['tune_seeds'])}",
     ]

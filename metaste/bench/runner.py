@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..quant.convert import quantize_model
 from .methods import METHODS, RunContext, train_step
+from .pretrain import load_float
 from .tasks import Task, get_task
 
 __all__ = ["RunSpec", "RunResult", "run_one", "run_all", "loss_at"]
@@ -32,7 +34,11 @@ __all__ = ["RunSpec", "RunResult", "run_one", "run_all", "loss_at"]
 class RunSpec:
     """One run. ``holdout=True`` is a tuning run: it trains without the validation part of the
     training set, never looks at the test set, and reports ``val_loss``. ``marks`` are extra steps
-    at which the test metric is recorded (the equal-compute read-offs)."""
+    at which the test metric is recorded (the equal-compute read-offs). ``init="float"`` starts
+    from the seed's trained float model (:mod:`metaste.bench.pretrain`), quantized and its
+    BatchNorm re-estimated with the quantized weights. ``schedule_steps`` is the length every
+    schedule of the method is set for (default ``steps``): a baseline run extended for the
+    equal-compute read-offs keeps the schedules of a ``schedule_steps`` run."""
 
     task: str
     method: str
@@ -49,6 +55,8 @@ class RunSpec:
     device: str = "cpu"
     holdout: bool = False
     marks: tuple[int, ...] = ()
+    init: str = "scratch"
+    schedule_steps: int | None = None
 
     def build_task(self) -> Task:
         task = get_task(self.task, self.scale, self.device)
@@ -111,14 +119,26 @@ def _run(spec: RunSpec) -> RunResult:
     task = spec.build_task()
     method = METHODS[spec.method]
     model = task.model(spec.seed)
+    if spec.init == "float":
+        load_float(
+            model, get_task(spec.task, spec.scale, spec.device), spec.scale, spec.seed, holdout=spec.holdout
+        )
+    qkw: dict = {}
     if method.quant is not None:
         quantizer = "dorefa" if spec.bits == 1 else spec.quantizer
         qkw = {**task.quant_kwargs, "bits": spec.bits, "quantizer": quantizer, **dict(spec.quant)}
         qkw.update(method.quant)
-        model = quantize_model(model, inplace=True, **qkw)
     extra = dict(spec.options)
-    ctx = RunContext(task.optimizer, task.lr, spec.steps, spec.seed, task.weight_decay, task.momentum, extra)
+    total = spec.schedule_steps or spec.steps
+    ctx = RunContext(task.optimizer, task.lr, total, spec.seed, task.weight_decay, task.momentum, extra, qkw)
+    float_steps = method.float_steps(ctx)
+    quantize_now = method.quant is not None and method.substrate and float_steps == 0
+    if quantize_now:
+        model = quantize_model(model, inplace=True, **qkw)
     opt = method.build(model, ctx)
+    if spec.init == "float" and method.quant is not None and float_steps == 0:
+        with method.eval_view(model, opt), task.recalibrated(model, holdout=spec.holdout, keep=True):
+            pass  # the float model's BatchNorm statistics re-estimated with the quantized weights
     model.train()
     marks = set() if spec.holdout else eval_marks(task, spec.steps) | set(spec.marks)
     losses: list[float] = []
@@ -128,17 +148,22 @@ def _run(spec: RunSpec) -> RunResult:
     for step, batch in enumerate(task.batches(spec.seed, spec.steps, holdout=spec.holdout), start=1):
         t0 = time.perf_counter()
         loss = train_step(opt, lambda b=batch: task.loss(model, b))
+        if step == float_steps and method.quant is not None:  # the float phase ends: quantize
+            quantize_model(model, inplace=True, **qkw)  # in place: the closure's model is this one
+            rest = dataclasses.replace(ctx, total_steps=total - float_steps)
+            opt = method.build(model, rest)
         elapsed += time.perf_counter() - t0
         losses.append(loss)
         if not math.isfinite(loss):
             break
         if step in marks:
             eval_steps.append(step)
-            eval_values.append(task.evaluate(model))
+            eval_values.append(_evaluate(task, method, model, opt, qkw, step < float_steps))
     finished = len(losses) == spec.steps and math.isfinite(losses[-1])
     val_loss = math.nan
     if spec.holdout and finished:
-        val_loss = task.validation_loss(model)
+        with method.eval_view(model, opt):
+            val_loss = task.validation_loss(model)
     diverged = not finished or (spec.holdout and not math.isfinite(val_loss))
     final = eval_values[-1] if eval_steps and eval_steps[-1] == spec.steps and not diverged else math.nan
     return RunResult(
@@ -158,6 +183,15 @@ def _run(spec: RunSpec) -> RunResult:
         diverged,
         extra,
     )
+
+
+def _evaluate(task: Task, method, model: nn.Module, opt, qkw: dict, in_float_phase: bool) -> float:
+    """The test metric of the model's quantized weights (of a quantized copy during a float
+    phase; the float reference's own weights)."""
+    if in_float_phase and method.quant is not None:
+        return task.evaluate(quantize_model(model, **qkw))
+    with method.eval_view(model, opt):
+        return task.evaluate(model)
 
 
 def eval_marks(task: Task, steps: int) -> set[int]:

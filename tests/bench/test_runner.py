@@ -7,6 +7,7 @@ import torch
 
 from metaste.bench import stats
 from metaste.bench.runner import RunSpec, loss_at, run_all, run_one
+from metaste.quant.layers import QuantLayer
 
 
 def _spec(method="ste", seed=0, steps=30, **kw):
@@ -71,3 +72,41 @@ def test_results_are_identical_for_one_and_two_workers():
     assert [r.losses for r in one] == [r.losses for r in two]
     assert [r.eval_values for r in one] == [r.eval_values for r in two]
     assert len(lines) == 4 and all("ETA" in line for line in lines)
+
+
+def test_a_float_phase_is_the_float_run_then_the_quantized_one():
+    """ste-float with float_frac = 0.5: its first half is fp32's run step for step (same init,
+    batches and optimizer); then the model is quantized and trains with the STE."""
+    fp = run_one(_spec("fp32", steps=20))
+    phased = run_one(_spec("ste-float", steps=20, options=(("float_frac", 0.5),)))
+    assert phased.losses[:10] == fp.losses[:10]
+    assert phased.losses[10] != fp.losses[10]
+    assert phased.bits == 2 and math.isfinite(phased.final_metric)
+
+
+def test_a_float_phase_of_zero_is_the_plain_ste():
+    assert run_one(_spec("ste-float", options=(("float_frac", 0.0),))).losses == run_one(_spec()).losses
+
+
+def test_an_extended_baseline_keeps_the_schedule_of_the_nominal_run():
+    """The equal-compute read-off of a float-phase baseline: the float phase is set by
+    ``schedule_steps``, so the longer run continues the nominal one."""
+    opts = (("float_frac", 0.5),)
+    short = run_one(_spec("ste-float", steps=20, options=opts))
+    long = run_one(_spec("ste-float", steps=30, options=opts, schedule_steps=20, marks=(20,)))
+    assert long.losses[:20] == short.losses
+    assert long.metric_at(20) == short.final_metric
+
+
+def test_metrics_during_a_float_phase_are_those_of_the_quantized_weights(monkeypatch):
+    from metaste.bench.tasks import ClassificationTask
+
+    seen = []
+
+    def spy(task, model):
+        seen.append(any(isinstance(m, QuantLayer) for m in model.modules()))
+        return 50.0
+
+    monkeypatch.setattr(ClassificationTask, "evaluate", spy)
+    run_one(_spec("ste-float", steps=20, options=(("float_frac", 0.5),)))
+    assert seen and all(seen)
