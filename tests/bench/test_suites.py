@@ -64,7 +64,7 @@ def test_report_regeneration_is_idempotent_and_replaces_only_its_block(tmp_path,
     results = tmp_path / "docs" / "results"
     comp.save(results / "tiny" / "tiny.comparison.json")
     readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- results:suites -->\nold\n<!-- /results:suites -->\noutro\n")
+    readme.write_text("intro\n<!-- results:answer -->\nold\n<!-- /results:answer -->\noutro\n")
     doc = tmp_path / "docs" / "results.md"
     page = tmp_path / "docs" / "methods" / "page.md"
     page.parent.mkdir(parents=True)
@@ -77,13 +77,17 @@ def test_report_regeneration_is_idempotent_and_replaces_only_its_block(tmp_path,
     assert first[2].endswith("<!-- /results:suite:tiny -->\nb\n") and "old" not in first[2]
     assert "  - `fogzo` vs best STE" in first[2]
     text = first[0]
-    assert text.startswith("intro\n<!-- results:suites -->\n") and text.endswith(
-        "<!-- /results:suites -->\noutro\n"
+    assert text.startswith("intro\n<!-- results:answer -->\n") and text.endswith(
+        "<!-- /results:answer -->\noutro\n"
     )
-    assert "old" not in text and "**tiny**: `fogzo` vs best STE" in text
-    (row,) = [line for line in text.splitlines() if line.startswith("| `fogzo` |")]
+    (answer,) = [line for line in text.splitlines() if "(`tiny`)" in line]
+    assert "old" not in text and "| `fogzo` " in answer  # the one metaste method is the best one
+    assert answer.count("|") == 7 and answer.rstrip().endswith("| — |")  # no PARQ listed
+    doc_text = first[1]
+    assert doc_text.index("## The answer") < doc_text.index("## Every verdict") < doc_text.index("### digits")
+    assert "**tiny**: `fogzo` vs best STE" in doc_text
+    (row,) = [line for line in doc_text.splitlines() if line.startswith("| `fogzo` | ")][:1]
     assert sum(int(c) for c in row.split("|")[2:5]) == 1  # one comparison, one equal-steps verdict
-    assert "### digits, 6 steps" in first[1] and "| `fogzo` |" in first[1]
 
 
 def test_replace_block_names_a_missing_block():
