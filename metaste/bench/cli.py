@@ -16,8 +16,9 @@ from ..quant.quantizers import QUANTIZERS
 from ..quant.surrogates import SURROGATES
 from .compare import DEFAULT_TUNE_SEEDS, INITS, Protocol, Setup, check, compare
 from .methods import METHODS, _parse_value
+from .pages import write_reports
 from .report import write_outputs
-from .suites import SUITES, run_suite, write_reports
+from .suites import SUITES, run_suite
 from .tasks import SCALES, TASKS
 
 __all__ = ["main", "build_parser"]
@@ -65,8 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--only", default=None, metavar="ID,ID", help="with --suite: run only these entries")
     c.add_argument("--task", default="mnist-mlp", choices=tuple(TASKS))
-    c.add_argument("--scale", default="cpu", choices=tuple(SCALES), help="task size preset (gpu: larger)")
-    c.add_argument("--device", default="cpu", help="cpu or cuda[:i]: model, data and noise live there")
+    c.add_argument(
+        "--scale", default=None, choices=tuple(SCALES), help="task size preset: cpu (default) or gpu (larger)"
+    )
+    c.add_argument(
+        "--device", default=None, help="cpu (default) or cuda[:i]: model, data and noise live there"
+    )
     c.add_argument(
         "--init",
         default="scratch",
@@ -86,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--surrogate", default=None, choices=SURROGATES, help="ψ of methods that do not fix their own"
     )
     c.add_argument("--optimizer", default=None, choices=("sgd", "adam", "adamw"), help="base optimizer")
-    c.add_argument("--seeds", type=int, default=3, help="number of evaluation seeds (first-seed ...)")
+    c.add_argument(
+        "--seeds", type=int, default=None, help="number of evaluation seeds (first-seed ...; default 3)"
+    )
     c.add_argument("--first-seed", type=int, default=0)
     c.add_argument("--steps", type=int, default=None, help="training steps (default: the task's)")
     c.add_argument("--lr", type=float, default=None, help="lr of untuned methods (default: the task's)")
@@ -132,7 +139,16 @@ def _compare(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.suite:
         only = [x for x in (args.only or "").split(",") if x] or None
         try:
-            return run_suite(args.suite, args.out, workers=args.workers, only=only)
+            return run_suite(
+                args.suite,
+                args.out,
+                workers=args.workers,
+                only=only,
+                device=args.device,
+                scale=args.scale,
+                steps=args.steps,
+                seeds=args.seeds,
+            )
         except ValueError as e:
             p.error(str(e))
     quant = _key_values(p, args.quant_opt, "--quant-opt")
@@ -153,13 +169,13 @@ def _compare(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         lr=args.lr,
         quant=quant,
         method_opts=_key_values(p, args.method_opt, "--method-opt"),
-        scale=args.scale,
-        device=args.device,
+        scale=args.scale or "cpu",
+        device=args.device or "cpu",
         init=args.init,
     )
     protocol = Protocol(
         methods=[m for m in _split_methods(args.methods) if m],
-        seeds=list(range(args.first_seed, args.first_seed + args.seeds)),
+        seeds=list(range(args.first_seed, args.first_seed + (3 if args.seeds is None else args.seeds))),
         tune_seeds=_ints(p, args.tune_seeds, "--tune-seeds"),
         tune_lr=None if args.tune_lr is None else _floats(p, args.tune_lr, "--tune-lr"),
         tune=tune,

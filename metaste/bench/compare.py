@@ -23,6 +23,7 @@ import dataclasses
 import itertools
 import json
 import math
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -108,6 +109,7 @@ class Comparison:
     compute_steps: dict[str, int]  # label → baseline steps of equal compute
     notes: list[str]
     seconds: float
+    hardware: str = ""  # the device the runs used, by name (the GPU's model on CUDA)
 
     def save(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -350,7 +352,16 @@ def compare(
         compute_steps=compute_steps,
         notes=notes,
         seconds=time.perf_counter() - t_start,
+        hardware=_hardware(setup.device),
     )
+
+
+def _hardware(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU ({platform.machine()}), one torch thread per worker"
 
 
 def _best(tried: dict[tuple[float, str], list[RunResult]]) -> tuple[tuple[float, str], float]:

@@ -119,7 +119,8 @@ def format_table(comp: Comparison) -> str:
     lines = [
         f"task `{s['task']}` ({s['scale']} scale), {s['bits']}-bit {s['quantizer']}, {s['optimizer']}, "
         f"from {s.get('init', 'scratch')}, "
-        f"{steps} steps; evaluation seeds {_seeds(comp.protocol['seeds'])}, "
+        + (f"on {comp.hardware}, " if comp.hardware else "")
+        + f"{steps} steps; evaluation seeds {_seeds(comp.protocol['seeds'])}, "
         f"tuning seeds {_seeds(comp.protocol['tune_seeds'])}",
     ]
     if comp.baseline is not None:

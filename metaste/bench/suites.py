@@ -1,26 +1,17 @@
-"""The comparison suites (``metaste compare --suite NAME``) and the regenerated results pages.
-
-Each suite is a list of comparisons that mirror a source's experiment; every comparison tunes
-every method (the STE baselines included) on the tuning seeds. ``run_suite`` saves one JSON and
-one PNG per comparison under ``OUT/NAME/``; ``write_reports`` rebuilds ``docs/results.md`` and the
-README's results block from those files, so no number in them is typed by hand.
-
-Size: ~480 lines, over the ~400 the package aims for, on purpose: about 300 of them are the suite
-table itself (data: each comparison with its title and its note), which reads best in one place;
-the code around it (running a suite, writing the pages) is ~150 lines.
-"""
+"""The comparison suites (``metaste compare --suite NAME``): each a list of comparisons with
+their titles and notes, and :func:`run_suite`, which saves one JSON, table and PNG per
+comparison under ``OUT/NAME/``. :mod:`metaste.bench.pages` turns the saved files into the
+results pages."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .compare import Comparison, Protocol, Setup, compare
+from .compare import Protocol, Setup, compare
 
-__all__ = ["SuiteEntry", "SUITES", "run_suite", "write_reports", "replace_block"]
+__all__ = ["SuiteEntry", "SUITES", "run_suite"]
 
 LR_SGD = [0.025, 0.05, 0.1, 0.2]
 LR_ADAM = [0.0025, 0.005, 0.01, 0.02]
@@ -203,6 +194,25 @@ SUITES: dict[str, list[SuiteEntry]] = {
             "CPU budget: ~70 runs of ~45 s, about 30 min on 2 cores",
         )
     ],
+    # benchmarks/gpu_check.sh runs this one on a lent GPU (not part of `make results`)
+    "gpu": [
+        SuiteEntry(
+            f"{task}-gpu",
+            f"{title} (GPU scale), {bits}-bit LSQ, {opt.upper()}, 1,000 steps, from scratch, on one GPU",
+            Setup(task, bits=bits, optimizer=opt, steps=1000, scale="gpu", device="cuda"),
+            Protocol(
+                methods=["ste", "ste-identity", "ste-float", "fogzo", hyper, "pege", "parq"],
+                seeds=[0, 1, 2],
+                tune_seeds=[100],
+            ),
+            "3 evaluation seeds, 1 tuning seed that picks the best STE variant, every method at the task's "
+            "lr (no lr grid): sized for ≤ 8 minutes on one H100 with 4 workers",
+        )
+        for task, title, bits, opt, hyper in [
+            ("fashion-resnet", "Fashion-MNIST, ResNet-20", 2, "sgd", "delayed-sgd"),
+            ("kjv-llama", "KJV characters, tiny LLaMA (10M)", 4, "adamw", "delayed-adam"),
+        ]
+    ],
     "new-methods": [
         SuiteEntry(
             "new-methods-mnist-2bit",
@@ -339,6 +349,24 @@ SUITES: dict[str, list[SuiteEntry]] = {
     ]
     + [
         SuiteEntry(
+            "new-methods-mnist-1bit-arms-confirm",
+            "MNIST MLP 784-10-10, first layer 1-bit DoReFa (head float), SGD, 1,500 steps: PEGE and its "
+            "curriculum alone against the STE family with a longer float phase, on 20 fresh seeds",
+            *_mnist(
+                1,
+                "dorefa",
+                "sgd",
+                ["ste", "ste-identity", "ste-float", "pege", "pege[lam=0,delta=0]"],
+                20,
+                first_seed=60,
+                tune={"float_frac": [0.25, 0.5, 0.75]},
+            ),
+            "a confirmation of `new-methods-mnist-1bit-arms` (seeds 40–59), where the tuned float fraction "
+            "sat at the edge of its grid (0.25): here it is tuned over 0.25, 0.5, 0.75; evaluation seeds 60–79",
+        )
+    ]
+    + [
+        SuiteEntry(
             f"jacquant-{name}",
             f"MNIST MLP 784-10-10, {title}: JacQuant without and with STORM",
             *_mnist(*args, ["ste", "ste-identity", "jacquant", "jacquant-storm"], 10, **kw),
@@ -363,9 +391,21 @@ SUITES: dict[str, list[SuiteEntry]] = {
 }
 
 
-def run_suite(name: str, out: Path, workers: int = 1, only: list[str] | None = None) -> int:
+def run_suite(
+    name: str,
+    out: Path,
+    workers: int = 1,
+    only: list[str] | None = None,
+    *,
+    device: str | None = None,
+    scale: str | None = None,
+    steps: int | None = None,
+    seeds: int | None = None,
+) -> int:
     """Run the comparisons of suite ``name`` (those named in ``only``, default all); save
-    ``OUT/NAME/<id>.comparison.json``, ``.table.md`` and ``.curves.png``."""
+    ``OUT/NAME/<id>.comparison.json``, ``.table.md`` and ``.curves.png``. ``device``, ``scale``,
+    ``steps`` and ``seeds`` (the first n evaluation seeds) override every entry's, e.g. to try the
+    GPU suite on the CPU at a tiny size."""
     from .report import write_outputs
 
     ids = [e.id for e in SUITES[name]]
@@ -375,183 +415,16 @@ def run_suite(name: str, out: Path, workers: int = 1, only: list[str] | None = N
     for entry in SUITES[name]:
         if only and entry.id not in only:
             continue
+        setup, protocol = entry.setup, entry.protocol
+        if device is not None:
+            setup = dataclasses.replace(setup, device=device)
+        if scale is not None:
+            setup = dataclasses.replace(setup, scale=scale)
+        if steps is not None:
+            setup = dataclasses.replace(setup, steps=steps)
+        if seeds is not None:
+            protocol = dataclasses.replace(protocol, seeds=protocol.seeds[:seeds])
         print(f"## {entry.id}: {entry.title}", flush=True)
-        comp = compare(entry.setup, entry.protocol, workers=workers)
+        comp = compare(setup, protocol, workers=workers)
         write_outputs(comp, out / name, stem=f"{entry.id}.")
     return 0
-
-
-# --- the regenerated pages --------------------------------------------------------------------
-
-
-def replace_block(text: str, name: str, body: str) -> str:
-    """Replace what lies between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``."""
-    pattern = re.compile(
-        rf"(<!-- results:{re.escape(name)} -->\n).*?(<!-- /results:{re.escape(name)} -->)", re.S
-    )
-    if not pattern.search(text):
-        raise ValueError(f"no <!-- results:{name} --> ... <!-- /results:{name} --> block to replace")
-    return pattern.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), text)
-
-
-def _load(results: Path) -> dict[str, list[tuple[SuiteEntry, Comparison | None]]]:
-    found = {}
-    for name, entries in SUITES.items():
-        found[name] = [
-            (e, Comparison.load(p) if (p := results / name / f"{e.id}.comparison.json").exists() else None)
-            for e in entries
-        ]
-    return found
-
-
-def tally_verdicts(comp: Comparison, tally: dict[str, dict[str, list[str]]]) -> None:
-    """Add each method's test-metric verdicts (equal steps, equal compute) of ``comp`` to ``tally``:
-    method → verdict → the comparisons (task, bits, optimizer) where it was reached."""
-    from .report import deltas
-
-    s = comp.setup
-    where = f"{s['task']} {s['bits']}-bit {s['quantizer']} {s['optimizer']}"
-    for label in comp.choices:
-        if comp.baseline is None or label in (comp.baseline, "fp32"):
-            continue
-        d = deltas(comp, label)
-        for key, tag in (("metric", ""), ("metric@compute", " (compute)")):
-            if key in d:
-                tally.setdefault(label, {}).setdefault(d[key].verdict + tag, []).append(where)
-
-
-def tally_table(tally: dict[str, dict[str, list[str]]]) -> str:
-    """Per method: in how many comparisons its test metric was better / no different / worse than
-    the best tuned STE, at equal steps and at equal compute."""
-    cols = ["better", "no difference", "worse"]
-    head = "| method | " + " | ".join(f"{c}, equal steps" for c in cols) + " | "
-    head += " | ".join(f"{c}, equal compute" for c in cols) + " |"
-    rows = [head, "|" + "---|" * (1 + 2 * len(cols))]
-    for label, verdicts in tally.items():
-        cells = [str(len(verdicts.get(c, []))) for c in cols]
-        cells += [str(len(verdicts.get(c + " (compute)", []))) for c in cols]
-        rows.append(f"| `{label}` | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
-
-
-def write_reports(results: Path, doc: Path, readme: Path) -> list[Path]:
-    """Rewrite ``doc`` (the one-screen answer, the verdict tally and lines, every suite's tables
-    and plots) and the ``results:answer`` / ``results:demo`` blocks of ``readme`` from the saved
-    JSON."""
-    from .answer import answer_rows, answer_table
-    from .report import format_table, verdict_lines
-
-    found = _load(results)
-    rel = lambda p: Path(p).relative_to(doc.parent).as_posix()  # noqa: E731
-    summary: list[str] = []
-    tally: dict[str, dict[str, list[str]]] = {}
-    rows: list[dict] = []
-    body: list[str] = []
-    demo = "*Not run yet (`make results`).*"
-    for name, entries in found.items():
-        body += [f"## Suite `{name}`", "", f"`metaste compare --suite {name}`", ""]
-        for entry, comp in entries:
-            body += [f"### {entry.title}", ""]
-            if entry.note:
-                body += [f"*Set-up:* {entry.note}.", ""]
-            if comp is None:
-                body += ["*Not run yet.*", ""]
-                continue
-            png = results / name / f"{entry.id}.curves.png"
-            body += [format_table(comp), "", f"![{entry.id}]({rel(png)})", ""]
-            body.append(
-                f"({len(comp.runs) + len(comp.tuning)} runs, {comp.seconds / 60:.0f} min with the suite's workers)"
-            )
-            body.append("")
-            if name == "demo":
-                link = Path(os.path.relpath(png, readme.parent)).as_posix()
-                demo = f"{format_table(comp)}\n\n![make demo]({link})"
-                continue
-            summary += [f"- **{entry.id}**: {line}" for line in verdict_lines(comp)]
-            tally_verdicts(comp, tally)
-            row = answer_rows(entry.id, comp)
-            if row is not None:
-                rows.append(row)
-    answer = answer_table(rows) if rows else "*No suite has been run yet (`make results`).*"
-    parts = [
-        "# Results: every method against the best tuned STE",
-        "",
-        "Regenerated by `make results` (runs the suites, then `metaste report`); do not edit by hand.",
-        "",
-        "## The answer",
-        "",
-        answer,
-        "",
-        ANSWER_LEGEND,
-        "",
-        "## Protocol",
-        "",
-        PROTOCOL,
-        "",
-        "## Every verdict",
-        "",
-        tally_table(tally) if tally else "",
-        "",
-        *summary,
-        "",
-        *body,
-    ]
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text("\n".join(parts).rstrip("\n") + "\n")
-    written = [doc]
-    if readme.exists():
-        text = readme.read_text()
-        if "<!-- results:answer -->" in text:
-            text = replace_block(text, "answer", answer + "\n\n" + ANSWER_LEGEND)
-        if "<!-- results:demo -->" in text:
-            text = replace_block(text, "demo", demo)
-        readme.write_text(text)
-        written.append(readme)
-    for page in sorted(doc.parent.rglob("*.md")):  # a docs page may hold one suite's verdicts
-        text = page.read_text()
-        blocks = [name for name in found if f"<!-- results:suite:{name} -->" in text]
-        for name in blocks:
-            text = replace_block(text, f"suite:{name}", suite_summary(found[name]))
-        if blocks:
-            page.write_text(text)
-            written.append(page)
-    return written
-
-
-ANSWER_LEGEND = (
-    "One row per comparison (set-up: task, bits, quantizer, optimizer, initialisation). *Best STE*: "
-    "the best of the listed plain-STE family (clipped, identity, PWL, and each with a float phase "
-    "before quantizing) at its tuned lr, chosen on the tuning seeds; its test metric (accuracy, or "
-    "validation perplexity: lower is better) and its seed-to-seed SD. The metaste and PARQ cells give "
-    "the best mean Δ among the listed methods of that kind (method − best STE, paired over the "
-    "evaluation seeds, ± the 95 % CI half-width) and the verdict: `better`/`worse` only when the CI "
-    "excludes 0. Picking the best of several methods favours noise: a lone `better` is a lead until "
-    "a confirmation entry repeats it on fresh seeds. Every evaluation re-estimates BatchNorm on 20 "
-    "fixed training batches with the quantized weights."
-)
-
-PROTOCOL = (
-    "Each method's learning rate (and any `--tune` option) is tuned on seeds 100+, by the validation "
-    "loss on a part of the training set held out for tuning; the baseline is the best of the listed "
-    "plain-STE variants at its tuned setting; Δ = method − baseline, paired over the evaluation seeds, "
-    "± the t-based 95 % CI, (seeds better / pairs). *Equal compute*: the baseline's own run read off "
-    "at the step count that costs the same forward-pass equivalents as the method's run. Each verdict "
-    "is one 95 % test; over the dozens of verdicts on this page a few `better` or `worse` are expected "
-    "by chance alone. A model with BatchNorm is evaluated (and validated, when tuning) after "
-    "re-estimating its statistics on 20 fixed training batches with the weights being evaluated — "
-    "the quantized ones (PARQ's rounded to its grid) — and the training statistics are put back "
-    "afterwards. `from float` set-ups start every method from the seed's float model trained with the "
-    "task's optimizer for the task's default steps (cached on disk), quantized, BatchNorm re-estimated."
-)
-
-
-def suite_summary(entries: list[tuple[SuiteEntry, Comparison | None]]) -> str:
-    """The verdict lines of one suite's comparisons, grouped under each comparison's title."""
-    from .report import verdict_lines
-
-    parts = []
-    for entry, comp in entries:
-        parts.append(f"- **{entry.title}** (`{entry.id}`)" + (": *not run yet*" if comp is None else ""))
-        if comp is not None:
-            parts += [f"  - {line}" for line in verdict_lines(comp)]
-    return "\n".join(parts)

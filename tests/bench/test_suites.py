@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from metaste.bench import suites
+from metaste.bench import pages, suites
 from metaste.bench.compare import Protocol, Setup, compare
 from metaste.bench.runner import RunSpec, _run
 from metaste.bench.tasks import get_task
@@ -69,9 +69,9 @@ def test_report_regeneration_is_idempotent_and_replaces_only_its_block(tmp_path,
     page = tmp_path / "docs" / "methods" / "page.md"
     page.parent.mkdir(parents=True)
     page.write_text("a\n<!-- results:suite:tiny -->\nold\n<!-- /results:suite:tiny -->\nb\n")
-    suites.write_reports(results, doc, readme)
+    pages.write_reports(results, doc, readme)
     first = (readme.read_text(), doc.read_text(), page.read_text())
-    suites.write_reports(results, doc, readme)
+    pages.write_reports(results, doc, readme)
     assert (readme.read_text(), doc.read_text(), page.read_text()) == first
     assert first[2].startswith("a\n<!-- results:suite:tiny -->\n- **digits, 6 steps** (`tiny`)\n  - `ste` vs")
     assert first[2].endswith("<!-- /results:suite:tiny -->\nb\n") and "old" not in first[2]
@@ -92,7 +92,7 @@ def test_report_regeneration_is_idempotent_and_replaces_only_its_block(tmp_path,
 
 def test_replace_block_names_a_missing_block():
     with pytest.raises(ValueError, match="results:demo"):
-        suites.replace_block("no markers here", "demo", "x")
+        pages.replace_block("no markers here", "demo", "x")
 
 
 def test_gpu_scale_enlarges_the_tasks_and_runs_on_cpu():

@@ -1,0 +1,188 @@
+"""The regenerated results pages: docs/results.md (the one-screen answer, every verdict, every
+suite's tables and plots), the README's results blocks and the per-method pages' verdict blocks,
+all rebuilt from the suites' saved JSON (``metaste report``), so no number in them is typed by
+hand."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .compare import Comparison
+from .suites import SUITES, SuiteEntry
+
+__all__ = ["write_reports", "replace_block", "tally_verdicts", "tally_table", "suite_summary"]
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    """Replace what lies between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``."""
+    pattern = re.compile(
+        rf"(<!-- results:{re.escape(name)} -->\n).*?(<!-- /results:{re.escape(name)} -->)", re.S
+    )
+    if not pattern.search(text):
+        raise ValueError(f"no <!-- results:{name} --> ... <!-- /results:{name} --> block to replace")
+    return pattern.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), text)
+
+
+def _load(results: Path) -> dict[str, list[tuple[SuiteEntry, Comparison | None]]]:
+    found = {}
+    for name, entries in SUITES.items():
+        found[name] = [
+            (e, Comparison.load(p) if (p := results / name / f"{e.id}.comparison.json").exists() else None)
+            for e in entries
+        ]
+    return found
+
+
+def tally_verdicts(comp: Comparison, tally: dict[str, dict[str, list[str]]]) -> None:
+    """Add each method's test-metric verdicts (equal steps, equal compute) of ``comp`` to ``tally``:
+    method → verdict → the comparisons (task, bits, optimizer) where it was reached."""
+    from .report import deltas
+
+    s = comp.setup
+    where = f"{s['task']} {s['bits']}-bit {s['quantizer']} {s['optimizer']}"
+    for label in comp.choices:
+        if comp.baseline is None or label in (comp.baseline, "fp32"):
+            continue
+        d = deltas(comp, label)
+        for key, tag in (("metric", ""), ("metric@compute", " (compute)")):
+            if key in d:
+                tally.setdefault(label, {}).setdefault(d[key].verdict + tag, []).append(where)
+
+
+def tally_table(tally: dict[str, dict[str, list[str]]]) -> str:
+    """Per method: in how many comparisons its test metric was better / no different / worse than
+    the best tuned STE, at equal steps and at equal compute."""
+    cols = ["better", "no difference", "worse"]
+    head = "| method | " + " | ".join(f"{c}, equal steps" for c in cols) + " | "
+    head += " | ".join(f"{c}, equal compute" for c in cols) + " |"
+    rows = [head, "|" + "---|" * (1 + 2 * len(cols))]
+    for label, verdicts in tally.items():
+        cells = [str(len(verdicts.get(c, []))) for c in cols]
+        cells += [str(len(verdicts.get(c + " (compute)", []))) for c in cols]
+        rows.append(f"| `{label}` | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def write_reports(results: Path, doc: Path, readme: Path) -> list[Path]:
+    """Rewrite ``doc`` (the one-screen answer, the verdict tally and lines, every suite's tables
+    and plots) and the ``results:answer`` / ``results:demo`` blocks of ``readme`` from the saved
+    JSON."""
+    from .answer import answer_rows, answer_table
+    from .report import format_table, verdict_lines
+
+    found = _load(results)
+    rel = lambda p: Path(p).relative_to(doc.parent).as_posix()  # noqa: E731
+    summary: list[str] = []
+    tally: dict[str, dict[str, list[str]]] = {}
+    rows: list[dict] = []
+    body: list[str] = []
+    demo = "*Not run yet (`make results`).*"
+    for name, entries in found.items():
+        body += [f"## Suite `{name}`", "", f"`metaste compare --suite {name}`", ""]
+        for entry, comp in entries:
+            body += [f"### {entry.title}", ""]
+            if entry.note:
+                body += [f"*Set-up:* {entry.note}.", ""]
+            if comp is None:
+                body += ["*Not run yet.*", ""]
+                continue
+            png = results / name / f"{entry.id}.curves.png"
+            body += [format_table(comp), "", f"![{entry.id}]({rel(png)})", ""]
+            body.append(
+                f"({len(comp.runs) + len(comp.tuning)} runs, {comp.seconds / 60:.0f} min with the suite's workers)"
+            )
+            body.append("")
+            if name == "demo":
+                link = Path(os.path.relpath(png, readme.parent)).as_posix()
+                demo = f"{format_table(comp)}\n\n![make demo]({link})"
+                continue
+            summary += [f"- **{entry.id}**: {line}" for line in verdict_lines(comp)]
+            tally_verdicts(comp, tally)
+            row = answer_rows(entry.id, comp)
+            if row is not None:
+                rows.append(row)
+    answer = answer_table(rows) if rows else "*No suite has been run yet (`make results`).*"
+    parts = [
+        "# Results: every method against the best tuned STE",
+        "",
+        "Regenerated by `make results` (runs the suites, then `metaste report`); do not edit by hand.",
+        "",
+        "## The answer",
+        "",
+        answer,
+        "",
+        ANSWER_LEGEND,
+        "",
+        "## Protocol",
+        "",
+        PROTOCOL,
+        "",
+        "## Every verdict",
+        "",
+        tally_table(tally) if tally else "",
+        "",
+        *summary,
+        "",
+        *body,
+    ]
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text("\n".join(parts).rstrip("\n") + "\n")
+    written = [doc]
+    if readme.exists():
+        text = readme.read_text()
+        if "<!-- results:answer -->" in text:
+            text = replace_block(text, "answer", answer + "\n\n" + ANSWER_LEGEND)
+        if "<!-- results:demo -->" in text:
+            text = replace_block(text, "demo", demo)
+        readme.write_text(text)
+        written.append(readme)
+    for page in sorted(doc.parent.rglob("*.md")):  # a docs page may hold one suite's verdicts
+        text = page.read_text()
+        blocks = [name for name in found if f"<!-- results:suite:{name} -->" in text]
+        for name in blocks:
+            text = replace_block(text, f"suite:{name}", suite_summary(found[name]))
+        if blocks:
+            page.write_text(text)
+            written.append(page)
+    return written
+
+
+ANSWER_LEGEND = (
+    "One row per comparison (set-up: task, bits, quantizer, optimizer, initialisation). *Best STE*: "
+    "the best of the listed plain-STE family (clipped, identity, PWL, and each with a float phase "
+    "before quantizing) at its tuned lr, chosen on the tuning seeds; its test metric (accuracy, or "
+    "validation perplexity: lower is better) and its seed-to-seed SD. The metaste and PARQ cells give "
+    "the best mean Δ among the listed methods of that kind (method − best STE, paired over the "
+    "evaluation seeds, ± the 95 % CI half-width) and the verdict: `better`/`worse` only when the CI "
+    "excludes 0. Picking the best of several methods favours noise: a lone `better` is a lead until "
+    "a confirmation entry repeats it on fresh seeds. Every evaluation re-estimates BatchNorm on 20 "
+    "fixed training batches with the quantized weights."
+)
+
+PROTOCOL = (
+    "Each method's learning rate (and any `--tune` option) is tuned on seeds 100+, by the validation "
+    "loss on a part of the training set held out for tuning; the baseline is the best of the listed "
+    "plain-STE variants at its tuned setting; Δ = method − baseline, paired over the evaluation seeds, "
+    "± the t-based 95 % CI, (seeds better / pairs). *Equal compute*: the baseline's own run read off "
+    "at the step count that costs the same forward-pass equivalents as the method's run. Each verdict "
+    "is one 95 % test; over the dozens of verdicts on this page a few `better` or `worse` are expected "
+    "by chance alone. A model with BatchNorm is evaluated (and validated, when tuning) after "
+    "re-estimating its statistics on 20 fixed training batches with the weights being evaluated — "
+    "the quantized ones (PARQ's rounded to its grid) — and the training statistics are put back "
+    "afterwards. `from float` set-ups start every method from the seed's float model trained with the "
+    "task's optimizer for the task's default steps (cached on disk), quantized, BatchNorm re-estimated."
+)
+
+
+def suite_summary(entries: list[tuple[SuiteEntry, Comparison | None]]) -> str:
+    """The verdict lines of one suite's comparisons, grouped under each comparison's title."""
+    from .report import verdict_lines
+
+    parts = []
+    for entry, comp in entries:
+        parts.append(f"- **{entry.title}** (`{entry.id}`)" + (": *not run yet*" if comp is None else ""))
+        if comp is not None:
+            parts += [f"  - {line}" for line in verdict_lines(comp)]
+    return "\n".join(parts)
