@@ -119,6 +119,7 @@ def write_reports(results: Path, doc: Path, readme: Path) -> list[Path]:
         "",
         PROTOCOL,
         "",
+        *training_length(results, rel),
         "## Every verdict",
         "",
         tally_table(tally) if tally else "",
@@ -186,3 +187,26 @@ def suite_summary(entries: list[tuple[SuiteEntry, Comparison | None]]) -> str:
         if comp is not None:
             parts += [f"  - {line}" for line in verdict_lines(comp)]
     return "\n".join(parts)
+
+
+def training_length(results: Path, rel) -> list[str]:
+    """The section on how long each task trains, from ``results/plateau/*.json``
+    (``benchmarks/plateau.py``): the STE's test metric over a long run, per seed and mean."""
+    import json
+
+    found = sorted((results / "plateau").glob("*.json"))
+    if not found:
+        return []
+    out = ["## How long the tasks train", ""]
+    for path in found:
+        r = json.loads(path.read_text())
+        pts = ", ".join(f"{v:.2f} at {s}" for s, v in zip(r["steps"], r["mean"]))
+        unit = "test accuracy (%)" if r["metric"] == "accuracy" else "validation perplexity"
+        out += [
+            f"**{r['task']}**, `{r['method']}` {r['bits']}-bit, {r['optimizer']} lr {r['lr']:g}, mean of "
+            f"{len(r['per_seed'])} seeds — {unit}: {pts} (`{r['command']}`).",
+            "",
+            f"![{r['task']} training length]({rel(path.with_suffix('.png'))})",
+            "",
+        ]
+    return out

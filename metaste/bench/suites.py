@@ -176,7 +176,23 @@ SUITES: dict[str, list[SuiteEntry]] = {
             "re-estimated before every evaluation. CPU budget: ~100 runs of ~70 s, about 1 hour on 2 cores; "
             "the accuracy still rises at 600 steps (82 % → 85 % by 1,500 for the identity STE), so this "
             "compares methods at a fixed, not a converged, budget",
-        )
+        ),
+        SuiteEntry(
+            "fashion-resnet-2bit-sgd-float",
+            "Fashion-MNIST subset, ResNet-8-style, 2-bit LSQ, SGD, 300 steps, from the float model",
+            Setup("fashion-resnet", bits=2, optimizer="sgd", steps=300, init="float"),
+            Protocol(
+                methods=["ste", "ste-identity", "pege", "parq"],
+                seeds=list(range(10)),
+                tune_seeds=[100, 101],
+                tune_lr=[0.025, 0.05, 0.1],
+                max_extend=1,
+            ),
+            "QAT from a float model: every method starts from the seed's float ResNet (600 SGD steps at lr "
+            "0.05, cached), quantized, BatchNorm re-estimated; 300 fine-tuning steps, 10 evaluation seeds, 2 "
+            "tuning seeds, 3-point lr grid (one extension). CPU budget: 12 float models (~1 min each) and "
+            "~70 runs of ~35 s, about 30 min on 2 cores",
+        ),
     ],
     "kjv-llama": [
         SuiteEntry(
