@@ -88,6 +88,12 @@ class GridSpecMixin:
     def grid_spec(self) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @property
+    def grid(self) -> Tensor:
+        """The ``grid`` entry of the state_dict as an attribute: every state_dict key names an
+        attribute, which ``torch.distributed.checkpoint`` relies on to map keys to modules."""
+        return _encode_spec(self.grid_spec())
+
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)  # type: ignore[misc]
         destination[prefix + GRID_KEY] = _encode_spec(self.grid_spec())
