@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from ..quant.quantizers import QUANTIZERS
@@ -136,6 +137,7 @@ def _compare(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return 0
     if args.workers < 1:
         p.error(f"--workers must be ≥ 1, got {args.workers}")
+    _check_writable(p, args.out)
     if args.suite:
         only = [x for x in (args.only or "").split(",") if x] or None
         try:
@@ -190,6 +192,16 @@ def _compare(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     comp = compare(setup, protocol, workers=args.workers)
     write_outputs(comp, args.out / args.task)
     return 0
+
+
+def _check_writable(p: argparse.ArgumentParser, out: Path) -> None:
+    """Refuse an --out folder that cannot be written before any run, not after the last one."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        p.error(f"--out {out}: cannot write there ({e.strerror or e})")
 
 
 def _split_methods(text: str) -> list[str]:

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..quant.config import QuantConfig
+from ..quant.quantizers import check_bits
 from .methods import METHODS, STE_BASELINES, RunContext, check_options, parse_method
 from .runner import RunResult, RunSpec, eval_marks, loss_at, run_all
 from .tasks import get_task
@@ -191,7 +192,50 @@ def check(setup: Setup, protocol: Protocol) -> list[tuple[str, str, dict]]:
         check_options(name, _method_opts(name, setup, fixed))
     if protocol.baseline != "best" and protocol.baseline not in labels:
         raise ValueError(f"baseline {protocol.baseline!r} is not among the listed methods {labels}")
+    _check_device(setup.device)
+    if setup.bits is not None:
+        check_bits(setup.bits)
+    for label, name, fixed in parsed:
+        _, grid = _candidates(name, fixed, setup.resolved(), protocol)
+        for opts in grid:
+            _try_build(setup.resolved(), label, name, opts)
     return parsed
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {device!r}: {e}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this machine has no CUDA device (torch {torch.__version__})")
+
+
+def _try_build(setup: Setup, label: str, name: str, opts: dict) -> None:
+    """Build the method's optimizer on a small stand-in model, so that a bad option value (``n=0``,
+    a negative ``float_frac``) is refused before any run."""
+    import torch
+    from torch import nn
+
+    from ..quant.convert import quantize_model
+
+    method = METHODS[name]
+    model: nn.Module = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    qkw = {"bits": setup.bits, "quantizer": setup.quantizer, **setup.quant}
+    ctx = RunContext(setup.optimizer, setup.lr, setup.steps, 0, extra=dict(opts), quant=qkw)
+    try:
+        if method.quant is not None:
+            qkw.update(method.quant)
+            if method.substrate:
+                model = quantize_model(model, inplace=True, **qkw)
+        if not 0 <= float(opts.get("float_frac", 0.0)) <= 1:
+            raise ValueError(f"float_frac must lie in [0, 1], got {opts['float_frac']}")
+        with torch.random.fork_rng():
+            method.build(model, ctx)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"method {label!r} with options {opts}: {e}") from e
 
 
 def _candidates(name: str, fixed: dict, setup: Setup, protocol: Protocol) -> tuple[list[float], list[dict]]:

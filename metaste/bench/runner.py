@@ -13,6 +13,7 @@ import math
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -199,8 +200,17 @@ def eval_marks(task: Task, steps: int) -> set[int]:
     return {int(round(steps * (k + 1) / task.eval_points)) for k in range(task.eval_points)}
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int) -> None:
     torch.set_num_threads(1)
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """A worker ends when the process that started it is gone (killed, not just exited): the
+    pool's own shutdown never runs then, and the worker would train on for nobody."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _describe(spec: RunSpec, r: RunResult) -> str:
@@ -238,7 +248,7 @@ def run_all(
         os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the workers before they import torch
         try:
             with ProcessPoolExecutor(
-                min(workers, len(specs)), mp_context=ctx, initializer=_init_worker
+                min(workers, len(specs)), mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),)
             ) as pool:
                 futures = {pool.submit(run_one, spec): i for i, spec in enumerate(specs)}
                 for fut in as_completed(futures):

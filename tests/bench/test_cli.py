@@ -48,6 +48,12 @@ def test_quant_opt_cannot_relabel_the_bits(capsys):
         (["--tune-lr", "a,b"], "comma-separated numbers"),
         (["--task", "imagenet"], "invalid choice"),
         (["--workers", "0"], "--workers"),
+        (["--bits", "0"], "1 <= bits <= 16"),
+        (["--methods", "ste,fogzo[n=0]"], "Invalid n: 0"),
+        (["--methods", "ste-float[float_frac=1.5]"], "float_frac must lie in [0, 1]"),
+        (["--methods", "ste,fogzo", "--tune", "n=1,0"], "Invalid n: 0"),  # every setting of a grid
+        (["--init", "warm"], "invalid choice"),
+        (["--out", "/proc/no/such/folder"], "cannot write there"),
     ],
 )
 def test_bad_arguments_are_argparse_errors_naming_the_choices(extra, words, capsys):
@@ -104,3 +110,52 @@ def test_a_suite_entry_that_does_not_exist_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["compare", "--suite", "hyperste", "--only", "hyperste-mnist-3bit"])
     assert e.value.code == 2 and "hyperste-mnist-2bit-channel" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the machine has a GPU")
+def test_device_cuda_without_a_gpu_is_refused_before_any_run(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["compare", "--device", "cuda"] + FAST)
+    assert e.value.code == 2 and "no CUDA device" in capsys.readouterr().err
+
+
+def test_workers_end_when_the_compare_process_is_killed(tmp_path):
+    """A SIGKILL leaves the pool no chance to shut down: the workers notice their parent is gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "from metaste.bench.runner import RunSpec, run_all\n"
+        "specs = [RunSpec('digits-mlp', 'ste', 'ste', s, 0.1, 10**6, 2, 'lsq') for s in range(2)]\n"
+        "run_all(specs, workers=2, log=lambda line: None)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path)
+
+    def children():
+        out = subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    deadline = time.time() + 60
+    while len(children()) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    workers = children()
+    assert workers, "the pool never started"
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 10
+    alive = workers
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in workers if os.path.exists(f"/proc/{p}") and _not_zombie(p)]
+    assert not alive, f"workers {alive} outlived the killed parent"
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
