@@ -152,15 +152,17 @@ def write_reports(results: Path, doc: Path, readme: Path) -> list[Path]:
 
 
 ANSWER_LEGEND = (
-    "One row per comparison (set-up: task, bits, quantizer, optimizer, initialisation). *Best STE*: "
-    "the best of the listed plain-STE family (clipped, identity, PWL, and each with a float phase "
-    "before quantizing) at its tuned lr, chosen on the tuning seeds; its test metric (accuracy, or "
-    "validation perplexity: lower is better) and its seed-to-seed SD. The metaste and PARQ cells give "
-    "the best mean Δ among the listed methods of that kind (method − best STE, paired over the "
-    "evaluation seeds, ± the 95 % CI half-width) and the verdict: `better`/`worse` only when the CI "
-    "excludes 0. Picking the best of several methods favours noise: a lone `better` is a lead until "
-    "a confirmation entry repeats it on fresh seeds. Every evaluation re-estimates BatchNorm on 20 "
-    "fixed training batches with the quantized weights."
+    "One row per set-up (task, bits, quantizer, optimizer, initialisation), over the comparisons listed "
+    "in it; where some of them include the float-phase STE in the baseline family, only those count. "
+    "*Best STE*: the best of the listed plain-STE family (clipped, identity, PWL, and each with a float "
+    "phase before quantizing) at its tuned lr, chosen on the tuning seeds, in the comparison with the "
+    "most seeds; its test metric (accuracy, or validation perplexity: lower is better) and its "
+    "seed-to-seed SD. The metaste and PARQ cells give the best mean Δ found (method − best STE, paired "
+    "over the evaluation seeds, ± the 95 % CI half-width), its verdict — `better`/`worse` only when the "
+    "CI excludes 0 — and in how many of the set-up's comparisons that method was `better`. Picking the "
+    "best of several methods favours noise: a `better` counts once a second comparison on fresh seeds "
+    "repeats it. Every evaluation re-estimates BatchNorm on 20 fixed training batches with the "
+    "quantized weights."
 )
 
 PROTOCOL = (

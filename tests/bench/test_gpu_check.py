@@ -1,0 +1,36 @@
+"""benchmarks/gpu_check.sh, tried on the CPU at a tiny size: the gpu suite's comparisons run,
+and the report puts them in the results page with the hardware named."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_at_a_tiny_size_on_the_cpu(tmp_path):
+    env = dict(
+        os.environ,
+        DEVICE="cpu",
+        SCALE="cpu",
+        STEPS="2",
+        SEEDS="1",
+        WORKERS="1",
+        OUT=str(tmp_path / "results"),
+        DOC=str(tmp_path / "results.md"),
+        README=str(tmp_path / "README.md"),
+        METASTE_FUSED="0",  # no torch.compile: a cold compile would cost minutes here
+        METASTE_CACHE=str(tmp_path / "cache"),
+    )
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for task in ("fashion-resnet", "kjv-llama"):
+        assert (tmp_path / "results" / "gpu" / f"{task}-gpu.comparison.json").exists()
+    page = (tmp_path / "results.md").read_text()
+    assert "## Suite `gpu`" in page and "on CPU" in page
+    assert "`fashion-resnet-gpu`" in page.split("## Protocol")[0]  # a row of the answer
