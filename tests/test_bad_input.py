@@ -75,10 +75,24 @@ def fogzo_closure_returns_float():
     return model, opt, lambda: opt.step(lambda: float(F.cross_entropy(model(x), y)))
 
 
-@case(TypeError, "torch.Tensor")
+@case(TypeError, "return the loss tensor alone")
 def fogzo_closure_returns_strings():
     model, opt = _wrapper("fogzo")
     return model, opt, lambda: opt.step(lambda: ["loss"])
+
+
+@case(TypeError, "return the loss tensor alone")
+def fogzo_closure_returns_loss_and_aux():
+    model, opt = _wrapper("fogzo")
+    x, y = images()
+    return model, opt, lambda: opt.step(lambda: (F.cross_entropy(model(x), y), model(x).detach()))
+
+
+@case(TypeError, "return the loss tensor alone")
+def hyperste_closure_returns_a_list_of_losses():
+    model, opt = _wrapper("delayed")
+    x, y = images()
+    return model, opt, lambda: opt.step(lambda: [F.cross_entropy(model(x), y), F.cross_entropy(model(x), y)])
 
 
 @case(ValueError, "scalar")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -34,8 +34,8 @@ from .amp import GradientOverflow, check_grad_scaler, found_inf
 
 __all__ = ["OptimizerWrapper", "NonFiniteLossError", "Closure", "check_latent_dtype", "closure_value"]
 
-#: returns the loss, or an iterable of micro-batch losses (gradient accumulation, docs/design.md §5)
-Closure = Callable[[], Tensor | Iterable[Tensor]]
+#: returns the loss, or a generator of micro-batch losses (gradient accumulation, docs/design.md §5)
+Closure = Callable[[], Tensor | Iterator[Tensor]]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -367,12 +367,21 @@ class OptimizerWrapper(Optimizer):
 
 
 def _losses(out: object, who: str) -> Iterator[Tensor]:
-    """The loss(es) a closure returned: one tensor, or the items of an iterable, each checked."""
+    """The loss(es) a closure returned: one tensor, or the items of an iterator (a generator of
+    micro-batch losses), each checked. A list or tuple is refused: ``(loss, aux)`` would
+    otherwise be trained on as two micro-batches."""
     if isinstance(out, Tensor):
         check_loss(out, who)
         yield out
         return
-    if isinstance(out, (str, bytes)) or not isinstance(out, Iterable):
+    if isinstance(out, (list, tuple)):
+        raise TypeError(
+            f"the closure passed to {who}.step() returned a {type(out).__name__}; return the loss tensor "
+            "alone (a closure that computes (loss, aux) must return loss), or, for gradient accumulation, "
+            "yield the micro-batch losses from a generator: opt.step(lambda: (loss_fn(model(x), y) / n "
+            "for x, y in micro))"
+        )
+    if isinstance(out, (str, bytes)) or not isinstance(out, Iterator):
         check_loss(out, who)  # raises: not a tensor
     for loss in out:  # type: ignore[union-attr]
         check_loss(loss, who)
