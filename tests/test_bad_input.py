@@ -95,6 +95,14 @@ def hyperste_closure_returns_a_list_of_losses():
     return model, opt, lambda: opt.step(lambda: [F.cross_entropy(model(x), y), F.cross_entropy(model(x), y)])
 
 
+@case(RuntimeError, "was released")
+def hyperste_step_after_release():
+    model, opt = _wrapper("delayed")
+    x, y = images()
+    opt.release()
+    return model, opt, lambda: opt.step(lambda: F.cross_entropy(model(x), y))
+
+
 @case(ValueError, "scalar")
 def fogzo_closure_returns_unreduced_loss():
     model, opt = _wrapper("fogzo")

@@ -167,6 +167,7 @@ class HyperSTE(OptimizerWrapper):
                 setattr(mw.surrogate, pname, shard_rows_like(getattr(mw.surrogate, pname), mw.param))
         self.options = opts
         self.managed = managed
+        self.released = False
         self.method = opts.build(optimizer, managed, model)
         self.steps = 0
 
@@ -213,6 +214,7 @@ class HyperSTE(OptimizerWrapper):
             mw.quantizer.defer_surrogate = False
             for pname in mw.surrogate.param_names:
                 setattr(mw.surrogate, pname, gather(getattr(mw.surrogate, pname)))
+        self.released = True
 
     def _managed_params(self) -> list[Tensor]:
         return [mw.param for mw in self.managed]
@@ -222,6 +224,11 @@ class HyperSTE(OptimizerWrapper):
         may return an iterable of micro-batch losses (gradient accumulation). If it raises, no
         weight, buffer or optimizer state has changed (the horizon methods: except inside the
         replays of a horizon's last step)."""
+        if self.released:
+            raise RuntimeError(
+                "this HyperSTE was released (release() handed ψ back to the quantizers); it cannot step "
+                "again. Build a new HyperSTE over the optimizer to train with it"
+            )
         _check_scaler_supported(self.options, self._active_scaler())
         return self._run_step(self._step, closure)
 
