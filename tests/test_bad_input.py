@@ -103,6 +103,13 @@ def hyperste_step_after_release():
     return model, opt, lambda: opt.step(lambda: F.cross_entropy(model(x), y))
 
 
+@case(ValueError, "none of whose parameters the optimizer trains")
+def pege_model_other_than_the_trained_one():
+    model, other = cnn(surrogate="ste"), cnn(surrogate="ste")
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, base, lambda: metaste.PEGE(base, total_steps=10, model=other)
+
+
 @case(ValueError, "scalar")
 def fogzo_closure_returns_unreduced_loss():
     model, opt = _wrapper("fogzo")

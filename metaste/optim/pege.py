@@ -163,6 +163,7 @@ class PEGE(OptimizerWrapper):
         for q in self._weight_quantizers():
             self._add_site(q, "weight", delta)
         if model is not None:
+            _check_model_is_trained(model, self.params())
             for m in model.modules():
                 if isinstance(m, ActivationLSQQuantizer):
                     self._add_site(m, "activation", delta)
@@ -291,4 +292,16 @@ class PEGE(OptimizerWrapper):
         return (
             f"PEGE(T_r={self.replace_steps}, k={self.k}, select={self.select!r}, lam={self.lam}, "
             f"{self.optimizer!r})"
+        )
+
+
+def _check_model_is_trained(model: nn.Module, params: Iterable[Tensor]) -> None:
+    """``model=`` must be the model the optimizer trains: its activation quantizers get the mask,
+    so another model's would be hooked while this one trains without them."""
+    own = {id(p) for p in model.parameters()}
+    trained = [p for p in params if p.requires_grad]
+    if trained and not any(id(p) in own for p in trained):
+        raise ValueError(
+            "PEGE(model=...) got a model none of whose parameters the optimizer trains; pass the model "
+            "whose parameters the optimizer was built over (its activation quantizers get the curriculum)"
         )
