@@ -1,4 +1,4 @@
-"""Timing and memory measurement shared by the benchmarks (issue 11, item 4).
+"""Timing and memory measurement shared by the benchmarks.
 
 * **Time**: :func:`interleaved` runs every configuration's step in turn, ``reps`` rounds of
   ``steps`` steps each, in a rotating order, so load on the shared machine hits all of them

@@ -1,4 +1,4 @@
-"""FOGZO cost vs plain STE in the same run (issue 11 targets: overhead beyond the forwards ≤ 10 %
+"""FOGZO cost vs plain STE in the same run (targets: overhead beyond the forwards ≤ 10 %
 of an STE step at n = 1 and n = 4; peak memory ≤ 1.05× STE in the default mode).
 
 For each model it reports t_ste (forward + backward + SGD step), t_fwd (no-grad forward + loss),

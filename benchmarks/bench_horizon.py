@@ -1,4 +1,4 @@
-"""Cost of the HyperSTE horizon methods (issue 6 targets).
+"""Cost of the HyperSTE horizon methods (and their targets).
 
 1. **P-FAGU step time vs plain STE** (target ≤ 1.1·(K+1)×): the ``fashion-resnet`` model
    (ResNet-8-style, width 8) on random 28×28 batches of 128, SGD; P-FAGU with a horizon of T

@@ -1,4 +1,4 @@
-"""HyperSTE cost vs plain STE in the same run (issue 11 targets: analytical ≤ 1.10× time,
+"""HyperSTE cost vs plain STE in the same run (targets: analytical ≤ 1.10× time,
 delayed ≤ 1.30× time, peak memory ≤ 1.3×).
 
 Time: CPU time and wall time per step, medians and min–max spread over interleaved

@@ -1,4 +1,4 @@
-"""Step-time cost of the quantization substrate (issue 3's performance targets).
+"""Step-time cost of the quantization substrate (and its targets).
 
 One training step's forward + backward (zero_grad, forward, cross-entropy, backward; no optimizer
 step) at batch 256, for:

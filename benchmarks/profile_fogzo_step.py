@@ -1,4 +1,4 @@
-"""Where a FOGZO step's time goes (issue 11): each phase timed inside the step, beside plain STE.
+"""Where a FOGZO step's time goes: each phase timed inside the step, beside plain STE.
 
 Wraps, for the duration of the run, the pieces of :class:`metaste.FOGZO`'s step with CPU timers
 (the clean pass with backward, the perturbed closure calls, the compiled noise passes, the joint

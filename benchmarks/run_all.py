@@ -1,4 +1,4 @@
-"""One command for the cost benchmarks (issue 11, item 4): runs bench_substrate, bench_fogzo and
+"""One command for the cost benchmarks: runs bench_substrate, bench_fogzo and
 bench_hyperste (one thread each, interleaved repetitions, CPU time; peak memory per
 configuration in a fresh process, :mod:`_measure`) and writes the README's cost table between
 ``<!-- results:cost -->`` and ``<!-- /results:cost -->`` — nothing in that block is typed by hand.

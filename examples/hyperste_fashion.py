@@ -1,4 +1,4 @@
-"""HyperSTE on a Fashion-MNIST subset with a small ResNet (issue 5's experiment at CPU size).
+"""HyperSTE on a Fashion-MNIST subset with a small ResNet (the thesis's experiment at CPU size).
 
 1-bit DoReFa and 2-bit LSQ weights (first conv and last layer in full precision), STE vs
 analytical SLSTE vs delayed SLSTE / PLSTE / DLSTE, with SGD (no momentum) and with Adam; every

@@ -1,4 +1,4 @@
-"""``torch.compile`` for metaste's element-wise passes (docs/design.md §4.5; issue 11).
+"""``torch.compile`` for metaste's element-wise passes (docs/design.md §4.5).
 
 :func:`kernel` compiles a Python function of tensors once (dynamic shapes, one graph) and runs it,
 or runs the function itself where compiling cannot help or cannot work. Every compiled function
@@ -65,7 +65,7 @@ def kernel(fn: Callable[..., Any], kind: str, fused: bool) -> Callable[..., Any]
             return fn(*args)
         try:
             # one variant per weight shape (Dynamo specialises these shapes): a model has more
-            # shapes than the default limit of 8, past which a fullgraph kernel fails (issue 11).
+            # shapes than the default limit of 8, past which a fullgraph kernel fails.
             # Set and reset by hand: config.patch costs ~1 ms a call, a plain attribute µs.
             cfg = torch._dynamo.config
             limit = cfg.recompile_limit

@@ -1,4 +1,4 @@
-"""The bad-input matrix (issue 10): what a user does → the exception type and a word its message
+"""The bad-input matrix: what a user does → the exception type and a word its message
 must contain, and afterwards the weights, buffers and optimizer state (base and wrapper) are
 ``torch.equal`` to what they were. Each case builds its own small Conv+BN+Linear model (or MLP)
 and returns ``(model, opt, action)``; ``opt`` is the wrapper, or a bare SGD over the model when

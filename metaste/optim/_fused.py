@@ -1,4 +1,4 @@
-"""FOGZO's counter-based noise and its fused passes (docs/design.md §4.2, §4.5; issue 11).
+"""FOGZO's counter-based noise and its fused passes (docs/design.md §4.2, §4.5).
 
 The noise z of (seed, t, i, k) is a pure function of a 64-bit key (``derive_seed(seed, t, i, k)``)
 and the element index j — nothing is drawn in sequence and nothing has to be stored:
@@ -32,7 +32,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._compile import _BROKEN, _COMPILED, FUSE_MIN, kernel  # noqa: F401  (their runner, and its state, as before issue 11)
+from .._compile import _BROKEN, _COMPILED, FUSE_MIN, kernel  # noqa: F401  (the runner and its state, re-exported for the FOGZO passes)
 
 __all__ = [
     "host_floats",
@@ -170,7 +170,7 @@ def restore_combine_(
         G.add_((vals[i] * zi) / eps)
 
 
-# One call for all of a step's tensors (issue 11): a compiled call costs ~50–100 µs in Dynamo's
+# One call for all of a step's tensors: a compiled call costs ~50–100 µs in Dynamo's
 # wrapper (guards, cache lookup) whatever its size, so a model of many small weights (a language
 # model's projections) paid it per tensor per pass. Each loops over the per-tensor pass; under
 # ``torch.compile`` the loop unrolls into one graph. ``k1s``/``k2s``: int32 keys per tensor

@@ -81,7 +81,7 @@ class BufferGuard:
     def _pre_hook(self, module: nn.Module, args: Any) -> None:
         if module not in self.saved:
             # the module's own buffers (= buffers(recurse=False), without the generator machinery:
-            # this hook runs for every module call of a wrapper's step, issue 11)
+            # this hook runs for every module call of a wrapper's step)
             tensors = [b for b in module._buffers.values() if b is not None]
             written = getattr(module, "forward_written", None)
             if callable(written):

@@ -208,7 +208,7 @@ class OptimizerWrapper(Optimizer):
         docs/design.md §10.5); the hook guard only when none is found. A skipped fp16 step
         (:class:`~.amp.GradientOverflow`) is not an error: the clean pass's buffers stay, as in a
         hand-written loop. Buffers named by :meth:`_unguarded_buffers` are not snapshotted: their
-        owner writes them only once nothing can raise any more (issue 11: one weight copy less
+        owner writes them only once nothing can raise any more (one weight copy less
         for HyperSTE's surrogate parameters)."""
         modules = captured_modules(closure) if closure is not None else []
         exclude = self._unguarded_buffers()
@@ -218,7 +218,7 @@ class OptimizerWrapper(Optimizer):
             else BufferGuard(on_error_only=True, exclude=exclude)
         )
         overflow = None
-        self._step_modules = modules  # the step's own guards reuse the search (issue 11)
+        self._step_modules = modules  # the step's own guards reuse the search
         with guard:
             try:
                 yield

@@ -180,7 +180,7 @@ def differentiable_step(
     :func:`differentiable_update` plus the new state. The fallback for an optimizer without a
     ``differentiable`` mode returns the state unchanged. ``consume=True``: the record is used up —
     its v_t and state tensors are updated in place instead of cloned (two to three weight copies
-    less with Adam, issue 11); the record cannot be used again.
+    less with Adam); the record cannot be used again.
     """
     cls = record.optimizer_cls
     v0 = record.params if params is None else params
@@ -253,7 +253,7 @@ def one_step_hypergradient(
     ∂v_{t+1}/∂θ = −η_w·g_t ⊙ ∂ψ(u_t; θ)/∂θ; any torch.optim optimizer works through its
     differentiable mode. A u may be the one-byte code of ``surrogate.code`` (SLSTE). ``consume=True``:
     the record and, where ``grads`` / ``us`` are lists, their entries are used up (an entry is set
-    to ``None`` once its weight is done: a weight copy less at the peak, issue 11).
+    to ``None`` once its weight is done: a weight copy less at the peak).
     """
     if record.optimizer_cls is torch.optim.SGD:
         return _sgd_hypergradient(record, entries, grads, us, thetas, lams, consume)
@@ -293,7 +293,7 @@ def _sgd_hypergradient(
     lams: Sequence[Tensor | None],
     consume: bool = False,
 ) -> list[list[Tensor | None]]:
-    """:func:`one_step_hypergradient` for plain ``torch.optim.SGD`` in closed form (issue 11: no
+    """:func:`one_step_hypergradient` for plain ``torch.optim.SGD`` in closed form (no
     clones, no graph): v_{t+1} is linear in G = g ⊙ ψ(u; θ) with the scalar slope
     :func:`sgd_gradient_coefficient`, so h = Σ_to_θ (λ·slope) ⊙ g ⊙ ∂ψ/∂θ — the products autograd
     forms through the differentiable update, in the same order."""
@@ -323,7 +323,7 @@ def _take(xs: Sequence[Tensor], n: int, consume: bool) -> Tensor:
 
 def _contract(w: Tensor, dpsi: Sequence[Tensor], theta: Sequence[Tensor]) -> list[Tensor]:
     """(w ⊙ ∂ψ/∂θ_k) summed to θ_k's shape, per k; the last product in w's buffer (w is the
-    caller's own: one weight copy less, issue 11)."""
+    caller's own: one weight copy less)."""
     last = len(dpsi) - 1
     return [
         (w.mul_(d) if k == last and d.shape == w.shape else w * d).sum_to_size(x.shape)
@@ -342,7 +342,7 @@ def _adam_hypergradient(
     consume: bool = False,
 ) -> list[list[Tensor | None]]:
     """:func:`one_step_hypergradient` for Adam / AdamW in closed form from the state after the
-    update (m′, s′, t; issue 11: no clone of v_t, m_t, s_t, no graph). With G = g ⊙ ψ(u; θ),
+    update (m′, s′, t; no clone of v_t, m_t, s_t, no graph). With G = g ⊙ ψ(u; θ),
     D = √s′/√bc₂ + ε and the step size α = lr/bc₁ (bc_k = 1 − β_k^t), element-wise
 
         ∂v_{t+1}/∂G = −α·[(1 − β₁)/D − m′·(1 − β₂)·G / (D²·√bc₂·√s′)]
@@ -369,7 +369,7 @@ def _adam_hypergradient(
         sq = st["exp_avg_sq"].sqrt()
         den = (sq / big_a).add_(float(group["eps"]) / neg_alpha)
         # ∂v_{t+1}/∂G = (1 − β₁)/den − m′·(1 − β₂)·G / (den²·A·√s′); the second term is formed in
-        # G's buffer (issue 11: three weight-sized temporaries at the peak, not four)
+        # G's buffer (three weight-sized temporaries at the peak, not four)
         t = torch.mul(st["exp_avg"], G, out=G).mul_(1.0 - beta2).div_(den).div_(den).div_(big_a).div_(sq)
         del sq
         J = den.reciprocal_().mul_(1.0 - beta1).sub_(t)

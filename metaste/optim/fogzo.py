@@ -540,7 +540,7 @@ class FOGZO(OptimizerWrapper):
     def _managed(self, include_frozen: bool = False) -> list[_Managed]:
         """The managed weights, in parameter order (registry entries or ``scales=``). Cached per
         step until the parameter list, a ``requires_grad`` / dtype or the registry changes (the
-        lookups were a visible part of a small model's step, issue 11)."""
+        lookups were a visible part of a small model's step)."""
         if include_frozen:
             return self._find_managed(True)
         key = (registry.version(), tuple((id(p), p.requires_grad, p.dtype) for p in self.params()))

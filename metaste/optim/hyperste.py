@@ -177,7 +177,7 @@ class HyperSTE(OptimizerWrapper):
 
     def _unguarded_buffers(self) -> list[Tensor]:
         """θ, when the method writes it only after the base optimizer's step (analytical,
-        delayed): the step guard need not hold a copy of it (issue 11)."""
+        delayed): the step guard need not hold a copy of it."""
         if not self.method.writes_theta_last:
             return []
         return [t for mw in self.managed for t in mw.surrogate.params()]

@@ -19,12 +19,12 @@ Noise is never stored: :func:`noise` regenerates z for (seed, t, i, k) as a pure
 (:func:`derive_seed` (seed, t, i, k), element index): a counter-based integer hash written in
 torch ops (:mod:`metaste.optim._fused`), so the bits are computed where the weight lives — CPU
 or GPU, no host copy, the same stream on every device — and a fused kernel can recompute them
-from the element index alone (issue 11). A shard of a tensor (FSDP2) evaluates the same function
+from the element index alone. A shard of a tensor (FSDP2) evaluates the same function
 at its global indices (:func:`noise_slice`), so the union of the shards' noise is the
 single-process noise. W = 2U − 1 takes 16 random bits: the midpoints of a
 2^16-level grid, exactly symmetric and strictly inside (−1, 1), so ``atanh`` never sees ±1 (tanh
-kind: |z| ≤ 6.5, a tail of mass 2^-15 is cut and the variance is 0.999). (Before issue 11 the
-bits came from NumPy's SFC64 on CPU and a ``torch.Generator`` elsewhere: the distribution is the
+kind: |z| ≤ 6.5, a tail of mass 2^-15 is cut and the variance is 0.999). (Earlier versions drew
+the bits from NumPy's SFC64 on CPU and a ``torch.Generator`` elsewhere: the distribution is the
 same, the numbers are not.)
 """
 

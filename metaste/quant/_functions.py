@@ -1,5 +1,5 @@
 """The quantizers' autograd Functions (docs/design.md §1): the round quantizer (fixed step, LSQ)
-and DoReFa's sign, their backward's element-wise work compiled on large weights (issue 11).
+and DoReFa's sign, their backward's element-wise work compiled on large weights.
 
 The backward never relies on ``clamp``'s own gradient: ∂L/∂v = ∂L/∂v̂ · ψ(v/s), and for a
 learnable step (LSQ) ∂v̂/∂s = round(u) − u inside [−Qn, Qp], −Qn below, Qp above, times the
@@ -27,7 +27,7 @@ from .surrogates import (
 
 # The backward's element-wise work (ψ·g, and LSQ's per-element ∂v̂/∂s·g) as one function of the
 # surrogate's name and parameters: compiled into one pass for a weight of >= FUSE_MIN elements
-# (issue 11: a learnable ψ took ~5 passes, the clipped STE with LSQ ~7), eager otherwise. The
+# (a learnable ψ took ~5 passes, the clipped STE with LSQ ~7), eager otherwise. The
 # same ops in the same order either way: the same values (tests/quant/test_quant_fused.py).
 
 #: the surrogates whose ψ the compiled backward evaluates (the others run eagerly)
@@ -88,7 +88,7 @@ class _RoundQuantFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v, s, qn, qp, quantizer, grad_scale):  # type: ignore[override]
         # eager: a compiled forward measured no faster (four cheap passes against one call's
-        # Dynamo overhead, in every forward FOGZO runs too; issue 11)
+        # Dynamo overhead, in every forward FOGZO runs too)
         u = v / s
         # u is saved (not recomputed from v, s): one division less in backward, one tensor of
         # the weight's size held until backward; the codes round(u) are recomputed from it

@@ -17,7 +17,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 __all__ = ["QuantEntry", "register", "lookup", "quantized_weights", "surrogate_parameters"]
 
 _REGISTRY: WeakIdKeyDictionary = WeakIdKeyDictionary()
-_VERSION = [0]  # bumped by every register(): lets wrappers cache their lookups (issue 11)
+_VERSION = [0]  # bumped by every register(): lets wrappers cache their lookups
 
 
 def version() -> int:

@@ -127,7 +127,7 @@ def pwl(u: Tensor, qn: float, qp: float) -> Tensor:
 
 
 def _band_au(u: Tensor, a: Tensor, qn: float, qp: float, inplace: bool = False) -> Tensor:
-    """band(a·u, −Qn, Qp) with one weight-sized float buffer (issue 11: clamp(x) == x needs two):
+    """band(a·u, −Qn, Qp) with one weight-sized float buffer (clamp(x) == x needs two):
     1{a·u ≥ −Qn} as bools, then 1{a·u ≤ Qp} written over a·u and the two multiplied — the same
     0/1 values (NaN gives 0). ``inplace``: a·u (= u·a exactly) is formed in ``u``'s buffer."""
     au = u.detach().mul_(a.detach()) if inplace else torch.mul(a.detach(), u.detach())
@@ -161,7 +161,7 @@ def slste_grad(u: Tensor, a: Tensor, qn: float, qp: float, boundary: str = "none
         return inside
     # τ = Qp/u (u > 0), −Qn/u (u ≤ 0): ±inf at u = 0, where |a − τ| < b is then false, as
     # required (τ = +∞). One weight-sized buffer, the same divisions as the textbook form
-    # (issue 11: this ran ~15 weight-sized temporaries per step in the analytical method).
+    # (this ran ~15 weight-sized temporaries per step in the analytical method).
     t = torch.full_like(u, -qn).masked_fill_(u > 0, qp).div_(u)
     near = t.sub_(a).abs_().lt(b)  # |τ − a| = |a − τ|
     return inside.sub_(t.copy_(a).div_(2 * b).mul_(near))
@@ -180,7 +180,7 @@ def slste_grad_code(
     """:func:`slste_grad` as a one-byte region code (uint8): bit 0 is 1{−Qn ≤ a·u ≤ Qp}, bit 1
     (``"window"``) 1{|a − τ| < b}. ∂ψ/∂a takes one of four values given them, so
     :func:`slste_grad_from_code` with the same a gives slste_grad's values bit for bit, and
-    :func:`slste` of the code gives ψ (issue 11: a quarter of u's or d's memory; the analytical
+    :func:`slste` of the code gives ψ (a quarter of u's or d's memory; the analytical
     history's d⁻, the delayed record's u_t). ``inplace`` (``"none"`` only): ``u`` is overwritten
     (one weight-sized buffer less)."""
     code = _band_au(u, a, qn, qp, inplace and boundary != "window").to(torch.uint8)

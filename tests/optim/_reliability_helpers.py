@@ -1,4 +1,4 @@
-"""Small models and the "nothing changed" check shared by the reliability tests (issue 10) and
+"""Small models and the "nothing changed" check shared by the reliability tests and
 the bad-input matrix: a Conv+BN+Linear net on 8×8 one-channel images, as a new user builds it."""
 
 from __future__ import annotations

@@ -180,7 +180,7 @@ def test_one_step_hypergradient_matches_finite_differences_of_the_real_update(cl
     ],
 )
 def test_light_records_give_the_hypergradient_of_the_differentiable_replay(cls, kw):
-    """issue 11: the closed forms behind record_update(light=True) — SGD from its hyperparameters, Adam /
+    """the closed forms behind record_update(light=True) — SGD from its hyperparameters, Adam /
     AdamW from the state after the update — equal the differentiable replay of a full record."""
     model = quantized_mlp(surrogate="plste", granularity="channel", dtype=torch.float64)
     set_surrogate_params(model, 0.7, 1.3)

@@ -1,4 +1,4 @@
-"""FOGZO's counter-based noise and fused passes (docs/design.md §4.2, §4.5; issue 11): the stream is a
+"""FOGZO's counter-based noise and fused passes (docs/design.md §4.2, §4.5): the stream is a
 pure function of (key, index), the compiled kernels give the eager path's bits, and on CUDA the noise
 is made on the device with the CPU's bits."""
 
@@ -141,7 +141,7 @@ def test_a_fused_fogzo_run_equals_the_eager_one_bitwise():
 
 @pytest.mark.parametrize("kind,dtype,n", [("identity", torch.float32, 1), ("approxsign", torch.float64, 2)])
 def test_the_fused_restore_and_combine_give_the_bits_of_the_two_passes(kind, dtype, n):
-    """restore_combine_ (the in-place restore of the last sample fused with the combine, issue 11)
+    """restore_combine_ (the in-place restore of the last sample fused with the combine)
     gives exactly perturb_ and then combine_, eagerly and compiled."""
     v, grad, eps = _case(dtype, True)
     keys = [key_halves(5 + i) for i in range(n)]
@@ -249,7 +249,7 @@ def test_cuda_fogzo_step_keeps_everything_on_the_device_and_matches_the_cpu(fuse
 
 @pytest.mark.parametrize("boundary", ["window", "none"])
 def test_hyperste_analytical_compiled_passes_give_the_eager_trajectory(monkeypatch, boundary):
-    """issue 11: above FUSE_MIN elements the analytical rule's element-wise front and back run as compiled
+    """above FUSE_MIN elements the analytical rule's element-wise front and back run as compiled
     passes; weights and a follow the eager trajectory bitwise."""
     import metaste.optim.hyper.analytical as analytical
 
@@ -272,7 +272,7 @@ def test_hyperste_analytical_compiled_passes_give_the_eager_trajectory(monkeypat
 
 @pytest.mark.parametrize("resolve", ["halve", "threshold", "passive"])
 def test_hyperste_analytical_compiled_counts_give_the_eager_stats_and_trajectory(monkeypatch, resolve):
-    """issue 11: the compiled front counts the regions instead of building their masks and halves
+    """the compiled front counts the regions instead of building their masks and halves
     only the gap elements; a, the weights and every per-layer statistic follow the eager path."""
     import metaste.optim.hyper.analytical as analytical
 

@@ -1,4 +1,4 @@
-"""The wrapper defects a new user hit (issue 10), one test (or a few) per numbered defect; each
+"""The wrapper defects a new user hit, one test (or a few) per numbered defect; each
 failed before its fix. The quantization-substrate defects are in tests/quant/test_quant_reliability.py,
 the bad-input matrix in tests/test_bad_input.py."""
 

@@ -1,4 +1,4 @@
-"""The quantizers' compiled backward (issue 11): above FUSE_MIN elements it runs as a compiled pass
+"""The quantizers' compiled backward: above FUSE_MIN elements it runs as a compiled pass
 (metaste._compile.kernel) that gives the eager path's values, bit for bit."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""The substrate defects a new user hit (issue 10): tied weights, quantizing twice, quantizing
+"""The substrate defects a new user hit: tied weights, quantizing twice, quantizing
 nothing, checkpoints of another grid. Each test failed before its fix."""
 
 from __future__ import annotations

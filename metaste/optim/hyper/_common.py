@@ -346,7 +346,7 @@ class HyperMethod:
         """λ = g ⊙ ψ(u; θ) per managed weight index (θ = the surrogate buffers now) and its
         (g, u); records each layer's ``clipped_frac`` (ψ = 0) for the diagnostics. ``compact``: u
         is the surrogate's one-byte code where it has one (SLSTE; the same ψ bit for bit, formed
-        in u's buffer: issue 11), valid while θ stays as it is."""
+        in u's buffer), valid while θ stays as it is."""
         lam, raw = {}, {}
         self.step_stats = {}
         for i, mw in enumerate(self.managed):
@@ -362,7 +362,7 @@ class HyperMethod:
                 and u.numel() >= FUSE_MIN
                 and u.dtype == theta[0].dtype
                 and compilable(u, g, theta[0])
-            ):  # the code, ψ, its count and λ in one compiled pass (issue 11)
+            ):  # the code, ψ, its count and λ in one compiled pass
                 code, lam_i, nnz = kernel(_slste_lambda, "hyper", True)(
                     u, theta[0], g, mw.qn, mw.qp, s.boundary, s.b
                 )
@@ -391,7 +391,7 @@ class HyperMethod:
         """A :class:`PendingStep` of the coming base update; call it right before ``optimizer.step()``.
         ``compact``: u_t kept as the surrogate's one-byte code where it has one (SLSTE,
         ``LearnableSurrogate.code`` with the current θ, which must be the θ the hypergradient
-        uses: θ frozen until then; issue 11)."""
+        uses: θ frozen until then)."""
         from ..diffopt import record_update
 
         idx = sorted(raw)
@@ -435,9 +435,9 @@ class HyperMethod:
         (its lr is ``hyper_lr``; normalisation rescales the gradient it sees). Records the norm;
         a non-finite h changes nothing and returns False. Clamping is the caller's. A sharded
         θ (FSDP2): ``params`` and ``h`` are the rank's rows; the norm and the test sum over the mesh."""
-        sq = [float(x.to(torch.float64, copy=True).pow_(2).sum()) for x in h]  # one copy at a time (issue 11)
+        sq = [float(x.to(torch.float64, copy=True).pow_(2).sum()) for x in h]  # one copy at a time
         # a non-finite entry makes its sum of squares non-finite, and finite float32 squares cannot
-        # overflow a float64 sum: the test needs no pass of its own (issue 11; a float64 entry
+        # overflow a float64 sum: the test needs no pass of its own (a float64 entry
         # beyond ~1e154 counts as non-finite, and its window is skipped)
         bad = [float(not math.isfinite(x)) for x in sq]
         for k, group in enumerate(self.theta_groups):

@@ -3,7 +3,7 @@
 
 The math is the plain function :func:`analytical_update`; :class:`Analytical` holds the options
 and :class:`AnalyticalMethod` the bookkeeping (history g⁻, d⁻, η_w; diagnostics) around it. d⁻ is
-kept as a one-byte region code (:func:`slste_grad_code`) and rebuilt from it and a (issue 11).
+kept as a one-byte region code (:func:`slste_grad_code`) and rebuilt from it and a.
 
 Size: ~470 lines, over the ~400 the package aims for, on purpose: one algorithm, with its eager
 path beside the compiled passes that must give the same bits (the region front, the gap halving,
@@ -64,7 +64,7 @@ def analytical_update(
       docs/design.md §3.1, and with ≤ the three modes agree everywhere except the gap.)
     * ``"passive"``: identity in overlap and gap.
     """
-    # Memory (issue 11): a handful of weight-sized temporaries at a time, in place where the
+    # Memory: a handful of weight-sized temporaries at a time, in place where the
     # value is the same bitwise (1 − y = −y + 1; a/(1 − x) written into the 1 − x buffer);
     # halvings / unresolved are expanded zeros unless some element is in the gap. A large tensor
     # runs the element-wise front as one compiled pass (the same values, :func:`_front`).
@@ -124,7 +124,7 @@ def _update_counts(
     a: Tensor, u: Tensor, c: Tensor, eta_a: float, qn: float, qp: float, resolve: str, max_halvings: int
 ) -> tuple[Tensor, list[float], tuple[float, float, float]]:
     """:func:`analytical_update` for ``resolve`` "halve" / "passive" on a large tensor, without the
-    region masks (issue 11): one compiled pass gives x, r, a′ off the gap and the four region
+    region masks: one compiled pass gives x, r, a′ off the gap and the four region
     counts; only a step with gap elements finds them (eagerly) and halves them. Returns (a′ before
     clamping, the counts in :data:`REGIONS` order, (Σ halvings, #halved, #unresolved)): the values
     of :func:`analytical_update`."""
@@ -133,7 +133,7 @@ def _update_counts(
     counts = [float(k) for k in counts_t.tolist()]
     halv = (0.0, 0.0, 0.0)
     gap = bool(counts[3]) and resolve == "halve"
-    if not gap:  # a′ without x and r: two weight copies less (issue 11)
+    if not gap:  # a′ without x and r: two weight copies less
         a_new = kernel(_front_a, "analytical", True)(a, u, c, eta, float(qn), float(qp))
     else:  # the gap: x ≥ r > 0 (NaN counts as there, as in _regions); x and r only here
         x, r, a_new, _ = kernel(_front, "analytical", True)(a, u, c, eta, float(qn), float(qp))
@@ -187,7 +187,7 @@ def _front(a: Tensor, u: Tensor, c: Tensor, eta: Tensor, qn: float, qp: float) -
 
 
 def _front_counts(a: Tensor, u: Tensor, c: Tensor, eta: Tensor, qn: float, qp: float) -> tuple:
-    """:func:`_front` without x and r (the same a′ and counts; issue 11: two weight copies less
+    """:func:`_front` without x and r (the same a′ and counts; two weight copies less
     when no element is in the gap), as two compiled passes: one kernel for both would store the
     scaling mask as bools, which inductor does slowly on CPU."""
     counts = kernel(_front_count_only, "analytical", True)(a, u, c, eta, qn, qp)
@@ -240,7 +240,7 @@ def _back(
     gradient g·ψ(u; a′) written into ``c``'s buffer, the history's region code of
     d = ∂ψ(u; a′)/∂a (:func:`slste_grad_code`), the count of ψ ≠ 0 and Σ(c·ψ)², in one pass for
     ``torch.compile`` (the element-wise values are those of the eager path; the two sums may round
-    differently). In place: two weight copies less at the step's peak (issue 11). ``a`` is unused
+    differently). In place: two weight copies less at the step's peak. ``a`` is unused
     (the signature of the kernel)."""
     a = a_new.clamp(a_min, a_max)
     a_new.copy_(a)

@@ -88,7 +88,7 @@ class DelayedMethod(HyperMethod):
     ) -> None:
         super().__init__(optimizer, managed, opts, model)
         # the hyper-optimizer trains leaves that alias the surrogate buffers inside after_update
-        # only (issue 11: no θ copy); otherwise their data is an empty tensor (the objects, the
+        # only (no θ copy); otherwise their data is an empty tensor (the objects, the
         # optimizer's keys, stay)
         self.leaves = [t.detach().clone() for t in self.tensors]
         factory = opts.hyper_optimizer or torch.optim.SGD
@@ -101,7 +101,7 @@ class DelayedMethod(HyperMethod):
         self.skipped = 0  # windows whose hypergradient was not finite (θ left unchanged)
         # the last applied h: a diagnostic (nothing reads it back, checkpoints do not hold it),
         # released at the start of the step that applies the next one so that the two never
-        # coexist (issue 11); empty until a window ends
+        # coexist; empty until a window ends
         self.hypergrad: list[Tensor] = []
 
     def step(self, closure: Closure | None, evaluate: Evaluate, t: int) -> Tensor:
@@ -118,9 +118,9 @@ class DelayedMethod(HyperMethod):
         lam, raw = self.surrogate_grads(compact=True)  # u_t as SLSTE's code: θ is frozen until used
         record = pos < o.window - 1 and (o.accumulate != "first" or pos == 0)
         if not record:
-            raw = None  # u_t is not kept: one weight copy less during the hypergradient (issue 11)
+            raw = None  # u_t is not kept: one weight copy less during the hypergradient
         # λ_t becomes p.grad now: the raw g_t it replaces is freed before the hypergradient (kept
-        # in ``raw`` only for the record; issue 11)
+        # in ``raw`` only for the record)
         for i, g in lam.items():
             self.managed[i].set_grad(g)
         if self.pending is not None:
@@ -144,7 +144,7 @@ class DelayedMethod(HyperMethod):
         if self.opts.accumulate == "mean" and self.pairs:
             h = [x / self.pairs for x in h]
         self.hypergrad = h
-        # the leaves alias the buffers during the update (issue 11: no θ copy; the hyper-optimizer
+        # the leaves alias the buffers during the update (no θ copy; the hyper-optimizer
         # and the clamp write θ in place, the same operations as on a copy)
         for leaf, t in zip(self.leaves, self.tensors):
             leaf.data = t.detach()

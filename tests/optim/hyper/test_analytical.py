@@ -200,7 +200,7 @@ def test_normalized_hyper_lr_moves_a_by_about_hyper_lr_per_step():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("boundary,b", [("none", 0.5), ("window", 0.5), ("window", 0.3), ("window", 2.0)])
 def test_the_region_code_of_d_rebuilds_slste_grad_bit_for_bit(dtype, boundary, b):
-    """issue 11: the history keeps ∂ψ/∂a as a one-byte region code; rebuilt with the same a it is
+    """the history keeps ∂ψ/∂a as a one-byte region code; rebuilt with the same a it is
     slste_grad's value bit for bit, band edges, |τ − a| = b, u = 0 and NaN included."""
     from metaste.optim.hyper.analytical import slste_grad_code, slste_grad_from_code
     from metaste.quant.surrogates import slste_grad
@@ -220,7 +220,7 @@ def test_the_region_code_of_d_rebuilds_slste_grad_bit_for_bit(dtype, boundary, b
 
 @pytest.mark.parametrize("boundary", ["none", "window"])
 def test_the_compiled_history_product_from_the_code_is_the_full_one(boundary):
-    """issue 11: c = η_w·g·g⁻·d⁻ with d⁻ rebuilt from the compiled back pass's region code equals
+    """c = η_w·g·g⁻·d⁻ with d⁻ rebuilt from the compiled back pass's region code equals
     the product with the full d⁻ of slste_grad, bit for bit; the front without x, r gives the same
     a′ and counts as the full front."""
     from metaste.optim import _fused
@@ -255,7 +255,7 @@ def test_the_compiled_history_product_from_the_code_is_the_full_one(boundary):
 
 
 def test_a_base_step_that_raises_leaves_a_and_the_model_as_they_were():
-    """issue 11: a ← a′ happens after the base step (the step guard holds no copy of θ), so a step
+    """a ← a′ happens after the base step (the step guard holds no copy of θ), so a step
     that raises in the base optimizer changes no surrogate parameter."""
     model = quantized_mlp()
     opt = HyperSTE(torch.optim.SGD(model.parameters(), lr=0.5), hyper_lr=0.5)

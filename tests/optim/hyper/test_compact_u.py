@@ -1,4 +1,4 @@
-"""The delayed record's u_t as SLSTE's one-byte code (issue 11) against the full u."""
+"""The delayed record's u_t as SLSTE's one-byte code against the full u."""
 
 import pytest
 import torch
@@ -36,7 +36,7 @@ def test_code_is_only_for_slste():
 @pytest.mark.parametrize("boundary", ["none", "window"])
 @pytest.mark.parametrize("opt_name", ["sgd", "adam"])
 def test_compiled_surrogate_grads_give_the_eager_trajectory_bitwise(boundary, opt_name, monkeypatch):
-    """issue 11: above FUSE_MIN, delayed's λ, region code and clipped count are one compiled pass
+    """above FUSE_MIN, delayed's λ, region code and clipped count are one compiled pass
     (``_slste_lambda``); a run with it equals the eager run bit for bit."""
     from _hyperste_helpers import batches, loss_fn, quantized_mlp
 

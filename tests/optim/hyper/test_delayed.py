@@ -232,7 +232,7 @@ def test_optimizer_without_differentiable_mode_falls_back_to_sgd_with_a_warning(
 
 @pytest.mark.parametrize("window", [2, 3])
 def test_last_hypergradient_is_released_before_the_step_that_replaces_it(window):
-    """issue 11: ``method.hypergrad`` (a diagnostic) holds the last applied h between steps and is
+    """``method.hypergrad`` (a diagnostic) holds the last applied h between steps and is
     released when the window's last step starts, before its backward pass (the peak): never two at once.
     It is empty until the first window ends, and checkpoints do not hold it."""
     model = quantized_mlp(surrogate="slste", seed=0)
