@@ -66,9 +66,9 @@ def fit_slope(
     """
     gen = torch.Generator(device=u.device).manual_seed(derive_seed(seed, 7))
     r = torch.rand(u.shape, generator=gen, device=u.device, dtype=torch.float64)
-    eta = (torch.where(r < 0.5, -eps, eps) if fit == "probe" else (2 * r - 1) * eps).to(torch.float64)
     u64 = u.detach().reshape(u.shape[0], -1).to(torch.float64)
-    r = r.view(u64.shape)
+    r = r.view(u64.shape)  # a conv weight (out, in, kh, kw) flattened as u is: same draws, same order
+    eta = (torch.where(r < 0.5, -eps, eps) if fit == "probe" else (2 * r - 1) * eps).to(torch.float64)
     c0 = torch.round(u64).clamp(-qn, qp)
     delta = torch.round(u64 + eta).clamp(-qn, qp) - c0
     inside = band(u64, -qn, qp)
@@ -267,7 +267,21 @@ class JacQuant(OptimizerWrapper):
         return any(f > self.flip_rate * c.numel() for f, c in zip(flips, codes))
 
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
+        """One step; returns the closure's loss. If the closure raises or returns a non-finite
+        loss, the weights, optimizer state, BatchNorm statistics and the input-moment statistics
+        the forward records are as they were."""
         check_closure(closure, type(self).__name__)
+        moments = [e.quantizer.input_moment for e in self.managed]
+        moments = [None if m is None else m.clone() for m in moments]
+        try:
+            with self._step_guard(closure):
+                return self._step(closure)
+        except BaseException:
+            for e, m in zip(self.managed, moments):
+                e.quantizer.input_moment = m
+            raise
+
+    def _step(self, closure: Closure) -> Tensor:
         params = [p for p in self.params() if p.requires_grad]
         if self.vr == "storm" and not self._checked:
             with torch.no_grad(), self._recording(False):

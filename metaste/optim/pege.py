@@ -249,11 +249,8 @@ class PEGE(OptimizerWrapper):
 
     # -- the step ------------------------------------------------------------------------------
 
-    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
-        """One step: closure (mixed forward), + λ·r(t)·penalty, backward, base step. Returns the
-        closure's (task) loss."""
-        name = type(self).__name__
-        check_closure(closure, name)
+    def _forward_backward(self, closure: Closure, name: str) -> Tensor:
+        """The closure's mixed forward, + λ·r(t)·penalty, backward; the task loss."""
         for site in self.sites:
             site.record, site.calls = None, 0
         self._zero_grads()
@@ -274,8 +271,20 @@ class PEGE(OptimizerWrapper):
             if not total.requires_grad:
                 raise ValueError("the loss returned by the closure does not require grad")
             total.backward()
-        for site in self.sites:
-            site.record = None
+        return loss
+
+    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
+        """One step: closure (mixed forward), + λ·r(t)·penalty, backward, base step. Returns the
+        closure's (task) loss. If it raises, the weights, BatchNorm statistics and optimizer state
+        are as they were."""
+        name = type(self).__name__
+        check_closure(closure, name)
+        with self._step_guard(closure):  # an error leaves the BatchNorm statistics as they were
+            try:
+                loss = self._forward_backward(closure, name)
+            finally:
+                for site in self.sites:
+                    site.record = None
         self.optimizer.step()
         self.steps += 1
         return loss.detach()

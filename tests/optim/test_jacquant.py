@@ -218,3 +218,16 @@ def test_weighted_fit_changes_the_slopes():
         return opt.alpha[0]
 
     assert not torch.allclose(run(True), run(False))
+
+
+@pytest.mark.parametrize("fit", ["dither", "probe"])
+def test_a_conv_weight_is_fitted_as_its_flattened_matrix(fit):
+    """(out, in, kh, kw) is fitted as (out, in·kh·kw), element for element (the draws too); it
+    used to fail with a shape error on every conv layer."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(4, 2, 3, 3, generator=g) * 1.5
+    weight = torch.rand(2 * 3 * 3, generator=g)
+    conv = fit_slope(u, 2, 1, 9, fit=fit, weight=weight, seed=3)
+    flat = fit_slope(u.reshape(4, -1), 2, 1, 9, fit=fit, weight=weight, seed=3)
+    for a, b in zip(conv, flat):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
