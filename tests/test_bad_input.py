@@ -103,6 +103,38 @@ def hyperste_step_after_release():
     return model, opt, lambda: opt.step(lambda: F.cross_entropy(model(x), y))
 
 
+def _bf16_wrapper(kind):
+    if kind == "calibrated":
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+        model = metaste.quantize_model(net, bits=2, surrogate="leaky", granularity="tensor")
+    else:
+        model = cnn()
+    model = model.to(torch.bfloat16)
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    build = {
+        "pege": lambda: metaste.PEGE(base, total_steps=10, model=model),
+        "jacquant": lambda: metaste.JacQuant(base),
+        "calibrated": lambda: metaste.Calibrated(base),
+    }[kind]
+    return model, base, build
+
+
+@case(TypeError, "must be float32")
+def pege_bf16_latents():
+    return _bf16_wrapper("pege")
+
+
+@case(TypeError, "must be float32")
+def jacquant_bf16_latents():
+    return _bf16_wrapper("jacquant")
+
+
+@case(TypeError, "must be float32")
+def calibrated_bf16_latents():
+    return _bf16_wrapper("calibrated")
+
+
 @case(ValueError, "none of whose parameters the optimizer trains")
 def pege_model_other_than_the_trained_one():
     model, other = cnn(surrogate="ste"), cnn(surrogate="ste")

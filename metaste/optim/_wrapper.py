@@ -32,7 +32,14 @@ from ._modules import ModuleBufferGuard, captured_modules
 from ._snapshot import BufferGuard
 from .amp import GradientOverflow, check_grad_scaler, found_inf
 
-__all__ = ["OptimizerWrapper", "NonFiniteLossError", "Closure", "check_latent_dtype", "closure_value"]
+__all__ = [
+    "OptimizerWrapper",
+    "NonFiniteLossError",
+    "Closure",
+    "check_latent_dtype",
+    "check_quantized_dtypes",
+    "closure_value",
+]
 
 #: returns the loss, or a generator of micro-batch losses (gradient accumulation, docs/design.md §5)
 Closure = Callable[[], Tensor | Iterator[Tensor]]
@@ -398,6 +405,16 @@ def summed_loss(out: object, who: str) -> Tensor:
 def closure_value(closure: Closure, who: str) -> float:
     """The closure's loss as a float (the sum over micro-batches); call it under ``no_grad``."""
     return math.fsum(float(loss) for loss in _losses(closure(), who))
+
+
+def check_quantized_dtypes(params: Iterator[Tensor] | list[Tensor], who: str) -> None:
+    """:func:`check_latent_dtype` on every trainable quantized weight among ``params``: the
+    wrappers call it first, before they change anything on the model."""
+    from ..quant.registry import lookup
+
+    for p in params:
+        if p.requires_grad and lookup(p) is not None:
+            check_latent_dtype(p, who, f"of shape {tuple(p.shape)}")
 
 
 def check_latent_dtype(p: Tensor, who: str, name: str) -> None:

@@ -25,7 +25,7 @@ from ..quant.leaky import LeakySurrogate
 from ..quant.registry import QuantEntry, lookup
 from ..quant.surrogates import band
 from ._snapshot import BufferGuard, RngState
-from ._wrapper import Closure, OptimizerWrapper, check_closure, check_loss
+from ._wrapper import Closure, OptimizerWrapper, check_closure, check_loss, check_quantized_dtypes
 from .fogzo import _joint_norm, fogzo_estimate
 from .smoothing import SMOOTHINGS, derive_seed, noise, rademacher
 
@@ -201,6 +201,7 @@ class Calibrated(OptimizerWrapper):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         super().__init__(optimizer)
+        check_quantized_dtypes(self.params(), "Calibrated")
         self.every, self.n, self.beta, self.seed = every, n, float(beta), seed
         self.ridge_to, self.a_range, self.lam_max, self.probe_update = (
             ridge_to,

@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 from ..quant.quantizers import LSQQuantizer
 from ..quant.registry import QuantEntry, lookup
 from ..quant.surrogates import band
-from ._wrapper import Closure, OptimizerWrapper, check_closure
+from ._wrapper import Closure, OptimizerWrapper, check_closure, check_quantized_dtypes
 from .smoothing import derive_seed
 
 __all__ = ["JacQuant", "fit_slope", "slope_phi", "FITS", "VRS"]
@@ -143,6 +143,7 @@ class JacQuant(OptimizerWrapper):
         if not 0.0 <= flip_rate <= 1.0:
             raise ValueError(f"Invalid flip_rate: {flip_rate}; it must lie in [0, 1]")
         super().__init__(optimizer)
+        check_quantized_dtypes(self.params(), "JacQuant")
         self.every, self.fit, self.eps, self.b_range, self.ema = every, fit, float(eps), b_range, float(ema)
         self.vr, self.storm_a, self.flip_rate, self.seed = vr, float(storm_a), float(flip_rate), seed
         self.managed: list[QuantEntry] = []

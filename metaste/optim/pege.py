@@ -29,7 +29,14 @@ from torch.optim import Optimizer
 from ..quant.quantizers import ActivationLSQQuantizer, DoReFaBinaryQuantizer
 from ..quant.registry import lookup
 from ..quant.surrogates import band
-from ._wrapper import Closure, NonFiniteLossError, OptimizerWrapper, check_closure, check_loss
+from ._wrapper import (
+    Closure,
+    NonFiniteLossError,
+    OptimizerWrapper,
+    check_closure,
+    check_loss,
+    check_quantized_dtypes,
+)
 from .smoothing import derive_seed
 
 __all__ = ["PEGE", "replace_ratio", "SELECTS"]
@@ -156,6 +163,7 @@ class PEGE(OptimizerWrapper):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         super().__init__(optimizer)
+        check_quantized_dtypes(self.params(), "PEGE")
         self.total_steps, self.replace_steps, self.k = total_steps, replace_steps, float(k)
         self.select, self.lam, self.seed = select, float(lam), seed
         self.steps = 0
