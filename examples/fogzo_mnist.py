@@ -71,6 +71,7 @@ def run(label: str, seed: int, splits, args) -> dict:
 
 
 def main() -> None:
+    metaste.extras.require("data", "plot")  # before any work: no failure after training
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset", choices=("mnist5k", "fashion"), default="mnist5k")
     ap.add_argument("--seeds", type=int, default=10)

@@ -4,7 +4,7 @@ schedule and bf16 autocast: the Trainer's own loop, with ``MetasteTrainer`` in p
 ``Trainer`` and a metaste wrapper as its optimizer (docs/design.md §10.1). Prints the Trainer's
 logged loss and the validation loss before and after.
 
-Needs ``pip install 'metaste[hf]'`` and Debian ``bible-kjv``. About 30 s on one CPU thread; measured
+Needs ``pip install 'metaste[hf]'`` and Debian ``bible-kjv``. Two to three minutes on one CPU thread; measured
 validation loss 4.17 → 2.16 (``--ste-fraction 1``, plain STE steps: 2.06):
 
     OMP_NUM_THREADS=1 python examples/hf_trainer_llama.py --steps 200
@@ -39,6 +39,7 @@ def val_loss(model: torch.nn.Module, data: list[dict[str, torch.Tensor]]) -> flo
 
 
 def main() -> None:
+    metaste.extras.require("hf")  # before any work: no failure after training
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch", type=int, default=8)

@@ -117,6 +117,7 @@ def run(quant: str, cfg: tuple, seed: int, splits, args) -> dict:
 
 
 def main() -> None:
+    metaste.extras.require("plot")  # before any work: no failure after training
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/hyperste_fashion")
     ap.add_argument("--seeds", type=int, default=3)

@@ -174,6 +174,7 @@ def plot(results: dict, out: Path, K: int) -> None:
 
 
 def main() -> None:
+    metaste.extras.require("plot")  # before any work: no failure after training
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--n-train", type=int, default=5120)

@@ -67,6 +67,7 @@ class CNN(MetasteModule, L.LightningModule):  # (1) the mixin
 
 
 def main() -> None:
+    metaste.extras.require("lightning")  # before any work: no failure after training
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--train", type=int, default=6000)

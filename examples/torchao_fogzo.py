@@ -64,6 +64,7 @@ def train(method: str, data, args) -> dict[str, float]:
 
 
 def main() -> None:
+    metaste.extras.require("torchao")  # before any work: no failure after training
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=64)

@@ -16,7 +16,10 @@ math users and tests call is in :mod:`metaste.optim.smoothing`, :mod:`metaste.op
 :func:`metaste.optim.fogzo_estimate` and :func:`metaste.optim.analytical_update`.
 """
 
-from . import adapters  # noqa: F401  (metaste.adapters.scales_from(model) after import metaste)
+from . import (
+    adapters,  # noqa: F401  (metaste.adapters.scales_from(model) after import metaste)
+    extras,  # noqa: F401  (metaste.extras.require(...) after import metaste)
+)
 from .optim import (
     FAGU,
     FOGZO,
