@@ -81,9 +81,9 @@ def test_report_regeneration_is_idempotent_and_replaces_only_its_block(tmp_path,
     assert text.startswith("intro\n<!-- results:answer -->\n") and text.endswith(
         "<!-- /results:answer -->\noutro\n"
     )
-    (answer,) = [line for line in text.splitlines() if "(`tiny`)" in line]
-    assert "old" not in text and "| `fogzo` " in answer  # the one metaste method is the best one
-    assert answer.count("|") == 7 and answer.rstrip().endswith("| — |")  # no PARQ listed
+    (answer,) = [line for line in text.splitlines() if line.startswith("| digits-mlp 2-bit lsq, sgd")]
+    assert "old" not in text and "| `tiny` |" in answer and "| `fogzo` " in answer  # the one metaste method
+    assert answer.count("|") == 8 and answer.rstrip().endswith("| — |")  # no PARQ listed
     doc_text = first[1]
     assert doc_text.index("## The answer") < doc_text.index("## Every verdict") < doc_text.index("### digits")
     assert "**tiny**: `fogzo` vs best STE" in doc_text
