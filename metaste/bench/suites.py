@@ -173,9 +173,9 @@ SUITES: dict[str, list[SuiteEntry]] = {
                 max_extend=1,
             ),
             "10 evaluation seeds, 2 tuning seeds, 600 steps, 3-point lr grid (one extension); BatchNorm "
-            "re-estimated before every evaluation. CPU budget: ~100 runs of ~70 s, about 1 hour on 2 cores; "
-            "the accuracy still rises at 600 steps (82 % → 85 % by 1,500 for the identity STE), so this "
-            "compares methods at a fixed, not a converged, budget",
+            "re-estimated before every evaluation. CPU budget: 90 runs of 1–3 min, 1–1.5 hours on 2 cores; "
+            "the accuracy still rises at 600 steps (see the training-length curve), so this compares methods "
+            "at a fixed, not a converged, budget",
         ),
         SuiteEntry(
             "fashion-resnet-2bit-sgd-float",

@@ -85,7 +85,15 @@ def test_one_bit_parq_is_a_sign_times_mean_abs():
     torch.testing.assert_close(model[1].weight.detach(), latent.sign() * latent.abs().mean())
 
 
-@pytest.mark.parametrize("task", ["digits-mlp", "mnist-mlp", "fashion-resnet", "kjv-llama"])
+@pytest.mark.parametrize(
+    "task",
+    [
+        "digits-mlp",
+        "mnist-mlp",
+        pytest.param("fashion-resnet", marks=pytest.mark.slow),
+        pytest.param("kjv-llama", marks=pytest.mark.slow),
+    ],
+)
 def test_every_parq_method_runs_from_compare_on_every_task(task):
     setup = Setup(task, steps=2)
     comp = compare(setup, Protocol(list(peers.PARQ_METHODS), [0]), log=lambda _: None)
