@@ -94,36 +94,26 @@ def _fogzo_fwd_equiv(one_sided: bool):
 _FOGZO_OPTIONS = ("n", "ste_fraction", "restore", "keep_noise")
 
 
-register_method(
-    Method(
-        "fogzo",
-        "FOGZO, central differences, identity STE (docs/design.md §4); 3 + 2n forward equivalents per step",
-        {"surrogate": "identity"},
-        _fogzo(one_sided=False, nspsa=False),
-        _fogzo_fwd_equiv(False),
-        options=_FOGZO_OPTIONS + ("beta_min",),
-    )
-)
-register_method(
-    Method(
-        "fogzo-1sided",
-        "FOGZO, one-sided differences (docs/design.md §4.3 option); 3 + n forward equivalents per step",
-        {"surrogate": "identity"},
-        _fogzo(one_sided=True, nspsa=False),
-        _fogzo_fwd_equiv(True),
-        options=_FOGZO_OPTIONS + ("beta_min",),
-    )
-)
-register_method(
-    Method(
+for _name, _what, _one_sided, _nspsa in (
+    ("fogzo", "FOGZO, central differences, identity STE (docs/design.md §4); 3 + 2n", False, False),
+    ("fogzo-1sided", "FOGZO, one-sided differences (docs/design.md §4.3 option); 3 + n", True, False),
+    (
         "nspsa",
-        "n-SPSA baseline: FOGZO with β ≡ 0 (pure zeroth order on the quantized weights)",
-        {"surrogate": "identity"},
-        _fogzo(one_sided=False, nspsa=True),
-        _fogzo_fwd_equiv(False),
-        options=_FOGZO_OPTIONS,
+        "n-SPSA baseline: FOGZO with β ≡ 0 (pure zeroth order on the quantized weights); 3 + 2n",
+        False,
+        True,
+    ),
+):
+    register_method(
+        Method(
+            _name,
+            _what + " forward equivalents per step",
+            {"surrogate": "identity"},
+            _fogzo(one_sided=_one_sided, nspsa=_nspsa),
+            _fogzo_fwd_equiv(_one_sided),
+            options=_FOGZO_OPTIONS + (() if _nspsa else ("beta_min",)),
+        )
     )
-)
 
 
 # --- HyperSTE horizon methods (docs/design.md §3.3–3.4) --------------------------------------------------
