@@ -208,7 +208,23 @@ SUITES: dict[str, list[SuiteEntry]] = {
             ),
             "10 evaluation seeds, 2 tuning seeds, 150 steps, 3-point lr grid (one extension), AdamW only. "
             "CPU budget: ~70 runs of ~45 s, about 30 min on 2 cores",
-        )
+        ),
+        SuiteEntry(
+            "kjv-llama-4bit-float",
+            "KJV characters, tiny LLaMA (1M), 4-bit LSQ, AdamW, 150 steps, from the float model",
+            Setup("kjv-llama", bits=4, steps=150, init="float"),
+            Protocol(
+                methods=["ste", "ste-identity", "pege", "parq"],
+                seeds=list(range(10)),
+                tune_seeds=[100, 101],
+                tune_lr=[2.5e-4, 5e-4, 1e-3],
+                max_extend=1,
+            ),
+            "QAT from a float model: every method starts from the seed's float LLaMA (300 AdamW steps at lr 2e-3, "
+            "cached), quantized; 150 fine-tuning steps on a lower lr grid than from scratch, 10 evaluation "
+            "seeds, 2 tuning seeds (one extension). CPU budget: 12 float models (~90 s each) and ~70 runs of "
+            "~45 s, about 30 min on 2 cores",
+        ),
     ],
     # benchmarks/gpu_check.sh runs this one on a lent GPU (not part of `make results`)
     "gpu": [
