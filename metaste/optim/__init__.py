@@ -3,7 +3,8 @@ they are built from: :mod:`.smoothing` (FOGZO's smoothing table and noise), :mod
 update as a differentiable function of the surrogate parameters; the one-step hypergradient),
 :func:`~.fogzo.fogzo_estimate` and :func:`~.hyper.analytical.analytical_update`."""
 
-from ._wrapper import NonFiniteLossError, OptimizerWrapper
+from ._closure import NonFiniteLossError
+from ._wrapper import OptimizerWrapper
 from .amp import Accumulated
 from .calibrated import Calibrated
 from .fogzo import FOGZO, fogzo_estimate

@@ -1,5 +1,5 @@
-"""What FOGZO and HyperSTE share (docs/design.md §5): param_groups/state sharing, closure checks,
-state_dict nesting.
+"""The base class of every metaste optimizer wrapper (docs/design.md §5): the step protocol
+they all run, param_groups/state sharing and state_dict nesting.
 
 A wrapper *is* a ``torch.optim.Optimizer`` whose ``param_groups`` list and ``state`` dict are
 the wrapped optimizer's own objects, so LR schedulers, ``zero_grad`` and ``add_param_group``
@@ -9,10 +9,9 @@ the wrapper keeps (step counters, history, schedules, hyper-optimizer state) goe
 ``state_dict()["metaste"]`` via :meth:`_wrapper_state_dict`: one ``state_dict()`` saves
 everything.
 
-Size: ~480 lines, because every wrapper's guarantees live here once — the step guard that
-restores weights and buffers on any error, the checkpoint validation and roll-back, the
-micro-batch closure protocol and the GradScaler hook; split, each piece would be re-imported by
-all six wrappers.
+The step is the base class's and final: the released check, the closure or the user's own
+gradients, the guard that restores buffers and the wrapper's own state on any error, micro-batches,
+the GradScaler and clipping. A wrapper implements :meth:`OptimizerWrapper._update`.
 """
 
 from __future__ import annotations
@@ -22,35 +21,24 @@ import math
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, final
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ..quant.registry import model_roots
+from ._closure import Closure, NonFiniteLossError, check_closure, losses
 from ._modules import ModuleBufferGuard, captured_modules
 from ._snapshot import BufferGuard
 from .amp import GradientOverflow, check_grad_scaler, found_inf
 
-__all__ = [
-    "OptimizerWrapper",
-    "NonFiniteLossError",
-    "Closure",
-    "check_latent_dtype",
-    "check_quantized_dtypes",
-    "closure_value",
-]
-
-#: returns the loss, or a generator of micro-batch losses (gradient accumulation, docs/design.md §5)
-Closure = Callable[[], Tensor | Iterator[Tensor]]
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The closure returned NaN or ±inf; no weight was changed."""
+__all__ = ["OptimizerWrapper", "check_latent_dtype", "check_quantized_dtypes"]
 
 
 class OptimizerWrapper(Optimizer):
-    """Base class of metaste's optimizer wrappers. Subclasses implement :meth:`step`."""
+    """Base class of metaste's optimizer wrappers: it owns :meth:`step`; a wrapper implements
+    :meth:`_update` (and :meth:`_closure_reason` if some of its steps need extra forward passes)."""
 
     def __init__(
         self, optimizer: Optimizer, *, grad_scaler: Any = None, max_grad_norm: float | None = None
@@ -80,6 +68,8 @@ class OptimizerWrapper(Optimizer):
         self._in_step = False
         self._unscaled = False
         self._step_modules: list | None = None  # the modules the current step's closure refers to
+        self._coverage: dict[tuple[int, ...], bool] = {}  # _guard_modules: found modules hold every weight?
+        self.released = False  # set by the method that hands the model back (_release_call)
         optimizer.register_step_pre_hook(self._before_base_step)
 
     # -- torch.optim.Optimizer plumbing ------------------------------------------------------
@@ -96,9 +86,14 @@ class OptimizerWrapper(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's ``state_dict()`` (which holds the per-parameter wrapper state)
-        plus ``"metaste"``: the wrapper's own state."""
+        plus ``"metaste"``: the wrapper's own state. The first param group holds the same object
+        under ``"metaste"`` (``torch.save`` stores it once): ``torch.distributed.checkpoint``'s
+        ``get_state_dict`` / ``set_state_dict`` keep only ``state`` and ``param_groups``."""
         sd = self.optimizer.state_dict()
-        sd["metaste"] = {**self._wrapper_identity(), **self._settings(), **self._wrapper_state_dict()}
+        own = {**self._wrapper_identity(), **self._settings(), **self._wrapper_state_dict()}
+        sd["metaste"] = own
+        if sd["param_groups"]:
+            sd["param_groups"] = [{**sd["param_groups"][0], "metaste": own}, *sd["param_groups"][1:]]
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -108,6 +103,12 @@ class OptimizerWrapper(Optimizer):
         a load that fails changes nothing."""
         sd = dict(state_dict)
         wrapper_sd = sd.pop("metaste", None)
+        if isinstance(sd.get("param_groups"), list):  # the copy in the first group (DCP keeps only it)
+            groups = [dict(g) if isinstance(g, dict) else g for g in sd["param_groups"]]
+            in_group = [g.pop("metaste", None) for g in groups if isinstance(g, dict)]
+            sd["param_groups"] = groups
+            if wrapper_sd is None and in_group:
+                wrapper_sd = in_group[0]
         if wrapper_sd is None:
             raise ValueError(
                 f"state_dict has no 'metaste' entry: it was not saved by {type(self).__name__}; "
@@ -191,6 +192,91 @@ class OptimizerWrapper(Optimizer):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.optimizer!r})"
 
+    # -- the step protocol (docs/design.md §5) ----------------------------------------------
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "step" in cls.__dict__:
+            raise TypeError(
+                f"{cls.__name__} overrides step(): the step protocol (validation, the guard, micro-batches, "
+                "the GradScaler, clipping, the released check) belongs to OptimizerWrapper; implement "
+                "_update(closure) instead"
+            )
+
+    @final
+    def step(self, closure: Closure | None = None) -> Tensor | None:  # type: ignore[override]
+        """One step of the method, under the protocol every wrapper shares (docs/design.md §5):
+
+        * ``opt.step(closure)``: the closure returns the loss (or a generator of micro-batch
+          losses) and the wrapper runs backward — or, for a method that needs one forward pass,
+          the closure runs ``backward()`` itself, torch-style (LBFGS, Lightning);
+        * ``opt.step()`` after your own ``loss.backward()``, torch.optim's contract, for a method
+          that needs one forward pass; a method that needs more (FOGZO, the horizon methods)
+          says so.
+
+        Returns the closure's loss (detached; ``None`` without a closure). If it raises, the
+        weights, the optimizer state and the buffers the step could change are as they were.
+        """
+        who = type(self).__name__
+        if closure is None and self._is_state_initialisation():
+            self.optimizer.step()
+            return None
+        if self.released:
+            raise RuntimeError(
+                f"this {who} was released ({self._release_call}() handed the model back); it cannot step "
+                f"again. Build a new {who} over the optimizer to train with it"
+            )
+        why = self._closure_reason()
+        if closure is None and why:
+            check_closure(closure, who, why)
+        if closure is not None and not callable(closure):
+            check_closure(closure, who)
+        self._before_step()
+        return self._run_step(self._guarded_update, closure)
+
+    def _is_state_initialisation(self) -> bool:
+        """Whether this ``step()`` is the one ``torch.distributed.checkpoint`` runs to create the
+        optimizer state: every lr 0 and every gradient zero. It changes no weight, so only the
+        base optimizer steps (the wrapper's own state, its counters included, stays as it is)."""
+        groups = self.param_groups
+        if not groups or any(
+            not isinstance(g.get("lr"), (int, float, Tensor)) or float(g["lr"]) != 0.0 for g in groups
+        ):
+            return False
+        grads = [p.grad for p in self.params() if p.requires_grad]
+        return bool(grads) and all(g is not None and not g.any() for g in grads)
+
+    #: the method that hands the model back and ends the wrapper (``release``, ``remove``, ``close``)
+    _release_call = "release"
+
+    def _closure_reason(self) -> str:
+        """Why the next step needs a closure (its extra forward passes), or ``""`` when it runs
+        on the gradients of one forward and backward."""
+        return ""
+
+    def _before_step(self) -> None:
+        """Checks that must pass before anything of the step runs (subclasses)."""
+
+    def _update(self, closure: Closure | None) -> Tensor | None:
+        """The method's update: get the gradients with :meth:`_evaluate`, change them, step the
+        base optimizer; return the loss. Runs inside the guard and the GradScaler protocol."""
+        raise NotImplementedError
+
+    def _guarded_update(self, closure: Closure | None) -> Tensor | None:
+        restore = self._extra_state()
+        try:
+            with self._step_guard(closure):
+                return self._update(closure)
+        except BaseException as error:
+            if not isinstance(error, GradientOverflow):
+                restore()
+            raise
+
+    def _extra_state(self) -> Callable[[], None]:
+        """A snapshot of what the step changes outside the weights, the optimizer state and the
+        modules' buffers (subclasses); the callable puts it back after an error."""
+        return _nothing
+
     # -- closures ----------------------------------------------------------------------------
 
     def _zero_grads(self) -> None:
@@ -206,26 +292,45 @@ class OptimizerWrapper(Optimizer):
         unchanged by itself."""
         return []
 
+    def _guard_modules(self, closure: Any) -> list[nn.Module] | None:
+        """The modules whose buffers a step with ``closure`` may change: the models the
+        optimizer's quantized weights were quantized in (recorded by ``quantize_model``) and the
+        modules the closure refers to (found without hooks, :func:`captured_modules`). ``None``
+        when they do not hold every trained parameter: the closure may run a module found by
+        neither, and only the hook guard sees it."""
+        params = [p for p in self.params() if p.requires_grad]
+        found = model_roots(params) + captured_modules(closure)
+        key = tuple(id(m) for m in found) + (len(params),)
+        cached = self._coverage.get(key)
+        if cached is None:
+            held = {id(p) for m in found for p in m.parameters()}
+            cached = self._coverage[key] = all(id(p) in held for p in params)
+        if not cached:
+            return None
+        inner = {id(m) for top in found for m in top.modules() if m is not top}
+        return [m for m in dict.fromkeys(found) if id(m) not in inner]
+
     @contextmanager
     def _step_guard(self, closure: Any = None) -> Iterator[None]:
         """Around a whole ``step``: if it raises, the buffers (BN running statistics, activation
         quantizer state) of every module that ran are put back (docs/design.md §5); weights and
-        optimizer state are untouched because the base optimizer steps last. The modules are those
-        the closure refers to, found without hooks (a global hook breaks ``torch.compile``,
-        docs/design.md §10.5); the hook guard only when none is found. A skipped fp16 step
+        optimizer state are untouched because the base optimizer steps last. The modules are
+        known without hooks (:meth:`_guard_modules`; a global hook breaks ``torch.compile``,
+        docs/design.md §10.5); the hook guard only when they are not. A step without a closure
+        runs no forward and guards no buffer. A skipped fp16 step
         (:class:`~.amp.GradientOverflow`) is not an error: the clean pass's buffers stay, as in a
         hand-written loop. Buffers named by :meth:`_unguarded_buffers` are not snapshotted: their
         owner writes them only once nothing can raise any more (one weight copy less
         for HyperSTE's surrogate parameters)."""
-        modules = captured_modules(closure) if closure is not None else []
+        modules = [] if closure is None else self._guard_modules(closure)
         exclude = self._unguarded_buffers()
         guard = (
             ModuleBufferGuard(modules, on_error_only=True, exclude=exclude)
-            if modules
+            if modules is not None
             else BufferGuard(on_error_only=True, exclude=exclude)
         )
         overflow = None
-        self._step_modules = modules  # the step's own guards reuse the search
+        self._step_modules = modules or []  # the step's own guards reuse the search
         with guard:
             try:
                 yield
@@ -236,43 +341,55 @@ class OptimizerWrapper(Optimizer):
         if overflow is not None:
             raise overflow
 
-    def _evaluate(self, closure: Closure | None, *, backward: bool = True) -> Tensor:
-        """Zero the gradients, call ``closure``, check what it returns, run ``backward`` and return
-        the detached loss. ``backward=False`` (FOGZO's n-SPSA clean pass, where nothing needs a
-        gradient) runs the closure under ``no_grad`` and skips backward.
+    def _grad_marks(self) -> dict[int, tuple[int, int]]:
+        """Which gradient tensor each parameter holds, and its version: a backward changes one."""
+        return {id(p): (id(p.grad), p.grad._version) for p in self.params() if p.grad is not None}
 
-        Gradient accumulation: the closure may return an iterable (a generator) of micro-batch
-        losses; each is checked and backpropagated as soon as it is produced (its graph is freed
-        before the next micro-batch's forward), and the returned loss is their sum.
+    def _evaluate(self, closure: Closure | None, *, backward: bool = True) -> Tensor | None:
+        """The step's gradients, and the loss (detached).
 
-        Raises a clear error — before any weight changes — for a missing closure, a non-tensor
-        or non-scalar return, a closure that ran backward itself, a non-finite loss and a loss
-        scaled by a ``GradScaler``; then the gradients are cleared. With ``grad_scaler`` the
-        backward is on the scaled loss, the gradients are unscaled, and inf/NaN gradients raise
-        :class:`~.amp.GradientOverflow` (the step is skipped, like ``GradScaler.step``); a
-        non-finite loss is then left to that test, as in a hand-written loop.
+        * No closure: the gradients of the user's own ``loss.backward()`` (checked: some exist
+          and all are finite); returns ``None``.
+        * A closure that returns the loss: zero the gradients, run it, check what it returns, run
+          ``backward``. ``backward=False`` (FOGZO's n-SPSA clean pass, where nothing needs a
+          gradient) runs it under ``no_grad`` and skips backward. Gradient accumulation: it may
+          return a generator of micro-batch losses; each is checked and backpropagated as soon as
+          it is produced (its graph is freed before the next micro-batch's forward), and the
+          returned loss is their sum.
+        * A closure that ran backward itself (torch-style), when the step needs no other pass:
+          its gradients are used as they are, added to any the user accumulated before.
+
+        Raises a clear error — before any weight changes — for a non-tensor or non-scalar
+        return, a non-finite loss and a loss scaled by a ``GradScaler``; then the gradients are
+        cleared. With ``grad_scaler`` the backward is on the scaled loss, the gradients are
+        unscaled, and inf/NaN gradients raise :class:`~.amp.GradientOverflow` (the step is
+        skipped, like ``GradScaler.step``); a non-finite loss is then left to that test, as in a
+        hand-written loop.
         """
         who = type(self).__name__
+        if closure is None:
+            return self._own_gradients(who)
         check_closure(closure, who)
-        self._zero_grads()
         scaler = self._active_scaler() if backward else None
         total: Tensor | None = None
+        marks = self._grad_marks()
+        ran_backward = False
         try:
             with torch.enable_grad() if backward else torch.no_grad():
-                for k, loss in enumerate(_losses(closure(), who)):
-                    if k == 0 and any(p.grad is not None for p in self.params()):
-                        raise RuntimeError(
-                            f"the closure passed to {who}.step() called backward() itself; "
-                            "it must only return the loss: opt.step(lambda: loss_fn(model(x), y)) — "
-                            "the wrapper runs backward (and the extra passes) for you"
-                        )
+                for k, loss in enumerate(losses(closure(), who)):
+                    if k == 0:
+                        ran_backward = any(marks.get(key) != mark for key, mark in self._grad_marks().items())
+                        if ran_backward:
+                            self._check_torch_closure(who, scaler is not None or not backward)
+                        else:
+                            self._zero_grads()
                     if scaler is None and not math.isfinite(loss.item()):
                         raise NonFiniteLossError(
                             f"the closure returned a non-finite loss ({loss.item()}"
                             + (f", micro-batch {k}" if k else "")
                             + "); no weight was changed. Lower the learning rate or check the data for NaN/inf"
                         )
-                    if backward:
+                    if backward and not ran_backward:
                         if not loss.requires_grad:
                             raise ValueError(
                                 "the loss returned by the closure does not require grad (was it computed "
@@ -286,30 +403,58 @@ class OptimizerWrapper(Optimizer):
             self._zero_grads()
             raise
         if scaler is not None:
-            scaler.unscale_(self.optimizer)
-            self._unscaled = True
-            if found_inf(scaler, self.optimizer):
-                raise GradientOverflow(total)
+            self._unscale(scaler, total)
         if backward:
             self._warn_if_no_grad()
         return total
 
-    # -- fp16 loss scaling and clipping (docs/design.md §5.1) ------------------------------
+    def _check_torch_closure(self, who: str, scaled_or_no_backward: bool) -> None:
+        """A closure that ran backward itself is fine when the step needs no other pass and no
+        loss scaling: its gradients are the step's."""
+        why = self._closure_reason()
+        if why or scaled_or_no_backward:
+            reason = (
+                f"{who} calls it again {why}" if why else "with a grad_scaler the wrapper scales the loss"
+            )
+            raise RuntimeError(
+                f"the closure passed to {who}.step() called backward() itself; {reason}, so it must only "
+                "return the loss: opt.step(lambda: loss_fn(model(x), y)) — the wrapper runs backward (and "
+                "the extra passes) for you"
+            )
 
-    #: whether ``step`` runs the scaler/clipping protocol (:meth:`_run_step`): FOGZO, HyperSTE
-    _supports_amp = False
+    def _own_gradients(self, who: str) -> None:
+        """``step()`` without a closure: the gradients of the user's ``loss.backward()``."""
+        grads = [p.grad for p in self.params() if p.grad is not None]
+        if not grads:
+            raise ValueError(
+                f"{who}.step() without a closure uses the gradients of your own loss.backward(), but no "
+                "parameter has one: call loss.backward() first, or pass a closure that returns the loss"
+            )
+        scaler = self._active_scaler()
+        if scaler is not None:
+            self._unscale(scaler, None)
+        elif not bool(torch.stack([g.detach().abs().amax() for g in grads]).isfinite().all()):
+            self._zero_grads()
+            raise NonFiniteLossError(
+                f"{who}.step(): the gradients hold NaN or inf (was the loss non-finite?); no weight was "
+                "changed and the gradients were cleared. Lower the learning rate or check the data"
+            )
+        self._warn_if_no_grad()
+        return None
+
+    def _unscale(self, scaler: Any, loss: Tensor | None) -> None:
+        scaler.unscale_(self.optimizer)
+        self._unscaled = True
+        if found_inf(scaler, self.optimizer):
+            raise GradientOverflow(loss)
+
+    # -- fp16 loss scaling and clipping (docs/design.md §5.1) ------------------------------
 
     def configure_amp(self, *, grad_scaler: Any = None, max_grad_norm: float | None = None) -> None:
         """Set the ``GradScaler`` and the clip value (the constructor's ``grad_scaler=`` and
         ``max_grad_norm=``; the trainer integrations call it with the framework's). ``None``
-        turns either off. A wrapper whose step does not run the protocol refuses both."""
+        turns either off."""
         who = type(self).__name__
-        if (grad_scaler is not None or max_grad_norm is not None) and not self._supports_amp:
-            raise ValueError(
-                f"{who} does not take grad_scaler / max_grad_norm: only metaste.FOGZO and metaste.HyperSTE "
-                "run the fp16 loss-scaling and clipping protocol (docs/design.md §5.1). Train it in bf16 or "
-                "float32, without gradient clipping (HF Trainer: max_grad_norm=0)"
-            )
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm}; it must be > 0 (or None: no clipping)")
         self.grad_scaler = check_grad_scaler(grad_scaler, who)
@@ -363,48 +508,24 @@ class OptimizerWrapper(Optimizer):
             )
 
     def _grad_scaler_step(self, scaler: Any, *args: Any, **kwargs: Any) -> Any:
-        """What ``scaler.step(wrapper, ...)`` does (:func:`_install_grad_scaler_guard`): raise."""
-        raise RuntimeError(
-            f"scaler.step({type(self).__name__}, ...) is not supported: the wrapper runs backward (and "
-            "its extra passes) itself, so a GradScaler cannot unscale the gradients in between. Give "
-            f"the scaler to the wrapper instead — {type(self).__name__}(base, ..., grad_scaler=scaler) — "
-            "and call loss = opt.step(closure) with a closure that returns the unscaled loss; it scales, "
-            "unscales, skips overflow steps and updates the scale (docs/design.md §5.1)"
-        )
-
-
-def _losses(out: object, who: str) -> Iterator[Tensor]:
-    """The loss(es) a closure returned: one tensor, or the items of an iterator (a generator of
-    micro-batch losses), each checked. A list or tuple is refused: ``(loss, aux)`` would
-    otherwise be trained on as two micro-batches."""
-    if isinstance(out, Tensor):
-        check_loss(out, who)
-        yield out
-        return
-    if isinstance(out, (list, tuple)):
-        raise TypeError(
-            f"the closure passed to {who}.step() returned a {type(out).__name__}; return the loss tensor "
-            "alone (a closure that computes (loss, aux) must return loss), or, for gradient accumulation, "
-            "yield the micro-batch losses from a generator: opt.step(lambda: (loss_fn(model(x), y) / n "
-            "for x, y in micro))"
-        )
-    if isinstance(out, (str, bytes)) or not isinstance(out, Iterator):
-        check_loss(out, who)  # raises: not a tensor
-    for loss in out:  # type: ignore[union-attr]
-        check_loss(loss, who)
-        yield loss
-
-
-def summed_loss(out: object, who: str) -> Tensor:
-    """A closure's return value as one loss tensor (micro-batch losses summed, graphs kept):
-    for the places that differentiate the loss as a whole (LGATT's reverse sweep)."""
-    losses = list(_losses(out, who))
-    return losses[0] if len(losses) == 1 else torch.stack([x.reshape(()) for x in losses]).sum()
-
-
-def closure_value(closure: Closure, who: str) -> float:
-    """The closure's loss as a float (the sum over micro-batches); call it under ``no_grad``."""
-    return math.fsum(float(loss) for loss in _losses(closure(), who))
+        """What ``scaler.step(wrapper, ...)`` does (:func:`_install_grad_scaler_guard`): torch's
+        own ``GradScaler.step`` (unscale, skip on inf/NaN, else ``wrapper.step()``) for a method that
+        needs one forward; an error that says what to do for one that needs more."""
+        who = type(self).__name__
+        why = self._closure_reason()
+        if why:
+            raise RuntimeError(
+                f"scaler.step({who}, ...) is not supported: {who} needs a closure {why}, so a GradScaler "
+                f"cannot unscale the gradients in between. Give the scaler to the wrapper instead — "
+                f"{who}(base, ..., grad_scaler=scaler) — and call loss = opt.step(closure) with a closure that "
+                "returns the unscaled loss; it scales, unscales, skips overflow steps and updates the scale "
+                "(docs/design.md §5.1)"
+            )
+        own, self.grad_scaler = self.grad_scaler, None  # the caller's scaler unscales and checks inf
+        try:
+            return torch.amp.GradScaler.step._metaste_original(scaler, self, *args, **kwargs)  # type: ignore[attr-defined]
+        finally:
+            self.grad_scaler = own
 
 
 def check_quantized_dtypes(params: Iterator[Tensor] | list[Tensor], who: str) -> None:
@@ -429,66 +550,10 @@ def check_latent_dtype(p: Tensor, who: str, name: str) -> None:
         )
 
 
-def check_closure(closure: Closure | None, who: str) -> None:
-    if closure is None:
-        raise ValueError(
-            f"{who}.step() needs a closure that returns the loss without calling backward: "
-            "loss = opt.step(lambda: loss_fn(model(x), y))"
-        )
-    if not callable(closure):
-        raise TypeError(f"{who}.step(closure): closure must be callable, got {type(closure)}")
-
-
-def check_loss(loss: object, who: str) -> None:
-    if not isinstance(loss, Tensor):
-        raise TypeError(
-            f"the closure passed to {who}.step() must return the loss as a torch.Tensor (or an "
-            f"iterable of micro-batch losses), got {type(loss).__name__}"
-        )
-    if loss.numel() != 1:
-        raise ValueError(
-            f"the closure passed to {who}.step() must return a scalar loss, got shape "
-            f"{tuple(loss.shape)}; reduce it first (e.g. loss.mean())"
-        )
-    factor = grad_scaler_factor(loss)
-    if factor is not None:
-        raise ValueError(
-            f"the closure passed to {who}.step() returned a loss multiplied by {factor:g}, which looks "
-            "like GradScaler.scale(loss): the wrapper runs backward itself and never unscales, so the "
-            f"step would be {factor:g}x too large. Return the unscaled loss and give the scaler to the "
-            "wrapper: grad_scaler=scaler (docs/design.md §5.1)"
-        )
-
-
-def grad_scaler_factor(loss: Tensor) -> float | None:
-    """The factor of ``loss`` if it is a GradScaler's output, else ``None``.
-
-    What is detectable: ``scaler.scale(loss)`` is ``loss * scale`` with ``scale`` a 0-dim
-    float32 tensor that does not require grad and holds a power of two (65536 at first; growth
-    and back-off multiply by 2 and 0.5), so the returned loss's last operation is a
-    multiplication that saved such a tensor. Flagged: a factor that is a power of two ≥ 2^8. Not
-    detectable: anything applied after the scaling (``scaler.scale(loss) / k``, a sum of scaled
-    micro-batch losses), a scale below 2^8, or a factor passed as a Python number.
-    """
-    fn = loss.grad_fn
-    if fn is None or type(fn).__name__ != "MulBackward0":
-        return None
-    for attr in ("_saved_other", "_saved_self"):
-        try:
-            t = getattr(fn, attr)
-        except (AttributeError, RuntimeError):
-            continue
-        if isinstance(t, Tensor) and t.dim() == 0 and t.dtype == torch.float32 and not t.requires_grad:
-            v = float(t)
-            if v >= 2.0**8 and math.isfinite(v) and math.frexp(v)[0] == 0.5:
-                return v
-    return None
-
-
 def _install_grad_scaler_guard() -> None:
-    """Make ``GradScaler.step(wrapper, ...)`` call ``wrapper._grad_scaler_step`` (a metaste error
-    that says what to do) instead of failing inside torch on its ``_scale is None`` assertion,
-    which GradScaler checks before it reaches the optimizer. Other optimizers are untouched."""
+    """Make ``GradScaler.step(wrapper, ...)`` call ``wrapper._grad_scaler_step``: torch's step for
+    a one-forward method, else a metaste error that says what to do instead of a failure inside
+    torch on its ``_scale is None`` assertion. Other optimizers are untouched."""
     cls = torch.amp.GradScaler
     if getattr(cls.step, "_metaste_guard", False):
         return
@@ -501,7 +566,12 @@ def _install_grad_scaler_guard() -> None:
         return original(self, optimizer, *args, **kwargs)
 
     step._metaste_guard = True  # type: ignore[attr-defined]
+    step._metaste_original = original  # type: ignore[attr-defined]
     cls.step = step  # type: ignore[method-assign]
 
 
 _install_grad_scaler_guard()
+
+
+def _nothing() -> None:
+    pass

@@ -24,8 +24,10 @@ from torch.optim import Optimizer
 from ..quant.leaky import LeakySurrogate
 from ..quant.registry import QuantEntry, lookup
 from ..quant.surrogates import band
+from ._closure import Closure, closure_value
+from ._modules import ModuleBufferGuard
 from ._snapshot import BufferGuard, RngState
-from ._wrapper import Closure, OptimizerWrapper, check_closure, check_loss, check_quantized_dtypes
+from ._wrapper import OptimizerWrapper, check_quantized_dtypes
 from .fogzo import _joint_norm, fogzo_estimate
 from .smoothing import SMOOTHINGS, derive_seed, noise, rademacher
 
@@ -159,6 +161,8 @@ class Calibrated(OptimizerWrapper):
             freshly fitted θ (default) or FOGZO's estimate G (docs/design.md §9 explains why the
             default departs from "probe steps are FOGZO steps").
         seed (int): seeds the directions (identical on every run with the same seed).
+        grad_scaler, max_grad_norm: fp16 loss scaling and gradient clipping, as in
+            :class:`~metaste.FOGZO` (docs/design.md §5.1).
 
     A non-finite probe loss keeps the surrogate gradient for that step, skips the fit, counts it
     in :attr:`fallbacks` and warns once. :attr:`history` holds (step, [(mean a, mean λ) per layer]).
@@ -180,6 +184,8 @@ class Calibrated(OptimizerWrapper):
         beta: float = 0.0,
         probe_update: str = "surrogate",
         seed: int = 0,
+        grad_scaler: Any = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         _check_int("every", every, 1, allow_none=True)
         _check_int("n", n, 1)
@@ -200,7 +206,7 @@ class Calibrated(OptimizerWrapper):
             raise ValueError(f"Invalid probe_update: {probe_update!r}; choose one of {PROBE_UPDATES}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        super().__init__(optimizer)
+        super().__init__(optimizer, grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
         check_quantized_dtypes(self.params(), "Calibrated")
         self.every, self.n, self.beta, self.seed = every, n, float(beta), seed
         self.ridge_to, self.a_range, self.lam_max, self.probe_update = (
@@ -268,14 +274,23 @@ class Calibrated(OptimizerWrapper):
 
     # -- the step -----------------------------------------------------------------------------
 
-    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
-        """One step; a probe step every ``every`` steps (docs/design.md §9). Returns the clean loss."""
-        check_closure(closure, type(self).__name__)
+    def _probes_now(self) -> bool:
+        return self.every is not None and self.steps % self.every == 0
+
+    def _closure_reason(self) -> str:
+        if self._probes_now():
+            return f"to evaluate the loss at perturbed weights (step {self.steps} is a probe step, every {self.every})"
+        return ""
+
+    def _update(self, closure: Closure | None) -> Tensor | None:
+        """One step; a probe step every ``every`` steps (docs/design.md §9). Returns the clean loss.
+        Between probes, ``step()`` after your own ``loss.backward()`` works too."""
         t = self.steps
-        if self.every is None or t % self.every != 0:
-            loss = self._evaluate(closure)
-        else:
+        if self._probes_now():
+            assert closure is not None  # step() refuses a missing one (_closure_reason)
             loss = self._probe_step(closure, t)
+        else:
+            loss = self._evaluate(closure)
         self.optimizer.step()
         self.steps = t + 1
         return loss
@@ -315,12 +330,12 @@ class Calibrated(OptimizerWrapper):
         def loss_at() -> float:
             rng_before.restore()
             with torch.no_grad():
-                value = closure()
-            check_loss(value, name)
+                value = closure_value(closure, name)
             buffers.restore()
-            return float(value)
+            return value
 
-        with torch.no_grad(), BufferGuard() as buffers:
+        modules = self._step_modules or []  # found by the step guard; the hook guard as the fallback
+        with torch.no_grad(), ModuleBufferGuard(modules) if modules else BufferGuard() as buffers:
             try:
                 G, c = fogzo_estimate(
                     weights, [g.clone() for g in guides], eps, kinds, loss_at,

@@ -27,11 +27,12 @@ from torch.optim import Optimizer
 
 from ..quant import registry
 from ..quant.registry import lookup
+from ._closure import Closure, closure_value
 from ._fused import FUSE_MIN, combine_many_, delta, kernel, key_halves, perturb_many_, restore_combine_many_
 from ._fused import host_floats as _host_floats
-from ._modules import ModuleBufferGuard, captured_modules
+from ._modules import ModuleBufferGuard
 from ._snapshot import BufferGuard, RngState
-from ._wrapper import Closure, OptimizerWrapper, check_closure, check_latent_dtype, closure_value
+from ._wrapper import OptimizerWrapper, check_latent_dtype
 from .fsdp import (
     all_reduce_sum,
     as_dtensor_like,
@@ -429,7 +430,6 @@ class FOGZO(OptimizerWrapper):
     """
 
     _clip_before_base_step = False  # max_grad_norm clips the backprop gradient, not G
-    _supports_amp = True
 
     def __init__(
         self,
@@ -610,18 +610,14 @@ class FOGZO(OptimizerWrapper):
 
     # -- the step ----------------------------------------------------------------------------
 
-    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
-        """One FOGZO step on ``closure`` (returns the loss, no backward; or an iterable of
+    def _closure_reason(self) -> str:
+        return "to evaluate the loss again at perturbed weights"
+
+    def _update(self, closure: Closure | None) -> Tensor:
+        """One FOGZO step on ``closure`` (returns the loss, no backward; or a generator of
         micro-batch losses); returns the clean loss. If it raises, no weight, buffer or optimizer
         state has changed."""
-        check_closure(closure, type(self).__name__)
-        return self._run_step(self._guarded_step, closure)
-
-    def _guarded_step(self, closure: Closure) -> Tensor:
-        with self._step_guard(closure):
-            return self._step(closure)
-
-    def _step(self, closure: Closure) -> Tensor:
+        assert closure is not None  # step() refuses a missing one (_closure_reason)
         name = type(self).__name__
         t = self.steps
         if t < math.floor(self.ste_fraction * (self.total_steps or 0)):
@@ -667,11 +663,9 @@ class FOGZO(OptimizerWrapper):
             buffers.restore()
             return value
 
-        # the buffers of the modules the closure refers to; a global forward hook only as the
+        # the buffers of the modules the step guard found; a global forward hook only as the
         # fallback (it cannot be traced through torch.compile: docs/design.md §10.5)
-        modules = getattr(self, "_step_modules", None)  # found by the step guard
-        if modules is None:
-            modules = captured_modules(closure)
+        modules = self._step_modules or []
         # FSDP2 (docs/design.md §10.4): the rank's shards, their offsets, the norm summed over ranks
         sharded = [p for p in weights if is_dtensor(p)]
         if sharded and not modules:

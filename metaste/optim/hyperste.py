@@ -12,10 +12,12 @@ from torch.optim import Optimizer
 
 from ..adapters import foreign_quantization_hint
 from ..quant.registry import lookup
-from ._wrapper import Closure, OptimizerWrapper, check_latent_dtype
+from ._closure import Closure
+from ._wrapper import OptimizerWrapper, check_latent_dtype
 from .fsdp import gather, is_dtensor, shard_group, shard_rows_like
 from .hyper import METHODS
 from .hyper._common import ManagedWeight, MethodOptions, surrogate_stats
+from .hyper.horizon import HorizonOptions
 
 __all__ = ["HyperSTE"]
 
@@ -118,7 +120,6 @@ class HyperSTE(OptimizerWrapper):
     """
 
     METHODS: dict[str, type[MethodOptions]] = METHODS
-    _supports_amp = True
 
     def __init__(
         self,
@@ -167,7 +168,6 @@ class HyperSTE(OptimizerWrapper):
                 setattr(mw.surrogate, pname, shard_rows_like(getattr(mw.surrogate, pname), mw.param))
         self.options = opts
         self.managed = managed
-        self.released = False
         self.method = opts.build(optimizer, managed, model)
         self.steps = 0
 
@@ -219,22 +219,21 @@ class HyperSTE(OptimizerWrapper):
     def _managed_params(self) -> list[Tensor]:
         return [mw.param for mw in self.managed]
 
-    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
-        """One step (see the class docstring); returns the closure's loss, detached. The closure
-        may return an iterable of micro-batch losses (gradient accumulation). If it raises, no
-        weight, buffer or optimizer state has changed (the horizon methods: except inside the
-        replays of a horizon's last step)."""
-        if self.released:
-            raise RuntimeError(
-                "this HyperSTE was released (release() handed ψ back to the quantizers); it cannot step "
-                "again. Build a new HyperSTE over the optimizer to train with it"
-            )
-        _check_scaler_supported(self.options, self._active_scaler())
-        return self._run_step(self._step, closure)
+    def _closure_reason(self) -> str:
+        if isinstance(self.options, HorizonOptions):
+            return f"to replay its horizon (method={self.method_name!r})"
+        return ""
 
-    def _step(self, closure: Closure | None) -> Tensor:
-        with self._step_guard(closure):
-            loss = self.method.step(closure, self._evaluate, self.steps)
+    def _before_step(self) -> None:
+        _check_scaler_supported(self.options, self._active_scaler())
+
+    def _update(self, closure: Closure | None) -> Tensor | None:
+        """One step (see the class docstring); returns the closure's loss. The closure may be a
+        generator of micro-batch losses (gradient accumulation); without one, the gradients of
+        your own ``loss.backward()`` are used (per-step methods). If it raises, no weight, buffer or
+        optimizer state has changed (the horizon methods: except inside the replays of a
+        horizon's last step)."""
+        loss = self.method.step(closure, self._evaluate, self.steps)
         self.steps += 1
         return loss
 
@@ -322,8 +321,6 @@ class HyperSTE(OptimizerWrapper):
 
 
 def _check_scaler_supported(opts: MethodOptions, scaler: Any) -> None:
-    from .hyper.horizon import HorizonOptions
-
     if scaler is not None and isinstance(opts, HorizonOptions):
         raise ValueError(
             f"method={opts.name!r} replays its horizon and cannot skip a step on a gradient "

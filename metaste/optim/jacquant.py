@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -23,7 +23,8 @@ from torch.optim import Optimizer
 from ..quant.quantizers import LSQQuantizer
 from ..quant.registry import QuantEntry, lookup
 from ..quant.surrogates import band
-from ._wrapper import Closure, OptimizerWrapper, check_closure, check_quantized_dtypes
+from ._closure import Closure, closure_value
+from ._wrapper import OptimizerWrapper, check_quantized_dtypes
 from .smoothing import derive_seed
 
 __all__ = ["JacQuant", "fit_slope", "slope_phi", "FITS", "VRS"]
@@ -106,6 +107,9 @@ class JacQuant(OptimizerWrapper):
         flip_rate (default 1e−4): a step whose per-tensor code-flip rate exceeds it ends a
             code-preserving phase: the STORM state resets (b is refitted on the K-step schedule
             only, docs/design.md §8).
+        grad_scaler, max_grad_norm: fp16 loss scaling and gradient clipping, as in
+            :class:`~metaste.FOGZO` (docs/design.md §5.1); not with ``vr="storm"``, whose second
+            backward in a step a scaler cannot unscale.
     """
 
     SETTINGS = ("vr", "storm_a", "flip_rate", "seed")
@@ -124,6 +128,8 @@ class JacQuant(OptimizerWrapper):
         storm_a: float = 0.1,
         flip_rate: float = 1e-4,
         seed: int = 0,
+        grad_scaler: Any = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         for name, v in (("group", group), ("every", every)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -142,7 +148,7 @@ class JacQuant(OptimizerWrapper):
             raise ValueError(f"Invalid storm_a: {storm_a}; it must lie in (0, 1]")
         if not 0.0 <= flip_rate <= 1.0:
             raise ValueError(f"Invalid flip_rate: {flip_rate}; it must lie in [0, 1]")
-        super().__init__(optimizer)
+        super().__init__(optimizer, grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
         check_quantized_dtypes(self.params(), "JacQuant")
         self.every, self.fit, self.eps, self.b_range, self.ema = every, fit, float(eps), b_range, float(ema)
         self.vr, self.storm_a, self.flip_rate, self.seed = vr, float(storm_a), float(flip_rate), seed
@@ -178,11 +184,15 @@ class JacQuant(OptimizerWrapper):
         self._d: list[Tensor | None] | None = None
         self._checked = False
 
+    _release_call = "close"
+
     def close(self) -> None:
-        """Hand the quantizers back (ψ applied in their backward again, no moment recorded)."""
+        """Hand the quantizers back (ψ applied in their backward again, no moment recorded); this
+        wrapper cannot step any more."""
         for e in self.managed:
             e.quantizer.defer_surrogate = False
             e.quantizer.input_moment_ema, e.quantizer.input_moment = None, None
+        self.released = True
 
     @contextlib.contextmanager
     def _recording(self, on: bool) -> Iterator[None]:
@@ -267,26 +277,45 @@ class JacQuant(OptimizerWrapper):
         flips = torch.stack([(c != c0).sum() for c, c0 in zip(codes, self._codes)]).tolist()
         return any(f > self.flip_rate * c.numel() for f, c in zip(flips, codes))
 
-    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
+    def _closure_reason(self) -> str:
+        if self.vr == "storm":
+            return "to evaluate the batch again at the previous weights (vr='storm')"
+        return ""
+
+    def _before_step(self) -> None:
+        if self.vr == "storm" and self._active_scaler() is not None:
+            raise ValueError(
+                "JacQuant(vr='storm') runs two backward passes per step (STORM's pass at the previous "
+                "weights), and a GradScaler unscales the gradients once per step: train it in bf16 or "
+                "float32, or use vr='none' with the scaler"
+            )
+
+    def _extra_state(self) -> Callable[[], None]:
+        """The input-moment statistics the forward records: put back after a failed step."""
+        moments = [
+            None if e.quantizer.input_moment is None else e.quantizer.input_moment.clone()
+            for e in self.managed
+        ]
+
+        def restore() -> None:
+            for e, m in zip(self.managed, moments):
+                e.quantizer.input_moment = m
+
+        return restore
+
+    def _update(self, closure: Closure | None) -> Tensor | None:
         """One step; returns the closure's loss. If the closure raises or returns a non-finite
         loss, the weights, optimizer state, BatchNorm statistics and the input-moment statistics
         the forward records are as they were."""
-        check_closure(closure, type(self).__name__)
-        moments = [e.quantizer.input_moment for e in self.managed]
-        moments = [None if m is None else m.clone() for m in moments]
-        try:
-            with self._step_guard(closure):
-                return self._step(closure)
-        except BaseException:
-            for e, m in zip(self.managed, moments):
-                e.quantizer.input_moment = m
-            raise
-
-    def _step(self, closure: Closure) -> Tensor:
         params = [p for p in self.params() if p.requires_grad]
         if self.vr == "storm" and not self._checked:
-            with torch.no_grad(), self._recording(False):
-                l1, l2 = float(closure()), float(closure())
+            try:
+                with torch.no_grad(), self._recording(False):
+                    l1, l2 = closure_value(closure, "JacQuant"), closure_value(closure, "JacQuant")
+            except RuntimeError as error:  # backward under no_grad: a torch-style closure
+                if "does not require grad" in str(error):
+                    self._check_torch_closure("JacQuant", False)
+                raise
             if l1 != l2:
                 raise ValueError(
                     f"JacQuant(vr='storm') evaluates the closure again at the previous weights on the same batch, "

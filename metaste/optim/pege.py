@@ -5,8 +5,10 @@ Three parts, each a plain function or a small class, joined by the :class:`PEGE`
 * the curriculum :func:`replace_ratio` r(t) = ln(1 + kτ)/ln(1 + k), τ = min(t/T_r, 1);
 * the mixed forward w̃ = v + M⊙(v̂ − v) with the element-wise backward of :class:`_PEGEMix`
   (unreplaced elements get g, replaced ones ψ·g·(1 + δ·sign(g)·e) — EWGS's scaling);
-* the discretization-error penalty λ·r(t)·Σ_layers mean(M⊙e²), e = v/s − c with c and s detached,
-  added to the closure's loss before backward (its gradient is λ_t·2M⊙e/(n·s)).
+* the discretization-error penalty λ·r(t)·Σ_layers mean(M⊙e²), e = v/s − c with c and s detached:
+  its gradient λ_t·2M⊙e/(n·s) is added to each weight's gradient in the step (from the weight's
+  last training forward), and to an activation's in the backward of its mix (per forward). So it
+  needs no access to the loss: ``loss.backward(); opt.step()`` trains the same as a closure.
 
 Why a wrapper and not quantizer options: the forward mask needs the step count t, the penalty
 needs to be added to the loss once per step, and the mask's random stream must be checkpointed —
@@ -29,14 +31,8 @@ from torch.optim import Optimizer
 from ..quant.quantizers import ActivationLSQQuantizer, DoReFaBinaryQuantizer
 from ..quant.registry import lookup
 from ..quant.surrogates import band
-from ._wrapper import (
-    Closure,
-    NonFiniteLossError,
-    OptimizerWrapper,
-    check_closure,
-    check_loss,
-    check_quantized_dtypes,
-)
+from ._closure import Closure
+from ._wrapper import OptimizerWrapper, check_quantized_dtypes
 from .smoothing import derive_seed
 
 __all__ = ["PEGE", "replace_ratio", "SELECTS"]
@@ -54,31 +50,38 @@ def replace_ratio(t: int, replace_steps: int, k: float) -> float:
 
 class _PEGEMix(torch.autograd.Function):
     """Forward where(M, v̂, v); backward: v̂ gets M⊙g (the quantizer then applies ψ and LSQ's
-    ∂v̂/∂s), v gets (1 − M)⊙g + M⊙|g|⊙ê with ê = δ·ψ·e precomputed (the EWGS term)."""
+    ∂v̂/∂s), v gets (1 − M)⊙g + M⊙|g|⊙ê with ê = δ·ψ·e precomputed (the EWGS term), plus the
+    penalty's gradient ``pen`` when given (an activation's λ_t·2M⊙e/(n·s))."""
 
     @staticmethod
-    def forward(ctx, v, vhat, mask, e_scaled):  # type: ignore[override]
-        ctx.save_for_backward(mask, e_scaled)
+    def forward(ctx, v, vhat, mask, e_scaled, pen):  # type: ignore[override]
+        ctx.save_for_backward(mask, e_scaled, pen)
         return vhat if mask is None else torch.where(mask.bool(), vhat, v)
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        mask, e_scaled = ctx.saved_tensors
+        mask, e_scaled, pen = ctx.saved_tensors
         if mask is None:
             gv = None if e_scaled is None else g.abs() * e_scaled
-            return gv, g, None, None
-        gvhat = g * mask
-        gv = g - gvhat
-        if e_scaled is not None:
-            gv = gv + gvhat.abs() * e_scaled
-        return gv, gvhat, None, None
+            gvhat = g
+        else:
+            gvhat = g * mask
+            gv = g - gvhat
+            if e_scaled is not None:
+                gv = gv + gvhat.abs() * e_scaled
+        if pen is not None:
+            gv = pen if gv is None else gv + pen
+        return gv, gvhat, None, None, None
 
 
 class _Site:
     """One hooked quantizer: a weight quantizer (from the registry) or an activation quantizer."""
 
-    def __init__(self, index: int, module: nn.Module, kind: str, delta: float) -> None:
+    def __init__(
+        self, index: int, module: nn.Module, kind: str, delta: float, param: Tensor | None = None
+    ) -> None:
         self.index, self.module, self.kind, self.delta = index, module, kind, delta
+        self.param = param  # a weight site's weight (its penalty gradient is added in the step)
         self.calls = 0
         self.handle: Any = None
         self.record: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = None
@@ -121,6 +124,8 @@ class PEGE(OptimizerWrapper):
         lam (float ≥ 0, default 1e−2): λ of the penalty.
         model (nn.Module, optional): also mix (and penalise) its activation quantizers.
         seed (int): seeds the random masks (a private generator: the global RNG is not touched).
+        grad_scaler, max_grad_norm: fp16 loss scaling and gradient clipping, as in
+            :class:`~metaste.FOGZO` (docs/design.md §5.1).
 
     The hooks live on the model's quantizers: ``copy.deepcopy(model)`` copies them too (call
     :meth:`remove` first, or load a ``state_dict`` into a fresh model).
@@ -140,6 +145,8 @@ class PEGE(OptimizerWrapper):
         lam: float = 1e-2,
         model: nn.Module | None = None,
         seed: int = 0,
+        grad_scaler: Any = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         for name, value in (("total_steps", total_steps), ("replace_steps", replace_steps)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -162,14 +169,14 @@ class PEGE(OptimizerWrapper):
             raise ValueError(f"Invalid lam: {lam}; it must be finite and >= 0")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        super().__init__(optimizer)
+        super().__init__(optimizer, grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
         check_quantized_dtypes(self.params(), "PEGE")
         self.total_steps, self.replace_steps, self.k = total_steps, replace_steps, float(k)
         self.select, self.lam, self.seed = select, float(lam), seed
         self.steps = 0
         self.sites: list[_Site] = []
-        for q in self._weight_quantizers():
-            self._add_site(q, "weight", delta)
+        for q, p in self._weight_quantizers():
+            self._add_site(q, "weight", delta, p)
         if model is not None:
             _check_model_is_trained(model, self.params())
             for m in model.modules():
@@ -181,24 +188,30 @@ class PEGE(OptimizerWrapper):
                 "with metaste.quantize_model(...) before building the optimizer"
             )
 
-    def _weight_quantizers(self) -> Iterable[nn.Module]:
+    def _weight_quantizers(self) -> Iterable[tuple[nn.Module, Tensor]]:
         seen = set()
         for p in self.params():
             entry = lookup(p)
             if entry is not None and p.requires_grad and id(entry.quantizer) not in seen:
                 seen.add(id(entry.quantizer))
-                yield entry.quantizer
+                yield entry.quantizer, p
 
-    def _add_site(self, module: nn.Module, kind: str, delta: float | None) -> None:
+    def _add_site(
+        self, module: nn.Module, kind: str, delta: float | None, param: Tensor | None = None
+    ) -> None:
         d = 1e-3 / (2**module.bits - 1) if delta is None else float(delta)
-        site = _Site(len(self.sites), module, kind, d)
+        site = _Site(len(self.sites), module, kind, d, param)
         site.handle = module.register_forward_hook(lambda mod, args, out, s=site: self._hook(s, args[0], out))
         self.sites.append(site)
 
+    _release_call = "remove"
+
     def remove(self) -> None:
-        """Remove the forward hooks: the model is a plain quantized model again."""
+        """Remove the forward hooks: the model is a plain quantized model again, and this
+        wrapper cannot step any more."""
         for s in self.sites:
             s.handle.remove()
+        self.released = True
 
     # -- schedule ------------------------------------------------------------------------------
 
@@ -240,9 +253,12 @@ class PEGE(OptimizerWrapper):
             q = site.module
             psi = band(u, -q.qn, q.qp) if site.kind == "activation" else q.surrogate.psi(u, q.qn, q.qp)
             e_scaled = psi.mul_(e).mul_(site.delta)
-        if mask is None and e_scaled is None:
+        pen = None
+        if lam_t != 0.0 and site.kind == "activation":
+            pen = _penalty_grad(e, s, mask, lam_t)
+        if mask is None and e_scaled is None and pen is None:
             return None
-        return _PEGEMix.apply(x, out, mask, e_scaled)
+        return _PEGEMix.apply(x, out, mask, e_scaled, pen)
 
     def penalty(self) -> Tensor | float:
         """Σ over the hooked tensors of mean(M⊙(x/s − c)²) from their last forward (c, s detached)."""
@@ -257,45 +273,32 @@ class PEGE(OptimizerWrapper):
 
     # -- the step ------------------------------------------------------------------------------
 
-    def _forward_backward(self, closure: Closure, name: str) -> Tensor:
-        """The closure's mixed forward, + λ·r(t)·penalty, backward; the task loss."""
+    @torch.no_grad()
+    def _add_penalty_grads(self) -> None:
+        """Add λ_t·2M⊙e/(n·s) to every weight's gradient, from its last training forward."""
+        lam_t = self.lam * self.ratio()
+        for site in self.sites:
+            if site.param is None or site.record is None or site.param.grad is None:
+                continue
+            x, s, c, mask = site.record
+            site.param.grad.add_(_penalty_grad(x / s - c, s, mask, lam_t))
+
+    def _reset_sites(self) -> None:
         for site in self.sites:
             site.record, site.calls = None, 0
-        self._zero_grads()
-        with torch.enable_grad():
-            loss = closure()
-            check_loss(loss, name)
-            if any(p.grad is not None for p in self.params()):
-                self._zero_grads()
-                raise RuntimeError(
-                    f"the closure passed to {name}.step() called backward() itself; it must only return the loss"
-                )
-            if not math.isfinite(loss.item()):
-                raise NonFiniteLossError(
-                    f"the closure returned a non-finite loss ({loss.item()}); no weight was changed"
-                )
-            lam_t = self.lam * self.ratio()
-            total = loss + lam_t * self.penalty() if lam_t != 0.0 else loss
-            if not total.requires_grad:
-                raise ValueError("the loss returned by the closure does not require grad")
-            total.backward()
-        return loss
 
-    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
-        """One step: closure (mixed forward), + λ·r(t)·penalty, backward, base step. Returns the
-        closure's (task) loss. If it raises, the weights, BatchNorm statistics and optimizer state
-        are as they were."""
-        name = type(self).__name__
-        check_closure(closure, name)
-        with self._step_guard(closure):  # an error leaves the BatchNorm statistics as they were
-            try:
-                loss = self._forward_backward(closure, name)
-            finally:
-                for site in self.sites:
-                    site.record = None
+    def _update(self, closure: Closure | None) -> Tensor | None:
+        """One step: the mixed forward and backward (the closure's, or your own before
+        ``step()``), the penalty's gradient, the base step. Returns the closure's (task) loss.
+        If it raises, the weights, BatchNorm statistics and optimizer state are as they were."""
+        try:  # the masks of a step's forwards count from the end of the last step
+            loss = self._evaluate(closure)
+            self._add_penalty_grads()
+        finally:
+            self._reset_sites()
         self.optimizer.step()
         self.steps += 1
-        return loss.detach()
+        return loss
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -310,6 +313,12 @@ class PEGE(OptimizerWrapper):
             f"PEGE(T_r={self.replace_steps}, k={self.k}, select={self.select!r}, lam={self.lam}, "
             f"{self.optimizer!r})"
         )
+
+
+def _penalty_grad(e: Tensor, s: Tensor, mask: Tensor | None, lam_t: float) -> Tensor:
+    """∂/∂x of λ_t·mean(M⊙(x/s − c)²) with c and s held: λ_t·2M⊙e/(n·s), n = e.numel()."""
+    g = e * (2.0 * lam_t / e.numel()) / s
+    return g if mask is None else g.mul_(mask)
 
 
 def _check_model_is_trained(model: nn.Module, params: Iterable[Tensor]) -> None:

@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import QuantConfig, make_weight_quantizer
 from .layers import QuantConv2d, QuantLayer, QuantLinear
-from .registry import register
+from .registry import record_root, register
 
 __all__ = ["QuantConfig", "QUANT_MODULES", "register_quant_module", "quantize_model", "make_weight_quantizer"]
 
@@ -107,6 +107,7 @@ def quantize_model(
                     m._parameters[pname] = param_new[id(p)]
     if not new_of:
         warnings.warn(_nothing_quantized(model, mapping, keep, last), UserWarning, stacklevel=2)
+    record_root(model)
     return model
 
 

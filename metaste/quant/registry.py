@@ -8,15 +8,25 @@ model leaves no trace.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["QuantEntry", "register", "lookup", "quantized_weights", "surrogate_parameters"]
+__all__ = [
+    "QuantEntry",
+    "register",
+    "lookup",
+    "record_root",
+    "model_roots",
+    "quantized_weights",
+    "surrogate_parameters",
+]
 
 _REGISTRY: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_ROOTS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight → weakref of the model it was quantized in
 _VERSION = [0]  # bumped by every register(): lets wrappers cache their lookups
 
 
@@ -72,6 +82,27 @@ def lookup(param: Tensor) -> QuantEntry | None:
     """The registry entry of ``param``, or ``None`` if it is not a quantized weight."""
     q = _REGISTRY.get(param)
     return None if q is None else QuantEntry(param, q)
+
+
+def record_root(model: nn.Module) -> None:
+    """Record ``model`` as the model its quantized weights belong to (``quantize_model`` calls
+    it): a wrapper then knows, from its parameters alone, whose buffers (BatchNorm statistics) a
+    step may change, without reading the closure."""
+    ref = weakref.ref(model)
+    for p in model.parameters():
+        if p in _REGISTRY:
+            _ROOTS[p] = ref
+
+
+def model_roots(params: Iterable[Tensor]) -> list[nn.Module]:
+    """The models (alive, each once) that the quantized weights among ``params`` were quantized in."""
+    out: dict[int, nn.Module] = {}
+    for p in params:
+        ref = _ROOTS.get(p)
+        m = None if ref is None else ref()
+        if m is not None:
+            out[id(m)] = m
+    return list(out.values())
 
 
 def quantized_weights(model: nn.Module) -> Iterator[tuple[str, QuantEntry]]:

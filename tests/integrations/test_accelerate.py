@@ -105,7 +105,8 @@ def test_the_accelerators_grad_scaler_goes_to_the_wrapper_and_overflow_skips_the
 
 
 def test_plain_accelerator_prepare_drops_the_accumulated_micro_batches():
-    """Why prepare() exists: AcceleratedOptimizer.step(closure) only runs the window's last closure."""
+    """Why prepare() exists for the methods that need a closure: AcceleratedOptimizer.step(closure)
+    only runs the window's last closure."""
     data = batches(4)
     accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
     model = mlp(surrogate="identity")
@@ -115,6 +116,37 @@ def test_plain_accelerator_prepare_drops_the_accumulated_micro_batches():
         with accelerator.accumulate(model):
             opt.step(lambda i=i, x=x, y=y: calls.append(i) or loss_fn(model, x, y))
     assert 0 not in calls and 2 not in calls  # micro-batches 0 and 2 never reached the wrapper
+
+
+@pytest.mark.parametrize("method", ["delayed", "pege"])
+def test_plain_accelerator_prepare_with_the_torch_loop_drives_a_one_forward_wrapper(method):
+    """No adapter: ``accelerator.backward(loss); opt.step(); opt.zero_grad()`` inside
+    ``accumulate`` equals the wrapper stepped on the window's accumulated gradients."""
+    builders = {
+        "delayed": METHODS["delayed"],
+        "pege": ("identity", lambda p: metaste.PEGE(torch.optim.SGD(p, lr=0.1, momentum=0.9), total_steps=6)),
+    }
+    surrogate, make = builders[method]
+    data, ga = batches(8), 2
+    ref_model = mlp(surrogate=surrogate)
+    ref = make(ref_model.parameters())
+    for k in range(0, len(data), ga):
+        for x, y in data[k : k + ga]:
+            (loss_fn(ref_model, x, y) / ga).backward()
+        ref.step()
+        ref.zero_grad()
+    accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=ga)
+    model = mlp(surrogate=surrogate)
+    model, opt = accelerator.prepare(model, make(model.parameters()))
+    for x, y in data:
+        with accelerator.accumulate(model):
+            accelerator.backward(loss_fn(model, x, y))
+            opt.step()
+            opt.zero_grad()
+    assert opt.optimizer.steps == len(data) // ga
+    got, want = tensors_of(model), tensors_of(ref_model)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
 
 
 def test_a_closure_that_does_not_bind_its_batch_is_named():

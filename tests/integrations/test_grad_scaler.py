@@ -252,19 +252,24 @@ def test_accumulated_backward_runs_per_micro_batch_under_no_sync():
     assert len(acc) == 3
 
 
-def test_a_wrapper_without_the_protocol_refuses_a_scaler_and_clipping():
-    from metaste.optim import OptimizerWrapper
-
-    class Other(OptimizerWrapper):  # e.g. a wrapper whose step does not run the scaler protocol
-        def step(self, closure=None):
-            loss = self._evaluate(closure)
-            self.optimizer.step()
-            return loss
-
-    model = mlp()
-    for kw in (dict(grad_scaler=scaler()), dict(max_grad_norm=1.0)):
-        with pytest.raises(ValueError, match="only metaste.FOGZO and metaste.HyperSTE"):
-            Other(torch.optim.SGD(model.parameters(), lr=0.1), **kw)
-    opt = FOGZO(torch.optim.SGD(model.parameters(), lr=0.1), total_steps=3)
-    opt.configure_amp(grad_scaler=scaler(), max_grad_norm=2.0)
-    assert opt.max_grad_norm == 2.0 and opt.grad_scaler is not None
+@pytest.mark.parametrize("name", ["analytical", "delayed"])
+def test_torch_fp16_loop_with_scaler_step_on_a_one_forward_wrapper_equals_the_bare_loop(name):
+    """``scaler.scale(loss).backward(); scaler.step(opt); scaler.update()`` — torch's own fp16 loop
+    — drives a wrapper that needs one forward (overflow skips included)."""
+    data = batches(STEPS)
+    surrogate, base, _ = PLAIN[name]
+    runs = []
+    for wrapped in (False, True):
+        model = mlp(surrogate=surrogate)
+        opt = base(model.parameters())
+        if wrapped:
+            opt = HyperSTE(opt, **PLAIN[name][2])
+        s = scaler()
+        for x, y in data:
+            opt.zero_grad(set_to_none=True)
+            s.scale(fp16(model, x, y)()).backward()
+            s.step(opt)
+            s.update()
+        runs.append((tensors_of(model), s.get_scale()))
+    assert runs[0][1] == runs[1][1] and runs[0][1] < 2.0**20  # the same overflow skips happened
+    assert_same_tensors(runs[0][0], runs[1][0])

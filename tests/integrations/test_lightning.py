@@ -155,3 +155,58 @@ def test_automatic_optimization_cannot_be_switched_back_on():
     assert module.automatic_optimization is False
     with pytest.raises(ValueError, match="manual optimisation"):
         module.automatic_optimization = True
+
+
+# one forward per step: a plain LightningModule (automatic optimisation, no mixin) drives them
+ONE_FORWARD = {
+    "delayed": METHODS["delayed"],
+    "pege": ("ste", lambda p: metaste.PEGE(torch.optim.SGD(p, lr=0.1, momentum=0.9), total_steps=STEPS)),
+    "jacquant": ("ste", lambda p: metaste.JacQuant(torch.optim.Adam(p, lr=1e-2), every=2, group=2)),
+}
+
+
+class Automatic(L.LightningModule):
+    def __init__(self, method: str) -> None:
+        super().__init__()
+        self.method = method
+        self.net = mlp(surrogate=ONE_FORWARD[method][0])
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return ONE_FORWARD[self.method][1](self.parameters())
+
+
+@pytest.mark.parametrize("method", list(ONE_FORWARD))
+def test_automatic_optimisation_with_clipping_and_accumulation_equals_the_torch_loop(method):
+    """gradient_clip_val and accumulate_grad_batches, which manual optimisation refuses, work with
+    no adapter: Lightning's loop is the torch one, micro-batch backward, clip, ``opt.step()``."""
+    data, accumulate, clip = batches(2 * STEPS), 2, 0.5
+    model = mlp(surrogate=ONE_FORWARD[method][0])
+    opt = ONE_FORWARD[method][1](model.parameters())
+    for k in range(0, len(data), accumulate):
+        for x, y in data[k : k + accumulate]:
+            (F.cross_entropy(model(x), y) / accumulate).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad()
+    module = Automatic(method)
+    loader = torch.utils.data.DataLoader(list(data), batch_size=None, shuffle=False)
+    trainer = L.Trainer(
+        max_steps=STEPS,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=clip,
+        accumulate_grad_batches=accumulate,
+    )
+    trainer.fit(module, loader)
+    assert trainer.global_step == STEPS and trainer.optimizers[0].steps == STEPS
+    got, want = tensors_of(module.net), tensors_of(model)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)

@@ -245,3 +245,22 @@ def _fake_deepspeed(self):
 
 
 _real_create = transformers.Trainer.create_accelerator_and_postprocess
+
+
+def test_the_plain_trainer_drives_a_one_forward_wrapper(tmp_path):
+    """No adapter: the plain ``transformers.Trainer`` (its own backward per micro-batch, clipping,
+    then ``optimizer.step()``) trains with HyperSTE(method="delayed") as it would with AdamW: the
+    wrapper steps once per optimizer step and the loss goes down."""
+    data = kjv_samples(STEPS * BATCH * 2)
+    model = tiny_llama()
+    theta0 = [t.clone() for _, t in metaste.quant.surrogate_parameters(model)]
+    opt = METHODS["delayed"](model.parameters())
+    trainer = transformers.Trainer(
+        model=model, args=args(tmp_path, 2, False), train_dataset=data, optimizers=(opt, None)
+    )
+    result = trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert opt.steps == STEPS and result.global_step == STEPS
+    theta = [t for _, t in metaste.quant.surrogate_parameters(model)]
+    assert any(not torch.equal(a, b) for a, b in zip(theta0, theta))  # θ learned from the Trainer's gradients
+    assert losses[-1] < losses[0]

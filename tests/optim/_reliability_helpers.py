@@ -15,7 +15,15 @@ import metaste
 
 
 def cnn(
-    seed=0, *, bits=2, surrogate="ste", quantizer="lsq", keep_last=True, act_bits=None, dtype=torch.float32
+    seed=0,
+    *,
+    bits=2,
+    surrogate="ste",
+    quantizer="lsq",
+    keep_last=True,
+    act_bits=None,
+    dtype=torch.float32,
+    **quant,
 ):
     """Conv(1→4)+BN+ReLU+Linear(256→16)+ReLU+Linear(16→10), quantized."""
     torch.manual_seed(seed)
@@ -29,7 +37,13 @@ def cnn(
         nn.Linear(16, 10),
     ).to(dtype)
     return metaste.quantize_model(
-        net, bits=bits, surrogate=surrogate, quantizer=quantizer, keep_last=keep_last, act_bits=act_bits
+        net,
+        bits=bits,
+        surrogate=surrogate,
+        quantizer=quantizer,
+        keep_last=keep_last,
+        act_bits=act_bits,
+        **quant,
     )
 
 

@@ -30,7 +30,7 @@ from torch.optim import Optimizer
 from ..._compile import FUSE_MIN, compilable, kernel
 from ...quant.registry import QuantEntry
 from ...quant.surrogates import BOUNDARIES, slste, slste_grad_code
-from .._wrapper import Closure
+from .._closure import Closure
 from ..diffopt import UpdateRecord, one_step_hypergradient
 from ..fsdp import all_reduce_sums, as_dtensor_like, is_dtensor, local, local_scale, shard_group
 

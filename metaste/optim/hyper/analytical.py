@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ...quant.surrogates import slste, slste_grad_code, slste_grad_from_code
+from .._closure import Closure
 from .._fused import FUSE_MIN, kernel
 from .._fused import host_floats as _host_floats
-from .._wrapper import Closure
 from ._common import Evaluate, HyperMethod, ManagedWeight, MethodOptions
 
 __all__ = [

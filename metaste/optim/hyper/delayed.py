@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .._wrapper import Closure
+from .._closure import Closure
 from ._common import (
     Evaluate,
     HyperMethod,

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .._wrapper import Closure
+from .._closure import Closure
 from ._common import Evaluate, PendingStep
 from .horizon import HorizonMethod, HorizonOptions
 

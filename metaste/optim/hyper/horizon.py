@@ -47,8 +47,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .._closure import Closure, NonFiniteLossError, check_closure
 from .._snapshot import RngState, Snapshot, captured_bytes, clone_value
-from .._wrapper import Closure, NonFiniteLossError, check_closure
 from ._common import (
     Evaluate,
     HyperMethod,
@@ -322,11 +322,12 @@ class HorizonMethod(HyperMethod):
         """The method's own storage per horizon (bytes, by name), given the snapshot's size."""
         raise NotImplementedError
 
-    def _check_memory(self, closures: Sequence[Closure]) -> None:
+    def _check_memory(self, closures: Sequence[Closure]) -> dict[str, int]:
+        """The estimate of :meth:`estimate_memory`; raises if it is above the budget."""
         est = self.estimate_memory(closures)
-        self.memory_estimate = est
         budget = self.opts.memory_budget
         if est["total"] > budget:
+            self.memory_estimate = est  # what the error explains, kept for the user to read
             mib = 2.0**20
             parts = ", ".join(f"{k} {v / mib:.1f} MiB" for k, v in est.items() if k != "total")
             raise HorizonMemoryError(
@@ -334,6 +335,7 @@ class HorizonMethod(HyperMethod):
                 f"{est['total'] / mib:.1f} MiB ({parts}), above memory_budget={budget / mib:.1f} MiB. "
                 "Use a shorter horizon, schedule='shared', smaller batches, or raise memory_budget"
             )
+        return est
 
     # -- the step-driven protocol --------------------------------------------------------------
 
@@ -348,9 +350,11 @@ class HorizonMethod(HyperMethod):
                 "before the next step (closures cannot be saved in a state_dict)"
             )
         check_closure(closure, "HyperSTE")
-        if self.pos == 0:
-            self._check_memory([closure])
-        return self._user_step(closure, evaluate, None)
+        est = self._check_memory([closure]) if self.pos == 0 else None
+        loss = self._user_step(closure, evaluate, None)
+        if est is not None:  # a step that raised leaves the last estimate
+            self.memory_estimate = est
+        return loss
 
     def _user_step(self, closure: Closure, evaluate: Evaluate, extra: Closure | None) -> Tensor:
         # a step of the user's pass that raises (a non-finite loss, a bad closure) leaves the
@@ -392,7 +396,7 @@ class HorizonMethod(HyperMethod):
             )
         for c in closures:
             check_closure(c, "HyperSTE")
-        self._check_memory(closures)
+        self.memory_estimate = self._check_memory(closures)
         return [self._user_step(c, evaluate, extra) for c in closures]
 
     def resume_horizon(self, closures: Sequence[Closure]) -> None:

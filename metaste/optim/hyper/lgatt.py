@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .._closure import Closure, summed_loss
 from .._snapshot import Snapshot
-from .._wrapper import Closure, summed_loss
 from ..diffopt import UpdateRecord, differentiable_step, differentiable_update
 from ._common import Evaluate, ManagedWeight
 from .horizon import HorizonMethod, HorizonOptions
