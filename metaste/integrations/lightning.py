@@ -1,5 +1,11 @@
 """PyTorch Lightning with a metaste wrapper (docs/design.md §10.2). Extra ``[lightning]``.
 
+A method that needs one forward per step (HyperSTE ``analytical``/``delayed``, PEGE, JacQuant,
+Calibrated without probes) needs nothing from this module: return it from
+``configure_optimizers`` of a plain LightningModule and Lightning's automatic optimisation drives
+it, ``gradient_clip_val``, ``accumulate_grad_batches`` and ``16-mixed`` included. This mixin is for
+the methods that need the closure again (FOGZO, the horizon methods).
+
 Lightning's automatic optimisation runs backward itself and its AMP plugin calls the closure and
 then ``scaler.step(optimizer)`` without it, so :class:`MetasteModule` switches the module to
 manual optimisation and runs each training step as ``wrapper.step(closure)``, where the closure
@@ -17,8 +23,8 @@ fp16 step), and logs only from the first call of the closure in a step (FOGZO ca
 times). Supported: one device (CPU or one GPU), fp32 / bf16-mixed / 16-mixed, one optimizer.
 Refused with a clear error: other strategies (DDP, FSDP, DeepSpeed), several optimizers, an
 optimizer that is not a metaste wrapper. Lightning itself refuses ``gradient_clip_val`` and
-``accumulate_grad_batches`` with manual optimisation: pass ``max_grad_norm=`` to the wrapper and
-accumulate with :class:`metaste.Accumulated` inside ``training_step`` if needed.
+``accumulate_grad_batches`` with manual optimisation: with the mixin, pass ``max_grad_norm=`` to the
+wrapper and accumulate with :class:`metaste.Accumulated` inside ``training_step`` if needed.
 """
 
 from __future__ import annotations
