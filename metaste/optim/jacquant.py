@@ -192,6 +192,7 @@ class JacQuant(OptimizerWrapper):
         for e in self.managed:
             e.quantizer.defer_surrogate = False
             e.quantizer.input_moment_ema, e.quantizer.input_moment = None, None
+            e.quantizer.input_moment_pending = None
         self.released = True
 
     @contextlib.contextmanager
@@ -291,7 +292,8 @@ class JacQuant(OptimizerWrapper):
             )
 
     def _extra_state(self) -> Callable[[], None]:
-        """The input-moment statistics the forward records: put back after a failed step."""
+        """The input-moment statistics: put back after a failed step, and the moments recorded
+        for it (by the closure or by your own forward before ``step()``) dropped."""
         moments = [
             None if e.quantizer.input_moment is None else e.quantizer.input_moment.clone()
             for e in self.managed
@@ -299,7 +301,7 @@ class JacQuant(OptimizerWrapper):
 
         def restore() -> None:
             for e, m in zip(self.managed, moments):
-                e.quantizer.input_moment = m
+                e.quantizer.input_moment, e.quantizer.input_moment_pending = m, None
 
         return restore
 
@@ -326,6 +328,8 @@ class JacQuant(OptimizerWrapper):
         # the weights do not move until the base step: one u per weight serves the flip check, the
         # refit and the slopes, all after the closure (whose forward records the input moment)
         loss = self._evaluate(closure)
+        for e in self.managed:  # this step's forwards (micro-batches) move the EMA once
+            e.quantizer.fold_input_moment()
         us = [e.u() for e in self.managed]
         if self.steps % self.every == 0:
             self.refit(us)

@@ -82,15 +82,17 @@ class QuantLayer:
         return x
 
     def _record_input_moment(self, x: Tensor, ema: float) -> None:
-        """EMA of E[x_j²] per weight column j into ``weight_quant.input_moment`` (no forward hook:
-        a flag the forward reads, so a compiled model keeps one graph; docs/design.md §8)."""
+        """E[x_j²] per weight column j, added to ``weight_quant.input_moment_pending`` (folded into
+        the EMA once per step; no forward hook: a flag the forward reads, so a compiled model keeps
+        one graph; docs/design.md §8)."""
         q = self.weight_quant
         with torch.no_grad():
             m = self._column_moment(x.detach())
-            if q.input_moment is None or q.input_moment.shape != m.shape:
-                q.input_moment = m
+            pending = q.input_moment_pending
+            if pending is None or pending[0].shape != m.shape:
+                q.input_moment_pending = (m, 1)
             else:
-                q.input_moment.lerp_(m, 1.0 - ema)
+                q.input_moment_pending = (pending[0] + m, pending[1] + 1)
 
     def _column_moment(self, x: Tensor) -> Tensor:
         """E[x_j²] over everything but the input feature (Linear: shape (in,))."""

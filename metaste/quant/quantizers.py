@@ -146,11 +146,27 @@ class Quantizer(GridSpecMixin, nn.Module):
 
     kind: str = ""  # "fixed" | "lsq" | "dorefa"
 
-    #: the layer input's second moment per weight column, recorded by the layer's forward (in
-    #: training mode, without a graph) while ``input_moment_ema`` is set — JacQuant's fit weights
-    #: (docs/design.md §8). ``None``: off, the forward does nothing extra (every other use).
+    #: the layer input's second moment per weight column (JacQuant's fit weights, docs/design.md
+    #: §8): while ``input_moment_ema`` is set, every training forward adds its moment to
+    #: ``input_moment_pending`` (sum, count), and :meth:`fold_input_moment` — once per optimizer
+    #: step — folds their mean into the EMA ``input_moment``, so k micro-batches move it as one
+    #: batch does. ``None``: off, the forward does nothing extra (every other use).
     input_moment_ema: float | None = None
     input_moment: Tensor | None = None
+    input_moment_pending: tuple[Tensor, int] | None = None
+
+    def fold_input_moment(self) -> None:
+        """Fold the mean of the moments recorded since the last fold into ``input_moment``:
+        m ← mean the first time, else m ← m + (1 − ema)·(mean − m)."""
+        pending, self.input_moment_pending = self.input_moment_pending, None
+        if pending is None or self.input_moment_ema is None:
+            return
+        total, count = pending
+        mean = total if count == 1 else total / count
+        if self.input_moment is None or self.input_moment.shape != mean.shape:
+            self.input_moment = mean
+        else:
+            self.input_moment.lerp_(mean, 1.0 - self.input_moment_ema)
 
     def __init__(self, surrogate: Surrogate) -> None:
         super().__init__()

@@ -129,12 +129,22 @@ def test_input_moment_linear_is_the_ema_of_the_column_second_moment():
     assert q.input_moment is None  # off by default: a plain model records nothing
     q.input_moment_ema = 0.75
     layer(x1)
+    q.fold_input_moment()  # once per optimizer step
     assert torch.allclose(q.input_moment, (x1**2).mean(0))
     layer(x2)
+    q.fold_input_moment()
     expected = 0.75 * (x1**2).mean(0) + 0.25 * (x2.reshape(-1, 6) ** 2).mean(0)
     assert torch.allclose(q.input_moment, expected)
     layer.eval()
     layer(10 * x1)  # eval forwards do not record
+    q.fold_input_moment()
+    assert torch.allclose(q.input_moment, expected)
+    layer.train()
+    a, b = torch.randn(4, 6), torch.randn(4, 6)
+    layer(a)
+    layer(b)  # two micro-batches of one step: the EMA moves once, by their mean
+    q.fold_input_moment()
+    expected = 0.75 * expected + 0.25 * ((a**2).mean(0) + (b**2).mean(0)) / 2
     assert torch.allclose(q.input_moment, expected)
 
 
@@ -145,6 +155,7 @@ def test_input_moment_conv_repeats_the_channel_moment_over_the_kernel(groups):
     layer.weight_quant.input_moment_ema = 0.0
     x = torch.randn(2, 4, 5, 5)
     layer(x)
+    layer.weight_quant.fold_input_moment()
     per_channel = [float((x[:, c] ** 2).mean()) for c in range(4)]
     cpg = 4 // groups
     rows = []

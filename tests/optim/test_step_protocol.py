@@ -273,3 +273,26 @@ def test_dcp_get_and_set_state_dict_resume_the_wrapper_bitwise(name):
     set_state_dict(fresh_model, fresh, model_state_dict=msd, optim_state_dict=osd)
     assert "metaste" not in fresh.param_groups[0]  # the copy does not reach the live groups
     assert_same_state(_continue(model, opt, (4, 5)), _continue(fresh_model, fresh, (4, 5)))
+
+
+@pytest.mark.parametrize("name", ["analytical", "delayed", "pege", "jacquant", "calibrated"])
+def test_equal_micro_batches_equal_the_one_batch_step(name):
+    """A generator of two half-batch losses (each /2) gives the one-batch step to rounding:
+    JacQuant's input-moment EMA moves once per step, by the micro-batches' mean. BatchNorm runs
+    in eval mode (a half batch's statistics differ from the whole batch's)."""
+    x, y = images(seed=30, n=16)
+    runs = []
+    for micro in (False, True):
+        model, opt = build(name)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()  # batch statistics of a half batch differ from the whole batch's
+        if micro:
+            opt.step(lambda: (F.cross_entropy(model(x[k : k + 8]), y[k : k + 8]) / 2 for k in (0, 8)))
+        else:
+            opt.step(closure_for(model, x, y))
+        runs.append(state_of(model, opt))
+    for k in runs[0]["params"]:
+        torch.testing.assert_close(runs[0]["params"][k], runs[1]["params"][k], rtol=1e-5, atol=1e-6)
+    for k in runs[0]["buffers"]:
+        torch.testing.assert_close(runs[0]["buffers"][k], runs[1]["buffers"][k], rtol=1e-5, atol=1e-6)
