@@ -288,7 +288,7 @@ def test_equal_micro_batches_equal_the_one_batch_step(name):
             if isinstance(m, nn.BatchNorm2d):
                 m.eval()  # batch statistics of a half batch differ from the whole batch's
         if micro:
-            opt.step(lambda: (F.cross_entropy(model(x[k : k + 8]), y[k : k + 8]) / 2 for k in (0, 8)))
+            opt.step(lambda m=model: (F.cross_entropy(m(x[k : k + 8]), y[k : k + 8]) / 2 for k in (0, 8)))
         else:
             opt.step(closure_for(model, x, y))
         runs.append(state_of(model, opt))
