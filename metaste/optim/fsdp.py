@@ -194,14 +194,20 @@ def fully_shard(model: nn.Module, **kwargs: Any) -> nn.Module:
     root (keywords such as ``mesh=`` go to each call), and :func:`register_sharded`. A 0-dim
     parameter of a quantized layer (LSQ's per-tensor s), which FSDP2 refuses, becomes shape (1,)
     first (same value; it broadcasts the same). Build the optimizer afterwards."""
+    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard as shard
 
+    if "mesh" not in kwargs and not dist.is_initialized():
+        raise RuntimeError(
+            "metaste.optim.fsdp.fully_shard needs torch.distributed initialised (dist.init_process_group) "
+            "or a mesh= argument; the model was not changed"
+        )
     for m in list(model.modules()):  # FSDP2 refuses 0-dim parameters (LSQ's per-tensor s): make them (1,)
         if isinstance(m, QuantLayer):
             for q in m.modules():
-                for name, p in list(q.named_parameters(recurse=False)):
-                    if p.dim() == 0:
-                        setattr(q, name, nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
+                for p in q.parameters(recurse=False):
+                    if p.dim() == 0:  # in place: the Parameter object (and an optimizer's reference) stays
+                        p.data = p.data.reshape(1)
     for m in list(model.modules()):
         if isinstance(m, QuantLayer) and m is not model:
             shard(m, **kwargs)

@@ -193,3 +193,11 @@ def test_hyperste_under_fully_shard_equals_one_process_on_the_whole_batch(case, 
     assert len(thetas) == 2 and all(not torch.equal(ref[k], init[k]) for k in thetas)  # θ was learned
     for k, v in ref.items():  # (fully_shard made LSQ's per-tensor s shape (1,))
         torch.testing.assert_close(full0[k], v.reshape(full0[k].shape), rtol=1e-9, atol=1e-12, msg=k)
+
+
+def test_fully_shard_without_a_process_group_raises_and_changes_nothing():
+    model = metaste.quantize_model(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), bits=2, keep_last=False)
+    before = {k: (id(p), p.shape) for k, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="init_process_group.*not changed"):
+        fully_shard(model)
+    assert {k: (id(p), p.shape) for k, p in model.named_parameters()} == before
