@@ -10,6 +10,9 @@ Public API::
     opt = metaste.HyperSTE(torch.optim.SGD(model.parameters(), lr=0.1), method="analytical")
     opt = metaste.HyperSTE(base, method=metaste.Delayed(window=3, hyper_optimizer="adam"))
 
+    cur = metaste.QuantCurriculum(model, total_steps=T, curriculum="random")   # any optimizer
+    loss_fn(model(x), y).backward(); opt.step(); cur.step()
+
 The design (what each module computes, the formulas and their sources, every decision) is in
 docs/design.md. Registry internals (``lookup``, ``register``) are in :mod:`metaste.quant`; the
 math users and tests call is in :mod:`metaste.optim.smoothing`, :mod:`metaste.optim.diffopt`,
@@ -20,6 +23,7 @@ from . import (
     adapters,  # noqa: F401  (metaste.adapters.scales_from(model) after import metaste)
     extras,  # noqa: F401  (metaste.extras.require(...) after import metaste)
 )
+from .curriculum import QuantCurriculum
 from .optim import (
     FAGU,
     FOGZO,
@@ -55,6 +59,7 @@ __all__ = [
     "HyperSTE",
     "JacQuant",
     "PEGE",
+    "QuantCurriculum",
     "Analytical",
     "Delayed",
     "FAGU",

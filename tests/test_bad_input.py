@@ -547,7 +547,7 @@ def fagu_without_model():
     return model, _bare(model), lambda: HyperSTE(_bare(model), method="fagu", horizon=2)
 
 
-@case(ValueError, "already managed")
+@case(ValueError, "already driven by a HyperSTE")
 def hyperste_twice_over_the_same_weights():
     model, opt = _wrapper("delayed")
     return model, opt, lambda: HyperSTE(_bare(model), method="delayed")

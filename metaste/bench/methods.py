@@ -84,6 +84,8 @@ class Method:
     )
     # raises ImportError naming the install command when an extra the method needs is missing
     available: Callable[[], object] = lambda: None
+    # builds the run's QuantCurriculum over the quantized model (stepped after every optimizer step)
+    curriculum: Callable[[nn.Module, RunContext], object] | None = None
 
     def float_steps(self, ctx: RunContext) -> int:
         """Steps of the float phase (0 without one)."""
@@ -195,4 +197,8 @@ for _name, _what, _quant in (
     )
 
 
-from . import peers, wrapper_methods  # noqa: E402,F401  (register the wrappers' and PARQ's methods)
+from . import (  # noqa: E402,F401  (register the wrappers' and PARQ's methods)
+    curriculum_methods,  # noqa: E402,F401  (after the STE family and FOGZO it extends)
+    peers,
+    wrapper_methods,
+)

@@ -137,6 +137,7 @@ def _run(spec: RunSpec) -> RunResult:
     if quantize_now:
         model = quantize_model(model, inplace=True, **qkw)
     opt = method.build(model, ctx)
+    cur = method.curriculum(model, ctx) if method.curriculum is not None else None
     if spec.init == "float" and method.quant is not None and float_steps == 0:
         with method.eval_view(model, opt), task.recalibrated(model, holdout=spec.holdout, keep=True):
             pass  # the float model's BatchNorm statistics re-estimated with the quantized weights
@@ -149,6 +150,8 @@ def _run(spec: RunSpec) -> RunResult:
     for step, batch in enumerate(task.batches(spec.seed, spec.steps, holdout=spec.holdout), start=1):
         t0 = time.perf_counter()
         loss = train_step(opt, lambda b=batch: task.loss(model, b))
+        if cur is not None:
+            cur.step()
         if step == float_steps and method.quant is not None:  # the float phase ends: quantize
             quantize_model(model, inplace=True, **qkw)  # in place: the closure's model is this one
             rest = dataclasses.replace(ctx, total_steps=total - float_steps)

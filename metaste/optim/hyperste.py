@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..adapters import foreign_quantization_hint
-from ..quant.registry import lookup
+from ..quant.registry import claim_all, lookup, release
 from ._closure import Closure
 from ._wrapper import OptimizerWrapper, check_latent_dtype
 from .fsdp import gather, is_dtensor, shard_group, shard_rows_like
@@ -159,6 +159,7 @@ class HyperSTE(OptimizerWrapper):
             )
         opts.check(optimizer, managed, model)
         _check_scaler_supported(opts, self._active_scaler())
+        claim_all([mw.quantizer for mw in managed], "gradient", self)  # no other wrapper's ψ on them
         # validation is over: from here on the model is changed
         for mw in managed:
             mw.surrogate.boundary = opts.boundary or opts.default_boundary
@@ -191,11 +192,6 @@ class HyperSTE(OptimizerWrapper):
                 continue
             seen.add(id(p))
             check_latent_dtype(p, "HyperSTE", repr(names.get(id(p), f"w{k}")))
-            if entry.quantizer.defer_surrogate:
-                raise ValueError(
-                    f"weight {names.get(id(p), f'w{k}')!r} is already managed by another HyperSTE; "
-                    "call .release() on that one first"
-                )
             managed.append(ManagedWeight(p, entry.quantizer, names.get(id(p), f"w{k}")))
         if not managed:
             raise ValueError(
@@ -211,6 +207,7 @@ class HyperSTE(OptimizerWrapper):
         training the model without this wrapper; the wrapper must not be stepped afterwards.
         Under FSDP2 it gathers the sharded θ back into whole buffers: call it on every rank."""
         for mw in self.managed:
+            release(mw.quantizer, "gradient", self)
             mw.quantizer.defer_surrogate = False
             for pname in mw.surrogate.param_names:
                 setattr(mw.surrogate, pname, gather(getattr(mw.surrogate, pname)))

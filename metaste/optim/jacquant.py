@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..quant.quantizers import LSQQuantizer
-from ..quant.registry import QuantEntry, lookup
+from ..quant.registry import QuantEntry, claim_all, lookup, release
 from ..quant.surrogates import band
 from ._closure import Closure, closure_value
 from ._wrapper import OptimizerWrapper, check_quantized_dtypes
@@ -168,12 +168,14 @@ class JacQuant(OptimizerWrapper):
                 )
             self.managed.append(e)
             self.groups.append(g)
-            e.quantizer.defer_surrogate = True  # backward leaves g = ∂L/∂v̂; b is applied in step
-            e.quantizer.input_moment_ema, e.quantizer.input_moment = self.ema, None  # the fit's weights
         if not self.managed:
             raise ValueError(
                 "JacQuant found no quantized (fixed or LSQ) weight among the optimizer's parameters"
             )
+        claim_all([e.quantizer for e in self.managed], "gradient", self)  # no other wrapper's ψ on them
+        for e in self.managed:
+            e.quantizer.defer_surrogate = True  # backward leaves g = ∂L/∂v̂; b is applied in step
+            e.quantizer.input_moment_ema, e.quantizer.input_moment = self.ema, None  # the fit's weights
         self.alpha = [
             torch.ones(e.weight.shape[0], e.weight[0].numel() // g) for e, g in zip(self.managed, self.groups)
         ]
@@ -190,6 +192,7 @@ class JacQuant(OptimizerWrapper):
         """Hand the quantizers back (ψ applied in their backward again, no moment recorded); this
         wrapper cannot step any more."""
         for e in self.managed:
+            release(e.quantizer, "gradient", self)
             e.quantizer.defer_surrogate = False
             e.quantizer.input_moment_ema, e.quantizer.input_moment = None, None
             e.quantizer.input_moment_pending = None

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..quant.quantizers import ActivationLSQQuantizer, DoReFaBinaryQuantizer
-from ..quant.registry import lookup
+from ..quant.registry import claim_all, lookup, release
 from ..quant.surrogates import band
 from ._closure import Closure
 from ._wrapper import OptimizerWrapper, check_quantized_dtypes
@@ -187,6 +187,11 @@ class PEGE(OptimizerWrapper):
                 "PEGE found no quantized weight among the optimizer's parameters; quantize the model "
                 "with metaste.quantize_model(...) before building the optimizer"
             )
+        try:
+            claim_all([site.module for site in self.sites], "forward", self)  # no second curriculum
+        except BaseException:
+            self.remove()
+            raise
 
     def _weight_quantizers(self) -> Iterable[tuple[nn.Module, Tensor]]:
         seen = set()
@@ -211,6 +216,7 @@ class PEGE(OptimizerWrapper):
         wrapper cannot step any more."""
         for s in self.sites:
             s.handle.remove()
+            release(s.module, "forward", self)
         self.released = True
 
     # -- schedule ------------------------------------------------------------------------------

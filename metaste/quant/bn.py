@@ -37,7 +37,9 @@ def recalibrate_bn(
 
     Afterwards each BN gets its momentum back and every module its own original ``training``
     flag. Other train-mode side effects happen as in training (dropout masks; an activation
-    quantizer that has not yet set its step sets it from the first batch).
+    quantizer that has not yet set its step sets it from the first batch). A quantization
+    curriculum's mix is off during the pass: the statistics are those of the quantized weights
+    the evaluation uses.
 
     Args:
         batches: an iterable of batches; a tuple/list batch ``(x, y, ...)`` feeds ``x``.
@@ -50,6 +52,7 @@ def recalibrate_bn(
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     modes = {m: m.training for m in model.modules()}
     momenta = {bn: bn.momentum for bn in bns}
+    mixes = {m: m.curriculum_mix for m in model.modules() if getattr(m, "curriculum_mix", None) is not None}
     saved = {bn: {k: v.clone() for k, v in bn.named_buffers(recurse=False)} for bn in bns}
     forward = forward or _default_forward
     seen = 0
@@ -58,6 +61,8 @@ def recalibrate_bn(
             bn.reset_running_stats()
             bn.momentum = None
         model.train()
+        for m in mixes:
+            m.curriculum_mix = None
         for batch in batches:
             forward(model, batch)
             seen += 1
@@ -73,4 +78,6 @@ def recalibrate_bn(
             bn.momentum = momentum
         for m, mode in modes.items():
             m.training = mode
+        for m, mix in mixes.items():
+            m.curriculum_mix = mix
     return seen

@@ -71,8 +71,16 @@ class QuantLayer:
         super().__setstate__(state)  # type: ignore[misc]
         register(self.weight, self.weight_quant)
 
+    #: a quantization curriculum's mix m (metaste.QuantCurriculum): in training the forward weight
+    #: is lerp(v, Q(v), m) — v where m = 0, Q(v) where m = 1, exactly; None: Q(v)
+    curriculum_mix: Tensor | None = None
+
     def quantized_weight(self) -> Tensor:
-        return self.weight_quant(self.weight)
+        q = self.weight_quant(self.weight)
+        m = self.curriculum_mix
+        if m is None or not self.training:
+            return q
+        return torch.lerp(self.weight, q, m)
 
     def _quant_input(self, x: Tensor) -> Tensor:
         x = x if self.act_quant is None else self.act_quant(x)

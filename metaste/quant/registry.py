@@ -21,12 +21,16 @@ __all__ = [
     "lookup",
     "record_root",
     "model_roots",
+    "claim",
+    "claim_all",
+    "release",
     "quantized_weights",
     "surrogate_parameters",
 ]
 
 _REGISTRY: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _ROOTS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight → weakref of the model it was quantized in
+_CLAIMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # quantizer → {role: (owner ref, name)}
 _VERSION = [0]  # bumped by every register(): lets wrappers cache their lookups
 
 
@@ -103,6 +107,46 @@ def model_roots(params: Iterable[Tensor]) -> list[nn.Module]:
         if m is not None:
             out[id(m)] = m
     return list(out.values())
+
+
+def claim(quantizer: nn.Module, role: str, owner: object, name: str | None = None) -> None:
+    """Record that ``owner`` drives ``role`` of ``quantizer``'s weight — ``"forward"`` (what the
+    training forward sees: PEGE, a QuantCurriculum) or ``"gradient"`` (ψ applied after backward:
+    HyperSTE, JacQuant). Raises ``ValueError`` if another live owner holds the role: two of them
+    cannot drive the same weight. Claiming again by the same owner is a no-op."""
+    held = _CLAIMS.setdefault(quantizer, {})
+    other = held.get(role)
+    if other is not None:
+        ref, other_name = other
+        alive = ref()
+        if alive is not None and alive is not owner:
+            what = name or type(owner).__name__
+            raise ValueError(
+                f"a quantized weight's {role} is already driven by a {other_name}; a {what} cannot drive it "
+                f"too. Hand it back first ({other_name}.release() / remove() / close()), or build the "
+                f"{what} over other weights"
+            )
+    held[role] = (weakref.ref(owner), name or type(owner).__name__)
+
+
+def claim_all(quantizers: Iterable[nn.Module], role: str, owner: object, name: str | None = None) -> None:
+    """:func:`claim` each of ``quantizers``, all or none."""
+    done: list[nn.Module] = []
+    try:
+        for q in quantizers:
+            claim(q, role, owner, name)
+            done.append(q)
+    except BaseException:
+        for q in done:
+            release(q, role, owner)
+        raise
+
+
+def release(quantizer: nn.Module, role: str, owner: object) -> None:
+    """Undo :func:`claim` (only ``owner``'s own claim)."""
+    held = _CLAIMS.get(quantizer)
+    if held and role in held and held[role][0]() is owner:
+        del held[role]
 
 
 def quantized_weights(model: nn.Module) -> Iterator[tuple[str, QuantEntry]]:

@@ -110,3 +110,11 @@ def test_metrics_during_a_float_phase_are_those_of_the_quantized_weights(monkeyp
     monkeypatch.setattr(ClassificationTask, "evaluate", spy)
     run_one(_spec("ste-float", steps=20, options=(("float_frac", 0.5),)))
     assert seen and all(seen)
+
+
+def test_a_curriculum_method_steps_its_curriculum():
+    plain = run_one(_spec("ste-identity", 0, steps=20))
+    off = run_one(_spec("ste-identity+random", 0, steps=20, options={"cur_length": 0.0}))
+    on = run_one(_spec("ste-identity+random", 0, steps=20, options={"cur_length": 0.5}))
+    assert off.losses == plain.losses  # T_c = 0: the plain quantized run, bit for bit
+    assert on.losses[0] != plain.losses[0] and on.losses[15:] != plain.losses[15:]

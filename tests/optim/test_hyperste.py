@@ -162,7 +162,7 @@ def test_model_without_learnable_surrogate_raises(model_fn):
 def test_a_weight_cannot_be_managed_twice_and_release_hands_psi_back():
     model = quantized_mlp()
     opt = HyperSTE(torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(ValueError, match="already managed"):
+    with pytest.raises(ValueError, match="already driven by a HyperSTE"):
         HyperSTE(torch.optim.SGD(model.parameters(), lr=0.1))
     opt.release()
     assert all(not e.quantizer.defer_surrogate for _, e in metaste.quantized_weights(model))

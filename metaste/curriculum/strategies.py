@@ -1,0 +1,116 @@
+"""The curricula: which weights a training forward sees quantized at step t (docs/design.md §12).
+
+Each strategy maps (the weight, ρ(t), t) to the *mix* m of its layer: the forward weight is
+``torch.lerp(v, Q(v), m)`` — v where m = 0, Q(v) where m = 1 (both exact), (1 − m)·v + m·Q(v)
+between — and autograd gives v the gradient (1 − m)·g + m·ψ·g. ``None`` is the plain quantized
+forward. Masks are drawn from the counter-based hash of :func:`metaste.optim.smoothing.uniform_w`
+keyed by (seed, step, weight index): every rank and every resume draws the same ones.
+
+| name | m | source |
+|---|---|---|
+| ``random`` | 1{U < ρ}, U fresh per element and step | PEGE's random mask |
+| ``nested`` | 1{U < ρ}, U fixed per element (once quantized, stays quantized) | ours |
+| ``switch`` | 0 for t < T_c (float), then the quantized forward | float phase + hard switch |
+| ``blend`` | ρ (a scalar) | alpha-blending |
+| ``noise`` | 1{U < ρ} per block (an output row of a Linear, a kernel of a conv) | Quant-Noise |
+| ``nearest`` | 1 on the ⌈ρN⌉ elements nearest their grid point, recomputed every K steps | ours |
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..optim.smoothing import derive_seed, uniform_w
+from ..quant.registry import QuantEntry
+
+__all__ = ["Curriculum", "CURRICULA", "register_curriculum"]
+
+CURRICULA: dict[str, type[Curriculum]] = {}
+
+
+def register_curriculum(cls: type[Curriculum]) -> type[Curriculum]:
+    """Class decorator: make the strategy available by its ``name``."""
+    CURRICULA[cls.name] = cls
+    return cls
+
+
+def _uniform(shape: tuple[int, ...], seed: int, device: torch.device) -> Tensor:
+    """U ∈ (0, 1), one per element of ``shape``, a pure function of ``seed`` and the index."""
+    return uniform_w(math.prod(shape), seed, device).add_(1.0).mul_(0.5).view(shape)
+
+
+class Curriculum:
+    """A strategy: :meth:`mix` of weight ``index`` at step ``t`` and ratio ``rho`` (< 1)."""
+
+    name: ClassVar[str] = ""
+    #: the mix is re-derived only every ``every`` steps (``nearest``); others every step
+    every: int = 1
+
+    def __init__(self, seed: int = 0, every: int = 1) -> None:
+        self.seed, self.every = seed, every
+
+    def mix(self, entry: QuantEntry, index: int, rho: float, t: int) -> Tensor:
+        raise NotImplementedError
+
+
+@register_curriculum
+class Random(Curriculum):
+    name = "random"
+
+    def mix(self, entry: QuantEntry, index: int, rho: float, t: int) -> Tensor:
+        w = entry.weight
+        return (_uniform(tuple(w.shape), derive_seed(self.seed, t, index), w.device) < rho).to(w.dtype)
+
+
+@register_curriculum
+class Nested(Curriculum):
+    name = "nested"
+
+    def mix(self, entry: QuantEntry, index: int, rho: float, t: int) -> Tensor:
+        w = entry.weight  # U is the same at every step: recomputed, not stored
+        return (_uniform(tuple(w.shape), derive_seed(self.seed, -1, index), w.device) < rho).to(w.dtype)
+
+
+@register_curriculum
+class Switch(Curriculum):
+    name = "switch"
+
+    def mix(self, entry: QuantEntry, index: int, rho: float, t: int) -> Tensor:
+        return torch.zeros((), dtype=entry.weight.dtype, device=entry.weight.device)
+
+
+@register_curriculum
+class Blend(Curriculum):
+    name = "blend"
+
+    def mix(self, entry: QuantEntry, index: int, rho: float, t: int) -> Tensor:
+        return torch.tensor(rho, dtype=entry.weight.dtype, device=entry.weight.device)
+
+
+@register_curriculum
+class Noise(Curriculum):
+    name = "noise"
+
+    def mix(self, entry: QuantEntry, index: int, rho: float, t: int) -> Tensor:
+        w = entry.weight  # one draw per output row (Linear) or per kernel (conv: out × in)
+        blocks = tuple(w.shape[:2]) if w.dim() > 2 else tuple(w.shape[:1])
+        u = _uniform(blocks, derive_seed(self.seed, t, index), w.device)
+        return (u < rho).to(w.dtype).view(*blocks, *([1] * (w.dim() - len(blocks))))
+
+
+@register_curriculum
+class Nearest(Curriculum):
+    name = "nearest"
+
+    def mix(self, entry: QuantEntry, index: int, rho: float, t: int) -> Tensor:
+        u = entry.u()
+        err = (u - torch.round(u)).abs_().flatten()
+        m = torch.zeros_like(err)
+        count = math.ceil(rho * err.numel())
+        if count:
+            m[torch.topk(err, count, largest=False).indices] = 1.0
+        return m.view(u.shape).to(entry.weight.dtype)
