@@ -4,7 +4,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_PIN := torch==2.13.0
-SUITES ?= demo fogzo-mnist hyperste lsq-mnist new-methods fashion-resnet kjv-llama
+SUITES ?= demo fogzo-mnist hyperste lsq-mnist new-methods curriculum fashion-resnet kjv-llama
 # one torch thread per process: the commands run their work in one process per core
 export OMP_NUM_THREADS := 1
 

@@ -226,6 +226,34 @@ SUITES: dict[str, list[SuiteEntry]] = {
             "~45 s, about 30 min on 2 cores",
         ),
     ],
+    "curriculum": [
+        SuiteEntry(
+            "curriculum-mnist-1bit",
+            "MNIST MLP 784-10-10, first layer 1-bit DoReFa (head float), SGD, 1,500 steps: the quantization "
+            "curricula against the STE family with a float phase",
+            *_mnist(
+                1,
+                "dorefa",
+                "sgd",
+                [
+                    "ste",
+                    "ste-identity",
+                    "ste-float",
+                    "ste+random[cur_schedule=log]",  # PEGE's curriculum alone, on the plain STE
+                    "ste+nested[cur_schedule=log]",
+                    "ste+blend",
+                    "ste+switch",
+                    "ste-identity+random[cur_schedule=log]",
+                    "ste-identity+blend",
+                ],
+                10,
+                first_seed=80,
+                tune={"float_frac": [0.25, 0.5], "cur_length": [0.25, 0.5]},
+            ),
+            "fresh evaluation seeds 80–89; the float-phase fraction and the curriculum length T_c/T are tuned "
+            "with the lr on the tuning seeds. CPU budget: ~300 runs of ~3 s, about 10 min on 2 cores",
+        )
+    ],
     # benchmarks/gpu_check.sh runs this one on a lent GPU (not part of `make results`)
     "gpu": [
         SuiteEntry(
