@@ -3,8 +3,11 @@
 Each strategy maps (the weight, ρ(t), t) to the *mix* m of its layer: the forward weight is
 ``torch.lerp(v, Q(v), m)`` — v where m = 0, Q(v) where m = 1 (both exact), (1 − m)·v + m·Q(v)
 between — and autograd gives v the gradient (1 − m)·g + m·ψ·g. ``None`` is the plain quantized
-forward. Masks are drawn from the counter-based hash of :func:`metaste.optim.smoothing.uniform_w`
-keyed by (seed, step, weight index): every rank and every resume draws the same ones.
+forward. A mask element is 1{B < ⌊256ρ⌉} with B a uniform random byte from torch's generator on
+the weight's device, seeded by (seed, step, weight index): every rank on the same kind of device
+and every resume draw the same masks, and one 64-bit draw serves eight elements (the hash of
+FOGZO's noise costs 20× more here, measured by ``benchmarks/bench_curriculum.py``). ρ is thus
+rounded to 1/256.
 
 | name | m | source |
 |---|---|---|
@@ -24,7 +27,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..optim.smoothing import derive_seed, uniform_w
+from ..optim.smoothing import derive_seed
 from ..quant.registry import QuantEntry
 
 __all__ = ["Curriculum", "CURRICULA", "register_curriculum"]
@@ -38,9 +41,20 @@ def register_curriculum(cls: type[Curriculum]) -> type[Curriculum]:
     return cls
 
 
-def _uniform(shape: tuple[int, ...], seed: int, device: torch.device) -> Tensor:
-    """U ∈ (0, 1), one per element of ``shape``, a pure function of ``seed`` and the index."""
-    return uniform_w(math.prod(shape), seed, device).add_(1.0).mul_(0.5).view(shape)
+def _bytes(shape: tuple[int, ...], seed: int, device: torch.device) -> Tensor:
+    """Uniform random bytes, one per element of ``shape``, a pure function of ``seed`` (and the
+    device type's generator)."""
+    n = math.prod(shape)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    words = torch.randint(
+        -(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, generator=gen, device=device
+    )
+    return words.view(torch.uint8)[:n].view(shape)
+
+
+def _below(shape: tuple[int, ...], seed: int, rho: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The mask 1{B < ⌊256ρ⌉} (a fraction ρ of ones, in expectation) as ``dtype``."""
+    return (_bytes(shape, seed, device) < int(round(256 * rho))).to(dtype)
 
 
 class Curriculum:
@@ -63,7 +77,7 @@ class Random(Curriculum):
 
     def mix(self, entry: QuantEntry, index: int, rho: float, t: int) -> Tensor:
         w = entry.weight
-        return (_uniform(tuple(w.shape), derive_seed(self.seed, t, index), w.device) < rho).to(w.dtype)
+        return _below(tuple(w.shape), derive_seed(self.seed, t, index), rho, w.device, w.dtype)
 
 
 @register_curriculum
@@ -71,8 +85,8 @@ class Nested(Curriculum):
     name = "nested"
 
     def mix(self, entry: QuantEntry, index: int, rho: float, t: int) -> Tensor:
-        w = entry.weight  # U is the same at every step: recomputed, not stored
-        return (_uniform(tuple(w.shape), derive_seed(self.seed, -1, index), w.device) < rho).to(w.dtype)
+        w = entry.weight  # B is the same at every step: redrawn, not stored
+        return _below(tuple(w.shape), derive_seed(self.seed, -1, index), rho, w.device, w.dtype)
 
 
 @register_curriculum
@@ -98,8 +112,8 @@ class Noise(Curriculum):
     def mix(self, entry: QuantEntry, index: int, rho: float, t: int) -> Tensor:
         w = entry.weight  # one draw per output row (Linear) or per kernel (conv: out × in)
         blocks = tuple(w.shape[:2]) if w.dim() > 2 else tuple(w.shape[:1])
-        u = _uniform(blocks, derive_seed(self.seed, t, index), w.device)
-        return (u < rho).to(w.dtype).view(*blocks, *([1] * (w.dim() - len(blocks))))
+        m = _below(blocks, derive_seed(self.seed, t, index), rho, w.device, w.dtype)
+        return m.view(*blocks, *([1] * (w.dim() - len(blocks))))
 
 
 @register_curriculum
