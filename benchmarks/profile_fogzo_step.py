@@ -26,6 +26,7 @@ import bench_fogzo  # noqa: E402
 
 import metaste.optim._wrapper as wrapper  # noqa: E402
 import metaste.optim.fogzo as fogzo  # noqa: E402
+import metaste.optim.fogzo_estimator as estimator  # noqa: E402
 
 
 def _timed(acc: dict[str, float], key: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -50,17 +51,17 @@ def main() -> None:
     _, opt, step, _ = bench_fogzo.build(spec, args.config)
     _, _, ste, closure = bench_fogzo.build(spec, "ste")
     acc: dict[str, float] = collections.defaultdict(float)
-    kernel = fogzo.kernel
+    kernel = estimator.kernel
     patches = {
         (fogzo, "closure_value"): "perturbed closures",
-        (fogzo, "_joint_norm"): "joint norm",
+        (estimator, "_joint_norm"): "joint norm",
         (wrapper.OptimizerWrapper, "_evaluate"): "clean pass + backward",
         (opt.optimizer, "step"): "base optimizer step",
     }
     saved = {k: getattr(*k) for k in patches}
     for (obj, attr), key in patches.items():
         setattr(obj, attr, _timed(acc, key, getattr(obj, attr)))
-    fogzo.kernel = lambda fn, kind, fused: _timed(
+    estimator.kernel = lambda fn, kind, fused: _timed(
         acc, f"compiled pass {fn.__name__}", kernel(fn, kind, fused)
     )
     try:
@@ -81,7 +82,7 @@ def main() -> None:
     finally:
         for (obj, attr), fn in saved.items():
             setattr(obj, attr, fn)
-        fogzo.kernel = kernel
+        estimator.kernel = kernel
     ms = {k: 1e3 * v / args.steps for k, v in totals.items()}
     print(
         f"# {args.model}, {args.config}: FOGZO {ms['fogzo']:.2f} ms/step, plain STE {ms['ste']:.2f}, no-grad forward {ms['fwd']:.2f} (CPU)"

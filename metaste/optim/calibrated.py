@@ -28,7 +28,7 @@ from ._closure import Closure, closure_value
 from ._modules import ModuleBufferGuard
 from ._snapshot import BufferGuard, RngState
 from ._wrapper import OptimizerWrapper, check_quantized_dtypes
-from .fogzo import _joint_norm, fogzo_estimate
+from .fogzo_estimator import _joint_norm, fogzo_estimate
 from .smoothing import SMOOTHINGS, derive_seed, noise, rademacher
 
 __all__ = ["Calibrated", "NormalEquations", "probe_features", "PROBE_UPDATES", "RIDGE_TO"]
@@ -59,8 +59,9 @@ def probe_features(
 
     ``grads[k]`` is the raw g_k = ∂L/∂v̂_k, ``inside[k]`` the band mask 1{−Qn ≤ u ≤ Qp},
     ``guides[k]`` the surrogate gradient g_k ⊙ ψ_k that FOGZO's mixed directions tilt toward (unused
-    at β = 0). The directions d_ik are exactly those :func:`~metaste.optim.fogzo.fogzo_estimate`
-    draws with the same (seed, step, β): ε⊙d = √(1−β)·ε⊙z + (√β σ_i / N)·ε²⊙guide.
+    at β = 0). The directions d_ik are exactly those
+    :func:`~metaste.optim.fogzo_estimator.fogzo_estimate` draws with the same (seed, step, β):
+    ε⊙d = √(1−β)·ε⊙z + (√β σ_i / N)·ε²⊙guide.
     """
     norm = _joint_norm(guides, eps) if beta > 0 else 0.0
     inv = 1.0 / norm if 0.0 < norm < math.inf else 0.0

@@ -17,7 +17,7 @@ from torch import nn
 import metaste
 from metaste import FOGZO
 from metaste.optim._closure import NonFiniteLossError
-from metaste.optim.fogzo import fogzo_estimate
+from metaste.optim.fogzo_estimator import fogzo_estimate
 from metaste.optim.smoothing import SMOOTHINGS
 
 # -- helpers ---------------------------------------------------------------------------------
