@@ -6,20 +6,14 @@ the action is the wrapper's construction or a quantization call."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _reliability_helpers import assert_untouched, capture, closure_for, cnn, fogzo, hyper, images
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "optim"))
-
-from _reliability_helpers import assert_untouched, capture, closure_for, cnn, fogzo, hyper, images  # noqa: E402
-
-import metaste  # noqa: E402
-from metaste import FOGZO, HyperSTE, NonFiniteLossError  # noqa: E402
+import metaste
+from metaste import FOGZO, HyperSTE, NonFiniteLossError
 
 CASES: dict[str, tuple] = {}
 

@@ -7,20 +7,15 @@ elements than a noise block; in both models a layer has an odd number of rows (u
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _ddp import spawn_ranks
 from torch import nn
 
 import metaste
 from metaste.optim.fsdp import fully_shard, global_offset, local, register_sharded
 from metaste.optim.smoothing import derive_seed, noise, noise_slice
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "optim"))
-from _ddp import spawn_ranks  # noqa: E402
 
 STEPS = 3
 QUANT = {
