@@ -17,7 +17,9 @@ takes the scaler (``FOGZO(opt, grad_scaler=scaler)``, ``HyperSTE(opt, grad_scale
     optimizer.step(); scaler.update()
 
 With a plain-STE setting (FOGZO ``ste_fraction=1``, HyperSTE ``hyper_lr=0``) this is, operation
-for operation, ``scaler.scale(loss).backward(); scaler.step(opt); scaler.update()``.
+for operation, ``scaler.scale(loss).backward(); scaler.step(opt); scaler.update()``. A
+``scaler.step(wrapper)`` in the user's loop goes to the wrapper (:func:`install_grad_scaler_guard`):
+torch's own step for a one-forward method, an error that points to ``grad_scaler=`` otherwise.
 
 :class:`Accumulated` is one optimizer step's micro-batches as one re-callable closure in the
 wrappers' micro-batch form (it returns a generator of losses): backward runs per micro-batch, with
@@ -27,13 +29,14 @@ weights and optionally under ``no_sync`` for all but the last; the trainer integ
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["Accumulated", "GradientOverflow", "check_grad_scaler", "found_inf"]
+__all__ = ["Accumulated", "GradientOverflow", "check_grad_scaler", "found_inf", "install_grad_scaler_guard"]
 
 
 class GradientOverflow(Exception):
@@ -62,6 +65,27 @@ def found_inf(scaler: Any, optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``scaler.unscale_(optimizer)`` found an inf/NaN gradient (GradScaler.step's test)."""
     per_device = scaler._found_inf_per_device(optimizer)
     return bool(sum(float(v) for v in per_device.values()))
+
+
+def install_grad_scaler_guard(wrapper: type) -> None:
+    """Make ``GradScaler.step(w, ...)`` call ``w._grad_scaler_step`` for an instance ``w`` of
+    ``wrapper`` (:class:`~metaste.optim._wrapper.OptimizerWrapper`): torch's step for a one-forward
+    method, else a metaste error that says what to do instead of a failure inside torch on its
+    ``_scale is None`` assertion. Other optimizers are untouched."""
+    cls = torch.amp.GradScaler
+    if getattr(cls.step, "_metaste_guard", False):
+        return
+    original = cls.step
+
+    @functools.wraps(original)
+    def step(self: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(optimizer, wrapper):
+            return optimizer._grad_scaler_step(self, *args, **kwargs)
+        return original(self, optimizer, *args, **kwargs)
+
+    step._metaste_guard = True  # type: ignore[attr-defined]
+    step._metaste_original = original  # type: ignore[attr-defined]
+    cls.step = step  # type: ignore[method-assign]
 
 
 class Accumulated:
