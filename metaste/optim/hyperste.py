@@ -16,7 +16,8 @@ from ._closure import Closure
 from ._wrapper import OptimizerWrapper, check_latent_dtype
 from .fsdp import gather, is_dtensor, shard_group, shard_rows_like
 from .hyper import METHODS
-from .hyper._common import ManagedWeight, MethodOptions, surrogate_stats
+from .hyper._common import ManagedWeight, surrogate_stats
+from .hyper._options import MethodOptions
 from .hyper.horizon import HorizonOptions
 
 __all__ = ["HyperSTE"]

@@ -12,7 +12,8 @@ lgatt      :class:`LGATT`               :mod:`.lgatt` (``reverse_sweep``, ``diag
 ========== ============================ ============================================
 """
 
-from ._common import HyperMethod, MethodOptions
+from ._common import HyperMethod
+from ._options import MethodOptions
 from .analytical import Analytical, analytical_update
 from .delayed import Delayed
 from .fagu import FAGU, PFAGU

@@ -1,26 +1,22 @@
-"""What every HyperSTE method shares (docs/design.md §3): the options every method takes, the
-managed weights, the surrogate learning rate (raw or normalised), the runtime interface with its
-step protocol, the λ = g ⊙ ψ loop, the hyper-descent step and the diagnostics' statistics.
+"""The runtime every HyperSTE method shares (docs/design.md §3): the managed weights (with their
+FSDP2 view: the rank's rows of g, u and θ, docs/design.md §10.4), the runtime interface
+:class:`HyperMethod` with its step protocol, the λ = g ⊙ ψ loop, the pending record of an update
+whose hypergradient waits for the next gradient, the hyper-descent step and the diagnostics'
+statistics.
 
 A method is two objects: its *options* (a frozen dataclass that validates itself, e.g.
-:class:`~metaste.optim.hyper.delayed.Delayed`; what the user passes as ``HyperSTE(method=...)``)
-and its *runtime* (a :class:`HyperMethod` subclass the options build once the managed weights are
-known; it holds the state and answers ``step``, ``diagnostics`` and ``state_dict``).
-
-Size: ~500 lines, over the ~400 the package aims for, on purpose: the FSDP2 view of a managed
-weight (its rows of g, u and θ, docs/design.md §10.4) is a handful of accessors on
-:class:`ManagedWeight` that every per-step method calls; kept here, the methods read the same on
-one process and on a mesh.
+:class:`~metaste.optim.hyper.delayed.Delayed`, built on :class:`~._options.MethodOptions`; what
+the user passes as ``HyperSTE(method=...)``) and its *runtime* (a :class:`HyperMethod` subclass the
+options build once the managed weights are known; it holds the state and answers ``step``,
+``diagnostics`` and ``state_dict``). The surrogate learning rate is :class:`~._hyper_lr.HyperLR`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import numbers
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -29,25 +25,20 @@ from torch.optim import Optimizer
 
 from ..._compile import FUSE_MIN, compilable, kernel
 from ...quant.registry import QuantEntry
-from ...quant.surrogates import BOUNDARIES, slste, slste_grad_code
+from ...quant.surrogates import slste, slste_grad_code
 from .._closure import Closure
 from ..diffopt import UpdateRecord, one_step_hypergradient
 from ..fsdp import all_reduce_sums, as_dtensor_like, is_dtensor, local, local_scale, shard_group
+from ._hyper_lr import HyperLR
 
-__all__ = [
-    "MethodOptions",
-    "HyperMethod",
-    "ManagedWeight",
-    "HyperLR",
-    "PendingStep",
-    "resolve_hyper_optimizer",
-    "surrogate_stats",
-]
+if TYPE_CHECKING:
+    from ._options import MethodOptions
+
+__all__ = ["HyperMethod", "ManagedWeight", "PendingStep", "surrogate_stats"]
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 HIST_BINS = 20
 Evaluate = Callable[[Closure], Tensor]
-HyperOptimizerSpec = type[Optimizer] | Callable[..., Optimizer] | str | None
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,138 +100,6 @@ def _slste_lambda(
     psi = slste(code, a, qn, qp)
     nnz = psi.count_nonzero()
     return code, psi.mul_(g), nnz
-
-
-def resolve_hyper_optimizer(spec: HyperOptimizerSpec) -> Callable[..., Optimizer] | None:
-    """A hyper-optimizer factory ``(params, lr=..., **kwargs) -> Optimizer`` from a class, a
-    callable or the name of a ``torch.optim`` optimizer (case-insensitive, e.g. ``"adam"``)."""
-    if spec is None or (callable(spec) and not isinstance(spec, str)):
-        return spec
-    if isinstance(spec, str):
-        names = {
-            n.lower(): getattr(torch.optim, n)
-            for n in dir(torch.optim)
-            if isinstance(getattr(torch.optim, n), type) and issubclass(getattr(torch.optim, n), Optimizer)
-        }
-        names.pop("optimizer", None)
-        if spec.lower() not in names:
-            raise ValueError(
-                f"Unknown hyper_optimizer {spec!r}; give a torch.optim name, one of {sorted(names)}"
-            )
-        return names[spec.lower()]
-    raise TypeError(
-        f"hyper_optimizer must be a torch.optim.Optimizer class, a callable (params, lr=..., **kwargs) "
-        f"or a torch.optim name such as 'adam', got {type(spec).__name__}"
-    )
-
-
-@dataclass(frozen=True)
-class MethodOptions:
-    """Options every HyperSTE method takes; subclasses add their own fields and validate them in
-    ``__post_init__`` (``ValueError``/``TypeError`` naming the bad value).
-
-    Args:
-        hyper_lr: learning rate of θ (default 0.01), ≥ 0; 0 leaves θ unchanged and the run
-            bit-identical to the bare optimizer (docs/design.md §3.5).
-        hyper_lr_mode: ``"normalized"`` (default: η_a = hyper_lr / RMS of the hypergradient) or
-            ``"raw"`` (η_a = hyper_lr, as in the thesis).
-        normalize_beta: EMA factor of the normalisation (default 0.99), in [0, 1).
-        boundary: SLSTE's ∂ψ/∂a mode set on every managed surrogate: ``"none"`` or ``"window"``
-            (docs/design.md §2). ``None``: the method's default.
-        boundary_width: b of the window mode (default 0.5).
-    """
-
-    name: ClassVar[str]
-    default_boundary: ClassVar[str] = "none"
-    runtime: ClassVar[type[HyperMethod]]
-
-    hyper_lr: float = 0.01
-    hyper_lr_mode: str = "normalized"
-    normalize_beta: float = 0.99
-    boundary: str | None = None
-    boundary_width: float = 0.5
-
-    def __post_init__(self) -> None:
-        h = self.hyper_lr
-        if isinstance(h, bool) or not isinstance(h, numbers.Real) or not math.isfinite(h) or h < 0:
-            raise ValueError(f"Invalid hyper_lr: {h!r}; it must be a finite number >= 0 (0 freezes θ)")
-        if self.hyper_lr_mode not in ("normalized", "raw"):
-            raise ValueError(f"Invalid hyper_lr_mode: {self.hyper_lr_mode!r}; choose 'normalized' or 'raw'")
-        if not 0 <= self.normalize_beta < 1:
-            raise ValueError(f"Invalid normalize_beta: {self.normalize_beta}; it must be in [0, 1)")
-        if self.boundary is not None and self.boundary not in BOUNDARIES:
-            raise ValueError(f"Invalid boundary: {self.boundary!r}; choose one of {BOUNDARIES} or None")
-        if not self.boundary_width > 0:
-            raise ValueError(f"Invalid boundary_width: {self.boundary_width}; it must be > 0")
-        object.__setattr__(self, "hyper_lr", float(h))
-        object.__setattr__(self, "normalize_beta", float(self.normalize_beta))
-
-    @classmethod
-    def option_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
-
-    @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> MethodOptions:
-        """``cls(**kwargs)``, with a ``TypeError`` naming the method and its valid options for a
-        keyword the method does not use (``HyperSTE(method="delayed", resolve="halve")``)."""
-        bad = sorted(set(kwargs) - set(cls.option_names()))
-        if bad:
-            raise TypeError(
-                f"method={cls.name!r} does not take {', '.join(bad)}; its options are "
-                f"{', '.join(cls.option_names())} (and HyperSTE's own: model)"
-            )
-        return cls(**kwargs)
-
-    def check(self, optimizer: Optimizer, managed: list[ManagedWeight], model: nn.Module | None) -> None:
-        """Raise a clear error if the method cannot run on this optimizer / weights / model."""
-
-    def build(
-        self, optimizer: Optimizer, managed: list[ManagedWeight], model: nn.Module | None
-    ) -> HyperMethod:
-        return self.runtime(optimizer, managed, self, model)
-
-
-class HyperLR:
-    """The surrogate learning rate η_a, one per surrogate-parameter tensor (docs/design.md §3.5).
-
-    ``"raw"``: η_a = ``hyper_lr``. ``"normalized"``: η_a = ``hyper_lr`` / RMS, with RMS² a
-    bias-corrected exponential moving average (factor ``beta``) of the mean square of the
-    hypergradient's entries, this step's included. Then η_a·(hypergradient) has an RMS of about
-    ``hyper_lr``: with a ≈ 1, a moves by about ``hyper_lr`` per update, whatever the model, loss
-    scale or learning rate (elements with a zero hypergradient, e.g. clipped ones, count in the
-    mean: the others move a little more). Until a tensor has seen a nonzero hypergradient its
-    η_a is 0 (there is nothing to move it by).
-    """
-
-    def __init__(self, hyper_lr: float, mode: str, beta: float, n: int, groups: Sequence[Any] = ()) -> None:
-        self.hyper_lr, self.mode, self.beta = hyper_lr, mode, beta
-        self.ema = [0.0] * n
-        self.count = [0] * n
-        # FSDP2: the process group over which tensor i is sharded (its mean square sums over it)
-        self.groups = list(groups) or [None] * n
-
-    def __call__(self, i: int, h: Tensor) -> float:
-        """η_a for tensor ``i`` given this update's hypergradient ``h`` (the rank's rows of it
-        when tensor ``i`` is sharded)."""
-        if self.mode == "raw":
-            return self.hyper_lr
-        sq, n = float(torch.linalg.vector_norm(h)) ** 2, h.numel()
-        if self.groups[i] is not None:
-            sq, n = all_reduce_sums([sq, n], self.groups[i], h.device)
-        mean_sq = sq / n
-        if mean_sq > 0:
-            self.ema[i] = self.beta * self.ema[i] + (1 - self.beta) * mean_sq
-            self.count[i] += 1
-        if self.count[i] == 0:
-            return 0.0
-        rms = math.sqrt(self.ema[i] / (1 - self.beta ** self.count[i]))  # Adam-style bias correction
-        return self.hyper_lr / rms if rms > 0 else 0.0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"ema": list(self.ema), "count": list(self.count)}
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.ema, self.count = list(sd["ema"]), list(sd["count"])
 
 
 @dataclass

@@ -23,7 +23,8 @@ from ...quant.surrogates import slste, slste_grad_code, slste_grad_from_code
 from .._closure import Closure
 from .._fused import FUSE_MIN, kernel
 from .._fused import host_floats as _host_floats
-from ._common import Evaluate, HyperMethod, ManagedWeight, MethodOptions
+from ._common import Evaluate, HyperMethod, ManagedWeight
+from ._options import MethodOptions
 
 __all__ = [
     "Analytical",
@@ -263,7 +264,7 @@ class Analytical(MethodOptions):
     """Options of ``method="analytical"`` (docs/design.md §3.1, thesis 4.3): the self-consistent
     per-element update a' = a + η_a·c·ψ(u_t; a'), one forward+backward per step. Needs
     ``torch.optim.SGD`` without momentum/nesterov/maximize (weight decay is fine) and SLSTE with
-    ``granularity="element"``. Common options: :class:`~metaste.optim.hyper._common.MethodOptions`
+    ``granularity="element"``. Common options: :class:`~metaste.optim.hyper._options.MethodOptions`
     (``boundary`` defaults to ``"window"``, the thesis's b = ½).
 
     Args:

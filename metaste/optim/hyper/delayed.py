@@ -13,15 +13,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .._closure import Closure
-from ._common import (
-    Evaluate,
-    HyperMethod,
-    HyperOptimizerSpec,
-    ManagedWeight,
-    MethodOptions,
-    PendingStep,
-    resolve_hyper_optimizer,
-)
+from ._common import Evaluate, HyperMethod, ManagedWeight, PendingStep
+from ._options import HyperOptimizerSpec, MethodOptions, resolve_hyper_optimizer
 
 __all__ = ["Delayed", "DelayedMethod", "ACCUMULATE"]
 
@@ -31,7 +24,7 @@ ACCUMULATE = ("first", "sum", "mean")
 @dataclass(frozen=True)
 class Delayed(MethodOptions):
     """Options of ``method="delayed"`` (docs/design.md §3.2, thesis A.2). Common options:
-    :class:`~metaste.optim.hyper._common.MethodOptions` (``boundary`` defaults to ``"none"``,
+    :class:`~metaste.optim.hyper._options.MethodOptions` (``boundary`` defaults to ``"none"``,
     what autograd differentiates).
 
     Args:

@@ -49,14 +49,8 @@ from torch.optim import Optimizer
 
 from .._closure import Closure, NonFiniteLossError, check_closure
 from .._snapshot import RngState, Snapshot, captured_bytes, clone_value
-from ._common import (
-    Evaluate,
-    HyperMethod,
-    HyperOptimizerSpec,
-    ManagedWeight,
-    MethodOptions,
-    resolve_hyper_optimizer,
-)
+from ._common import Evaluate, HyperMethod, ManagedWeight
+from ._options import HyperOptimizerSpec, MethodOptions, resolve_hyper_optimizer
 
 __all__ = ["LAST_RULES", "SCHEDULES", "HorizonOptions", "HorizonMemoryError", "HorizonMethod"]
 
@@ -83,7 +77,7 @@ def _is_int(x: Any) -> bool:
 @dataclass(frozen=True)
 class HorizonOptions(MethodOptions):
     """Options shared by the horizon methods (docs/design.md §3.3–3.4; ``None`` = the default).
-    Common options: :class:`~metaste.optim.hyper._common.MethodOptions`. ``HyperSTE`` needs
+    Common options: :class:`~metaste.optim.hyper._options.MethodOptions`. ``HyperSTE`` needs
     ``model=`` for these methods: its buffers (BN running statistics) are part of the snapshot.
 
     Args:
