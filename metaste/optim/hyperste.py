@@ -18,7 +18,7 @@ from .fsdp import gather, is_dtensor, shard_group, shard_rows_like
 from .hyper import METHODS
 from .hyper._common import ManagedWeight, surrogate_stats
 from .hyper._options import MethodOptions
-from .hyper.horizon import HorizonOptions
+from .hyper.horizon_options import HorizonOptions
 
 __all__ = ["HyperSTE"]
 

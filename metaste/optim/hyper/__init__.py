@@ -17,7 +17,8 @@ from ._options import MethodOptions
 from .analytical import Analytical, analytical_update
 from .delayed import Delayed
 from .fagu import FAGU, PFAGU
-from .horizon import HorizonMemoryError, HorizonOptions
+from .horizon import HorizonMemoryError
+from .horizon_options import HorizonOptions
 from .lgatt import LGATT
 
 METHODS: dict[str, type[MethodOptions]] = {cls.name: cls for cls in (Analytical, Delayed, FAGU, PFAGU, LGATT)}

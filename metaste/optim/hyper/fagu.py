@@ -14,7 +14,8 @@ from torch import Tensor
 
 from .._closure import Closure
 from ._common import Evaluate, PendingStep
-from .horizon import HorizonMethod, HorizonOptions
+from .horizon import HorizonMethod
+from .horizon_options import HorizonOptions
 
 __all__ = ["FAGU", "PFAGU", "FAGUMethod"]
 
@@ -22,7 +23,7 @@ __all__ = ["FAGU", "PFAGU", "FAGUMethod"]
 @dataclass(frozen=True)
 class FAGU(HorizonOptions):
     """Options of ``method="fagu"`` (docs/design.md §3.3): the horizon options
-    (:class:`~.horizon.HorizonOptions`; defaults ``replays=50``, ``schedule="per_step"``)."""
+    (:class:`~.horizon_options.HorizonOptions`; defaults ``replays=50``, ``schedule="per_step"``)."""
 
     name = "fagu"
 

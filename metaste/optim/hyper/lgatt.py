@@ -22,7 +22,8 @@ from .._closure import Closure, summed_loss
 from .._snapshot import Snapshot
 from ..diffopt import UpdateRecord, differentiable_step, differentiable_update
 from ._common import Evaluate, ManagedWeight
-from .horizon import HorizonMethod, HorizonOptions
+from .horizon import HorizonMethod
+from .horizon_options import HorizonOptions
 
 __all__ = ["LGATT", "LGATTMethod", "Trace", "reverse_sweep", "diagonal_sweep", "HESSIANS"]
 
@@ -32,7 +33,7 @@ HESSIANS = ("exact", "diag")
 @dataclass(frozen=True)
 class LGATT(HorizonOptions):
     """Options of ``method="lgatt"`` (docs/design.md §3.4): the horizon options
-    (:class:`~.horizon.HorizonOptions`; defaults ``replays=50``, ``schedule="per_step"``) and
+    (:class:`~.horizon_options.HorizonOptions`; defaults ``replays=50``, ``schedule="per_step"``) and
 
     Args:
         hessian: ``"exact"`` (default; a reverse sweep, one HVP per step) or ``"diag"`` (the
