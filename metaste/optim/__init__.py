@@ -1,7 +1,7 @@
 """Optimizer wrappers: FOGZO (docs/design.md §4) and HyperSTE (docs/design.md §3), and the math
 they are built from: :mod:`.smoothing` (FOGZO's smoothing table and noise), :mod:`.diffopt` (the
 update as a differentiable function of the surrogate parameters; the one-step hypergradient),
-:func:`~.fogzo_estimator.fogzo_estimate` and :func:`~.hyper.analytical.analytical_update`."""
+:func:`~.fogzo_estimator.fogzo_estimate` and :func:`~.hyper.analytical_math.analytical_update`."""
 
 from ._closure import NonFiniteLossError
 from ._wrapper import OptimizerWrapper

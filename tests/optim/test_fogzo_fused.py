@@ -252,6 +252,7 @@ def test_hyperste_analytical_compiled_passes_give_the_eager_trajectory(monkeypat
     """above FUSE_MIN elements the analytical rule's element-wise front and back run as compiled
     passes; weights and a follow the eager trajectory bitwise."""
     import metaste.optim.hyper.analytical as analytical
+    import metaste.optim.hyper.analytical_math as analytical_math
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(300, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
@@ -260,6 +261,7 @@ def test_hyperste_analytical_compiled_passes_give_the_eager_trajectory(monkeypat
     runs = []
     for limit in (1 << 40, analytical.FUSE_MIN):  # eager, then compiled for the 300×256 layer
         monkeypatch.setattr(analytical, "FUSE_MIN", limit)
+        monkeypatch.setattr(analytical_math, "FUSE_MIN", limit)
         model = copy.deepcopy(base)
         opt = metaste.HyperSTE(torch.optim.SGD(model.parameters(), lr=0.5), hyper_lr=0.05, boundary=boundary)
         for _ in range(4):
@@ -275,6 +277,7 @@ def test_hyperste_analytical_compiled_counts_give_the_eager_stats_and_trajectory
     """the compiled front counts the regions instead of building their masks and halves
     only the gap elements; a, the weights and every per-layer statistic follow the eager path."""
     import metaste.optim.hyper.analytical as analytical
+    import metaste.optim.hyper.analytical_math as analytical_math
 
     torch.manual_seed(1)
     net = torch.nn.Sequential(torch.nn.Linear(300, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
@@ -283,6 +286,7 @@ def test_hyperste_analytical_compiled_counts_give_the_eager_stats_and_trajectory
     runs, stats = [], []
     for limit in (1 << 40, analytical.FUSE_MIN):
         monkeypatch.setattr(analytical, "FUSE_MIN", limit)
+        monkeypatch.setattr(analytical_math, "FUSE_MIN", limit)
         model = copy.deepcopy(base)
         opt = metaste.HyperSTE(torch.optim.SGD(model.parameters(), lr=0.5), hyper_lr=2.0, resolve=resolve)
         steps = []

@@ -4,7 +4,7 @@ validates itself (``HyperSTE(opt, method=Delayed(window=3))``) and the runtime i
 ========== ============================ ============================================
 method     options                      module
 ========== ============================ ============================================
-analytical :class:`Analytical`          :mod:`.analytical` (+ ``analytical_update``)
+analytical :class:`Analytical`          :mod:`.analytical` (+ :mod:`.analytical_math`)
 delayed    :class:`Delayed`             :mod:`.delayed`
 fagu       :class:`FAGU`                :mod:`.fagu` (replay protocol: :mod:`.horizon`)
 pfagu      :class:`PFAGU`               :mod:`.fagu`
@@ -14,7 +14,8 @@ lgatt      :class:`LGATT`               :mod:`.lgatt` (``reverse_sweep``, ``diag
 
 from ._common import HyperMethod
 from ._options import MethodOptions
-from .analytical import Analytical, analytical_update
+from .analytical import Analytical
+from .analytical_math import analytical_update
 from .delayed import Delayed
 from .fagu import FAGU, PFAGU
 from .horizon import HorizonMemoryError

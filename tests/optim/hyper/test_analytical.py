@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import metaste
 from metaste import HyperSTE
-from metaste.optim.hyper.analytical import REGIONS, analytical_update
+from metaste.optim.hyper.analytical_math import REGIONS, analytical_update
 
 QN, QP = 2, 1  # 2-bit grid
 # (a, u, c, region, a' for halve, threshold, passive); η_a = 1, max_halvings = 10
@@ -224,7 +224,7 @@ def test_the_compiled_history_product_from_the_code_is_the_full_one(boundary):
     the product with the full d⁻ of slste_grad, bit for bit; the front without x, r gives the same
     a′ and counts as the full front."""
     from metaste.optim import _fused
-    from metaste.optim.hyper import analytical as an
+    from metaste.optim.hyper import analytical_math as an
     from metaste.quant.surrogates import slste_grad
 
     g0 = torch.Generator().manual_seed(1)
