@@ -22,8 +22,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..quant.leaky import LeakySurrogate
+from ..quant.psi import band
 from ..quant.registry import QuantEntry, lookup
-from ..quant.surrogates import band
 from ._closure import Closure, closure_value
 from ._modules import ModuleBufferGuard
 from ._snapshot import BufferGuard, RngState

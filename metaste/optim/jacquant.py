@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..quant.psi import band
 from ..quant.quantizers import LSQQuantizer
 from ..quant.registry import QuantEntry, claim_all, lookup, release
-from ..quant.surrogates import band
 from ._closure import Closure, closure_value
 from ._wrapper import OptimizerWrapper, check_quantized_dtypes
 from .smoothing import derive_seed

@@ -28,9 +28,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ..quant.psi import band
 from ..quant.quantizers import ActivationLSQQuantizer, DoReFaBinaryQuantizer
 from ..quant.registry import claim_all, lookup, release
-from ..quant.surrogates import band
 from ._closure import Closure
 from ._wrapper import OptimizerWrapper, check_quantized_dtypes
 from .smoothing import derive_seed

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .surrogates import Surrogate, band
+from .psi import band
+from .surrogates import Surrogate
 
 __all__ = ["LeakySurrogate", "leaky"]
 

@@ -19,9 +19,9 @@ from metaste import Calibrated
 from metaste.optim.calibrated import probe_features
 from metaste.optim.smoothing import SMOOTHINGS, derive_seed, noise, rademacher
 from metaste.quant.leaky import LeakySurrogate
+from metaste.quant.psi import band
 from metaste.quant.quantizers import Quantizer
 from metaste.quant.registry import register
-from metaste.quant.surrogates import band
 
 
 def mlp(surrogate="leaky", quantizer="fixed", granularity="tensor", seed=0):

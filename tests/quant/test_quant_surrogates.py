@@ -6,6 +6,7 @@ import pytest
 import torch
 from scipy.integrate import quad
 
+from metaste.quant import psi as P
 from metaste.quant import surrogates as S
 from metaste.quant.surrogates import LearnableSurrogate, make_surrogate, psi_differentiable
 
@@ -77,44 +78,44 @@ def test_binary_fd_is_a_box_of_width_2h_and_height_1_over_h(h):
 @pytest.mark.parametrize("qn,qp", [(2, 1), (4, 3), (8, 7)])
 def test_fd_with_half_width_equals_ste(qn, qp):
     u = _random_u(lo=-qn - 2, hi=qp + 2)
-    assert torch.equal(S.fd(u, qn, qp, h=0.5), S.ste(u, qn, qp))
+    assert torch.equal(P.fd(u, qn, qp, h=0.5), P.ste(u, qn, qp))
 
 
 def test_binary_fd_defaults_to_width_one_and_equals_ste():
     u = _random_u(lo=-3, hi=3)
-    assert torch.equal(make_surrogate("fd", binary=True).psi(u, 1, 1), S.ste(u, 1, 1))
+    assert torch.equal(make_surrogate("fd", binary=True).psi(u, 1, 1), P.ste(u, 1, 1))
 
 
 def test_pwl_at_one_bit_is_approxsign():
     u = torch.cat([_random_u(lo=-2, hi=2), _edges(1, 1)])
-    torch.testing.assert_close(S.pwl(u, 1, 1), S.approxsign(u, 1, 1))
+    torch.testing.assert_close(P.pwl(u, 1, 1), P.approxsign(u, 1, 1))
     # both against the written-out formula (Bi-Real Net's 2 − 2|u| on |u| ≤ 1), so that a change to
     # one function alone cannot keep the test green, and the shape is not trivially 0 or 1
     ref = torch.clamp(2 - 2 * u.abs(), min=0)
-    torch.testing.assert_close(S.approxsign(u, 1, 1), ref)
-    torch.testing.assert_close(S.pwl(u, 1, 1), ref)
+    torch.testing.assert_close(P.approxsign(u, 1, 1), ref)
+    torch.testing.assert_close(P.pwl(u, 1, 1), ref)
     assert bool(((ref > 0) & (ref < 2)).any()) and bool((ref == 0).any())
 
 
 @pytest.mark.parametrize("qn,qp", GRIDS)
 def test_slste_with_a_equal_one_matches_ste(qn, qp):
     u = torch.cat([_random_u(), _edges(qn, qp)]).float()
-    assert torch.equal(S.slste(u, torch.ones(()), qn, qp), S.ste(u, qn, qp))
+    assert torch.equal(P.slste(u, torch.ones(()), qn, qp), P.ste(u, qn, qp))
     fresh = LearnableSurrogate("slste", u.shape)
-    assert torch.equal(fresh.psi(u, qn, qp), S.ste(u, qn, qp))
+    assert torch.equal(fresh.psi(u, qn, qp), P.ste(u, qn, qp))
 
 
 @pytest.mark.parametrize("name", ["plste", "dlste"])
 def test_fresh_plste_and_dlste_equal_pwl(name):
     u = _random_u().float()
-    assert torch.equal(LearnableSurrogate(name, u.shape).psi(u, 4, 3), S.pwl(u, 4, 3))
+    assert torch.equal(LearnableSurrogate(name, u.shape).psi(u, 4, 3), P.pwl(u, 4, 3))
 
 
 @pytest.mark.parametrize("a", [0.5, 0.8, 2.0, 3.0])
 def test_binary_slste_equals_fd_with_width_one_over_a(a):
     u = _random_u(lo=-3, hi=3)
     at = torch.tensor(a, dtype=torch.float64)
-    torch.testing.assert_close(S.slste(u, at, 1, 1), S.fd(u, 1, 1, h=1 / a, binary=True))
+    torch.testing.assert_close(P.slste(u, at, 1, 1), P.fd(u, 1, 1, h=1 / a, binary=True))
 
 
 def _side_integrals(f, qn, qp, breaks):
@@ -136,9 +137,9 @@ def test_learnable_surrogates_conserve_mass_on_each_side(qn, qp, a_n, a_p):
     an, ap = torch.tensor(a_n, dtype=torch.float64), torch.tensor(a_p, dtype=torch.float64)
     breaks = [-qn / a_n, qp / a_n, -qn / a_p, qp / a_p]
     psis = {
-        "slste": lambda u: S.slste(u, an, qn, qp),
-        "plste": lambda u: S.plste(u, an, qn, qp),
-        "dlste": lambda u: S.dlste(u, an, ap, qn, qp),
+        "slste": lambda u: P.slste(u, an, qn, qp),
+        "plste": lambda u: P.plste(u, an, qn, qp),
+        "dlste": lambda u: P.dlste(u, an, ap, qn, qp),
     }
     for name, fn in psis.items():
         left, right = _side_integrals(_scalar(fn), qn, qp, breaks)
@@ -152,9 +153,9 @@ def test_dpsi_da_integrates_to_zero_for_plste_and_dlste(qn, qp, a_n, a_p):
     an, ap = torch.tensor(a_n, dtype=torch.float64), torch.tensor(a_p, dtype=torch.float64)
     breaks = [-qn / a_n, qp / a_n, -qn / a_p, qp / a_p]
     grads = {
-        "plste": lambda u: S.plste_grad(u, an, qn, qp),
-        "dlste a_n": lambda u: S.dlste_grad(u, an, ap, qn, qp)[0],
-        "dlste a_p": lambda u: S.dlste_grad(u, an, ap, qn, qp)[1],
+        "plste": lambda u: P.plste_grad(u, an, qn, qp),
+        "dlste a_n": lambda u: P.dlste_grad(u, an, ap, qn, qp)[0],
+        "dlste a_p": lambda u: P.dlste_grad(u, an, ap, qn, qp)[1],
     }
     for name, fn in grads.items():
         left, right = _side_integrals(_scalar(fn), qn, qp, breaks)
@@ -165,8 +166,8 @@ def test_dpsi_da_integrates_to_zero_for_plste_and_dlste(qn, qp, a_n, a_p):
 def test_slste_none_dpsi_da_is_psi_over_a_and_integrates_to_band_mass_over_a(qn, qp, a):
     at = torch.tensor(a, dtype=torch.float64)
     u = torch.cat([_random_u(), _edges(qn, qp)])
-    assert torch.equal(S.slste_grad(u, at, qn, qp, "none"), S.slste(u, at, qn, qp) / at)
-    left, right = _side_integrals(_scalar(lambda x: S.slste_grad(x, at, qn, qp)), qn, qp, [-qn / a, qp / a])
+    assert torch.equal(P.slste_grad(u, at, qn, qp, "none"), P.slste(u, at, qn, qp) / at)
+    left, right = _side_integrals(_scalar(lambda x: P.slste_grad(x, at, qn, qp)), qn, qp, [-qn / a, qp / a])
     assert left + right == pytest.approx((qn + qp) / a, abs=1e-8)
 
 
@@ -184,10 +185,10 @@ def test_dpsi_da_matches_central_finite_differences_in_a(qn, qp, a):
     u = u[(at - _tau(u, qn, qp)).abs() > 1e-3]
     dual = [torch.tensor(x, dtype=torch.float64) for x in (a, 1.3 * a)]
     cases = {
-        "slste": (lambda p: S.slste(u, p, qn, qp), S.slste_grad(u, at, qn, qp, "none")),
-        "plste": (lambda p: S.plste(u, p, qn, qp), S.plste_grad(u, at, qn, qp)),
-        "dlste a_n": (lambda p: S.dlste(u, p, dual[1], qn, qp), S.dlste_grad(u, at, dual[1], qn, qp)[0]),
-        "dlste a_p": (lambda p: S.dlste(u, dual[1], p, qn, qp), S.dlste_grad(u, dual[1], at, qn, qp)[1]),
+        "slste": (lambda p: P.slste(u, p, qn, qp), P.slste_grad(u, at, qn, qp, "none")),
+        "plste": (lambda p: P.plste(u, p, qn, qp), P.plste_grad(u, at, qn, qp)),
+        "dlste a_n": (lambda p: P.dlste(u, p, dual[1], qn, qp), P.dlste_grad(u, at, dual[1], qn, qp)[0]),
+        "dlste a_p": (lambda p: P.dlste(u, dual[1], p, qn, qp), P.dlste_grad(u, dual[1], at, qn, qp)[1]),
     }
     for name, (psi, grad) in cases.items():
         fd = (psi(at + delta) - psi(at - delta)) / (2 * delta)
@@ -212,7 +213,7 @@ def test_slste_window_dpsi_da_matches_hand_table():
         (1.5, 0.25, -1.2, -2.0),  # τ = 1.667
     ]
     for a, b, u, expected in table:
-        got = S.slste_grad(torch.tensor([u]), torch.tensor(a), 2, 1, "window", b)
+        got = P.slste_grad(torch.tensor([u]), torch.tensor(a), 2, 1, "window", b)
         assert got.item() == pytest.approx(expected), (a, b, u)
     sur = make_surrogate("slste", (1,), boundary="window", b=0.25)
     sur.a.fill_(1.5)

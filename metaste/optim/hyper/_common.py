@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..._compile import FUSE_MIN, compilable, kernel
+from ...quant.psi import slste, slste_grad_code
 from ...quant.registry import QuantEntry
-from ...quant.surrogates import slste, slste_grad_code
 from .._closure import Closure
 from ..diffopt import UpdateRecord, one_step_hypergradient
 from ..fsdp import all_reduce_sums, as_dtensor_like, is_dtensor, local, local_scale, shard_group

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from ...quant.surrogates import BOUNDARIES
+from ...quant.psi import BOUNDARIES
 
 if TYPE_CHECKING:
     from ._common import HyperMethod, ManagedWeight

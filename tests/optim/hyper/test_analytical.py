@@ -203,7 +203,7 @@ def test_the_region_code_of_d_rebuilds_slste_grad_bit_for_bit(dtype, boundary, b
     """the history keeps ∂ψ/∂a as a one-byte region code; rebuilt with the same a it is
     slste_grad's value bit for bit, band edges, |τ − a| = b, u = 0 and NaN included."""
     from metaste.optim.hyper.analytical import slste_grad_code, slste_grad_from_code
-    from metaste.quant.surrogates import slste_grad
+    from metaste.quant.psi import slste_grad
 
     g = torch.Generator().manual_seed(0)
     u = (torch.randn(4000, generator=g, dtype=dtype) * 2).round(decimals=2)
@@ -225,7 +225,7 @@ def test_the_compiled_history_product_from_the_code_is_the_full_one(boundary):
     a′ and counts as the full front."""
     from metaste.optim import _fused
     from metaste.optim.hyper import analytical_math as an
-    from metaste.quant.surrogates import slste_grad
+    from metaste.quant.psi import slste_grad
 
     g0 = torch.Generator().manual_seed(1)
     n = (300, 256)
@@ -234,7 +234,7 @@ def test_the_compiled_history_product_from_the_code_is_the_full_one(boundary):
     a_new = a * (1 + 0.1 * torch.randn(n, generator=g0))
     a_clamped = a_new.clamp(0.25, 4.0)
     grad_ref = slste_grad(u, a_clamped, QN, QP, boundary, 0.5)  # the history's full d⁻ (eager)
-    psi_ref = metaste.quant.surrogates.slste(u, a_clamped, QN, QP).mul_(g)
+    psi_ref = metaste.quant.psi.slste(u, a_clamped, QN, QP).mul_(g)
     c_in = c.clone()
     code, _, _ = _fused.kernel(an._back, "analytical", True)(
         u, a, a_new, g, c_in, float(QN), float(QP), boundary == "window", 0.5, 0.25, 4.0
