@@ -354,7 +354,7 @@ def delayed_gradscaler_scaled_loss():
 @case(RuntimeError, "Closure use is not currently supported")
 def analytical_scaler_step_with_a_closure():
     model, opt = _wrapper("analytical")
-    return model, opt, lambda: torch.amp.GradScaler("cpu").step(opt, closure_for(model, *images()))
+    return model, opt, lambda: torch.amp.GradScaler("cpu").step(opt, closure=closure_for(model, *images()))
 
 
 @case(ValueError, "closure")
