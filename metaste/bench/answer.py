@@ -112,7 +112,8 @@ def answer_table(rows: list[dict]) -> str:
         unit = "%" if acc else " ppl"
         task, bits, quantizer, optimizer, init, scale = key
         where = f"{task}{' (GPU)' if scale == 'gpu' else ''} {bits}-bit {quantizer}, {optimizer}, from {init}"
-        family = "" if _has_float_phase(main) else " (family without a float phase)"
+        # from a float model the run already starts after a float phase
+        family = "" if _has_float_phase(main) or init == "float" else " (family without a float phase)"
         ids = ", ".join(f"`{r['id']}`" for r in pool)
         out.append(
             f"| {where} | {ids} | {main['seeds']} "

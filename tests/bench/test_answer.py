@@ -50,3 +50,15 @@ def test_without_a_float_phase_anywhere_every_comparison_counts(comps):
     assert (
         "`a`, `b`" in line and "(0 of 2 comparisons better)" in line or "(2 of 2" in line or "(1 of 2" in line
     )
+
+
+def test_a_set_up_from_a_float_model_needs_no_float_phase_in_its_family(comps):
+    _, _, other = comps
+    import copy
+
+    from_float = copy.deepcopy(other)
+    from_float.setup = {**from_float.setup, "init": "float"}
+    (line,) = [
+        x for x in answer_table([answer_rows("f", from_float)]).splitlines() if x.startswith("| digits")
+    ]
+    assert "from float" in line and "family without a float phase" not in line
