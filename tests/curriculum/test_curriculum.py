@@ -285,7 +285,7 @@ def test_two_gradient_rules_on_the_same_weights_are_refused():
     metaste.JacQuant(torch.optim.SGD(model.parameters(), lr=0.1), group=4)
 
 
-def test_compiled_model_keeps_one_graph_while_the_masks_change():
+def test_compiled_model_does_not_recompile_while_the_masks_change():
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -293,13 +293,15 @@ def test_compiled_model_keeps_one_graph_while_the_masks_change():
     cur = QuantCurriculum(model, total_steps=12, curriculum="random", length=0.5)
     compiled = torch.compile(model, backend="eager")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    graphs = []
     for t in range(5):  # inside the curriculum: the masks change in place
         x, y = data(t)
         opt.zero_grad()
         F.cross_entropy(compiled(x), y).backward()
         opt.step()
         cur.step()
-    assert counters["stats"]["unique_graphs"] == 1
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1:] == [graphs[0]] * 4  # compiled once, at the first step
 
 
 @pytest.mark.parametrize(
