@@ -63,10 +63,9 @@ class Recorder(L.Callback):
         self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
 
-def fit(module, data, plugins=()):
-    rec = Recorder()
-    loader = torch.utils.data.DataLoader(list(data), batch_size=None, shuffle=False)
-    trainer = L.Trainer(
+def quiet_trainer(**kw):
+    """A CPU Trainer for STEPS steps without logger, checkpoints or progress output."""
+    return L.Trainer(
         max_steps=STEPS,
         accelerator="cpu",
         devices=1,
@@ -74,9 +73,14 @@ def fit(module, data, plugins=()):
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[rec],
-        plugins=list(plugins),
+        **kw,
     )
+
+
+def fit(module, data, plugins=()):
+    rec = Recorder()
+    loader = torch.utils.data.DataLoader(list(data), batch_size=None, shuffle=False)
+    trainer = quiet_trainer(callbacks=[rec], plugins=list(plugins))
     trainer.fit(module, loader)
     return trainer, rec
 
@@ -194,17 +198,7 @@ def test_automatic_optimisation_with_clipping_and_accumulation_equals_the_torch_
         opt.zero_grad()
     module = Automatic(method)
     loader = torch.utils.data.DataLoader(list(data), batch_size=None, shuffle=False)
-    trainer = L.Trainer(
-        max_steps=STEPS,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        gradient_clip_val=clip,
-        accumulate_grad_batches=accumulate,
-    )
+    trainer = quiet_trainer(gradient_clip_val=clip, accumulate_grad_batches=accumulate)
     trainer.fit(module, loader)
     assert trainer.global_step == STEPS and trainer.optimizers[0].steps == STEPS
     got, want = tensors_of(module.net), tensors_of(model)
