@@ -11,26 +11,21 @@ with a ``quant_weight()`` (``QuantLinear``, ``QuantConv1d/2d/3d``, …; extra ``
 ``{weight: (step_size_fn, ste_kind)}``; ``step_size_fn()`` recomputes s from the current weight
 the way the library's forward does (so it is right before the first forward and after every
 update). HyperSTE learns ψ inside metaste's own quantizers, which these models do not have: it
-raises an error that says so (see :func:`foreign_quantization_hint`).
+raises an error that says so: the adapters mark the weights they read in the parameter registry
+(:func:`metaste.quant.registry.mark_foreign`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from torch import Tensor, nn
-from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["scales_from", "torchao", "brevitas", "foreign_quantization_hint", "Scales"]
+from ..quant.registry import foreign_libraries, mark_foreign
+
+__all__ = ["scales_from", "torchao", "brevitas", "Scales"]
 
 Scales = dict[nn.Parameter, tuple[Callable[[], Tensor], str]]
-
-_SEEN: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> library, for HyperSTE's error
-
-
-def _library_of(model: nn.Module) -> set[str]:
-    return {type(m).__module__.split(".")[0] for m in model.modules()} & {"torchao", "brevitas"}
 
 
 def torchao(model: nn.Module) -> Scales:
@@ -49,7 +44,7 @@ def brevitas(model: nn.Module) -> Scales:
 
 def scales_from(model: nn.Module) -> Scales:
     """:func:`torchao` or :func:`brevitas`, whichever library the model's modules come from."""
-    libs = _library_of(model)
+    libs = foreign_libraries(model, ())
     if not libs:
         raise ValueError(
             f"metaste.adapters.scales_from found no torchao or brevitas module in {type(model).__name__}: it "
@@ -68,20 +63,5 @@ def scales_from(model: nn.Module) -> Scales:
 
 def _remember(found: Scales, library: str) -> Scales:
     for w in found:
-        _SEEN[w] = library
+        mark_foreign(w, library)
     return found
-
-
-def foreign_quantization_hint(model: nn.Module | None, params: Any) -> str:
-    """A sentence for HyperSTE's "no learnable surrogate" error when the weights are fake-quantized
-    by torchao or brevitas (seen in ``model`` or by an adapter), else ``""``."""
-    libs = _library_of(model) if model is not None else set()
-    libs |= {_SEEN[p] for p in params if p in _SEEN}
-    if not libs:
-        return ""
-    return (
-        f" This model's weights are fake-quantized by {' and '.join(sorted(libs))}, whose straight-through "
-        "estimator is fixed inside its own quantizer: HyperSTE learns ψ inside metaste's quantizers only. "
-        "Either train it with metaste.FOGZO(opt, scales=metaste.adapters.scales_from(model)), or quantize "
-        "the float model with metaste.quantize_model(model, bits=..., surrogate='slste') for HyperSTE."
-    )

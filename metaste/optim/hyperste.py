@@ -10,8 +10,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ..adapters import foreign_quantization_hint
-from ..quant.registry import claim_all, lookup, release
+from ..quant.registry import claim_all, foreign_libraries, lookup, release
 from ._closure import Closure
 from ._wrapper import OptimizerWrapper, check_latent_dtype
 from .fsdp import gather, is_dtensor, shard_group, shard_rows_like
@@ -199,7 +198,7 @@ class HyperSTE(OptimizerWrapper):
                 "HyperSTE found no quantized weight with a learnable surrogate among the optimizer's "
                 "parameters; quantize the model with one, e.g. "
                 "metaste.quantize_model(model, bits=2, surrogate='slste'), and build the optimizer "
-                "over the quantized model's parameters" + foreign_quantization_hint(model, self.params())
+                "over the quantized model's parameters" + _foreign_hint(model, list(self.params()))
             )
         return managed
 
@@ -325,3 +324,17 @@ def _check_scaler_supported(opts: MethodOptions, scaler: Any) -> None:
             "overflow; a GradScaler is supported with the per-step methods ('analytical', "
             "'delayed'). Train the horizon methods in bf16 (no loss scaling) or float32"
         )
+
+
+def _foreign_hint(model: nn.Module | None, params: list[Tensor]) -> str:
+    """A sentence for the "no learnable surrogate" error when another library fake-quantizes the
+    weights (torchao, brevitas), else ``""``."""
+    libs = foreign_libraries(model, params)
+    if not libs:
+        return ""
+    return (
+        f" This model's weights are fake-quantized by {' and '.join(sorted(libs))}, whose straight-through "
+        "estimator is fixed inside its own quantizer: HyperSTE learns ψ inside metaste's quantizers only. "
+        "Either train it with metaste.FOGZO(opt, scales=metaste.adapters.scales_from(model)), or quantize "
+        "the float model with metaste.quantize_model(model, bits=..., surrogate='slste') for HyperSTE."
+    )

@@ -24,12 +24,15 @@ __all__ = [
     "claim",
     "claim_all",
     "release",
+    "mark_foreign",
+    "foreign_libraries",
     "quantized_weights",
     "surrogate_parameters",
 ]
 
 _REGISTRY: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _ROOTS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight → weakref of the model it was quantized in
+_FOREIGN: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight quantized by another library → its name
 _CLAIMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # quantizer → {role: (owner ref, name)}
 _VERSION = [0]  # bumped by every register(): lets wrappers cache their lookups
 
@@ -86,6 +89,21 @@ def lookup(param: Tensor) -> QuantEntry | None:
     """The registry entry of ``param``, or ``None`` if it is not a quantized weight."""
     q = _REGISTRY.get(param)
     return None if q is None else QuantEntry(param, q)
+
+
+def mark_foreign(weight: Tensor, library: str) -> None:
+    """Record that ``weight`` is fake-quantized by ``library`` (torchao, brevitas): the adapters
+    call it, so a wrapper that needs metaste's own quantizers can say why it finds none."""
+    _FOREIGN[weight] = library
+
+
+def foreign_libraries(model: nn.Module | None, params: Iterable[Tensor]) -> set[str]:
+    """The other libraries that fake-quantize ``params`` (marked by an adapter) or whose modules
+    ``model`` holds."""
+    libs = {_FOREIGN[p] for p in params if p in _FOREIGN}
+    if model is not None:
+        libs |= {type(m).__module__.split(".")[0] for m in model.modules()} & {"torchao", "brevitas"}
+    return libs
 
 
 def record_root(model: nn.Module) -> None:
