@@ -1,14 +1,13 @@
-"""Which modules a closure runs, found without hooks, and a buffer guard over them
-(docs/design.md §4.5, §10.5).
+"""Which modules a closure runs, found without hooks (docs/design.md §4.5, §10.5).
 
 FOGZO's perturbed passes must leave the buffers (BatchNorm running statistics) as the clean pass
-left them. :class:`~._snapshot.BufferGuard` finds the modules that run with a global forward
-pre-hook; Dynamo cannot trace that hook through ``torch.compile(model)`` (an ``AssertionError``:
+left them. Without a list of modules, :class:`~._snapshot.BufferGuard` finds the modules that run
+with a global forward pre-hook; Dynamo cannot trace that hook through ``torch.compile(model)`` (an ``AssertionError``:
 the module is "already tracked for mutation") and, with ``model.compile()``, every new hook handle
 is a new guard, so each step recompiles until the recompile limit drops the model to eager.
 :func:`captured_modules` instead finds the ``nn.Module`` objects a closure refers to — its cells,
 defaults, the globals it names, ``functools.partial`` arguments, a bound method's object and that
-object's attributes, the parts of an :class:`~.amp.Accumulated` — and :class:`ModuleBufferGuard`
+object's attributes, the parts of an :class:`~.amp.Accumulated` — and ``BufferGuard(modules)``
 snapshots all their buffers up front: nothing runs inside the model's forward, so a compiled
 model keeps one graph.
 """
@@ -17,15 +16,13 @@ from __future__ import annotations
 
 import functools
 import types
-from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from .amp import Accumulated, GradientOverflow
+from .amp import Accumulated
 
-__all__ = ["captured_modules", "ModuleBufferGuard"]
+__all__ = ["captured_modules"]
 
 _MAX_DEPTH = 4
 
@@ -89,44 +86,3 @@ def _walk(obj: Any, found: dict[int, nn.Module], seen: set[int], depth: int) -> 
                 found[id(x)] = x
             elif isinstance(x, (types.FunctionType, types.MethodType, functools.partial)):
                 _walk(x, found, seen, nxt)
-
-
-class ModuleBufferGuard:
-    """Snapshots every buffer of ``modules`` (and the tensors a module names in a
-    ``forward_written()`` method, e.g. the activation quantizer's step size) on entry;
-    :meth:`restore` puts the values back, and leaving the context does too (``on_error_only``:
-    only when it is left by an exception other than a skipped fp16 step). The interface of
-    :class:`~._snapshot.BufferGuard`, without its global forward hook."""
-
-    def __init__(
-        self, modules: list[nn.Module], *, on_error_only: bool = False, exclude: Sequence[Tensor] = ()
-    ) -> None:
-        self.modules = modules
-        self.on_error_only = on_error_only
-        self.exclude = {
-            id(t) for t in exclude
-        }  # buffers their owner keeps unchanged until no error can follow
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for buf, copy in self.saved:
-                buf.copy_(copy)
-
-    def __enter__(self) -> ModuleBufferGuard:
-        tensors: dict[int, Tensor] = {}
-        for top in self.modules:
-            for m in top.modules():
-                for b in m.buffers(recurse=False):
-                    tensors[id(b)] = b
-                written = getattr(m, "forward_written", None)
-                if callable(written):
-                    for t in written():
-                        tensors[id(t)] = t
-        self.saved = [(t, t.detach().clone()) for k, t in tensors.items() if k not in self.exclude]
-        return self
-
-    def __exit__(self, exc_type: Any, *exc: object) -> None:
-        error = exc_type is not None and not issubclass(exc_type, GradientOverflow)
-        if error or not self.on_error_only:
-            self.restore()
-        self.saved = []

@@ -5,8 +5,9 @@ run a closure again without leaving a trace (docs/design.md §3.3, §4.5).
   ``random`` and NumPy's global RNG. FOGZO resets the torch RNG before every perturbed pass
   (identical dropout masks); a horizon replay resets all of them (identical batches drawn by the
   user's own code).
-* :class:`BufferGuard` — restores the buffers (BatchNorm running statistics) of every module that
-  ran inside the context: FOGZO's perturbed passes update nothing.
+* :class:`BufferGuard` — restores the buffers (BatchNorm running statistics) of the modules that
+  run inside the context, given up front or found by a forward hook: FOGZO's perturbed passes
+  update nothing, and a step that raises leaves them as they were.
 * :class:`Snapshot` — parameters, optimizer state, buffers and RNG at one moment: the start of a
   horizon and every step of LGATT's trace.
 * :func:`captured_bytes` — what a recorded closure keeps alive (the horizon's memory estimate).
@@ -22,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from .amp import GradientOverflow
 
 __all__ = ["RngState", "BufferGuard", "Snapshot", "clone_value", "captured_bytes"]
 
@@ -61,48 +64,75 @@ class RngState:
 
 
 class BufferGuard:
-    """Snapshots the buffers of every module the first time it runs inside the context (via a
-    global forward pre-hook); :meth:`restore` puts them back, and leaving the context does too
-    (``on_error_only=True``: only when the context is left by an exception — the step guard of
-    the wrappers, docs/design.md §5).
+    """Puts back the buffers (BatchNorm running statistics) of the modules that run inside the
+    context: :meth:`restore` does, and leaving the context does too (``on_error_only=True``: only
+    when it is left by an exception other than a skipped fp16 step — the step guard of the
+    wrappers, docs/design.md §5).
+
+    * ``modules`` given: every buffer of those modules is snapshotted on entry, found without
+      hooks, so a compiled model keeps one graph (docs/design.md §10.5);
+    * ``modules=None``: each module is snapshotted the first time it runs inside the context, via
+      a global forward pre-hook (which Dynamo cannot trace: the fallback when the modules are not
+      known).
 
     A module may name more tensors its forward writes through a ``forward_written()`` method
     (the activation quantizer's step size, set by its first training batch); they are saved and
-    restored with its buffers.
+    restored with its buffers. Tensors in ``exclude`` are not saved (their owner keeps them
+    unchanged until no error can follow).
     """
 
-    def __init__(self, *, on_error_only: bool = False, exclude: Sequence[Tensor] = ()) -> None:
-        self.saved: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {}
+    def __init__(
+        self,
+        modules: Sequence[nn.Module] | None = None,
+        *,
+        on_error_only: bool = False,
+        exclude: Sequence[Tensor] = (),
+    ) -> None:
+        self.modules = modules
         self.on_error_only = on_error_only
-        self.exclude = {
-            id(t) for t in exclude
-        }  # buffers their owner keeps unchanged until no error can follow
+        self.exclude = {id(t) for t in exclude}
+        self.saved: dict[int, tuple[Tensor, Tensor]] = {}
+        self.handle: Any = None
+
+    def _save(self, module: nn.Module) -> None:
+        # the module's own buffers (= buffers(recurse=False), without the generator machinery:
+        # the hook runs for every module call of a wrapper's step)
+        tensors = [b for b in module._buffers.values() if b is not None]
+        written = getattr(module, "forward_written", None)
+        if callable(written):
+            tensors += list(written())
+        for t in tensors:
+            if id(t) not in self.exclude and id(t) not in self.saved:
+                self.saved[id(t)] = (t, t.detach().clone())
 
     def _pre_hook(self, module: nn.Module, args: Any) -> None:
-        if module not in self.saved:
-            # the module's own buffers (= buffers(recurse=False), without the generator machinery:
-            # this hook runs for every module call of a wrapper's step)
-            tensors = [b for b in module._buffers.values() if b is not None]
-            written = getattr(module, "forward_written", None)
-            if callable(written):
-                tensors += list(written())
-            self.saved[module] = [(b, b.detach().clone()) for b in tensors if id(b) not in self.exclude]
+        if id(module) not in self._seen:
+            self._seen.add(id(module))
+            self._save(module)
 
     def restore(self) -> None:
         with torch.no_grad():
-            for pairs in self.saved.values():
-                for buf, copy in pairs:
-                    buf.copy_(copy)
+            for buf, copy in self.saved.values():
+                buf.copy_(copy)
 
     def __enter__(self) -> BufferGuard:
-        self.handle = nn.modules.module.register_module_forward_pre_hook(self._pre_hook)
+        self.saved, self._seen = {}, set()
+        if self.modules is None:
+            self.handle = nn.modules.module.register_module_forward_pre_hook(self._pre_hook)
+        else:
+            for top in self.modules:
+                for m in top.modules():
+                    self._save(m)
         return self
 
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        self.handle.remove()
-        if exc_type is not None or not self.on_error_only:
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+        error = exc_type is not None and not issubclass(exc_type, GradientOverflow)
+        if error or not self.on_error_only:
             self.restore()
-        self.saved.clear()
+        self.saved = {}
 
 
 @dataclass

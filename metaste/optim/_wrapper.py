@@ -29,7 +29,7 @@ from torch.optim import Optimizer
 from ..quant.registry import model_roots
 from ._checkpoint import WrapperCheckpoint
 from ._closure import Closure, NonFiniteLossError, check_closure, losses
-from ._modules import ModuleBufferGuard, captured_modules
+from ._modules import captured_modules
 from ._snapshot import BufferGuard
 from .amp import GradientOverflow, check_grad_scaler, found_inf, install_grad_scaler_guard
 
@@ -219,11 +219,7 @@ class OptimizerWrapper(WrapperCheckpoint, Optimizer):
         for HyperSTE's surrogate parameters)."""
         modules = [] if closure is None else self._guard_modules(closure)
         exclude = self._unguarded_buffers()
-        guard = (
-            ModuleBufferGuard(modules, on_error_only=True, exclude=exclude)
-            if modules is not None
-            else BufferGuard(on_error_only=True, exclude=exclude)
-        )
+        guard = BufferGuard(modules, on_error_only=True, exclude=exclude)
         overflow = None
         self._step_modules = modules or []  # the step's own guards reuse the search
         with guard:

@@ -25,7 +25,6 @@ from ..quant.leaky import LeakySurrogate
 from ..quant.psi import band
 from ..quant.registry import QuantEntry, lookup
 from ._closure import Closure, closure_value
-from ._modules import ModuleBufferGuard
 from ._snapshot import BufferGuard, RngState
 from ._wrapper import OptimizerWrapper, check_quantized_dtypes
 from .fogzo_estimator import _joint_norm, fogzo_estimate
@@ -336,7 +335,7 @@ class Calibrated(OptimizerWrapper):
             return value
 
         modules = self._step_modules or []  # found by the step guard; the hook guard as the fallback
-        with torch.no_grad(), ModuleBufferGuard(modules) if modules else BufferGuard() as buffers:
+        with torch.no_grad(), BufferGuard(modules or None) as buffers:
             try:
                 G, c = fogzo_estimate(
                     weights, [g.clone() for g in guides], eps, kinds, loss_at,

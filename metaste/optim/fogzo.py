@@ -20,7 +20,6 @@ from torch.optim import Optimizer
 
 from ._closure import Closure, closure_value
 from ._fused import FUSE_MIN
-from ._modules import ModuleBufferGuard
 from ._snapshot import BufferGuard, RngState
 from ._wrapper import OptimizerWrapper
 from .fogzo_estimator import fogzo_estimate
@@ -322,7 +321,7 @@ class FOGZO(ManagedWeights, OptimizerWrapper):
                 "opt.step(lambda: loss_fn(model(x), y))"
             )
         group = mesh_group(sharded[0]) if sharded else None
-        with torch.no_grad(), ModuleBufferGuard(modules) if modules else BufferGuard() as buffers:
+        with torch.no_grad(), BufferGuard(modules or None) as buffers:
             try:
                 G, c = fogzo_estimate(
                     [local(p) for p in weights],
