@@ -32,8 +32,6 @@ import math
 import torch
 from torch import Tensor
 
-from .._compile import _BROKEN, _COMPILED, FUSE_MIN, kernel  # noqa: F401  (the runner and its state, re-exported for the FOGZO passes)
-
 __all__ = [
     "host_floats",
     "key_halves",
@@ -45,8 +43,6 @@ __all__ = [
     "perturb_many_",
     "combine_many_",
     "restore_combine_many_",
-    "kernel",
-    "FUSE_MIN",
 ]
 
 SQRT3 = math.sqrt(3.0)

@@ -18,8 +18,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .._compile import FUSE_MIN
 from ._closure import Closure, closure_value
-from ._fused import FUSE_MIN
 from ._snapshot import BufferGuard, RngState
 from ._wrapper import OptimizerWrapper
 from .fogzo_estimator import fogzo_estimate

@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ._fused import FUSE_MIN, combine_many_, delta, kernel, key_halves, perturb_many_, restore_combine_many_
+from .._compile import FUSE_MIN, kernel
+from ._fused import combine_many_, delta, key_halves, perturb_many_, restore_combine_many_
 from .smoothing import derive_seed, noise_slice, rademacher
 
 __all__ = ["fogzo_estimate"]

@@ -10,11 +10,11 @@ from typing import Any
 
 from torch import nn
 
-from .config import QuantConfig, make_weight_quantizer
+from .config import QuantConfig
 from .layers import QuantConv2d, QuantLayer, QuantLinear
 from .registry import record_root, register
 
-__all__ = ["QuantConfig", "QUANT_MODULES", "register_quant_module", "quantize_model", "make_weight_quantizer"]
+__all__ = ["QUANT_MODULES", "register_quant_module", "quantize_model"]
 
 #: float module type → quantized class with ``from_float(module, config)``; exact types only
 QUANT_MODULES: dict[type[nn.Module], type[QuantLayer]] = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 import metaste
+from metaste import _compile
+from metaste._compile import kernel
 from metaste.optim import _fused
-from metaste.optim._fused import combine_, kernel, key_halves, perturb_, restore_combine_, z_from_index
+from metaste.optim._fused import combine_, key_halves, perturb_, restore_combine_, z_from_index
 from metaste.optim.smoothing import derive_seed, noise
 
 
@@ -20,7 +22,7 @@ def _fresh_dynamo():
     """Each test compiles from scratch: the other tests of a worker process compile the same
     kernels for other dtypes and shapes, and fullgraph kernels past Dynamo's recompile limit fail."""
     torch._dynamo.reset()
-    _fused._COMPILED.clear()
+    _compile._COMPILED.clear()
     yield
 
 
@@ -75,7 +77,7 @@ def test_compiled_passes_give_the_eager_bits(kind, dtype, per_channel, with_g):
             w = v.clone()
             kernel(perturb_, kind, fused)(*_perturb_args(w, grad, eps, 99, alpha, with_g), kind)
             outs.append(w)
-        assert not _fused._BROKEN, _fused._BROKEN
+        assert not _compile._BROKEN, _compile._BROKEN
         assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], v)
     vals = torch.tensor([0.25, -1.5], dtype=dtype)
     k1s, k2s = (torch.tensor(x, dtype=torch.int32) for x in zip(key_halves(5), key_halves(6)))
@@ -119,7 +121,7 @@ def test_shard_passes_give_the_rows_of_the_whole_tensor(fused):
             i32(v.numel()),
         )
         assert torch.equal(Gp, G[lo:hi])
-    assert not _fused._BROKEN, _fused._BROKEN
+    assert not _compile._BROKEN, _compile._BROKEN
 
 
 def test_a_fused_fogzo_run_equals_the_eager_one_bitwise():
@@ -165,7 +167,7 @@ def test_the_fused_restore_and_combine_give_the_bits_of_the_two_passes(kind, dty
         args[0] = G  # G is g itself, as in FOGZO: the restore reads g before the combine overwrites it
         kernel(restore_combine_, kind, fused)(w, *args, G, eps, s(0.5), False, vals, k1s, k2s, kind)
         assert torch.equal(w, w0) and torch.equal(G, G0)
-    assert not _fused._BROKEN, _fused._BROKEN
+    assert not _compile._BROKEN, _compile._BROKEN
 
 
 @pytest.mark.parametrize("n", [1, 2])
@@ -184,7 +186,7 @@ def test_a_fused_inplace_fogzo_run_equals_the_eager_one_bitwise(n):
             opt.step(lambda m=model: torch.nn.functional.cross_entropy(m(x), y))
         runs.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
-    assert not _fused._BROKEN, _fused._BROKEN
+    assert not _compile._BROKEN, _compile._BROKEN
 
 
 @pytest.mark.parametrize("restore", ["copy", "inplace"])
@@ -194,7 +196,7 @@ def test_the_eager_regenerating_path_equals_the_kept_noise_bitwise(restore):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(300, 256), torch.nn.ReLU(), torch.nn.Linear(256, 3))
     base = metaste.quantize_model(net, bits=2, quantizer="fixed", surrogate="identity")
-    assert sum(e.weight.numel() for _, e in metaste.quantized_weights(base)) > _fused.FUSE_MIN
+    assert sum(e.weight.numel() for _, e in metaste.quantized_weights(base)) > _compile.FUSE_MIN
     x, y = torch.randn(8, 300), torch.randint(0, 3, (8,))
     runs = []
     for keep in (False, True):
@@ -267,8 +269,8 @@ def test_hyperste_analytical_compiled_passes_give_the_eager_trajectory(monkeypat
         for _ in range(4):
             opt.step(lambda m=model: torch.nn.functional.cross_entropy(m(x), y))
         runs.append([t.detach().clone() for t in list(model.parameters()) + list(model.buffers())])
-    assert not _fused._BROKEN, _fused._BROKEN
-    assert {"_front", "_back"} <= set(_fused._COMPILED)  # the compiled passes did run
+    assert not _compile._BROKEN, _compile._BROKEN
+    assert {"_front", "_back"} <= set(_compile._COMPILED)  # the compiled passes did run
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
@@ -295,7 +297,7 @@ def test_hyperste_analytical_compiled_counts_give_the_eager_stats_and_trajectory
             steps.append(copy.deepcopy(opt.method.step_stats))
         runs.append([t.detach().clone() for t in list(model.parameters()) + list(model.buffers())])
         stats.append(steps)
-    assert not _fused._BROKEN, _fused._BROKEN
+    assert not _compile._BROKEN, _compile._BROKEN
     assert all(torch.equal(a, b) for a, b in zip(*runs))
     assert stats[0] == stats[1]
     big = [s for step in stats[1] for name, s in step.items() if s["gap"] > 0]

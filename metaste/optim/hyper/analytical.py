@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ..._compile import FUSE_MIN, kernel
 from ...quant.psi import slste, slste_grad_code, slste_grad_from_code
 from .._closure import Closure
-from .._fused import FUSE_MIN, kernel
 from .._fused import host_floats as _host_floats
 from ._common import Evaluate, HyperMethod, ManagedWeight
 from ._options import MethodOptions

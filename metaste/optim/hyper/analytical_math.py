@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .._fused import FUSE_MIN, kernel
+from ..._compile import FUSE_MIN, kernel
 
 __all__ = ["AnalyticalResult", "REGIONS", "analytical_update"]
 

@@ -223,7 +223,7 @@ def test_the_compiled_history_product_from_the_code_is_the_full_one(boundary):
     """c = η_w·g·g⁻·d⁻ with d⁻ rebuilt from the compiled back pass's region code equals
     the product with the full d⁻ of slste_grad, bit for bit; the front without x, r gives the same
     a′ and counts as the full front."""
-    from metaste.optim import _fused
+    from metaste import _compile
     from metaste.optim.hyper import analytical_math as an
     from metaste.quant.psi import slste_grad
 
@@ -236,22 +236,22 @@ def test_the_compiled_history_product_from_the_code_is_the_full_one(boundary):
     grad_ref = slste_grad(u, a_clamped, QN, QP, boundary, 0.5)  # the history's full d⁻ (eager)
     psi_ref = metaste.quant.psi.slste(u, a_clamped, QN, QP).mul_(g)
     c_in = c.clone()
-    code, _, _ = _fused.kernel(an._back, "analytical", True)(
+    code, _, _ = _compile.kernel(an._back, "analytical", True)(
         u, a, a_new, g, c_in, float(QN), float(QP), boundary == "window", 0.5, 0.25, 4.0
     )
     assert torch.equal(a_new, a_clamped) and torch.equal(c_in, psi_ref)  # written in place
     lr = torch.tensor(0.05)
     g2 = torch.randn(n, generator=g0)
-    got = _fused.kernel(an._history_product_code, "analytical", True)(
+    got = _compile.kernel(an._history_product_code, "analytical", True)(
         g2, lr, g, code, a_clamped, boundary == "window", 0.5
     )
     want = torch.mul(g2, 0.05).mul_(g).mul_(grad_ref)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
     eta = torch.tensor(10.0)
-    x, r, a_full, counts_full = _fused.kernel(an._front, "analytical", True)(a, u, c, eta, 2.0, 1.0)
+    x, r, a_full, counts_full = _compile.kernel(an._front, "analytical", True)(a, u, c, eta, 2.0, 1.0)
     a_cnt, counts = an._front_counts(a, u, c, eta, 2.0, 1.0)
     assert torch.equal(a_cnt, a_full) and torch.equal(counts, counts_full)
-    assert not _fused._BROKEN, _fused._BROKEN
+    assert not _compile._BROKEN, _compile._BROKEN
 
 
 def test_a_base_step_that_raises_leaves_a_and_the_model_as_they_were():
