@@ -27,10 +27,10 @@ G = g·s_g + Σ_i (b·c_i/n)·z_i ⊘ ε, one pass for all n samples.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
+
+from .smoothing import SQRT3, SQRT6, TANH_EPS  # the laws' constants, defined once
 
 __all__ = [
     "host_floats",
@@ -44,10 +44,6 @@ __all__ = [
     "combine_many_",
     "restore_combine_many_",
 ]
-
-SQRT3 = math.sqrt(3.0)
-SQRT6 = math.sqrt(6.0)
-TANH_EPS = math.pi / math.sqrt(12.0)
 
 
 def _s32(x: int) -> int:

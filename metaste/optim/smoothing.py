@@ -52,7 +52,7 @@ __all__ = [
 
 SQRT3 = math.sqrt(3.0)
 SQRT6 = math.sqrt(6.0)
-_TANH_EPS = math.pi / math.sqrt(12.0)
+TANH_EPS = math.pi / math.sqrt(12.0)
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def _uniform_density(z: Tensor) -> Tensor:
 
 
 def _tanh_density(z: Tensor) -> Tensor:
-    return _TANH_EPS * (1 - torch.tanh(_TANH_EPS * z) ** 2) / 2
+    return TANH_EPS * (1 - torch.tanh(TANH_EPS * z) ** 2) / 2
 
 
 def _triangle_density(z: Tensor) -> Tensor:
@@ -111,12 +111,12 @@ SMOOTHINGS: dict[str, Smoothing] = {
     ),
     "tanh": Smoothing(
         "tanh",
-        _TANH_EPS,
+        TANH_EPS,
         _tanh_density,
         _sign,
         torch.tanh,
         1,
-        lambda w: w[0].atanh_().div_(_TANH_EPS),
+        lambda w: w[0].atanh_().div_(TANH_EPS),
     ),
     "approxsign": Smoothing(
         "approxsign",
