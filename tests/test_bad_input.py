@@ -13,7 +13,7 @@ from _reliability_helpers import assert_untouched, capture, closure_for, cnn, fo
 from torch import nn
 
 import metaste
-from metaste import FOGZO, HyperSTE, NonFiniteLossError
+from metaste import FOGZO, PEGE, Calibrated, HyperSTE, JacQuant, NonFiniteLossError
 
 CASES: dict[str, tuple] = {}
 
@@ -38,8 +38,20 @@ def _stepped(opt, model):
 
 
 def _wrapper(kind, **kw):
-    model = cnn(surrogate="ste" if kind == "fogzo" else "slste")
-    opt = fogzo(model, **kw) if kind == "fogzo" else hyper(model, kind, **kw)
+    """A model and its wrapper of ``kind`` (fogzo, a HyperSTE method, pege, jacquant, calibrated),
+    stepped once."""
+    surrogate = {"fogzo": "ste", "pege": "ste", "jacquant": "ste", "calibrated": "leaky"}.get(kind, "slste")
+    model = cnn(surrogate=surrogate, **({"granularity": "tensor"} if kind == "calibrated" else {}))
+    if kind == "fogzo":
+        opt = fogzo(model, **kw)
+    elif kind == "pege":
+        opt = PEGE(_bare(model), total_steps=50, **kw)
+    elif kind == "jacquant":
+        opt = JacQuant(_bare(model), group=1, **kw)
+    elif kind == "calibrated":
+        opt = Calibrated(_bare(model), **kw)
+    else:
+        opt = hyper(model, kind, **kw)
     return model, _stepped(opt, model)
 
 
@@ -56,37 +68,68 @@ def fogzo_no_closure():
     return model, opt, lambda: opt.step()
 
 
-@case(TypeError, "callable")
-def fogzo_closure_not_callable():
-    model, opt = _wrapper("fogzo")
-    return model, opt, lambda: opt.step(torch.tensor(1.0))
+# the step protocol every wrapper shares: the same bad closures, on each of the five
+# (case, exception, the word its message names, the step to take given model, opt, batch)
+_STEP_DEFECTS = [
+    ("closure_not_callable", TypeError, "callable", lambda m, o, x, y: o.step(torch.tensor(1.0))),
+    (
+        "closure_returns_float",
+        TypeError,
+        "torch.Tensor",
+        lambda m, o, x, y: o.step(lambda: float(F.cross_entropy(m(x), y))),
+    ),
+    (
+        "closure_returns_strings",
+        TypeError,
+        "return the loss tensor alone",
+        lambda m, o, x, y: o.step(lambda: ["loss"]),
+    ),
+    (
+        "closure_returns_loss_and_aux",
+        TypeError,
+        "return the loss tensor alone",
+        lambda m, o, x, y: o.step(lambda: (F.cross_entropy(m(x), y), m(x).detach())),
+    ),
+    (
+        "closure_returns_unreduced_loss",
+        ValueError,
+        "scalar",
+        lambda m, o, x, y: o.step(lambda: F.cross_entropy(m(x), y, reduction="none")),
+    ),
+    (
+        "closure_returns_an_empty_generator",
+        ValueError,
+        "empty",
+        lambda m, o, x, y: o.step(lambda: (F.cross_entropy(m(x), y) for _ in ())),
+    ),
+    (
+        "inf_loss",
+        NonFiniteLossError,
+        "non-finite",
+        lambda m, o, x, y: o.step(lambda: F.cross_entropy(m(x), y) * float("inf")),
+    ),
+    (
+        "nan_pixel",
+        NonFiniteLossError,
+        "non-finite",
+        lambda m, o, x, y: o.step(closure_for(m, *_nan_images())),
+    ),
+]
+_FIVE = ("fogzo", "analytical", "pege", "jacquant", "calibrated")
 
 
-@case(TypeError, "torch.Tensor")
-def fogzo_closure_returns_float():
-    model, opt = _wrapper("fogzo")
-    x, y = images()
-    return model, opt, lambda: opt.step(lambda: float(F.cross_entropy(model(x), y)))
+def _step_defect(kind, act):
+    def build():
+        model, opt = _wrapper(kind)
+        x, y = images()
+        return model, opt, lambda: act(model, opt, x, y)
+
+    return build
 
 
-@case(TypeError, "return the loss tensor alone")
-def fogzo_closure_returns_strings():
-    model, opt = _wrapper("fogzo")
-    return model, opt, lambda: opt.step(lambda: ["loss"])
-
-
-@case(TypeError, "return the loss tensor alone")
-def fogzo_closure_returns_loss_and_aux():
-    model, opt = _wrapper("fogzo")
-    x, y = images()
-    return model, opt, lambda: opt.step(lambda: (F.cross_entropy(model(x), y), model(x).detach()))
-
-
-@case(TypeError, "return the loss tensor alone")
-def hyperste_closure_returns_a_list_of_losses():
-    model, opt = _wrapper("delayed")
-    x, y = images()
-    return model, opt, lambda: opt.step(lambda: [F.cross_entropy(model(x), y), F.cross_entropy(model(x), y)])
+for _kind in _FIVE:
+    for _name, _exc, _word, _act in _STEP_DEFECTS:
+        CASES[f"{_kind}_{_name}"] = (_step_defect(_kind, _act), _exc, _word)
 
 
 @case(RuntimeError, "was released")
@@ -134,26 +177,6 @@ def pege_model_other_than_the_trained_one():
     model, other = cnn(surrogate="ste"), cnn(surrogate="ste")
     base = torch.optim.SGD(model.parameters(), lr=0.1)
     return model, base, lambda: metaste.PEGE(base, total_steps=10, model=other)
-
-
-@case(ValueError, "scalar")
-def fogzo_closure_returns_unreduced_loss():
-    model, opt = _wrapper("fogzo")
-    x, y = images()
-    return model, opt, lambda: opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"))
-
-
-@case(NonFiniteLossError, "non-finite")
-def fogzo_nan_pixel():
-    model, opt = _wrapper("fogzo")
-    return model, opt, lambda: opt.step(closure_for(model, *_nan_images()))
-
-
-@case(NonFiniteLossError, "non-finite")
-def fogzo_inf_loss():
-    model, opt = _wrapper("fogzo")
-    x, y = images()
-    return model, opt, lambda: opt.step(lambda: F.cross_entropy(model(x), y) * float("inf"))
 
 
 @case(NonFiniteLossError, "non-finite")
@@ -373,60 +396,36 @@ def delayed_run_horizon():
 # -- load_state_dict ---------------------------------------------------------------------------
 
 
-@case(ValueError, "saved by HyperSTE")
-def fogzo_loads_a_hyperste_state():
-    model, opt = _wrapper("fogzo")
-    _, other = _wrapper("delayed")
-    sd = other.state_dict()
-    return model, opt, lambda: opt.load_state_dict(sd)
+# a wrapper loads the state_dict of another kind, or of the same kind with other settings:
+# (case, wrapper, its settings, the saver, the saver's settings, the word the error names)
+_STATE_MISMATCHES = [
+    ("fogzo_loads_a_hyperste_state", "fogzo", {}, "delayed", {}, "saved by HyperSTE"),
+    ("hyperste_loads_a_fogzo_state", "delayed", {}, "fogzo", {}, "saved by FOGZO"),
+    ("analytical_loads_a_delayed_state", "analytical", {}, "delayed", {}, "method"),
+    ("fogzo_loads_another_seed", "fogzo", {}, "fogzo", {"seed": 5}, "seed=5"),
+    ("fogzo_loads_another_n", "fogzo", {}, "fogzo", {"n": 3}, "n=3"),
+    ("delayed_loads_another_window", "delayed", {}, "delayed", {"window": 3}, "window=3"),
+    ("analytical_loads_another_hyper_lr", "analytical", {}, "analytical", {"hyper_lr": 0.5}, "hyper_lr"),
+    ("pege_loads_a_jacquant_state", "pege", {}, "jacquant", {}, "saved by JacQuant"),
+    ("jacquant_loads_a_calibrated_state", "jacquant", {}, "calibrated", {}, "saved by Calibrated"),
+    ("calibrated_loads_a_pege_state", "calibrated", {}, "pege", {}, "saved by PEGE"),
+    ("pege_loads_another_lam", "pege", {}, "pege", {"lam": 0.5}, "lam=0.5"),
+    ("jacquant_loads_another_vr", "jacquant", {}, "jacquant", {"vr": "storm"}, "vr='storm'"),
+    ("calibrated_loads_another_every", "calibrated", {}, "calibrated", {"every": 3}, "every=3"),
+]
 
 
-@case(ValueError, "saved by FOGZO")
-def hyperste_loads_a_fogzo_state():
-    model, opt = _wrapper("delayed")
-    _, other = _wrapper("fogzo")
-    sd = other.state_dict()
-    return model, opt, lambda: opt.load_state_dict(sd)
+def _loads_other_state(kind, kw, saver, saver_kw):
+    def build():
+        model, opt = _wrapper(kind, **kw)
+        sd = _wrapper(saver, **saver_kw)[1].state_dict()
+        return model, opt, lambda: opt.load_state_dict(sd)
+
+    return build
 
 
-@case(ValueError, "method")
-def analytical_loads_a_delayed_state():
-    model, opt = _wrapper("analytical")
-    _, other = _wrapper("delayed")
-    sd = other.state_dict()
-    return model, opt, lambda: opt.load_state_dict(sd)
-
-
-@case(ValueError, "seed=5")
-def fogzo_loads_another_seed():
-    model, opt = _wrapper("fogzo")
-    _, other = _wrapper("fogzo", seed=5)
-    sd = other.state_dict()
-    return model, opt, lambda: opt.load_state_dict(sd)
-
-
-@case(ValueError, "n=3")
-def fogzo_loads_another_n():
-    model, opt = _wrapper("fogzo")
-    _, other = _wrapper("fogzo", n=3)
-    sd = other.state_dict()
-    return model, opt, lambda: opt.load_state_dict(sd)
-
-
-@case(ValueError, "window=3")
-def delayed_loads_another_window():
-    model, opt = _wrapper("delayed")
-    _, other = _wrapper("delayed", window=3)
-    sd = other.state_dict()
-    return model, opt, lambda: opt.load_state_dict(sd)
-
-
-@case(ValueError, "hyper_lr")
-def analytical_loads_another_hyper_lr():
-    model, opt = _wrapper("analytical")
-    _, other = _wrapper("analytical", hyper_lr=0.5)
-    sd = other.state_dict()
-    return model, opt, lambda: opt.load_state_dict(sd)
+for _name, _kind, _kw, _saver, _saver_kw, _word in _STATE_MISMATCHES:
+    CASES[_name] = (_loads_other_state(_kind, _kw, _saver, _saver_kw), ValueError, _word)
 
 
 @case(ValueError, "metaste")
