@@ -24,8 +24,8 @@ from torch.optim import Optimizer
 from ..quant.leaky import LeakySurrogate
 from ..quant.psi import band
 from ..quant.registry import QuantEntry, lookup
-from ._closure import Closure, closure_value
-from ._snapshot import BufferGuard, RngState
+from ._closure import Closure
+from ._probe import Probe
 from ._wrapper import OptimizerWrapper, check_quantized_dtypes
 from .fogzo_estimator import _joint_norm, fogzo_estimate
 from .smoothing import SMOOTHINGS, derive_seed, noise, rademacher
@@ -299,8 +299,7 @@ class Calibrated(OptimizerWrapper):
         name = type(self).__name__
         quantizers = [m.entry.quantizer for m in self.managed]
         weights = [m.entry.weight for m in self.managed]
-        devices = {p.device for p in weights}
-        rng_before = RngState(devices)
+        probe = Probe(weights)
         for q in quantizers:
             q.defer_surrogate = True  # backward leaves the raw g = ∂L/∂v̂ in v.grad
         try:
@@ -308,8 +307,7 @@ class Calibrated(OptimizerWrapper):
         finally:
             for q in quantizers:
                 q.defer_surrogate = False
-        rng_after = RngState(devices)
-        all_grads = [(p, p.grad) for p in self.params()]
+        probe.clean_pass_done(self.params())
         with torch.no_grad():
             raw = [p.grad if p.grad is not None else torch.zeros_like(p) for p in weights]
             us = [m.entry.u() for m in self.managed]
@@ -327,24 +325,11 @@ class Calibrated(OptimizerWrapper):
                 raw, guides, inside, eps, kinds, pshapes, beta=self.beta, n=self.n, seed=self.seed, step=t
             )
 
-        def loss_at() -> float:
-            rng_before.restore()
-            with torch.no_grad():
-                value = closure_value(closure, name)
-            buffers.restore()
-            return value
-
-        modules = self._step_modules or []  # found by the step guard; the hook guard as the fallback
-        with torch.no_grad(), BufferGuard(modules or None) as buffers:
-            try:
-                G, c = fogzo_estimate(
-                    weights, [g.clone() for g in guides], eps, kinds, loss_at,
-                    beta=self.beta, n=self.n, seed=self.seed, step=t, restore="copy",
-                )  # fmt: skip
-            finally:
-                rng_after.restore()
-                for p, g in all_grads:
-                    p.grad = g
+        with probe.passes(closure, name, self._step_modules or []) as loss_at:
+            G, c = fogzo_estimate(
+                weights, [g.clone() for g in guides], eps, kinds, loss_at,
+                beta=self.beta, n=self.n, seed=self.seed, step=t, restore="copy",
+            )  # fmt: skip
         with torch.no_grad():
             if G is None:
                 self.fallbacks += 1

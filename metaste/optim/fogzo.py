@@ -19,8 +19,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .._compile import FUSE_MIN
-from ._closure import Closure, closure_value
-from ._snapshot import BufferGuard, RngState
+from ._closure import Closure
+from ._probe import Probe
 from ._wrapper import OptimizerWrapper
 from .fogzo_estimator import fogzo_estimate
 from .fogzo_managed import ManagedWeights, ScaleSpec
@@ -31,7 +31,6 @@ from .fsdp import (
     is_dtensor,
     local,
     mesh_group,
-    reshard,
 )
 
 __all__ = ["FOGZO", "RESTORE_MODES"]
@@ -284,12 +283,10 @@ class FOGZO(ManagedWeights, OptimizerWrapper):
         self._step_weights = weights
         is_managed = {id(p) for p in weights}
         needs_backward = beta > 0 or any(p.requires_grad and id(p) not in is_managed for p in self.params())
-        devices = {p.device for p in weights}
-        rng_before = RngState(devices)
+        probe = Probe(weights)
         loss = self._evaluate(closure, backward=needs_backward)
         self._clip()  # the backprop gradient, not G (docs/design.md §5.1)
-        rng_after = RngState(devices)
-        all_grads = [(p, p.grad) for p in self.params()]
+        probe.clean_pass_done(self.params())
         try:
             eps = [self._eps(m) for m in managed]
             for m in managed:
@@ -299,15 +296,6 @@ class FOGZO(ManagedWeights, OptimizerWrapper):
             self._zero_grads()
             raise
         self._track_scales(managed, eps, t)
-
-        def loss_at() -> float:
-            rng_before.restore()
-            with torch.no_grad():
-                value = closure_value(closure, name)
-            if sharded:  # FSDP2: the next pass must gather the next perturbation
-                reshard(modules)
-            buffers.restore()
-            return value
 
         # the buffers of the modules the step guard found; a global forward hook only as the
         # fallback (it cannot be traced through torch.compile: docs/design.md §10.5)
@@ -321,32 +309,27 @@ class FOGZO(ManagedWeights, OptimizerWrapper):
                 "opt.step(lambda: loss_fn(model(x), y))"
             )
         group = mesh_group(sharded[0]) if sharded else None
-        with torch.no_grad(), BufferGuard(modules or None) as buffers:
-            try:
-                G, c = fogzo_estimate(
-                    [local(p) for p in weights],
-                    [None if p.grad is None else local(p.grad) for p in weights],
-                    eps,
-                    [m.kind for m in managed],
-                    loss_at,
-                    beta=beta,
-                    n=self.n,
-                    seed=self.seed,
-                    step=t,
-                    one_sided=self.one_sided,
-                    loss0=float(loss),
-                    restore=self.restore,
-                    keep_noise=self.keep_noise,
-                    reduce=lambda c: self._all_reduce_mean(c, weights[0].device),
-                    fused=self.fused is True or (self.fused == "auto" and d_managed >= FUSE_MIN),
-                    offsets=[global_offset(p) for p in weights] if sharded else None,
-                    numels=[p.numel() for p in weights] if sharded else None,
-                    reduce_sum=(lambda x: all_reduce_sum(x, group, weights[0].device)) if sharded else None,
-                )
-            finally:
-                rng_after.restore()
-                for p, g in all_grads:  # a closure that zeroes grads (set_to_none) cannot lose them
-                    p.grad = g
+        with probe.passes(closure, name, modules, reshard_between=bool(sharded)) as loss_at:
+            G, c = fogzo_estimate(
+                [local(p) for p in weights],
+                [None if p.grad is None else local(p.grad) for p in weights],
+                eps,
+                [m.kind for m in managed],
+                loss_at,
+                beta=beta,
+                n=self.n,
+                seed=self.seed,
+                step=t,
+                one_sided=self.one_sided,
+                loss0=float(loss),
+                restore=self.restore,
+                keep_noise=self.keep_noise,
+                reduce=lambda c: self._all_reduce_mean(c, weights[0].device),
+                fused=self.fused is True or (self.fused == "auto" and d_managed >= FUSE_MIN),
+                offsets=[global_offset(p) for p in weights] if sharded else None,
+                numels=[p.numel() for p in weights] if sharded else None,
+                reduce_sum=(lambda x: all_reduce_sum(x, group, weights[0].device)) if sharded else None,
+            )
         if G is None:
             self.fallbacks += 1
             if not self._warned_fallback:
