@@ -252,7 +252,47 @@ SUITES: dict[str, list[SuiteEntry]] = {
             ),
             "fresh evaluation seeds 80–89; the float-phase fraction and the curriculum length T_c/T are tuned "
             "with the lr on the tuning seeds. CPU budget: ~300 runs of ~3 s, about 10 min on 2 cores",
-        )
+        ),
+        SuiteEntry(
+            "curriculum-fashion-resnet-2bit-float",
+            "Fashion-MNIST subset, ResNet-8-style, 2-bit LSQ, SGD, 300 steps, from the float model: gradual "
+            "quantization of a trained float network",
+            Setup("fashion-resnet", bits=2, optimizer="sgd", steps=300, init="float"),
+            Protocol(
+                methods=[
+                    "ste",
+                    "ste-identity",
+                    "ste+random[cur_schedule=log,cur_length=0.5]",
+                    "ste+nested[cur_schedule=log,cur_length=0.5]",
+                    "ste-identity+blend[cur_length=0.5]",
+                ],
+                seeds=list(range(10)),
+                tune_seeds=[100, 101],
+                tune_lr=[0.025, 0.05, 0.1],
+                max_extend=1,
+            ),
+            "the float models of `fashion-resnet-2bit-sgd-float` (cached); T_c = T/2 fixed (no length tuning, "
+            "to fit the CPU). CPU budget: ~90 runs of ~35 s, about 25 min on 2 cores",
+        ),
+        SuiteEntry(
+            "curriculum-kjv-llama-4bit-float",
+            "KJV characters, tiny LLaMA (1M), 4-bit LSQ, AdamW, 150 steps, from the float model: gradual "
+            "quantization of a trained float network",
+            Setup("kjv-llama", bits=4, steps=150, init="float"),
+            Protocol(
+                methods=[
+                    "ste",
+                    "ste+random[cur_schedule=log,cur_length=0.5]",
+                    "ste-identity+blend[cur_length=0.5]",
+                ],
+                seeds=list(range(10)),
+                tune_seeds=[100, 101],
+                tune_lr=[2.5e-4, 5e-4, 1e-3],
+                max_extend=1,
+            ),
+            "the float models of `kjv-llama-4bit-float` (cached); T_c = T/2 fixed. CPU budget: ~55 runs of ~45 s, "
+            "about 20 min on 2 cores",
+        ),
     ],
     # benchmarks/gpu_check.sh runs this one on a lent GPU (not part of `make results`)
     "gpu": [
