@@ -68,7 +68,7 @@ class OptimizerWrapper(WrapperCheckpoint, Optimizer):
         self._in_step = False
         self._unscaled = False
         self._step_modules: list | None = None  # the modules the current step's closure refers to
-        self._coverage: dict[tuple[int, ...], bool] = {}  # _guard_modules: found modules hold every weight?
+        self._guard_cache: tuple[Any, list[nn.Module] | None] | None = None  # _guard_modules' last answer
         self.released = False  # set by the method that hands the model back (_release_call)
         optimizer.register_step_pre_hook(self._before_base_step)
 
@@ -195,15 +195,16 @@ class OptimizerWrapper(WrapperCheckpoint, Optimizer):
         neither, and only the hook guard sees it."""
         params = [p for p in self.params() if p.requires_grad]
         found = model_roots(params) + captured_modules(closure)
-        key = tuple(id(m) for m in found) + (len(params),)
-        cached = self._coverage.get(key)
-        if cached is None:
-            held = {id(p) for m in found for p in m.parameters()}
-            cached = self._coverage[key] = all(id(p) in held for p in params)
-        if not cached:
-            return None
-        inner = {id(m) for top in found for m in top.modules() if m is not top}
-        return [m for m in dict.fromkeys(found) if id(m) not in inner]
+        key = (tuple(id(m) for m in found), tuple(id(p) for p in params))
+        if self._guard_cache is not None and self._guard_cache[0] == key:  # the usual case: as last step
+            return self._guard_cache[1]
+        held = {id(p) for m in found for p in m.parameters()}
+        modules: list[nn.Module] | None = None
+        if all(id(p) in held for p in params):
+            inner = {id(m) for top in found for m in top.modules() if m is not top}
+            modules = [m for m in dict.fromkeys(found) if id(m) not in inner]
+        self._guard_cache = (key, modules)
+        return modules
 
     @contextmanager
     def _step_guard(self, closure: Any = None) -> Iterator[None]:
