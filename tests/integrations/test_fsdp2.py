@@ -196,3 +196,47 @@ def test_fully_shard_without_a_process_group_raises_and_changes_nothing():
     with pytest.raises(RuntimeError, match="init_process_group.*not changed"):
         fully_shard(model)
     assert {k: (id(p), p.shape) for k, p in model.named_parameters()} == before
+
+
+def _dcp_worker(rank: int, path: str) -> None:
+    """FOGZO under fully_shard: 2 steps, save sharded with torch.distributed.checkpoint, 2 more; a
+    fresh model and wrapper load the checkpoint and run the same 2 steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2,))
+    batches = [(x.chunk(2)[rank], y.chunk(2)[rank]) for x, y in data()]
+
+    def build():
+        model = fully_shard(model_for("lsq"), mesh=mesh)
+        opt = metaste.FOGZO(
+            torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), total_steps=STEPS, n=2
+        )
+        return model, opt
+
+    def run(model, opt, part):
+        return [opt.step(lambda x=x, y=y: F.cross_entropy(model(x), y)).item() for x, y in part]
+
+    model, opt = build()
+    run(model, opt, batches[:2])
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+    after = run(model, opt, batches[2:])
+    fresh, fresh_opt = build()
+    msd, osd = get_state_dict(fresh, fresh_opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    assert fresh_opt.steps == 2
+    resumed = run(fresh, fresh_opt, batches[2:])
+    torch.save((after, resumed), f"{path}.{rank}")
+
+
+@pytest.mark.distributed
+def test_fogzo_under_fully_shard_resumes_from_a_sharded_dcp_checkpoint_bitwise(tmp_path):
+    path = str(tmp_path / "ckpt")
+    spawn_ranks(_dcp_worker, path)
+    for r in (0, 1):
+        after, resumed = torch.load(f"{path}.{r}")
+        assert after == resumed and len(after) == STEPS - 2
