@@ -1,11 +1,13 @@
-"""Per-step time of PEGE, JacQuant and the calibrated surrogate relative to plain STE, measured
-interleaved in one process, CPU time, one thread (docs/methods/*.md "Cost")::
+"""Per-step time of PEGE, JacQuant, the calibrated surrogate and torchao's PARQ relative to plain
+STE, measured interleaved in one process, CPU time, one thread (docs/methods/*.md "Cost")::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_new_methods.py [--model mlp|wide] [--steps N] [--rounds R]
 
 ``mlp``: the FOGZO paper's MLP 784-10-10, batch 64; ``wide``: MLP 784-512-512-10, batch 256; both
 layers 2-bit LSQ. ``jacquant-storm-nophase``: STORM with flip_rate = 1 (no phase boundary, so the
-second pass at the previous weights runs every step)."""
+second pass at the previous weights runs every step). ``sgd-float``: the float model with plain
+SGD, the step PARQ's ``QuantOptimizer`` (``parq``, ``parq-hard``: its proximal map after each SGD
+step, on the same float model) wraps; needs the ``[torchao]`` extra."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import _measure  # noqa: E402,F401  (puts the checkout's metaste, or $METASTE_PA
 
 import metaste  # noqa: E402
 from metaste.bench import models  # noqa: E402
+from metaste.bench.methods import METHODS, RunContext  # noqa: E402
 
 MODELS = {"mlp": ((784, 10, 10), 64), "wide": ((784, 512, 512, 10), 256)}
 
@@ -57,8 +60,25 @@ def builders(steps, sizes):
         m = make("leaky", granularity="tensor")
         return m, metaste.Calibrated(torch.optim.SGD(m.parameters(), lr=0.1), every=10, n=1)
 
+    def float_model():
+        torch.manual_seed(0)
+        return models.mlp(sizes)
+
+    def sgd_float():
+        m = float_model()
+        return m, torch.optim.SGD(m.parameters(), lr=0.1)
+
+    def parq(name):
+        def b():
+            m = float_model()
+            ctx = RunContext("sgd", 0.1, steps, 0, quant={"bits": 2, "quantizer": "lsq", "keep_last": False})
+            return m, METHODS[name].build(m, ctx)
+
+        return b
+
     return {"ste": ste, "pege": pege, "jacquant": jacquant("none"), "jacquant-storm": jacquant("storm"),
-            "jacquant-storm-nophase": jacquant("storm", flip_rate=1.0), "calibrated": calibrated}  # fmt: skip
+            "jacquant-storm-nophase": jacquant("storm", flip_rate=1.0), "calibrated": calibrated,
+            "sgd-float": sgd_float, "parq-hard": parq("parq-hard"), "parq": parq("parq")}  # fmt: skip
 
 
 def main() -> None:
