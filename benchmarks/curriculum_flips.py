@@ -34,6 +34,20 @@ def codes(model: torch.nn.Module) -> list[torch.Tensor]:
     return out
 
 
+def quantized_fraction(cur: QuantCurriculum | None) -> float:
+    """The fraction (or weight) of the quantized weights the training forward sees quantized:
+    the mean mix, weighted by the weights' sizes (1 where the layer has none)."""
+    if cur is None:
+        return 1.0
+    total = seen = 0.0
+    for layer, entry in cur.layers:
+        n = entry.weight.numel()
+        m = layer.curriculum_mix
+        seen += n if m is None else float(m.float().mean()) * n
+        total += n
+    return seen / total
+
+
 def run(arm: str, args: argparse.Namespace, seed: int) -> dict[str, list[float]]:
     task = tasks.get_task(args.task)
     quantizer = "dorefa" if args.bits == 1 else task.quantizer
@@ -59,7 +73,7 @@ def run(arm: str, args: argparse.Namespace, seed: int) -> dict[str, list[float]]
         loss = task.loss(model, batch)
         loss.backward()
         opt.step()
-        rhos.append(1.0 if cur is None else cur.ratio())
+        rhos.append(quantized_fraction(cur))
         if cur is not None:
             cur.step()
         after = codes(model)

@@ -121,6 +121,7 @@ def write_reports(results: Path, doc: Path, readme: Path) -> list[Path]:
         PROTOCOL,
         "",
         *training_length(results, rel),
+        *curriculum_mechanism(results, rel),
         "## Every verdict",
         "",
         tally_table(tally) if tally else "",
@@ -213,3 +214,35 @@ def training_length(results: Path, rel) -> list[str]:
             "",
         ]
     return out
+
+
+def curriculum_mechanism(results: Path, rel) -> list[str]:
+    """The section on what the curricula do to training, from ``results/curriculum/flips.json``
+    (``benchmarks/curriculum_flips.py``): the quantized fraction, the loss and the weight-flip rate."""
+    import json
+
+    path = results / "curriculum" / "flips.json"
+    if not path.exists():
+        return []
+    r = json.loads(path.read_text())
+    quarter = max(1, r["steps"] // 4)
+    rows = [
+        f"| {'plain STE' if arm == 'none' else arm} | {sum(v['flip_rate']) / len(v['flip_rate']):.4f} | "
+        f"{sum(v['flip_rate'][-quarter:]) / quarter:.4f} | {sum(v['loss'][-r['steps'] // 10 :]) / (r['steps'] // 10):.3f} |"
+        for arm, v in r["arms"].items()
+    ]
+    return [
+        "## What a curriculum does",
+        "",
+        f"{r['task']}, {r['bits']}-bit, SGD lr {r['lr']:g}, {r['steps']} steps, T_c = {r['length']:g}·T "
+        f"({r['schedule']} schedule), mean of the seeds (`{r['command']}`). Flip rate: the fraction of the "
+        "quantized weights whose grid point changes in a step; every arm trains with the clipped STE "
+        "(`ste`), the plain one without a curriculum.",
+        "",
+        "| curriculum | mean flip rate | flip rate, last quarter | train loss, last 10 % |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        f"![curriculum mechanism]({rel(path.with_suffix('.png'))})",
+        "",
+    ]
