@@ -26,7 +26,7 @@ import _measure  # noqa: E402,F401  (puts the checkout's metaste, or $METASTE_PA
 
 import metaste  # noqa: E402
 from metaste.bench import models  # noqa: E402
-from metaste.bench.methods import METHODS, RunContext  # noqa: E402
+from metaste.bench.registry import METHODS, RunContext  # noqa: E402
 
 MODELS = {"mlp": ((784, 10, 10), 64), "wide": ((784, 512, 512, 10), 256)}
 

@@ -17,7 +17,7 @@ import torch
 
 import metaste
 from metaste.bench import tasks
-from metaste.bench.methods import RunContext, base_optimizer
+from metaste.bench.registry import RunContext, base_optimizer
 from metaste.curriculum import QuantCurriculum
 from metaste.quant.registry import quantized_weights
 

@@ -24,7 +24,7 @@ from torch import nn
 
 import metaste
 from metaste.bench import data
-from metaste.bench.methods import METHODS, RunContext, train_step
+from metaste.bench.registry import METHODS, RunContext, train_step
 from metaste.bench.stats import mean_ci, t_quantile
 
 D = 784 * 10 + 10 * 10

@@ -26,9 +26,9 @@ from torch import nn
 import metaste
 from metaste import HyperSTE
 from metaste.bench import data
-from metaste.bench.methods import train_step
 from metaste.bench.models import BasicBlock
 from metaste.bench.plots import plot_surrogates
+from metaste.bench.registry import train_step
 from metaste.bench.stats import mean_ci
 
 

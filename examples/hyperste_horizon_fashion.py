@@ -37,8 +37,8 @@ import torch.nn.functional as F
 import metaste
 from metaste import HyperSTE
 from metaste.bench.data import load_fashion_mnist
-from metaste.bench.methods import train_step
 from metaste.bench.models import ResNet
+from metaste.bench.registry import train_step
 from metaste.bench.stats import fmt_ci, mean_ci, paired_diff_ci
 
 BASELINE = {"slste": "ste", "plste": "pwl", "dlste": "pwl"}

@@ -16,8 +16,8 @@ import math
 import numpy as np
 
 from .compare import Comparison
-from .methods import STE_BASELINES
 from .peers import PARQ_METHODS
+from .registry import STE_BASELINES
 from .report import _by_label, deltas, metric_at
 
 __all__ = ["answer_rows", "answer_table", "baseline_spread"]

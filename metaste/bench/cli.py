@@ -16,8 +16,8 @@ from pathlib import Path
 from ..quant.quantizers import QUANTIZERS
 from ..quant.surrogates import SURROGATES
 from .compare import DEFAULT_TUNE_SEEDS, INITS, Protocol, Setup, check, compare
-from .methods import METHODS, _parse_value
 from .pages import write_reports
+from .registry import METHODS, _parse_value
 from .report import write_outputs
 from .suites import SUITES, run_suite
 from .tasks import SCALES, TASKS

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..quant.config import QuantConfig
 from ..quant.quantizers import check_bits
-from .methods import METHODS, STE_BASELINES, RunContext, check_options, parse_method
+from .registry import METHODS, STE_BASELINES, RunContext, check_options, parse_method
 from .runner import RunResult, RunSpec, eval_marks, loss_at, run_all
 from .tasks import get_task
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..curriculum import CURRICULA, QuantCurriculum
 from . import wrapper_methods  # noqa: F401  (registers fogzo, a base of the curriculum methods)
-from .methods import METHODS, Method, RunContext, register_method
+from .registry import METHODS, Method, RunContext, register_method
 
 __all__ = ["CURRICULUM_BASES", "make_curriculum"]
 

@@ -26,7 +26,7 @@ import torch
 
 from ..quant.convert import quantize_model
 from ..quant.registry import lookup
-from .methods import METHODS, RunContext, train_step
+from .registry import METHODS, RunContext, train_step
 from .tasks import get_task
 
 __all__ = ["collect", "plot", "main", "METHOD_NAMES"]

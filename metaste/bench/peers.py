@@ -31,7 +31,7 @@ from torch.optim import Optimizer
 
 from ..quant.convert import quantize_model
 from ..quant.layers import QuantLayer
-from .methods import Method, RunContext, base_optimizer, register_method
+from .registry import Method, RunContext, base_optimizer, register_method
 
 __all__ = ["PARQ_METHODS", "quantized_weight_names", "hard_quantized"]
 

@@ -76,7 +76,7 @@ def _checksum(state: dict[str, Tensor]) -> str:
 
 
 def _train(task: Task, seed: int, holdout: bool) -> dict[str, Tensor]:
-    from .methods import RunContext, base_optimizer  # here: methods imports the optimizers
+    from .registry import RunContext, base_optimizer  # here: methods imports the optimizers
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from ..quant.convert import quantize_model
-from .methods import METHODS, RunContext, train_step
 from .pretrain import load_float
+from .registry import METHODS, RunContext, train_step
 from .tasks import Task, get_task
 
 __all__ = ["RunSpec", "RunResult", "run_one", "run_all", "loss_at"]

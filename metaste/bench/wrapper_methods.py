@@ -14,7 +14,7 @@ from ..optim.fogzo import FOGZO
 from ..optim.hyperste import HyperSTE
 from ..optim.jacquant import JacQuant
 from ..optim.pege import PEGE
-from .methods import Method, RunContext, base_optimizer, register_method
+from .registry import Method, RunContext, base_optimizer, register_method
 
 # --- HyperSTE (docs/design.md §3.1–3.2) ------------------------------------------------------------------
 # RunContext.extra keys read by these methods (all optional): hyper_lr (default 0.01),

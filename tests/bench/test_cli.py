@@ -7,7 +7,7 @@ import pytest
 
 from metaste import quantized_weights
 from metaste.bench import cli
-from metaste.bench.methods import METHODS, Method, base_optimizer, parse_method, register_method
+from metaste.bench.registry import METHODS, Method, base_optimizer, parse_method, register_method
 
 FAST = ["--task", "digits-mlp", "--seeds", "2", "--steps", "12", "--workers", "1"]
 
@@ -76,7 +76,7 @@ def test_method_variants_fix_options_and_split_on_top_level_commas():
     ]
     assert parse_method("fogzo[ste_fraction=0.7]") == ("fogzo", {"ste_fraction": 0.7})
     ctx_equiv = METHODS["fogzo"].fwd_equiv
-    from metaste.bench.methods import RunContext
+    from metaste.bench.registry import RunContext
 
     assert ctx_equiv(RunContext("sgd", 0.1, 10, 0, extra={"ste_fraction": 0.7})) == pytest.approx(3.6)
 

@@ -10,7 +10,7 @@ pytest.importorskip("torchao.prototype.parq")
 
 from metaste.bench import peers  # noqa: E402
 from metaste.bench.compare import Protocol, Setup, check, compare  # noqa: E402
-from metaste.bench.methods import METHODS, RunContext  # noqa: E402
+from metaste.bench.registry import METHODS, RunContext  # noqa: E402
 from metaste.bench.runner import RunSpec, run_one  # noqa: E402
 from metaste.bench.tasks import get_task  # noqa: E402
 

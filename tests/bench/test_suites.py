@@ -29,9 +29,9 @@ def test_fogzo_mnist_quantizes_both_layers_with_the_lsq_init_fixed_step(monkeypa
         seen.update(quantized_weights(model))
         raise StopIteration  # the model is all this test needs
 
-    from metaste.bench import methods
+    from metaste.bench import registry
 
-    monkeypatch.setattr(methods.METHODS["ste"], "build", build)
+    monkeypatch.setattr(registry.METHODS["ste"], "build", build)
     spec = RunSpec(
         "mnist-mlp", "ste", "ste", 0, 0.1, 1, setup.bits, setup.quantizer, quant=tuple(setup.quant.items())
     )
