@@ -114,3 +114,14 @@ class MethodOptions:
         self, optimizer: Optimizer, managed: list[ManagedWeight], model: nn.Module | None
     ) -> HyperMethod:
         return self.runtime(optimizer, managed, self, model)
+
+
+def runs(options: type[MethodOptions]):
+    """Class decorator on a method runtime: ``options`` (and its subclasses, e.g. PFAGU of FAGU)
+    build it in :meth:`MethodOptions.build`."""
+
+    def register(cls: type[HyperMethod]) -> type[HyperMethod]:
+        options.runtime = cls
+        return cls
+
+    return register

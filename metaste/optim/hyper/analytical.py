@@ -21,7 +21,7 @@ from ...quant.psi import slste, slste_grad_code, slste_grad_from_code
 from .._closure import Closure
 from .._fused import host_floats as _host_floats
 from ._common import Evaluate, HyperMethod, ManagedWeight
-from ._options import MethodOptions
+from ._options import MethodOptions, runs
 from .analytical_math import (
     REGIONS,
     _back,
@@ -103,6 +103,7 @@ class Analytical(MethodOptions):
                 )
 
 
+@runs(Analytical)
 class AnalyticalMethod(HyperMethod):
     """Per step, on the complete ∂L_t/∂v̂_t = g (docs/design.md §3.1)::
 
@@ -250,6 +251,3 @@ class AnalyticalMethod(HyperMethod):
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         super().load_state_dict(sd)
         self.history = [None if h is None else (h["g"], h["d"], h["lr"]) for h in sd["history"]]
-
-
-Analytical.runtime = AnalyticalMethod

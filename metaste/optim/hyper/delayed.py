@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 
 from .._closure import Closure
 from ._common import Evaluate, HyperMethod, ManagedWeight, PendingStep
-from ._options import HyperOptimizerSpec, MethodOptions, resolve_hyper_optimizer
+from ._options import HyperOptimizerSpec, MethodOptions, resolve_hyper_optimizer, runs
 
 __all__ = ["Delayed", "DelayedMethod", "ACCUMULATE"]
 
@@ -59,6 +59,7 @@ class Delayed(MethodOptions):
         object.__setattr__(self, "hyper_optimizer_kwargs", dict(self.hyper_optimizer_kwargs or {}))
 
 
+@runs(Delayed)
 class DelayedMethod(HyperMethod):
     """Step t at position j = t mod k of its window [w, w+k−1] (docs/design.md §3.2)::
 
@@ -183,6 +184,3 @@ class DelayedMethod(HyperMethod):
         self.hypergrad = []  # the next window's end sets it (a checkpoint does not hold it)
         p = sd.get("pending")
         self.pending = None if p is None else PendingStep.from_state_dict(type(self.optimizer), p)
-
-
-Delayed.runtime = DelayedMethod

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .._closure import Closure
 from ._common import Evaluate, PendingStep
+from ._options import runs
 from .horizon import HorizonMethod
 from .horizon_options import HorizonOptions
 
@@ -40,6 +41,7 @@ class PFAGU(FAGU):
     default_schedule = "shared"
 
 
+@runs(FAGU)
 class FAGUMethod(HorizonMethod):
     """Greedy one-step hypergradients (fagu, pfagu). In a collected replay, step t+1 (after its
     backward) gives::
@@ -102,6 +104,3 @@ class FAGUMethod(HorizonMethod):
         super().load_state_dict(sd)
         p = sd.get("pending")
         self.pending = None if p is None else PendingStep.from_state_dict(type(self.optimizer), p)
-
-
-FAGU.runtime = FAGUMethod

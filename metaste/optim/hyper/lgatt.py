@@ -22,6 +22,7 @@ from .._closure import Closure, summed_loss
 from .._snapshot import Snapshot
 from ..diffopt import UpdateRecord, differentiable_step, differentiable_update
 from ._common import Evaluate, ManagedWeight
+from ._options import runs
 from .horizon import HorizonMethod
 from .horizon_options import HorizonOptions
 
@@ -253,6 +254,7 @@ def diagonal_sweep(
         yield t, dict(zip(ks, hs))
 
 
+@runs(LGATT)
 class LGATTMethod(HorizonMethod):
     """The runtime of ``method="lgatt"`` (docs/design.md §3.4; thesis 4.5 LGATT = FLAGU 5.3): every θ_t of the horizon gets
     the hypergradient of the final loss L_F — F = T with an ``extra_*`` rule (L_T on the extra
@@ -367,6 +369,3 @@ class LGATTMethod(HorizonMethod):
         super().load_state_dict(sd)
         self.trace = [Snapshot.from_state_dict(x) for x in sd["trace"]]
         self.final_grads = None if sd["final_grads"] is None else dict(sd["final_grads"])
-
-
-LGATT.runtime = LGATTMethod
