@@ -238,6 +238,7 @@ class HyperSTE(OptimizerWrapper):
         """Horizon methods: one whole horizon over ``closures`` (T re-callable closures), as T
         ``step`` calls; returns the user-pass (θ^0) losses. ``extra``: the batch of L_T for the
         ``extra_*`` last-step rules (default: the first closure)."""
+        self._check_horizon("run_horizon")
         losses = self.method.run_horizon(closures, self._evaluate, extra)
         self.steps += len(losses)
         return losses
@@ -245,7 +246,12 @@ class HyperSTE(OptimizerWrapper):
     def resume_horizon(self, closures: Sequence[Closure]) -> None:
         """Horizon methods, after ``load_state_dict`` in the middle of a horizon: the closures of
         the steps it had already run (bound to the new model), so that its replays can rerun them."""
+        self._check_horizon("resume_horizon")
         self.method.resume_horizon(closures)
+
+    def _check_horizon(self, call: str) -> None:
+        if not isinstance(self.options, HorizonOptions):
+            raise ValueError(f"{call}() is for the horizon methods, not method={self.method_name!r}")
 
     @property
     def diagnostics(self) -> dict[str, Any]:

@@ -14,7 +14,7 @@ options build once the managed weights are known; it holds the state and answers
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -188,14 +188,6 @@ class HyperMethod:
 
     def after_update(self, step: int) -> None:
         """Hook after the base optimizer's step (default: nothing)."""
-
-    def run_horizon(
-        self, closures: Sequence[Closure], evaluate: Evaluate, extra: Closure | None
-    ) -> list[Tensor]:
-        raise ValueError(f"run_horizon() is for the horizon methods, not method={self.name!r}")
-
-    def resume_horizon(self, closures: Sequence[Closure]) -> None:
-        raise ValueError(f"resume_horizon() is for the horizon methods, not method={self.name!r}")
 
     # -- shared pieces ----------------------------------------------------------------------
 
