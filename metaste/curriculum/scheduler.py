@@ -33,14 +33,15 @@ class QuantCurriculum:
     Args:
         model: a model quantized with :func:`metaste.quantize_model`.
         total_steps (int): T, the run's length.
-        curriculum (str): ``"random"``, ``"nested"``, ``"switch"``, ``"blend"``, ``"noise"`` or
-            ``"nearest"`` (:mod:`metaste.curriculum.strategies`).
+        curriculum (str): ``"random"``, ``"nested"``, ``"switch"``, ``"blend"``, ``"noise"``,
+            ``"nearest"`` or ``"bits"`` (:mod:`metaste.curriculum.strategies`).
         length (float in [0, 1], default 0.5): T_c / T. 0: no curriculum (the plain quantized
             model from the first step, bit for bit).
         schedule (``"linear"`` | ``"cosine"`` | ``"log"`` | ``"step"``, default ``"linear"``): ρ(t).
         k (float ≥ 0, default 9): the ``log`` schedule's curvature; stages (int ≥ 1, default 4):
             the ``step`` schedule's.
         every (int ≥ 1, default 1): ``nearest`` re-ranks the elements every ``every`` steps.
+        ladder (default (8, 4)): the finer bit widths ``bits`` trains on before the weight's own.
         seed (int): the masks' stream.
 
     ``state_dict()`` / ``load_state_dict()`` resume it exactly (the step; ``nearest``'s current
@@ -63,6 +64,7 @@ class QuantCurriculum:
         k: float = 9.0,
         stages: int = 4,
         every: int = 1,
+        ladder: tuple[int, ...] = (8, 4),
         seed: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -83,7 +85,15 @@ class QuantCurriculum:
         self.layers = _quantized_layers(model)
         self.total_steps, self.length, self.schedule = total_steps, float(length), schedule
         self.curriculum, self.k, self.stages, self.seed = curriculum, float(k), stages, seed
-        self.strategy = CURRICULA[curriculum](seed=seed, every=every)
+        if not ladder or any(
+            isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 16 for b in ladder
+        ):
+            raise ValueError(f"Invalid ladder: {ladder!r}; bit widths (ints in [2, 16]), e.g. (8, 4)")
+        self.strategy = CURRICULA[curriculum](
+            seed=seed, every=every, ladder=tuple(sorted(ladder, reverse=True))
+        )
+        for _, entry in self.layers:
+            self.strategy.check(entry)
         self.curriculum_steps = int(round(self.length * total_steps))
         self.t = 0
         self.released = False
@@ -111,6 +121,10 @@ class QuantCurriculum:
         if rho >= 1.0:
             self._set_all(None)
             return
+        if self.strategy.sets == "bits":
+            for layer, entry in self.layers:
+                layer.curriculum_bits = self.strategy.bits(entry, rho)
+            return
         if self._mixes and self.t % self.strategy.every != 0:
             return  # ``nearest`` keeps its ranking between re-rankings
         for index, (layers, entry) in enumerate(self._by_weight()):
@@ -126,6 +140,7 @@ class QuantCurriculum:
     def _set_all(self, value: Tensor | None) -> None:
         for layer, _ in self.layers:
             layer.curriculum_mix = value
+            layer.curriculum_bits = None
         self._mixes.clear()
 
     def _by_weight(self) -> list[tuple[list[nn.Module], QuantEntry]]:

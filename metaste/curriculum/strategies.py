@@ -17,6 +17,10 @@ rounded to 1/256.
 | ``blend`` | ρ (a scalar) | alpha-blending |
 | ``noise`` | 1{U < ρ} per block (an output row of a Linear, a kernel of a conv) | Quant-Noise |
 | ``nearest`` | 1 on the ⌈ρN⌉ elements nearest their grid point, recomputed every K steps | ours |
+
+``bits`` (progressive bit width) sets the layer's bit width instead of a mix: the weight is
+quantized on the finer grids of ``ladder`` (e.g. 8 then 4 bits, over the same range) for equal
+shares of ρ, then on its own grid from T_c on.
 """
 
 from __future__ import annotations
@@ -58,14 +62,23 @@ def _below(shape: tuple[int, ...], seed: int, rho: float, device: torch.device, 
 
 
 class Curriculum:
-    """A strategy: :meth:`mix` of weight ``index`` at step ``t`` and ratio ``rho`` (< 1)."""
+    """A strategy: :meth:`mix` of weight ``index`` at step ``t`` and ratio ``rho`` (< 1), or, for a
+    bit-width strategy (``sets = "bits"``), :meth:`bits`."""
 
     name: ClassVar[str] = ""
+    #: what the strategy sets on a layer: its ``curriculum_mix`` or its ``curriculum_bits``
+    sets: ClassVar[str] = "mix"
     #: the mix is re-derived only every ``every`` steps (``nearest``); others every step
     every: int = 1
 
-    def __init__(self, seed: int = 0, every: int = 1) -> None:
-        self.seed, self.every = seed, every
+    def __init__(self, seed: int = 0, every: int = 1, ladder: tuple[int, ...] = (8, 4)) -> None:
+        self.seed, self.every, self.ladder = seed, every, tuple(ladder)
+
+    def check(self, entry: QuantEntry) -> None:
+        """Raise ``ValueError`` if the strategy cannot drive this weight's quantizer."""
+
+    def bits(self, entry: QuantEntry, rho: float) -> int | None:
+        raise NotImplementedError
 
     def mix(self, entry: QuantEntry, index: int, rho: float, t: int) -> Tensor:
         raise NotImplementedError
@@ -128,3 +141,21 @@ class Nearest(Curriculum):
         if count:
             m[torch.topk(err, count, largest=False).indices] = 1.0
         return m.view(u.shape).to(entry.weight.dtype)
+
+
+@register_curriculum
+class Bits(Curriculum):
+    name = "bits"
+    sets = "bits"
+
+    def check(self, entry: QuantEntry) -> None:
+        if entry.quantizer.kind not in ("fixed", "lsq"):
+            raise ValueError(
+                f"the 'bits' curriculum quantizes on finer grids of a round-based quantizer (fixed, LSQ); "
+                f"this model's weights use '{entry.quantizer.kind}' (1-bit DoReFa has no finer grid)"
+            )
+
+    def bits(self, entry: QuantEntry, rho: float) -> int | None:
+        finer = [b for b in self.ladder if b > entry.quantizer.bits]
+        stage = int(rho * len(finer))
+        return finer[stage] if stage < len(finer) else None

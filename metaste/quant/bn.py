@@ -52,7 +52,11 @@ def recalibrate_bn(
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     modes = {m: m.training for m in model.modules()}
     momenta = {bn: bn.momentum for bn in bns}
-    mixes = {m: m.curriculum_mix for m in model.modules() if getattr(m, "curriculum_mix", None) is not None}
+    mixes = {
+        m: (m.curriculum_mix, m.curriculum_bits)
+        for m in model.modules()
+        if getattr(m, "curriculum_mix", None) is not None or getattr(m, "curriculum_bits", None) is not None
+    }
     saved = {bn: {k: v.clone() for k, v in bn.named_buffers(recurse=False)} for bn in bns}
     forward = forward or _default_forward
     seen = 0
@@ -62,7 +66,7 @@ def recalibrate_bn(
             bn.momentum = None
         model.train()
         for m in mixes:
-            m.curriculum_mix = None
+            m.curriculum_mix = m.curriculum_bits = None
         for batch in batches:
             forward(model, batch)
             seen += 1
@@ -78,6 +82,6 @@ def recalibrate_bn(
             bn.momentum = momentum
         for m, mode in modes.items():
             m.training = mode
-        for m, mix in mixes.items():
-            m.curriculum_mix = mix
+        for m, (mix, bits) in mixes.items():
+            m.curriculum_mix, m.curriculum_bits = mix, bits
     return seen

@@ -74,13 +74,18 @@ class QuantLayer:
     #: a quantization curriculum's mix m (metaste.QuantCurriculum): in training the forward weight
     #: is lerp(v, Q(v), m) — v where m = 0, Q(v) where m = 1, exactly; None: Q(v)
     curriculum_mix: Tensor | None = None
+    #: a bit-width curriculum's current bit width (finer than the quantizer's); None: its own
+    curriculum_bits: int | None = None
 
     def quantized_weight(self) -> Tensor:
-        q = self.weight_quant(self.weight)
+        if not self.training:
+            return self.weight_quant(self.weight)
+        if self.curriculum_bits is not None:
+            q = self.weight_quant.at_bits(self.weight, self.curriculum_bits)
+        else:
+            q = self.weight_quant(self.weight)
         m = self.curriculum_mix
-        if m is None or not self.training:
-            return q
-        return torch.lerp(self.weight, q, m)
+        return q if m is None else torch.lerp(self.weight, q, m)
 
     def _quant_input(self, x: Tensor) -> Tensor:
         x = x if self.act_quant is None else self.act_quant(x)

@@ -202,6 +202,16 @@ class Quantizer(GridSpecMixin, nn.Module):
     def u(self, weight: Tensor) -> Tensor:
         return weight / self.scale(weight)
 
+    def at_bits(self, weight: Tensor, bits: int) -> Tensor:
+        """The weight fake-quantized on a finer grid of ``bits`` > ``self.bits`` over the same
+        range (a bit-width curriculum, docs/design.md §12): s_b = s/2^(b − bits),
+        v̂ = clamp(round(v/s_b), −Qn_b, Qp_b)·s_b, the same surrogate on the b-bit grid; LSQ's s
+        trains through s_b with its own gradient scale."""
+        raise ValueError(
+            f"a {type(self).__name__} has no finer grid: the bit-width curriculum needs a round-based "
+            "quantizer (quantizer='fixed' or 'lsq')"
+        )
+
     @torch.no_grad()
     def codes(self, weight: Tensor) -> Tensor:
         """Integer codes in [−Qn, Qp] (binary: ±1), as an integer tensor."""
@@ -245,6 +255,10 @@ class FixedScaleQuantizer(Quantizer):
     def forward(self, weight: Tensor) -> Tensor:
         return _RoundQuantFn.apply(weight, self.s, self.qn, self.qp, self, 1.0)
 
+    def at_bits(self, weight: Tensor, bits: int) -> Tensor:
+        qn, qp = signed_grid(bits)
+        return _RoundQuantFn.apply(weight, self.s / 2.0 ** (bits - self.bits), qn, qp, self, 1.0)
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, per_channel={self.per_channel}"
 
@@ -269,6 +283,11 @@ class LSQQuantizer(Quantizer):
     def forward(self, weight: Tensor) -> Tensor:
         s = self.s.clamp(min=_S_EPS)
         return _RoundQuantFn.apply(weight, s, self.qn, self.qp, self, self.grad_scale)
+
+    def at_bits(self, weight: Tensor, bits: int) -> Tensor:
+        qn, qp = signed_grid(bits)
+        s = self.s.clamp(min=_S_EPS) / 2.0 ** (bits - self.bits)
+        return _RoundQuantFn.apply(weight, s, qn, qp, self, self.grad_scale)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, per_channel={self.per_channel}"

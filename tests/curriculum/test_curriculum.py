@@ -135,7 +135,7 @@ def test_switch_is_float_then_quantized_and_blend_is_the_ratio():
 # -- the mixed forward against a hand-written loop ------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["random", "nested", "noise", "nearest", "switch", "blend"])
+@pytest.mark.parametrize("name", ["random", "nested", "noise", "nearest", "switch", "blend", "bits"])
 def test_training_equals_a_hand_written_loop_with_the_mixed_weights(name):
     """The reference builds w̃ = where(m, Q(v), v) (blend: (1 − ρ)·v + ρ·Q(v)) itself and runs the
     layers functionally; the curriculum only supplies m."""
@@ -148,6 +148,7 @@ def test_training_equals_a_hand_written_loop_with_the_mixed_weights(name):
         mix = [
             None if layer.curriculum_mix is None else layer.curriculum_mix.clone() for layer, _ in cur.layers
         ]
+        bits = [layer.curriculum_bits for layer, _ in cur.layers]
         x, y = data(t)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
@@ -155,7 +156,11 @@ def test_training_equals_a_hand_written_loop_with_the_mixed_weights(name):
         cur.step()
         h = x
         for i, layer in enumerate(layers):
-            q = layer.weight_quant(layer.weight)
+            q = (
+                layer.weight_quant(layer.weight)
+                if bits[i] is None
+                else layer.weight_quant.at_bits(layer.weight, bits[i])
+            )
             m = mix[i]
             if m is None:
                 w = q
@@ -318,7 +323,57 @@ def test_a_model_without_quantized_layers_is_refused():
 
 
 def test_every_registered_curriculum_is_tested():
-    assert set(CURRICULA) == {"random", "nested", "switch", "blend", "noise", "nearest"}
+    assert set(CURRICULA) == {"random", "nested", "switch", "blend", "noise", "nearest", "bits"}
+
+
+# -- the bit-width curriculum -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quantizer", ["fixed", "lsq"])
+def test_a_finer_grid_is_the_same_range_with_the_step_halved_per_bit(quantizer):
+    torch.manual_seed(0)
+    layer = metaste.quantize_model(
+        nn.Sequential(nn.Linear(12, 6)), bits=2, quantizer=quantizer, keep_last=False
+    )[0]
+    q = layer.weight_quant
+    v = layer.weight.detach().clone().requires_grad_()
+    s = q.scale(v)
+    for b in (4, 8):
+        sb = s / 2 ** (b - 2)
+        qn, qp = 2 ** (b - 1), 2 ** (b - 1) - 1
+        out = q.at_bits(v, b)
+        assert torch.equal(out, torch.clamp(torch.round(v.detach() / sb), -qn, qp) * sb)
+        (g,) = torch.autograd.grad(out.sum(), v)  # the clipped STE on the b-bit grid
+        u = v.detach() / sb
+        assert torch.equal(g, ((u >= -qn) & (u <= qp)).to(g.dtype))
+
+
+def test_bits_steps_down_the_ladder_then_the_model_is_the_plain_quantized_one():
+    model = mlp()
+    cur = QuantCurriculum(model, total_steps=10, curriculum="bits", length=0.6, ladder=(4, 8))
+    seen = []
+    for _ in range(8):
+        seen.append(cur.layers[0][0].curriculum_bits)
+        cur.step()
+    assert seen == [8, 8, 8, 4, 4, 4, None, None]  # T_c = 6: three steps at 8 bits, three at 4
+    x, _ = data(0)
+    cur2 = QuantCurriculum(mlp(), total_steps=10, curriculum="bits", length=0.6)
+    layer = cur2.layers[0][0]
+    h = F.linear(x, layer.weight_quant.at_bits(layer.weight, 8), layer.bias)
+    assert torch.equal(layer(x), h)  # training forward at 8 bits
+    layer.eval()
+    assert torch.equal(layer(x), F.linear(x, layer.weight_quant(layer.weight), layer.bias))
+
+
+def test_bits_needs_a_round_based_quantizer():
+    torch.manual_seed(0)
+    model = metaste.quantize_model(
+        nn.Sequential(nn.Linear(12, 4)), bits=1, quantizer="dorefa", keep_last=False
+    )
+    with pytest.raises(ValueError, match="finer grids of a round-based quantizer"):
+        QuantCurriculum(model, total_steps=10, curriculum="bits")
+    with pytest.raises(ValueError, match="Invalid ladder"):
+        QuantCurriculum(mlp(), total_steps=10, curriculum="bits", ladder=(1,))
 
 
 def test_batchnorm_recalibration_sees_the_quantized_weights():
