@@ -221,6 +221,29 @@ SUITES: dict[str, list[SuiteEntry]] = {
             "with the lr on the tuning seeds. CPU budget: ~300 runs of ~3 s, about 10 min on 2 cores",
         ),
         SuiteEntry(
+            "curriculum-mnist-1bit-confirm",
+            "MNIST MLP 784-10-10, first layer 1-bit DoReFa (head float), SGD, 1,500 steps: the random-mask "
+            "curriculum on 20 fresh seeds, beside PEGE's own and the per-block (Quant-Noise) masks",
+            *mnist(
+                1,
+                "dorefa",
+                "sgd",
+                [
+                    "ste",
+                    "ste-identity",
+                    "ste-float",
+                    "ste+random[cur_schedule=log]",
+                    "ste+noise[cur_schedule=log]",
+                    "pege[lam=0,delta=0]",
+                ],
+                20,
+                first_seed=90,
+                tune={"float_frac": [0.25, 0.5], "cur_length": [0.25, 0.5]},
+            ),
+            "a confirmation of `curriculum-mnist-1bit` (seeds 80–89) on evaluation seeds 90–109; "
+            "`pege[lam=0,delta=0]` is PEGE's curriculum alone, with its per-forward masks",
+        ),
+        SuiteEntry(
             "curriculum-fashion-resnet-2bit-float",
             "Fashion-MNIST subset, ResNet-8-style, 2-bit LSQ, SGD, 300 steps, from the float model: gradual "
             "quantization of a trained float network",
