@@ -237,10 +237,10 @@ SUITES: dict[str, list[SuiteEntry]] = {
                     "pege[lam=0,delta=0]",
                 ],
                 20,
-                first_seed=90,
+                first_seed=110,
                 tune={"float_frac": [0.25, 0.5], "cur_length": [0.25, 0.5]},
             ),
-            "a confirmation of `curriculum-mnist-1bit` (seeds 80–89) on evaluation seeds 90–109; "
+            "a confirmation of `curriculum-mnist-1bit` (seeds 80–89) on evaluation seeds 110–129; "
             "`pege[lam=0,delta=0]` is PEGE's curriculum alone, with its per-forward masks",
         ),
         SuiteEntry(
