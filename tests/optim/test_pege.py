@@ -196,3 +196,41 @@ def test_needs_quantized_weights_and_can_be_removed():
     opt = PEGE(torch.optim.SGD(net.parameters(), lr=0.1), total_steps=10)
     opt.remove()
     assert not torch.equal(net[0].quantized_weight(), net[0].weight)  # the plain quantizer again
+
+
+def test_activation_penalty_gradient_equals_autograd_of_the_penalized_loss():
+    """The activation penalty's gradient, added in the mix's backward, equals autograd of
+    loss + λ·Σ mean((x/s − c)²) over the activation quantizers (c, s held); past T_r, δ = 0."""
+    lam = 0.5
+    net, ref = mlp(act_bits=2), mlp(act_bits=2)
+    x, y = batch()
+    net(x), ref(x)  # the activation quantizers set their steps from a first batch
+    opt = PEGE(torch.optim.SGD(net.parameters(), lr=0.1), replace_steps=1, delta=0.0, lam=lam, model=net)
+    opt.steps = 1
+    opt.zero_grad()
+    F.cross_entropy(net(x), y).backward()
+    weight_sites = [s for s in opt.sites if s.kind == "weight"]
+    opt._add_penalty_grads()
+    got = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+    inputs = []
+    acts = [m for m in ref.modules() if isinstance(m, metaste.quant.quantizers.ActivationLSQQuantizer)]
+    handles = [m.register_forward_hook(lambda mod, a, out: inputs.append((mod, a[0]))) for m in acts]
+    loss = F.cross_entropy(ref(x), y)
+    for h in handles:
+        h.remove()
+    for mod, a in inputs:
+        s = mod.s.detach().clamp(min=1e-8)
+        c = torch.round(a.detach() / s).clamp(-mod.qn, mod.qp)
+        loss = loss + lam * ((a / s - c) ** 2).mean()
+    weights = [m for m in ref.modules() if isinstance(m, metaste.QuantLinear)]
+    for w in weights:  # the weight penalty, from the hand formula
+        q = w.weight_quant
+        s = q.scale(w.weight.detach())
+        c = torch.round(w.weight / s).clamp(-q.qn, q.qp).detach()
+        loss = loss + lam * ((w.weight / s - c) ** 2).mean()
+    loss.backward()
+    assert len(weight_sites) == len(weights) and inputs
+    for n, p in ref.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
