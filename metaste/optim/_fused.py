@@ -4,13 +4,14 @@ The noise z of (seed, t, i, k) is a pure function of a 64-bit key (``derive_seed
 and the element index j — nothing is drawn in sequence and nothing has to be stored:
 
     h(x)  = x ^= x >>> 16; x *= 0x7FEB352D; x ^= x >>> 15; x *= 0x846CA68B; x ^= x >>> 16   (mod 2^32)
-    bits  = h(h(j·0x9E3779B9 + key_lo) ^ key_hi)                                            (32 bits)
+    bits  = h((j·0x9E3779B9 + key_lo) ^ key_hi)                                              (32 bits)
     W     = (bits >> 16 (as a signed int16) + ½) / 2^15        ∈ (−1, 1), the 2^16-level midpoint grid
+    W'    = the same of the low 16 bits
 
-(``h`` is C. Wellons's low-bias 32-bit integer hash; two rounds keyed by both halves of the key
-make every (key, ·) a different bijection of the index.) z follows from W by the sampler of
-:data:`~metaste.optim.smoothing.SMOOTHINGS` (approxsign: W at j and at j + m, m the tensor's
-size). Everything is written in torch int32/float ops, so the same Python function is
+(``h`` is C. Wellons's low-bias 32-bit integer hash, one round over a keyed Weyl sequence, as in
+SplitMix.) z follows from W by the sampler of :data:`~metaste.optim.smoothing.SMOOTHINGS`; the
+approxsign kind's two uniforms are W and W' of the same hash. Everything is written in torch
+int32/float ops, so the same Python function is
 
 * the **eager** path (any device, no compiler), and
 * the body of a ``torch.compile`` kernel (inductor: one vectorised C++ loop on CPU, one Triton
@@ -35,7 +36,7 @@ from .smoothing import SQRT3, SQRT6, TANH_EPS  # the laws' constants, defined on
 __all__ = [
     "host_floats",
     "key_halves",
-    "uniform_from_index",
+    "bits_from_index",
     "z_from_index",
     "perturb_",
     "combine_",
@@ -67,19 +68,24 @@ def _h32_(x: Tensor) -> Tensor:
     return x.bitwise_xor_((x >> 16).bitwise_and_(0xFFFF))
 
 
-def uniform_from_index(j: Tensor, k1: Tensor | int, k2: Tensor | int) -> Tensor:
-    """W ∈ (−1, 1) (float32) of the int32 indices ``j`` for the key halves (k1, k2)."""
-    bits = _h32_(_h32_(torch.mul(j, _GAMMA).add_(k1)).bitwise_xor_(k2))
-    return (bits >> 16).to(torch.float32).add_(0.5).mul_(2.0**-15)
+def bits_from_index(j: Tensor, k1: Tensor | int, k2: Tensor | int) -> Tensor:
+    """The 32 hashed bits (int32) of the int32 indices ``j`` for the key halves (k1, k2)."""
+    return _h32_(torch.mul(j, _GAMMA).add_(k1).bitwise_xor_(k2))
 
 
-def z_from_index(kind: str, j: Tensor, m: int, k1: Tensor | int, k2: Tensor | int) -> Tensor:
-    """z ∼ p̄ of ``kind`` (float32) at indices ``j`` of a tensor of ``m`` elements."""
-    w = uniform_from_index(j, k1, k2)
+def _w(half: Tensor) -> Tensor:
+    """W = (k + ½)/2^15 ∈ (−1, 1) (float32) of signed 16-bit values k held in int32."""
+    return half.to(torch.float32).add_(0.5).mul_(2.0**-15)
+
+
+def z_from_index(kind: str, j: Tensor, k1: Tensor | int, k2: Tensor | int) -> Tensor:
+    """z ∼ p̄ of ``kind`` (float32) at the int32 indices ``j``."""
+    bits = bits_from_index(j, k1, k2)
+    w = _w(bits >> 16)
     if kind in ("identity", "hardtanh"):
         return w.mul_(SQRT3)
     if kind == "approxsign":
-        return w.add_(uniform_from_index(j + m, k1, k2)).mul_(SQRT6 / 2)
+        return w.add_(_w((bits & 0xFFFF).bitwise_xor_(0x8000).sub_(0x8000))).mul_(SQRT6 / 2)
     if kind == "tanh":
         return w.atanh_().div_(TANH_EPS)
     raise ValueError(f"unknown STE kind {kind!r}")
@@ -104,13 +110,13 @@ def delta(z: Tensor, g: Tensor | None, eps2: Tensor, beps: Tensor, a_sig: Tensor
 
 def perturb_(
     v: Tensor, g: Tensor | None, eps2: Tensor, beps: Tensor, a_sig: Tensor, alpha: Tensor, k1: Tensor, k2: Tensor,
-    kind: str, offset: Tensor | int = 0, numel: Tensor | int | None = None,
+    kind: str, offset: Tensor | int = 0,
 ) -> None:  # fmt: skip
     """v += α·ε⊙d_i in one pass, z computed from the element index (α ∈ {±1, ±2}: exact).
 
-    A shard (FSDP2) passes ``offset``, its flat offset in the full tensor, and ``numel``, the full
-    tensor's size: z is then the full tensor's noise at the global indices offset + j."""
-    z = z_from_index(kind, _index(v, offset), v.numel() if numel is None else numel, k1, k2)
+    A shard (FSDP2) passes ``offset``, its flat offset in the full tensor: z is then the full
+    tensor's noise at the global indices offset + j."""
+    z = z_from_index(kind, _index(v, offset), k1, k2)
     if v.dtype != torch.float32:
         z = z.to(v.dtype)
     v.add_(delta(z, g, eps2, beps, a_sig) * alpha)
@@ -118,18 +124,17 @@ def perturb_(
 
 def combine_(
     G: Tensor, eps: Tensor, scale_g: Tensor, zero: bool, vals: Tensor, k1s: Tensor, k2s: Tensor, kind: str,
-    offset: Tensor | int = 0, numel: Tensor | int | None = None,
+    offset: Tensor | int = 0,
 ) -> None:  # fmt: skip
     """G ← g·s_g (0 if ``zero``) + Σ_i (vals_i·z_i) ⊘ ε in one pass (the order of ``addcdiv``);
-    ``offset``/``numel``: a shard's, as in :func:`perturb_`."""
+    ``offset``: a shard's, as in :func:`perturb_`."""
     if zero:
         G.zero_()
     else:
         G.mul_(scale_g)
     j = _index(G, offset)
-    m = G.numel() if numel is None else numel
     for i in range(vals.numel()):
-        z = z_from_index(kind, j, m, k1s[i], k2s[i])
+        z = z_from_index(kind, j, k1s[i], k2s[i])
         if G.dtype != torch.float32:
             z = z.to(G.dtype)
         G.add_((vals[i] * z) / eps)
@@ -138,15 +143,14 @@ def combine_(
 def restore_combine_(
     v: Tensor, g: Tensor | None, eps2: Tensor, beps: Tensor, a_sig: Tensor, alpha: Tensor, k1: Tensor, k2: Tensor,
     G: Tensor, eps: Tensor, scale_g: Tensor, zero: bool, vals: Tensor, k1s: Tensor, k2s: Tensor, kind: str,
-    offset: Tensor | int = 0, numel: Tensor | int | None = None,
+    offset: Tensor | int = 0,
 ) -> None:  # fmt: skip
     """:func:`perturb_` (v += α·ε⊙d with the noise of (k1, k2), read with the g before G replaces it)
     and then :func:`combine_` into ``G`` — G may be g itself — in one pass: the in-place restore of
     the last sample shares its noise with the combine (``(k1, k2)`` is one of ``(k1s, k2s)``; its z
     is computed once). The same values as the two passes run one after the other."""
     j = _index(v, offset)
-    m = v.numel() if numel is None else numel
-    z = z_from_index(kind, j, m, k1, k2)
+    z = z_from_index(kind, j, k1, k2)
     if v.dtype != torch.float32:
         z = z.to(v.dtype)
     v.add_(delta(z, g, eps2, beps, a_sig) * alpha)
@@ -156,7 +160,7 @@ def restore_combine_(
         G.mul_(scale_g)
     last = vals.numel() - 1
     for i in range(vals.numel()):
-        zi = z if i == last else z_from_index(kind, j, m, k1s[i], k2s[i])
+        zi = z if i == last else z_from_index(kind, j, k1s[i], k2s[i])
         if i != last and G.dtype != torch.float32:
             zi = zi.to(G.dtype)
         G.add_((vals[i] * zi) / eps)
@@ -166,13 +170,12 @@ def restore_combine_(
 # wrapper (guards, cache lookup) whatever its size, so a model of many small weights (a language
 # model's projections) paid it per tensor per pass. Each loops over the per-tensor pass; under
 # ``torch.compile`` the loop unrolls into one graph. ``k1s``/``k2s``: int32 keys per tensor
-# (``[K]`` for a perturbation, ``[K, n]`` for a combine); ``offsets``/``numels``: per tensor, 0 /
-# ``None`` for a whole tensor.
+# (``[K]`` for a perturbation, ``[K, n]`` for a combine); ``offsets``: per tensor, 0 for a whole tensor.
 
 
 def perturb_many_(
     vs: list[Tensor], gs: list[Tensor | None], eps2s: list[Tensor], bepss: list[Tensor], a_sigs: list[Tensor],
-    alphas: list[Tensor], k1s: Tensor, k2s: Tensor, kind: str, offsets: list, numels: list,
+    alphas: list[Tensor], k1s: Tensor, k2s: Tensor, kind: str, offsets: list,
 ) -> None:  # fmt: skip
     """:func:`perturb_` on each tensor ``vs[k]`` with its own arguments."""
     for k in range(len(vs)):
@@ -187,29 +190,28 @@ def perturb_many_(
             k2s[k],
             kind,
             offsets[k],
-            numels[k],
         )
 
 
 def combine_many_(
     Gs: list[Tensor], epss: list[Tensor], scale_gs: list[Tensor], zero: bool, vals: list[Tensor], k1s: Tensor,
-    k2s: Tensor, kind: str, offsets: list, numels: list,
+    k2s: Tensor, kind: str, offsets: list,
 ) -> None:  # fmt: skip
     """:func:`combine_` on each tensor ``Gs[k]`` with its own arguments."""
     for k in range(len(Gs)):
-        combine_(Gs[k], epss[k], scale_gs[k], zero, vals[k], k1s[k], k2s[k], kind, offsets[k], numels[k])
+        combine_(Gs[k], epss[k], scale_gs[k], zero, vals[k], k1s[k], k2s[k], kind, offsets[k])
 
 
 def restore_combine_many_(
     vs: list[Tensor], gs: list[Tensor | None], eps2s: list[Tensor], bepss: list[Tensor], a_sigs: list[Tensor],
     alphas: list[Tensor], k1: Tensor, k2: Tensor, Gs: list[Tensor], epss: list[Tensor], scale_gs: list[Tensor],
-    zero: bool, vals: list[Tensor], k1s: Tensor, k2s: Tensor, kind: str, offsets: list, numels: list,
+    zero: bool, vals: list[Tensor], k1s: Tensor, k2s: Tensor, kind: str, offsets: list,
 ) -> None:  # fmt: skip
     """:func:`restore_combine_` on each tensor (``k1``/``k2``: the restored sample's keys, ``[K]``)."""
     for k in range(len(vs)):
         restore_combine_(
             vs[k], gs[k], eps2s[k], bepss[k], a_sigs[k], alphas[k], k1[k], k2[k], Gs[k], epss[k], scale_gs[k],
-            zero, vals[k], k1s[k], k2s[k], kind, offsets[k], numels[k],
+            zero, vals[k], k1s[k], k2s[k], kind, offsets[k],
         )  # fmt: skip
 
 

@@ -90,14 +90,9 @@ def fogzo_estimate(
                 f"a shard of {v.numel()} elements at offset {s0} does not fit a tensor of {m} elements "
                 "(FOGZO's noise indexes elements with int32: at most 2^31 - 1)"
             )
-    # the kernels' index arguments per tensor (0-dim int32): 0 / None for whole tensors
+    # the kernels' index offsets per tensor (0-dim int32): 0 for whole tensors
     i32 = torch.int32
-    if offsets is None and numels is None:
-        offs: list = [0] * len(weights)
-        nums: list = [None] * len(weights)
-    else:
-        offs = [torch.tensor(s0, dtype=i32) for s0 in starts]
-        nums = [torch.tensor(m, dtype=i32) for m in totals]
+    offs: list = [0] * len(weights) if offsets is None else [torch.tensor(s0, dtype=i32) for s0 in starts]
     # the keys as int32 tensors: [i, k] halves of sample i, tensor k
     key1 = torch.tensor([[k1 for k1, _ in row] for row in keys], dtype=i32)
     key2 = torch.tensor([[k2 for _, k2 in row] for row in keys], dtype=i32)
@@ -121,7 +116,7 @@ def fogzo_estimate(
         if (i, k) not in kept:
             v = weights[k]
             kept[(i, k)] = noise_slice(
-                kinds[k], totals[k], starts[k], v.numel(), (seed, step, i, k), v.device, v.dtype
+                kinds[k], starts[k], v.numel(), derive_seed(seed, step, i, k), v.device, v.dtype
             ).view(v.shape)
         return kept[(i, k)]
 
@@ -157,7 +152,6 @@ def fogzo_estimate(
                     k2s[i] if ks is None else k2s[i, pos],
                     kind,
                     [offs[k] for k in sel],
-                    [nums[k] for k in sel],
                 )
 
     # 2. c_i from 2 (one-sided: 1) no-grad passes at v ± ε⊙d_i
@@ -229,7 +223,6 @@ def fogzo_estimate(
                 k2s.T.contiguous(),
                 kind,
                 [offs[k] for k in sel],
-                [nums[k] for k in sel],
             )
             if fuse_last and offset[1] != 0.0:
                 i = n - 1

@@ -23,9 +23,9 @@ from the element index alone. A shard of a tensor (FSDP2) evaluates the same fun
 at its global indices (:func:`noise_slice`), so the union of the shards' noise is the
 single-process noise. W = 2U − 1 takes 16 random bits: the midpoints of a
 2^16-level grid, exactly symmetric and strictly inside (−1, 1), so ``atanh`` never sees ±1 (tanh
-kind: |z| ≤ 6.5, a tail of mass 2^-15 is cut and the variance is 0.999). (Earlier versions drew
-the bits from NumPy's SFC64 on CPU and a ``torch.Generator`` elsewhere: the distribution is the
-same, the numbers are not.)
+kind: |z| ≤ 6.5, a tail of mass 2^-15 is cut and the variance is 0.999); approxsign's two W are
+the two 16-bit halves of one 32-bit hash. (Earlier versions hashed twice per 16 bits, and before
+that drew from NumPy's SFC64: the distribution is the same, the numbers are not.)
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ __all__ = [
     "rademacher",
     "noise",
     "noise_slice",
-    "uniform_w",
 ]
 
 SQRT3 = math.sqrt(3.0)
@@ -57,17 +56,14 @@ TANH_EPS = math.pi / math.sqrt(12.0)
 
 @dataclass(frozen=True)
 class Smoothing:
-    """One row of the table: ``eps_bar`` (ε̄), ``density`` (p̄), ``hard`` (h), ``soft`` (h_s),
-    ``uniforms`` (W draws per element) and ``from_w`` (in place: W of shape ``(uniforms, m)``
-    → z of shape ``(m,)`` distributed as p̄)."""
+    """One row of the table: ``eps_bar`` (ε̄), ``density`` (p̄), ``hard`` (h) and ``soft`` (h_s);
+    the samplers are :func:`metaste.optim._fused.z_from_index`."""
 
     kind: str
     eps_bar: float
     density: Callable[[Tensor], Tensor]
     hard: Callable[[Tensor], Tensor]
     soft: Callable[[Tensor], Tensor]
-    uniforms: int
-    from_w: Callable[[Tensor], Tensor]
 
 
 def _sign(x: Tensor) -> Tensor:
@@ -97,8 +93,6 @@ SMOOTHINGS: dict[str, Smoothing] = {
         _uniform_density,
         torch.round,
         lambda x: x,
-        1,
-        lambda w: w[0].mul_(SQRT3),
     ),
     "hardtanh": Smoothing(
         "hardtanh",
@@ -106,8 +100,6 @@ SMOOTHINGS: dict[str, Smoothing] = {
         _uniform_density,
         _sign,
         lambda x: torch.clamp(x, -1, 1),
-        1,
-        lambda w: w[0].mul_(SQRT3),
     ),
     "tanh": Smoothing(
         "tanh",
@@ -115,8 +107,6 @@ SMOOTHINGS: dict[str, Smoothing] = {
         _tanh_density,
         _sign,
         torch.tanh,
-        1,
-        lambda w: w[0].atanh_().div_(TANH_EPS),
     ),
     "approxsign": Smoothing(
         "approxsign",
@@ -124,8 +114,6 @@ SMOOTHINGS: dict[str, Smoothing] = {
         _triangle_density,
         _sign,
         _approxsign,
-        2,
-        lambda w: w[0].add_(w[1]).mul_(SQRT6 / 2),
     ),
 }
 STE_KINDS = tuple(SMOOTHINGS)
@@ -142,49 +130,32 @@ def rademacher(seed: int, step: int, sample: int) -> float:
     return 1.0 if derive_seed(seed, step, sample, -1) & 1 else -1.0
 
 
-def uniform_w(count: int, seed: int, device: torch.device) -> Tensor:
-    """``count`` float32 values W = 2U − 1 ∈ (−1, 1), a pure function of (``seed``, index j):
-    the counter-based hash of :mod:`metaste.optim._fused` (16 random bits k ∈ [−2^15, 2^15) per
-    value: W = (k + ½)/2^15, the midpoints of a 65 536-level grid, exactly symmetric, never ±1)."""
-    from ._fused import key_halves, uniform_from_index
-
-    k1, k2 = key_halves(seed)
-    return uniform_from_index(torch.arange(count, dtype=torch.int32, device=device), k1, k2)
-
-
 def noise(kind: str, shape: torch.Size, seed: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """z ∼ p̄ of ``kind``, i.i.d. per element, of ``shape``: a fresh tensor, regenerated
     bit-identically from ``seed`` on every call."""
-    sm = SMOOTHINGS[kind]
-    m = math.prod(shape)
-    z = sm.from_w(uniform_w(sm.uniforms * m, seed, device).view(sm.uniforms, m)).view(shape)
-    return z if dtype == torch.float32 else z.to(dtype)
+    z = noise_slice(kind, 0, math.prod(shape), seed, device, dtype)
+    return z.view(shape)
 
 
 def noise_slice(
-    kind: str,
-    numel: int,
-    start: int,
-    length: int,
-    key: tuple[int, ...],
-    device: torch.device,
-    dtype: torch.dtype,
+    kind: str, start: int, length: int, seed: int, device: torch.device, dtype: torch.dtype
 ) -> Tensor:
-    """Elements ``[start, start + length)`` of the flat noise z of a tensor of ``numel`` elements,
-    ``noise(kind, (numel,), derive_seed(*key), ...)[start : start + length]``, generated without the
-    rest: z is a pure function of (key, element index), so the slice is the hash evaluated at the
-    global indices start … start + length − 1 (approxsign: and at those + ``numel``). A shard of a
-    tensor (FSDP2) thus draws exactly its part of the noise a single process draws. Returns a fresh
-    flat tensor."""
+    """Elements ``[start, start + length)`` of the flat noise z of ``seed``,
+    ``noise(kind, (n,), seed, ...)[start : start + length]`` for any n ≥ start + length, generated
+    without the rest: z is a pure function of (seed, element index), so the slice is the hash
+    evaluated at the global indices start … start + length − 1. A shard of a tensor (FSDP2) thus
+    draws exactly its part of the noise a single process draws. Returns a fresh flat tensor."""
     from ._fused import key_halves, z_from_index
 
+    if kind not in SMOOTHINGS:
+        raise ValueError(f"unknown STE kind {kind!r}")
     if length <= 0:
         return torch.empty(0, device=device, dtype=dtype)
-    if numel >= 1 << 31:
+    if start + length > 1 << 31:
         raise ValueError(
-            f"FOGZO's noise indexes elements with int32: a tensor of {numel} elements is too large"
+            f"FOGZO's noise indexes elements with int32: elements up to {start + length} are too many"
         )
-    k1, k2 = key_halves(derive_seed(*key))
+    k1, k2 = key_halves(seed)
     j = torch.arange(start, start + length, dtype=torch.int32, device=device)
-    z = z_from_index(kind, j, numel, k1, k2)
+    z = z_from_index(kind, j, k1, k2)
     return z if dtype == torch.float32 else z.to(dtype)
