@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_fogzo  # noqa: E402
 
+import metaste.optim._probe as probe  # noqa: E402
 import metaste.optim._wrapper as wrapper  # noqa: E402
-import metaste.optim.fogzo as fogzo  # noqa: E402
 import metaste.optim.fogzo_estimator as estimator  # noqa: E402
 
 
@@ -53,7 +53,7 @@ def main() -> None:
     acc: dict[str, float] = collections.defaultdict(float)
     kernel = estimator.kernel
     patches = {
-        (fogzo, "closure_value"): "perturbed closures",
+        (probe, "closure_value"): "perturbed closures",
         (estimator, "_joint_norm"): "joint norm",
         (wrapper.OptimizerWrapper, "_evaluate"): "clean pass + backward",
         (opt.optimizer, "step"): "base optimizer step",

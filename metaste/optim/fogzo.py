@@ -85,14 +85,15 @@ class FOGZO(ManagedWeights, OptimizerWrapper):
             forwards, the same expectation, more variance.
         seed (int, default 0): with the step and sample index, determines σ_i and z_i
             (identical on every DDP rank; the stream depends on the device type only).
-        restore (str, default ``"copy"``): ``"copy"`` keeps a copy of the managed weights
-            during the no-grad passes, restores them bitwise and mirrors v⁺ into v⁻ without
-            regenerating the noise (fastest: 2 noise draws per sample); ``"inplace"`` adds
-            +1, −2, +1 times ε⊙d_i (no copy, 4 draws per sample; at n = 1 the restore is the
-            combine pass, which draws the same noise: 3). In-place restore cannot be
-            exact: one cycle leaves each tensor within 4 ulp of its max|v|, and the rounding
-            errors of many cycles add up as a random walk (measured: ≈ 17 ulp of max|v| after
-            200 cycles at lr = 0), far below any learning-rate step but not bounded.
+        restore (str, default ``"inplace"``): ``"inplace"`` adds +1, −2, +1 times ε⊙d_i
+            and holds no copy (at n = 1 the restore is the combine pass, which draws the same
+            noise: 3 noise draws; 4 per sample at n > 1). In-place restore is not exact: one
+            cycle leaves each tensor within 4 ulp of its max|v|, and the rounding errors of many
+            cycles add up as a random walk (measured: ≈ 17 ulp of max|v| after 200 cycles at
+            lr = 0), far below any learning-rate step. ``"copy"`` keeps a copy of the managed
+            weights during the no-grad passes, restores them bitwise and mirrors v⁺ into v⁻
+            without regenerating the noise (2 draws per sample): for runs that must equal a
+            reference bit for bit.
         keep_noise (bool, default False): keep the n·D noise values of a step instead of
             regenerating them: one draw per sample, n·D floats more memory, identical results.
             A step on the eager path (``fused`` off or below its threshold) with at most 2^16
@@ -158,7 +159,7 @@ class FOGZO(ManagedWeights, OptimizerWrapper):
         ste_fraction: float = 0.0,
         one_sided: bool = False,
         seed: int = 0,
-        restore: str = "copy",
+        restore: str = "inplace",
         keep_noise: bool = False,
         scales: Mapping[Tensor, ScaleSpec | tuple[ScaleSpec, str]] | None = None,
         process_group: Any = None,

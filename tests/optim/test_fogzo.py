@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from _ddp import spawn_ranks
 from _optim_db import optim_db_cases
+from _reliability_helpers import same
 from fogzo_reference import reference_estimate
 from torch import nn
 
@@ -298,6 +299,35 @@ def test_copy_restore_is_bitwise_and_inplace_drift_stays_within_4_ulp_per_cycle(
                 assert float((p.detach() - p0).abs().max()) <= 4 * ulp * math.sqrt(2 * steps)
 
 
+def test_inplace_restore_after_a_failed_pass_is_within_4_ulp_and_the_rest_is_untouched():
+    """The default in-place restore cannot be bitwise: a perturbed pass that raises leaves each
+    weight within 4 ulp of its tensor's max|v| (one cycle); buffers and optimizer state are exact."""
+    x, y = batch()
+    model = mlp(quantizer="lsq", per_channel=True, bn=True)
+    opt = FOGZO(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), n=2, total_steps=10)
+    opt.step(closure_for(model, x, y))
+    params = [p.detach().clone() for p in model.parameters()]
+    buffers = [b.clone() for b in model.buffers()]
+    state = copy.deepcopy(opt.state_dict())
+    calls = []
+
+    def closure():
+        calls.append(1)
+        loss = F.cross_entropy(model(x), y)
+        if len(calls) == 3:  # the second perturbed pass: the weights are at v − ε⊙d_1
+            raise RuntimeError("perturbed pass failed")
+        return loss
+
+    with pytest.raises(RuntimeError, match="perturbed pass failed"):
+        opt.step(closure)
+    assert opt.restore == "inplace"
+    for p, p0 in zip(model.parameters(), params):
+        ulp = torch.finfo(p.dtype).eps * float(p0.abs().max())
+        assert float((p.detach() - p0).abs().max()) <= 4 * ulp
+    assert all(torch.equal(b, b0) for b, b0 in zip(model.buffers(), buffers))
+    assert same(opt.state_dict(), state)
+
+
 def test_buffers_rng_and_closure_calls_match_a_plain_ste_step():
     x, y = batch()
     a, b = mlp(bn=True, drop=0.3), mlp(bn=True, drop=0.3)
@@ -372,7 +402,7 @@ def test_non_finite_perturbed_loss_keeps_g_counts_and_warns_once():
         loss = F.cross_entropy(model(x), y)
         return loss if calls[0] % 3 == 1 else loss * float("inf")
 
-    opt = FOGZO(torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10)
+    opt = FOGZO(torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10, restore="copy")
     with pytest.warns(RuntimeWarning, match="not finite"):
         opt.step(closure)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
