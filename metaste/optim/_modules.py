@@ -22,18 +22,25 @@ from torch import Tensor, nn
 
 from .amp import Accumulated
 
-__all__ = ["captured_modules"]
+__all__ = ["captured_modules", "outermost"]
 
 _MAX_DEPTH = 4
 
 
 def captured_modules(fn: Any) -> list[nn.Module]:
-    """The top-level ``nn.Module`` objects reachable from the callable ``fn`` (see the module
-    docstring), each once, submodules of another found module dropped."""
+    """The ``nn.Module`` objects reachable from the callable ``fn`` (see the module docstring),
+    each once, in the order found; a found module's submodules may be among them (the caller
+    drops them with :func:`outermost`, once per distinct set)."""
     found: dict[int, nn.Module] = {}
     _walk(fn, found, set(), 0)
-    inner = {id(m) for top in found.values() for m in top.modules() if m is not top}
-    return [m for k, m in found.items() if k not in inner]
+    return list(found.values())
+
+
+def outermost(modules: list[nn.Module]) -> list[nn.Module]:
+    """``modules`` without repeats and without the submodules of another one in the list."""
+    unique = list({id(m): m for m in modules}.values())
+    inner = {id(m) for top in unique for m in top.modules() if m is not top}
+    return [m for m in unique if id(m) not in inner]
 
 
 def _walk(obj: Any, found: dict[int, nn.Module], seen: set[int], depth: int) -> None:

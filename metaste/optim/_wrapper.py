@@ -29,7 +29,7 @@ from torch.optim import Optimizer
 from ..quant.registry import model_roots
 from ._checkpoint import WrapperCheckpoint
 from ._closure import Closure, NonFiniteLossError, check_closure, losses
-from ._modules import captured_modules
+from ._modules import captured_modules, outermost
 from ._snapshot import BufferGuard
 from .amp import GradientOverflow, check_grad_scaler, found_inf, install_grad_scaler_guard
 
@@ -198,11 +198,9 @@ class OptimizerWrapper(WrapperCheckpoint, Optimizer):
         key = (tuple(id(m) for m in found), tuple(id(p) for p in params))
         if self._guard_cache is not None and self._guard_cache[0] == key:  # the usual case: as last step
             return self._guard_cache[1]
-        held = {id(p) for m in found for p in m.parameters()}
-        modules: list[nn.Module] | None = None
-        if all(id(p) in held for p in params):
-            inner = {id(m) for top in found for m in top.modules() if m is not top}
-            modules = [m for m in dict.fromkeys(found) if id(m) not in inner]
+        tops = outermost(found)
+        held = {id(p) for m in tops for p in m.parameters()}
+        modules = tops if all(id(p) in held for p in params) else None
         self._guard_cache = (key, modules)
         return modules
 

@@ -101,7 +101,11 @@ def fogzo_estimate(
     groups: dict[tuple[str, torch.device], list[int]] = {}
     for k, (kind, v) in enumerate(zip(kinds, weights)):
         groups.setdefault((kind, v.device), []).append(k)
-    group_keys = {gk: (key1[:, sel].to(gk[1]), key2[:, sel].to(gk[1])) for gk, sel in groups.items()}
+    every = list(range(len(weights)))  # the usual single group: no gather
+    group_keys = {
+        gk: (key1, key2) if sel == every else (key1[:, sel], key2[:, sel]) for gk, sel in groups.items()
+    }
+    group_keys = {gk: (k1.to(gk[1]), k2.to(gk[1])) for gk, (k1, k2) in group_keys.items()}
     scalars: dict[tuple[str, float, torch.dtype, torch.device], Tensor] = {}
 
     def scalar(x: float, like: Tensor, role: str = "") -> Tensor:
