@@ -5,7 +5,7 @@
    trained without the validation part of the training set; the setting with the lowest mean
    validation loss at the end of training wins. A winning learning rate at the edge of its grid
    is not tuned: the grid is extended by a factor 2 in that direction (up to ``max_extend``
-   times) until the best lies inside, and the extension is recorded.
+   times) until the best lies inside, and the extension is recorded (:mod:`metaste.bench.tuning`).
 2. **The baseline** is the best of the listed plain-STE variants (``ste``, ``ste-identity``,
    ``ste-pwl``) at their tuned learning rates, chosen on the tuning seeds by the same rule.
 3. **Evaluation seeds** (disjoint from the tuning seeds) run every method at its tuned setting on
@@ -20,6 +20,7 @@ The verdicts (paired Δ with a t-based 95 % CI) are computed by :mod:`metaste.be
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -34,8 +35,9 @@ import numpy as np
 from ..quant.config import QuantConfig
 from ..quant.quantizers import check_bits
 from .registry import METHODS, STE_BASELINES, RunContext, check_options, parse_method
-from .runner import RunResult, RunSpec, eval_marks, loss_at, run_all
+from .runner import RunResult, RunSpec, eval_marks, loss_at, run_all, worker_pool
 from .tasks import get_task
+from .tuning import tune
 
 __all__ = ["Setup", "Protocol", "Comparison", "check", "compare", "QUANT_KEYS", "INITS"]
 
@@ -280,98 +282,78 @@ def compare(
     workers: int = 1,
     log: Callable[[str], None] | None = None,
 ) -> Comparison:
-    """Tune, pick the baseline, evaluate; see the module docstring."""
+    """Tune, pick the baseline, evaluate; see the module docstring. The phases share one pool of
+    ``workers`` processes."""
     t_start = time.perf_counter()
     parsed = check(setup, protocol)
     setup = setup.resolved()
     say = log or print
-    notes: list[str] = []
+    grids = {label: (name, *_candidates(name, fixed, setup, protocol)) for label, name, fixed in parsed}
     ste_listed = [label for label, name, fixed in parsed if name in STE_BASELINES and not fixed]
     pick_best = protocol.baseline == "best" and len(ste_listed) > 1
+    with worker_pool(workers) as pool:
 
-    # 1. tuning -------------------------------------------------------------------------------
-    grids: dict[str, tuple[str, list[float], list[dict]]] = {}
-    for label, name, fixed in parsed:
-        lrs, opts = _candidates(name, fixed, setup, protocol)
-        grids[label] = (name, lrs, opts)
-    tuned = [
-        label
-        for label, (_, lrs, opts) in grids.items()
-        if len(lrs) * len(opts) > 1 or (pick_best and label in ste_listed)
-    ]
-    tried: dict[str, dict[tuple[float, str], list[RunResult]]] = {label: {} for label in tuned}
-    pending = [(label, lr, o) for label in tuned for lr in grids[label][1] for o in grids[label][2]]
-    extensions = dict.fromkeys(tuned, 0)
-    edge: dict[str, float] = {}
-    tuning: list[dict] = []
-    while pending:
-        specs = [
-            _spec(setup, label, grids[label][0], lr, o, seed, holdout=True)
-            for label, lr, o in pending
-            for seed in protocol.tune_seeds
+        def run(specs: list[RunSpec]) -> list[RunResult]:
+            return run_all(specs, pool, log)
+
+        tuned = [
+            lab
+            for lab, (_, lrs, opts) in grids.items()
+            if len(lrs) * len(opts) > 1 or (pick_best and lab in ste_listed)
         ]
-        say(f"# tuning: {len(specs)} runs on seeds {protocol.tune_seeds}")
-        for spec, r in zip(specs, run_all(specs, workers, log)):
-            opts = dict(spec.options)
-            tried[spec.label].setdefault((spec.lr, json.dumps(opts, sort_keys=True)), []).append(r)
-            tuning.append(
-                dict(label=spec.label, lr=spec.lr, options=opts, seed=spec.seed)
-                | dict(val_loss=r.val_loss, diverged=r.diverged, final_loss=r.final_loss)
-            )
-        pending = []
-        for label in tuned:
-            (lr, okey), score = _best(tried[label])
-            lrs = sorted({x for x, k in tried[label] if k == okey})
-            at_edge = len(lrs) > 1 and lr in (lrs[0], lrs[-1]) and math.isfinite(score)
-            if at_edge and extensions[label] < protocol.max_extend:
-                new = lr * 2 if lr == lrs[-1] else lr / 2
-                extensions[label] += 1
-                say(f"# {label}: best lr {lr:g} at the edge of {lrs}; grid extended to {new:g}")
-                pending.append((label, new, json.loads(okey)))
-            elif at_edge:
-                edge[label] = lr
-    for label, k in extensions.items():
-        if k:
-            lrs = sorted({x for x, _ in tried[label]})
-            notes.append(
-                f"{label}: lr grid extended {k}× (×2 each) to [{lrs[0]:g} … {lrs[-1]:g}]"
-                + (f"; best {edge[label]:g} is still at its edge" if label in edge else "")
-            )
+        spec = functools.partial(_spec, setup)
+        result = tune(grids, tuned, protocol.tune_seeds, protocol.max_extend, spec, run, say)
+        choices, notes = result.choices, result.notes
+        baseline = _pick_baseline(protocol, ste_listed, pick_best, choices)
+        if baseline is not None:
+            c = choices[baseline]
+            how = f"best of {', '.join(ste_listed)} on the tuning seeds" if pick_best else "as listed"
+            notes.append(f"baseline: {baseline} at lr {c['lr']:g} ({how})")
+            say(f"# {notes[-1]}")
+        compute_steps = _compute_steps(setup, protocol, grids, choices, baseline)
+        specs = _evaluation_specs(setup, protocol, grids, choices, baseline, compute_steps)
+        say(f"# evaluation: {len(specs)} runs on seeds {protocol.seeds}")
+        results = run(specs)
+    needed = {setup.steps, *compute_steps.values()}
+    return Comparison(
+        setup=asdict(setup),
+        protocol=asdict(protocol),
+        metric=get_task(setup.task, setup.scale).metric,
+        baseline=baseline,
+        choices=choices,
+        tuning=result.records,
+        runs=[_compact(r, needed) for r in results],
+        compute_steps=compute_steps,
+        notes=notes,
+        seconds=time.perf_counter() - t_start,
+        hardware=_hardware(setup.device),
+    )
 
-    choices: dict[str, dict] = {}
-    for label, (_, lrs, opts) in grids.items():
-        if label in tried:
-            (lr, okey), score = _best(tried[label])
-            choices[label] = dict(
-                lr=lr,
-                options=json.loads(okey),
-                val_loss=score,
-                settings=len(tried[label]),
-                grid=sorted({x for x, _ in tried[label]}),
-            )
-        else:
-            choices[label] = dict(lr=lrs[0], options=opts[0], val_loss=math.nan, settings=1, grid=lrs)
 
-    # 2. the baseline ---------------------------------------------------------------------------
+def _pick_baseline(protocol: Protocol, ste_listed: list[str], pick_best: bool, choices: dict) -> str | None:
+    """The listed baseline, or the plain-STE variant with the lowest tuning validation loss."""
     if protocol.baseline != "best":
-        baseline: str | None = protocol.baseline
-    elif ste_listed:
-        baseline = min(ste_listed, key=lambda lab: choices[lab]["val_loss"]) if pick_best else ste_listed[0]
-    else:
-        baseline = None
-    if baseline is not None:
-        c = choices[baseline]
-        how = f"best of {', '.join(ste_listed)} on the tuning seeds" if pick_best else "as listed"
-        notes.append(f"baseline: {baseline} at lr {c['lr']:g} ({how})")
-        say(f"# {notes[-1]}")
+        return protocol.baseline
+    if not ste_listed:
+        return None
+    return min(ste_listed, key=lambda lab: choices[lab]["val_loss"]) if pick_best else ste_listed[0]
 
-    # 3. evaluation ---------------------------------------------------------------------------
+
+def _compute_steps(
+    setup: Setup, protocol: Protocol, grids: dict, choices: dict, baseline: str | None
+) -> dict[str, int]:
+    """label → the baseline's step count of equal compute (empty without equal compute)."""
+    if baseline is None or not protocol.equal_compute:
+        return {}
     fwd = {label: _fwd_equiv(grids[label][0], setup, c["lr"], c["options"]) for label, c in choices.items()}
-    compute_steps: dict[str, int] = {}
-    if baseline is not None and protocol.equal_compute:
-        compute_steps = {
-            label: max(1, int(round(setup.steps * fwd[label] / fwd[baseline]))) for label in choices
-        }
+    return {label: max(1, int(round(setup.steps * fwd[label] / fwd[baseline]))) for label in choices}
+
+
+def _evaluation_specs(
+    setup: Setup, protocol: Protocol, grids: dict, choices: dict, baseline: str | None, compute_steps: dict
+) -> list[RunSpec]:
+    """Every method at its tuned setting on every evaluation seed; the baseline runs to the longest
+    equal-compute step count and records the metric at each of them."""
     task_marks = eval_marks(get_task(setup.task, setup.scale), setup.steps)
     specs = []
     for seed in protocol.seeds:
@@ -381,23 +363,7 @@ def compare(
                 marks = task_marks | set(compute_steps.values())
                 kw = dict(steps=max(compute_steps.values()), marks=tuple(sorted(marks)))
             specs.append(_spec(setup, label, grids[label][0], c["lr"], c["options"], seed, **kw))
-    say(f"# evaluation: {len(specs)} runs on seeds {protocol.seeds}")
-    results = run_all(specs, workers, log)
-    needed = {setup.steps, *compute_steps.values()}
-    runs = [_compact(r, needed) for r in results]
-    return Comparison(
-        setup=asdict(setup),
-        protocol=asdict(protocol),
-        metric=get_task(setup.task, setup.scale).metric,
-        baseline=baseline,
-        choices=choices,
-        tuning=tuning,
-        runs=runs,
-        compute_steps=compute_steps,
-        notes=notes,
-        seconds=time.perf_counter() - t_start,
-        hardware=_hardware(setup.device),
-    )
+    return specs
 
 
 def _hardware(device: str) -> str:
@@ -406,17 +372,6 @@ def _hardware(device: str) -> str:
 
         return torch.cuda.get_device_name(torch.device(device))
     return f"CPU ({platform.machine()}), one torch thread per worker"
-
-
-def _best(tried: dict[tuple[float, str], list[RunResult]]) -> tuple[tuple[float, str], float]:
-    """The setting with the lowest mean validation loss (any diverged seed makes it +inf)."""
-
-    def score(rs: list[RunResult]) -> float:
-        vals = [r.val_loss for r in rs]
-        return float(np.mean(vals)) if all(math.isfinite(v) for v in vals) else math.inf
-
-    key = min(tried, key=lambda k: (score(tried[k]), k[0]))
-    return key, score(tried[key])
 
 
 def _compact(r: RunResult, steps: set[int], points: int = 200) -> dict:

@@ -1,4 +1,5 @@
-"""One training run (:func:`run_one`) and many of them in worker processes (:func:`run_all`).
+"""One training run (:func:`run_one`) and many of them in worker processes (:func:`run_all`,
+on a :func:`worker_pool` that a comparison keeps across its tuning and evaluation phases).
 
 A :class:`RunSpec` names everything a run needs (task by name, method, seed, learning rate,
 quantization), so it can be sent to a worker process. Every run uses one torch thread, in a
@@ -15,8 +16,9 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,7 +30,7 @@ from .pretrain import load_float
 from .registry import METHODS, RunContext, train_step
 from .tasks import Task, get_task
 
-__all__ = ["RunSpec", "RunResult", "run_one", "run_all", "loss_at"]
+__all__ = ["RunSpec", "RunResult", "run_one", "run_all", "worker_pool", "loss_at"]
 
 
 @dataclass(frozen=True)
@@ -223,15 +225,56 @@ def _describe(spec: RunSpec, r: RunResult) -> str:
     return f"{phase} {spec.label} seed {spec.seed} lr {spec.lr:g} ({spec.steps} steps): {state}"
 
 
+def cost(spec: RunSpec) -> float:
+    """A run's expected cost in forward-equivalents (steps × the method's forwards per step): the
+    order in which :func:`run_all` hands runs to the workers."""
+    task = spec.build_task()
+    ctx = RunContext(
+        task.optimizer, spec.lr, spec.schedule_steps or spec.steps, spec.seed, extra=dict(spec.options)
+    )
+    return spec.steps * METHODS[spec.method].fwd_equiv(ctx)
+
+
+@contextmanager
+def worker_pool(n: int) -> Iterator[Executor | None]:
+    """``n`` worker processes (spawned, one torch thread each) for :func:`run_all`, kept for the
+    life of the block, so a comparison's phases share them: each worker starts, imports torch and
+    loads its task's data once. ``None`` for ``n == 1`` (the runs stay in this process)."""
+    if n < 1:
+        raise ValueError(f"workers must be ≥ 1, got {n}")
+    if n == 1:
+        yield None
+        return
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the workers before they import torch
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            n, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),)
+        ) as pool:
+            yield pool
+    finally:
+        if saved is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
+
+
 def run_all(
-    specs: Sequence[RunSpec], workers: int = 1, log: Callable[[str], None] | None = None
+    specs: Sequence[RunSpec],
+    workers: int | Executor | None = 1,
+    log: Callable[[str], None] | None = None,
 ) -> list[RunResult]:
-    """Run every spec; results in the order of ``specs``. ``workers > 1`` uses that many worker
-    processes (spawned, one torch thread each); ``log`` gets one line per finished run with the
-    time left (estimated from the runs done so far)."""
-    if workers < 1:
-        raise ValueError(f"workers must be ≥ 1, got {workers}")
+    """Run every spec; results in the order of ``specs``. ``workers`` is a pool from
+    :func:`worker_pool` or a number of worker processes to start for these runs (1 or ``None``: in
+    this process). The costliest runs go first, so no worker is left with a long run at the end.
+    ``log`` gets one line per finished run with the time left (estimated from the runs done)."""
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    if isinstance(workers, int) and workers > 1 and len(specs) > 1:
+        with worker_pool(min(workers, len(specs))) as pool:
+            return run_all(specs, pool, log)
+    if isinstance(workers, int) and workers < 1:
+        raise ValueError(f"workers must be ≥ 1, got {workers}")
     results: list[RunResult | None] = [None] * len(specs)
     t0 = time.perf_counter()
 
@@ -242,25 +285,14 @@ def run_all(
         eta = wall / k * (len(specs) - k)
         log(f"[{k}/{len(specs)} {_clock(wall)} elapsed, ETA {_clock(eta)}] {_describe(specs[i], r)}")
 
-    if workers == 1 or len(specs) <= 1:
-        for i, spec in enumerate(specs):
-            done(i, run_one(spec))
+    order = sorted(range(len(specs)), key=lambda i: -cost(specs[i]))
+    if not isinstance(workers, Executor):
+        for i in order:
+            done(i, run_one(specs[i]))
     else:
-        ctx = multiprocessing.get_context("spawn")
-        saved = os.environ.get("OMP_NUM_THREADS")
-        os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the workers before they import torch
-        try:
-            with ProcessPoolExecutor(
-                min(workers, len(specs)), mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),)
-            ) as pool:
-                futures = {pool.submit(run_one, spec): i for i, spec in enumerate(specs)}
-                for fut in as_completed(futures):
-                    done(futures[fut], fut.result())
-        finally:
-            if saved is None:
-                del os.environ["OMP_NUM_THREADS"]
-            else:
-                os.environ["OMP_NUM_THREADS"] = saved
+        futures = {workers.submit(run_one, specs[i]): i for i in order}
+        for fut in as_completed(futures):
+            done(futures[fut], fut.result())
     return results  # type: ignore[return-value]
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from metaste.bench import stats
-from metaste.bench.runner import RunSpec, loss_at, run_all, run_one
+from metaste.bench.runner import RunSpec, cost, loss_at, run_all, run_one, worker_pool
 from metaste.quant.layers import QuantLayer
 
 
@@ -72,6 +72,40 @@ def test_results_are_identical_for_one_and_two_workers():
     assert [r.losses for r in one] == [r.losses for r in two]
     assert [r.eval_values for r in one] == [r.eval_values for r in two]
     assert len(lines) == 4 and all("ETA" in line for line in lines)
+
+
+def test_the_costliest_runs_go_first_and_results_keep_the_order_of_the_specs():
+    """fogzo costs two extra forwards per step: 25 of its steps outweigh 40 of the STE's."""
+    specs = [_spec("ste", steps=10), _spec("fogzo", steps=25), _spec("ste", steps=40)]
+    assert cost(specs[1]) > cost(specs[2]) > cost(specs[0])
+    lines: list[str] = []
+    results = run_all(specs, workers=1, log=lines.append)
+    assert [len(r.losses) for r in results] == [10, 25, 40]
+    assert ["(25 steps)" in lines[0], "(40 steps)" in lines[1], "(10 steps)" in lines[2]] == [True] * 3
+
+
+def _pid(_: int) -> int:
+    import os
+    import time
+
+    time.sleep(0.3)  # long enough for every worker to take a task
+    return os.getpid()
+
+
+def test_one_pool_serves_several_batches_of_runs():
+    """A comparison's tuning and evaluation phases share the pool's processes (each starts and
+    loads its data once); the results equal the in-process runs."""
+    specs = [_spec("ste", seed, steps=15) for seed in (0, 1)]
+    with worker_pool(2) as pool:
+        pids = set(pool.map(_pid, range(4)))
+        assert len(pids) == 2
+        first = run_all(specs, pool, log=lambda _: None)
+        second = run_all(specs[::-1], pool, log=lambda _: None)
+        assert set(pool.map(_pid, range(4))) == pids
+    assert [r.losses for r in first] == [r.losses for r in second[::-1]]
+    assert [r.losses for r in first] == [run_one(s).losses for s in specs]
+    with pytest.raises(ValueError, match="workers must be ≥ 1"), worker_pool(0):
+        pass
 
 
 def test_a_float_phase_is_the_float_run_then_the_quantized_one():
