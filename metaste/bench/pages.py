@@ -122,6 +122,7 @@ def write_reports(results: Path, doc: Path, readme: Path) -> list[Path]:
         "",
         *training_length(results, rel),
         *curriculum_mechanism(results, rel),
+        *noise_stream(results),
         "## Every verdict",
         "",
         tally_table(tally) if tally else "",
@@ -244,5 +245,45 @@ def curriculum_mechanism(results: Path, rel) -> list[str]:
         *rows,
         "",
         f"![curriculum mechanism]({rel(path.with_suffix('.png'))})",
+        "",
+    ]
+
+
+def noise_stream(results: Path) -> list[str]:
+    """The section on how much FOGZO's numbers move with its noise stream, from
+    ``results/noise-stream/moved.json`` (``benchmarks/noise_stream.py``): each changed label's
+    tuned lr, test metric and Δ against the best STE under the other generator and under this one."""
+    import json
+
+    path = results / "noise-stream" / "moved.json"
+    if not path.exists():
+        return []
+    r = json.loads(path.read_text())
+
+    def delta(s: dict) -> str:
+        if s["delta"] is None:
+            return "(baseline)"
+        m, h, v = s["delta"]
+        return f"{m:+.2f} ± {h:.2f} {v}"
+
+    rows = [
+        f"| `{x['comparison']}` | `{x['label']}` | {x['then']['lr']:g} → {x['now']['lr']:g} | "
+        f"{x['then']['metric']:.2f} → {x['now']['metric']:.2f} ({x['now']['metric'] - x['then']['metric']:+.2f}) | "
+        f"{delta(x['then'])} → {delta(x['now'])} |"
+        for x in r["rows"]
+    ]
+    verdicts = [(x["then"]["delta"], x["now"]["delta"]) for x in r["rows"]]
+    flipped = sum(a is not None and b is not None and a[2] != b[2] for a, b in verdicts)
+    return [
+        "## How much FOGZO's numbers depend on its noise stream",
+        "",
+        f"The FOGZO comparisons run with the noise generator of design §4.2 (one hash round per element), "
+        f"and, all else equal, with the two-round generator of revision `{r['against']}`: a different noise "
+        f"stream at the same data, initialisations and tuning grids (`{r['command']}`). Every label whose "
+        f"evaluation runs differ, as then → now; {flipped} of {len(rows)} verdicts changed.",
+        "",
+        "| comparison | method | tuned lr | test metric | Δ metric vs best STE ± CI, verdict |",
+        "|---|---|---|---|---|",
+        *rows,
         "",
     ]
