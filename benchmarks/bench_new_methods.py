@@ -7,7 +7,7 @@ STE, measured interleaved in one process, CPU time, one thread (docs/methods/*.m
 layers 2-bit LSQ. ``jacquant-storm-nophase``: STORM with flip_rate = 1 (no phase boundary, so the
 second pass at the previous weights runs every step). ``sgd-float``: the float model with plain
 SGD, the step PARQ's ``QuantOptimizer`` (``parq``, ``parq-hard``: its proximal map after each SGD
-step, on the same float model) wraps; needs the ``[torchao]`` extra."""
+step, on the same float model) wraps; they run where the ``[torchao]`` extra is installed."""
 
 from __future__ import annotations
 
@@ -76,9 +76,54 @@ def builders(steps, sizes):
 
         return b
 
-    return {"ste": ste, "pege": pege, "jacquant": jacquant("none"), "jacquant-storm": jacquant("storm"),
-            "jacquant-storm-nophase": jacquant("storm", flip_rate=1.0), "calibrated": calibrated,
-            "sgd-float": sgd_float, "parq-hard": parq("parq-hard"), "parq": parq("parq")}  # fmt: skip
+    out = {"ste": ste, "pege": pege, "jacquant": jacquant("none"), "jacquant-storm": jacquant("storm"),
+           "jacquant-storm-nophase": jacquant("storm", flip_rate=1.0), "calibrated": calibrated,
+           "sgd-float": sgd_float}  # fmt: skip
+    if _parq_available():
+        out |= {"parq-hard": parq("parq-hard"), "parq": parq("parq")}
+    return out
+
+
+def _parq_available() -> bool:
+    try:
+        METHODS["parq"].available()
+    except ImportError:
+        return False
+    return True
+
+
+def measure(model: str, steps: int, rounds: int) -> dict:
+    """name → per-round ms per step and the round-by-round ratio to plain STE (``ratio``) and,
+    for PARQ, to plain SGD on the same float model (``ratio_sgd``)."""
+    torch.set_num_threads(1)
+    sizes, batch = MODELS[model]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch, 784, generator=g), torch.randint(0, 10, (batch,), generator=g)
+
+    def run(net, opt, n: int) -> None:
+        for _ in range(n):
+            if isinstance(opt, metaste.optim.OptimizerWrapper):
+                opt.step(lambda m=net: F.cross_entropy(m(x), y))
+            else:
+                opt.zero_grad()
+                F.cross_entropy(net(x), y).backward()
+                opt.step()
+
+    for build in builders(steps, sizes).values():  # untimed: the compiled passes compile here
+        run(*build(), 2)
+    times: dict[str, list[float]] = {}
+    for _ in range(rounds):  # interleaved: every method once per round
+        for name, build in builders(steps, sizes).items():
+            net, opt = build()
+            t0 = time.process_time()
+            run(net, opt, steps)
+            times.setdefault(name, []).append((time.process_time() - t0) / steps)
+    out = {}
+    for name, ts in times.items():  # ratios round by round
+        out[name] = {"ms": [1e3 * t for t in ts], "ratio": [t / s for t, s in zip(ts, times["ste"])]}
+        if name.startswith("parq"):
+            out[name]["ratio_sgd"] = [t / s for t, s in zip(ts, times["sgd-float"])]
+    return out
 
 
 def main() -> None:
@@ -87,36 +132,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    torch.set_num_threads(1)
     sizes, batch = MODELS[args.model]
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(batch, 784, generator=g), torch.randint(0, 10, (batch,), generator=g)
-
-    def run(model, opt, steps: int) -> None:
-        for _ in range(steps):
-            if isinstance(opt, metaste.optim.OptimizerWrapper):
-                opt.step(lambda m=model: F.cross_entropy(m(x), y))
-            else:
-                opt.zero_grad()
-                F.cross_entropy(model(x), y).backward()
-                opt.step()
-
-    for build in builders(args.steps, sizes).values():  # untimed: the compiled passes compile here
-        run(*build(), 2)
-    times: dict[str, list[float]] = {}
-    for _ in range(args.rounds):  # interleaved: every method once per round
-        for name, build in builders(args.steps, sizes).items():
-            model, opt = build()
-            t0 = time.process_time()
-            run(model, opt, args.steps)
-            times.setdefault(name, []).append((time.process_time() - t0) / args.steps)
     print(
         f"{args.model}: MLP {'-'.join(map(str, sizes))}, batch {batch}, {args.rounds} rounds x {args.steps} steps"
     )
-    for name, ts in times.items():
-        ratios = [t / s for t, s in zip(ts, times["ste"])]  # round by round
-        print(f"{name:24s} {1e3 * statistics.median(ts):7.3f} ms/step  ×{statistics.median(ratios):.2f} "
-              f"(min ×{min(ratios):.2f}, max ×{max(ratios):.2f})")  # fmt: skip
+    for name, r in measure(args.model, args.steps, args.rounds).items():
+        q = r["ratio"]
+        print(f"{name:24s} {statistics.median(r['ms']):7.3f} ms/step  ×{statistics.median(q):.2f} "
+              f"(min ×{min(q):.2f}, max ×{max(q):.2f})")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""One command for the cost benchmarks: runs bench_substrate, bench_fogzo and
-bench_hyperste (one thread each, interleaved repetitions, CPU time; peak memory per
+"""One command for the cost benchmarks: runs bench_substrate, bench_fogzo, bench_hyperste and
+bench_new_methods (PEGE, JacQuant, the calibrated surrogate and torchao's PARQ; one thread each, interleaved repetitions, CPU time; peak memory per
 configuration in a fresh process, :mod:`_measure`) and writes the README's cost table between
 ``<!-- results:cost -->`` and ``<!-- /results:cost -->`` — nothing in that block is typed by hand.
 Each row names its target and whether the measurement meets it (docs/design.md §4.5, §3.5)::
@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import sys
 
 import torch
@@ -23,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _measure  # noqa: E402,F401  (puts the checkout's metaste first on sys.path)
 import bench_fogzo  # noqa: E402
 import bench_hyperste  # noqa: E402
+import bench_new_methods  # noqa: E402
 import bench_substrate  # noqa: E402
 
 from metaste.bench import models  # noqa: E402
@@ -58,7 +60,52 @@ def _verdict(value: float, target: float) -> str:
     return "**met**" if value <= target else "**missed**"
 
 
-def table(sub: dict, fog: dict, hyp: dict, meta: str) -> str:
+#: (model, steps per round) of bench_new_methods; the targets of docs/design.md §3.5
+NEW_MODELS = {"mlp": 200, "wide": 50}
+NEW_TARGETS = {"pege": 1.15, "jacquant": 1.15, "jacquant-storm": 1.15, "calibrated": 1.25}
+NEW_NAMES = {
+    "pege": "PEGE (random masks)",
+    "jacquant": "JacQuant, no variance reduction",
+    "jacquant-storm": "JacQuant, STORM",
+    "jacquant-storm-nophase": "JacQuant, STORM with a second pass every step",
+    "calibrated": "calibrated surrogate (every = 10, n = 1)",
+}
+
+
+def new_method_rows(new: dict) -> list[tuple[str, ...]]:
+    """PEGE, JacQuant and the calibrated surrogate against plain STE; torchao's PARQ (its
+    QuantOptimizer around SGD, on the float model it quantizes) against plain SGD on that model."""
+    rows = []
+    for model, r in new.items():
+        name = MODEL_NAMES[model]
+        ste = statistics.median(r["ste"]["ms"])
+        for key, label in NEW_NAMES.items():
+            q = r[key]["ratio"]
+            target = NEW_TARGETS.get(key)
+            rows.append(
+                (
+                    f"{label}: time",
+                    name,
+                    f"≤ {target}× STE" if target else "—",
+                    f"{_measure.fmt(_measure.summary(q))}× ({statistics.median(r[key]['ms']):.2f} ms, STE {ste:.2f} ms)",
+                    _verdict(statistics.median(q), target) if target else "",
+                )
+            )
+        sgd = statistics.median(r["sgd-float"]["ms"])
+        for key, label in (
+            ("parq", "PARQ `QuantOptimizer`, soft prox (peer)"),
+            ("parq-hard", "PARQ, hard prox (peer)"),
+        ):
+            if key in r:
+                q = r[key]["ratio_sgd"]
+                rows.append(
+                    (f"{label}: time", name, "— (vs plain SGD, float model)",
+                     f"{_measure.fmt(_measure.summary(q))}× ({statistics.median(r[key]['ms']):.2f} ms, SGD {sgd:.2f} ms)", "")
+                )  # fmt: skip
+    return rows
+
+
+def table(sub: dict, fog: dict, hyp: dict, new: dict, meta: str) -> str:
     rows = []
     for model, r in sub.items():
         for key, target in (("fake-quant / float", 1.3), ("learnable / fixed", 1.05)):
@@ -110,6 +157,7 @@ def table(sub: dict, fog: dict, hyp: dict, meta: str) -> str:
                  f"{row['mem_ratio']:.2f}× ({row['peak_mib']:.1f} vs {rs[row['ref']]['peak_mib']:.1f} MiB)",
                  _verdict(row["mem_ratio"], tm))
             )  # fmt: skip
+    rows += new_method_rows(new)
     lines = [
         meta,
         "",
@@ -143,24 +191,26 @@ def main() -> None:
     if args.from_json:
         with open(args.from_json) as f:
             saved = json.load(f)
-        sub, fog, hyp = saved["substrate"], saved["fogzo"], saved["hyperste"]
+        sub, fog, hyp, new = saved["substrate"], saved["fogzo"], saved["hyperste"], saved["new_methods"]
     else:
         sub = substrate(8 if args.quick else 30)
         fog = bench_fogzo.run(reps=reps, steps=3)
         hyp = bench_hyperste.run(argparse.Namespace(reps=reps + 2, steps=5, batch=128, models="mlp,cnn"))
+        new = {m: bench_new_methods.measure(m, steps, reps) for m, steps in NEW_MODELS.items()}
     meta = (
         f"`OMP_NUM_THREADS=1 python benchmarks/run_all.py --readme README.md` (torch {torch.__version__}, one "
-        f"thread, CPU time; FOGZO {reps} rounds × 3 steps, HyperSTE {reps + 2} × 5, substrate "
+        f"thread, CPU time; FOGZO {reps} rounds × 3 steps, HyperSTE {reps + 2} × 5, PEGE, JacQuant, calibrated and PARQ "
+        f"{reps} × {NEW_MODELS['mlp']} (wide: × {NEW_MODELS['wide']}), substrate "
         f"{8 if args.quick else 30} rounds; peak memory: peak resident bytes over two consecutive steps in a fresh process). "
         "Ratios are to plain STE in the same run; the shared machine moves them by a few percent, and FOGZO's "
         "overhead, which subtracts k·t_fwd, by more at n = 4 (k = 8). The 784-10-10 MLP's whole step peaks "
         "below 1 MiB, where page rounding decides its memory ratios."
     )
-    block = table(sub, fog, hyp, meta)
+    block = table(sub, fog, hyp, new, meta)
     print(block)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"substrate": sub, "fogzo": fog, "hyperste": hyp}, f, indent=1)
+            json.dump({"substrate": sub, "fogzo": fog, "hyperste": hyp, "new_methods": new}, f, indent=1)
     if args.readme:
         write_readme(args.readme, block)
 
