@@ -46,5 +46,8 @@ def test_noise_stream_lists_each_moved_label_and_counts_changed_verdicts(tmp_pat
         "| `demo` | `fogzo` | 0.05 → 0.1 | 89.50 → 89.00 (-0.50) | +0.50 ± 0.40 better → +0.00 ± 0.40 no difference |"
         in lines
     )
-    assert any("1 of 2 verdicts changed" in line and "`abc1234`" in line for line in lines)
+    text = next(line for line in lines if "`abc1234`" in line)
+    assert (
+        "The tuned lr moved in 1 of 2; 1 verdict changed: `fogzo` in `demo` (better → no difference)." in text
+    )
     assert noise_stream(tmp_path / "missing") == []
