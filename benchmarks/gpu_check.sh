@@ -5,7 +5,8 @@
 #      best HyperSTE, PEGE and PARQ on fashion-resnet (ResNet-20) and kjv-llama (10M tiny LLaMA),
 #      written to docs/results/gpu/;
 #   3. `metaste report`, which puts them in docs/results.md with the device named.
-# On a CPU machine, try it at a tiny size (the CPU-scale tasks, 2 steps, 1 seed; writes under /tmp):
+# On a CPU machine, try it at a tiny size (the CPU-scale tasks, 2 steps, 1 seed; writes under /tmp;
+# ONLY=<id>,… runs only those comparisons of the suite):
 #   DEVICE=cpu SCALE=cpu STEPS=2 SEEDS=1 OUT=/tmp/gpu DOC=/tmp/gpu/results.md README=/tmp/gpu/README.md \
 #     bash benchmarks/gpu_check.sh
 set -euo pipefail
@@ -17,6 +18,7 @@ extra=()
 [ -n "${STEPS:-}" ] && extra+=(--steps "$STEPS")
 [ -n "${SCALE:-}" ] && extra+=(--scale "$SCALE")
 [ -n "${SEEDS:-}" ] && extra+=(--seeds "$SEEDS")
+[ -n "${ONLY:-}" ] && extra+=(--only "$ONLY")
 export OMP_NUM_THREADS=1
 if [ "$DEVICE" != cpu ]; then
   python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')"

@@ -64,16 +64,6 @@ def test_a_diverging_run_is_marked_not_averaged():
     assert r.diverged and len(r.losses) < 30 and math.isnan(r.final_metric)
 
 
-def test_results_are_identical_for_one_and_two_workers():
-    specs = [_spec(m, seed, steps=25) for m in ("ste", "fogzo") for seed in (0, 1)]
-    one = run_all(specs, workers=1, log=lambda _: None)
-    lines = []
-    two = run_all(specs, workers=2, log=lines.append)
-    assert [r.losses for r in one] == [r.losses for r in two]
-    assert [r.eval_values for r in one] == [r.eval_values for r in two]
-    assert len(lines) == 4 and all("ETA" in line for line in lines)
-
-
 def test_the_costliest_runs_go_first_and_results_keep_the_order_of_the_specs():
     """fogzo costs two extra forwards per step: 25 of its steps outweigh 40 of the STE's."""
     specs = [_spec("ste", steps=10), _spec("fogzo", steps=25), _spec("ste", steps=40)]
@@ -92,18 +82,21 @@ def _pid(_: int) -> int:
     return os.getpid()
 
 
-def test_one_pool_serves_several_batches_of_runs():
-    """A comparison's tuning and evaluation phases share the pool's processes (each starts and
-    loads its data once); the results equal the in-process runs."""
-    specs = [_spec("ste", seed, steps=15) for seed in (0, 1)]
+def test_results_are_identical_for_one_and_two_workers_and_one_pool_serves_several_batches():
+    """Two workers give the runs of one process; a comparison's tuning and evaluation phases share
+    the pool's processes (each starts and loads its data once)."""
+    specs = [_spec(m, seed, steps=25) for m in ("ste", "fogzo") for seed in (0, 1)]
+    one = run_all(specs, workers=1, log=lambda _: None)
+    lines: list[str] = []
     with worker_pool(2) as pool:
         pids = set(pool.map(_pid, range(4)))
         assert len(pids) == 2
-        first = run_all(specs, pool, log=lambda _: None)
-        second = run_all(specs[::-1], pool, log=lambda _: None)
+        two = run_all(specs, pool, log=lines.append)
+        again = run_all(specs[::-1], pool, log=lambda _: None)
         assert set(pool.map(_pid, range(4))) == pids
-    assert [r.losses for r in first] == [r.losses for r in second[::-1]]
-    assert [r.losses for r in first] == [run_one(s).losses for s in specs]
+    assert [r.losses for r in one] == [r.losses for r in two] == [r.losses for r in again[::-1]]
+    assert [r.eval_values for r in one] == [r.eval_values for r in two]
+    assert len(lines) == 4 and all("ETA" in line for line in lines)
     with pytest.raises(ValueError, match="workers must be ≥ 1"), worker_pool(0):
         pass
 

@@ -218,6 +218,7 @@ def test_the_region_code_of_d_rebuilds_slste_grad_bit_for_bit(dtype, boundary, b
                        full.view(torch.int64 if dtype == torch.float64 else torch.int32))  # fmt: skip
 
 
+@pytest.mark.compiled
 @pytest.mark.parametrize("boundary", ["none", "window"])
 def test_the_compiled_history_product_from_the_code_is_the_full_one(boundary):
     """c = η_w·g·g⁻·d⁻ with d⁻ rebuilt from the compiled back pass's region code equals

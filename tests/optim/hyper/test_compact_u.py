@@ -33,6 +33,7 @@ def test_code_is_only_for_slste():
     assert make_surrogate("ste").code(u, 2.0, 1.0) is None
 
 
+@pytest.mark.compiled
 @pytest.mark.parametrize("boundary", ["none", "window"])
 @pytest.mark.parametrize("opt_name", ["sgd", "adam"])
 def test_compiled_surrogate_grads_give_the_eager_trajectory_bitwise(boundary, opt_name, monkeypatch):
