@@ -31,6 +31,7 @@ RECOMPILE_LIMIT = 64
 ENABLED = os.environ.get("METASTE_FUSED", "1") != "0"
 
 _COMPILED: dict[str, Any] = {}
+_SOURCES: dict[str, Callable[..., Any]] = {}
 _BROKEN: list[str] = []  # a compile that failed once is not retried (the eager path gives the same values)
 
 
@@ -56,6 +57,8 @@ def kernel(fn: Callable[..., Any], kind: str, fused: bool) -> Callable[..., Any]
     if not fused or kind == "tanh" or _BROKEN or not ENABLED:
         return fn
     name = fn.__name__
+    if _SOURCES.setdefault(name, fn) is not fn:  # the compiled functions are kept by name
+        raise ValueError(f"two kernels named {name!r}: {_SOURCES[name].__module__} and {fn.__module__}")
     if name not in _COMPILED:
         _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
     compiled = _COMPILED[name]

@@ -28,9 +28,10 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ..quant.psi import band
+from ..quant._functions import _fused_name, _theta
 from ..quant.quantizers import ActivationLSQQuantizer, DoReFaBinaryQuantizer
 from ..quant.registry import claim_all, lookup, release
+from . import pege_passes as passes
 from ._closure import Closure
 from ._wrapper import OptimizerWrapper, check_quantized_dtypes
 from .smoothing import derive_seed
@@ -56,21 +57,11 @@ class _PEGEMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v, vhat, mask, e_scaled, pen):  # type: ignore[override]
         ctx.save_for_backward(mask, e_scaled, pen)
-        return vhat if mask is None else torch.where(mask.bool(), vhat, v)
+        return vhat if mask is None else passes.mix(mask, vhat, v)
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        mask, e_scaled, pen = ctx.saved_tensors
-        if mask is None:
-            gv = None if e_scaled is None else g.abs() * e_scaled
-            gvhat = g
-        else:
-            gvhat = g * mask
-            gv = g - gvhat
-            if e_scaled is not None:
-                gv = gv + gvhat.abs() * e_scaled
-        if pen is not None:
-            gv = pen if gv is None else gv + pen
+        gv, gvhat = passes.mix_backward(g, *ctx.saved_tensors)
         return gv, gvhat, None, None, None
 
 
@@ -84,19 +75,29 @@ class _Site:
         self.param = param  # a weight site's weight (its penalty gradient is added in the step)
         self.calls = 0
         self.handle: Any = None
-        self.record: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = None
+        self.record: tuple[Tensor, Tensor, Tensor | None] | None = None  # e, s, M of the last forward
 
-    def grid(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(u, c, s) of the input, all detached."""
+    def front(
+        self, x: Tensor, uniforms: Tensor | None, r: float
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """(e, s, ê, M) of the input: e = x/s − c, its step s, EWGS's ê = δ·ψ(u)·e (None for δ = 0)
+        and the mask 1{U < r} of ``uniforms`` (None without them); all detached."""
         q = self.module
         x = x.detach()
-        if isinstance(q, DoReFaBinaryQuantizer):
+        binary = isinstance(q, DoReFaBinaryQuantizer)
+        if binary:
             s = q.magnitude(x).clamp(min=1e-8)
-            u = x / s
-            return u, torch.where(u >= 0, 1.0, -1.0).to(x.dtype), s
-        s = q.s.detach().clamp(min=1e-8) if isinstance(q, ActivationLSQQuantizer) else q.scale(x)
-        u = x / s
-        return u, torch.round(u).clamp_(-q.qn, q.qp), s
+        else:
+            s = q.s.detach().clamp(min=1e-8) if isinstance(q, ActivationLSQQuantizer) else q.scale(x)
+        name, theta = "ste", ()
+        if self.kind == "weight":
+            name = _fused_name(q.surrogate, False)
+            theta = _theta(q.surrogate) if name is not None else ()
+        fused_psi = name if self.delta != 0.0 else None
+        e, e_scaled, mask = passes.front(fused_psi, x, s, binary, uniforms, r, self.delta, q.qn, q.qp, theta)
+        if self.delta != 0.0 and name is None:  # a ψ with arguments (fd, tanh), eagerly
+            e_scaled = q.surrogate.psi(x / s, q.qn, q.qp).mul_(e).mul_(self.delta)
+        return e, s, e_scaled, mask
 
 
 class PEGE(OptimizerWrapper):
@@ -227,14 +228,16 @@ class PEGE(OptimizerWrapper):
 
     # -- the mixed forward ---------------------------------------------------------------------
 
-    def _mask(self, site: _Site, e: Tensor, r: float) -> Tensor | None:
-        if r >= 1.0:
-            return None
-        if self.select == "random":
-            gen = torch.Generator(device=e.device).manual_seed(
-                derive_seed(self.seed, self.steps, site.index, site.calls)
-            )
-            return (torch.rand(e.shape, generator=gen, device=e.device, dtype=e.dtype) < r).to(e.dtype)
+    def _uniforms(self, site: _Site, x: Tensor) -> Tensor:
+        """The uniforms of a random mask: a private generator seeded by (seed, step, site, call)."""
+        gen = torch.Generator(device=x.device).manual_seed(
+            derive_seed(self.seed, self.steps, site.index, site.calls)
+        )
+        return torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+
+    @staticmethod
+    def _error_mask(e: Tensor, r: float) -> Tensor:
+        """M of ``select="error"``: 1 at the ⌈r·n⌉ elements nearest their grid point."""
         m = torch.zeros(e.numel(), dtype=e.dtype, device=e.device)
         count = math.ceil(r * e.numel())
         if count:
@@ -249,19 +252,15 @@ class PEGE(OptimizerWrapper):
         need_e = r < 1.0 or site.delta != 0.0 or lam_t != 0.0
         if not need_e:
             return None
-        u, c, s = site.grid(x)
-        e = u - c
-        mask = self._mask(site, e, r)
+        random = r < 1.0 and self.select == "random"
+        e, s, e_scaled, mask = site.front(x, self._uniforms(site, x) if random else None, r)
+        if r < 1.0 and not random:
+            mask = self._error_mask(e, r)
         site.calls += 1
-        site.record = (x, s, c, mask) if lam_t != 0.0 else None
-        e_scaled = None
-        if site.delta != 0.0:
-            q = site.module
-            psi = band(u, -q.qn, q.qp) if site.kind == "activation" else q.surrogate.psi(u, q.qn, q.qp)
-            e_scaled = psi.mul_(e).mul_(site.delta)
+        site.record = (e, s, mask) if lam_t != 0.0 else None
         pen = None
         if lam_t != 0.0 and site.kind == "activation":
-            pen = _penalty_grad(e, s, mask, lam_t)
+            pen = passes.penalty_grad(e, s, mask, lam_t)
         if mask is None and e_scaled is None and pen is None:
             return None
         return _PEGEMix.apply(x, out, mask, e_scaled, pen)
@@ -272,8 +271,8 @@ class PEGE(OptimizerWrapper):
         for site in self.sites:
             if site.record is None:
                 continue
-            x, s, c, mask = site.record
-            e2 = (x / s - c).square()
+            e, _, mask = site.record
+            e2 = e.square()
             total = total + (e2.mean() if mask is None else (e2 * mask).mean())
         return total
 
@@ -286,8 +285,8 @@ class PEGE(OptimizerWrapper):
         for site in self.sites:
             if site.param is None or site.record is None or site.param.grad is None:
                 continue
-            x, s, c, mask = site.record
-            site.param.grad.add_(_penalty_grad(x / s - c, s, mask, lam_t))
+            e, s, mask = site.record
+            site.param.grad.add_(passes.penalty_grad(e, s, mask, lam_t))
 
     def _reset_sites(self) -> None:
         for site in self.sites:
@@ -319,12 +318,6 @@ class PEGE(OptimizerWrapper):
             f"PEGE(T_r={self.replace_steps}, k={self.k}, select={self.select!r}, lam={self.lam}, "
             f"{self.optimizer!r})"
         )
-
-
-def _penalty_grad(e: Tensor, s: Tensor, mask: Tensor | None, lam_t: float) -> Tensor:
-    """∂/∂x of λ_t·mean(M⊙(x/s − c)²) with c and s held: λ_t·2M⊙e/(n·s), n = e.numel()."""
-    g = e * (2.0 * lam_t / e.numel()) / s
-    return g if mask is None else g.mul_(mask)
 
 
 def _check_model_is_trained(model: nn.Module, params: Iterable[Tensor]) -> None:
