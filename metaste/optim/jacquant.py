@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 from ..quant.psi import band
 from ..quant.quantizers import LSQQuantizer
 from ..quant.registry import QuantEntry, claim_all, lookup, release
+from . import jacquant_passes as passes
 from ._closure import Closure, closure_value
 from ._wrapper import OptimizerWrapper, check_quantized_dtypes
 from .smoothing import derive_seed
@@ -215,18 +216,18 @@ class JacQuant(OptimizerWrapper):
 
     @torch.no_grad()
     def _slopes(self, k: int, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(b, in, c): the slope, the band mask and the codes clamp(round(u)) (as floats), from one
-        pass over u. In the band, round(clamp(u)) = round(u), so φ is that of :func:`slope_phi`
-        (2γ·|u − c| = γ·φ exactly); outside, b = 0 whatever φ is."""
-        e, g = self.managed[k], self.groups[k]
-        inside = u.clamp(-e.qn, e.qp)
-        c = torch.round(inside)
-        b = (u - c).abs_()
-        ab = _grouped(b, g)  # a view of b
-        ab.mul_(self.gamma[k].to(u).unsqueeze(-1) * 2).add_(self.alpha[k].to(u).unsqueeze(-1))
-        b.clamp_(*self.b_range)
-        inside.eq_(u)  # band(u, −Qn, Qp)
-        return b.mul_(inside), inside, c
+        """(b, in, c) of managed weight k at ``u``, each of the weight's shape
+        (:func:`~.jacquant_passes.slopes`)."""
+        e = self.managed[k]
+        out = passes.slopes(
+            _grouped(u, self.groups[k]),
+            self.gamma[k].unsqueeze(-1),
+            self.alpha[k].unsqueeze(-1),
+            e.qn,
+            e.qp,
+            self.b_range,
+        )
+        return tuple(t.view(u.shape) for t in out)  # type: ignore[return-value]
 
     @torch.no_grad()
     def refit(self, us: list[Tensor] | None = None) -> None:
@@ -249,21 +250,41 @@ class JacQuant(OptimizerWrapper):
         self.fits += 1
 
     @torch.no_grad()
-    def _apply_slopes(self, us: list[Tensor], pre: list[tuple[Tensor, Tensor]] | None = None) -> None:
-        """g ← b⊙g for every managed weight (``pre``: its (b, in) already computed at ``us``)."""
-        for k, e in enumerate(self.managed):
-            p = e.weight
-            if p.grad is None:
-                continue
-            u = us[k]
-            b, inside = pre[k] if pre is not None else self._slopes(k, u)[:2]
-            q = e.quantizer
-            if (
-                isinstance(q, LSQQuantizer) and q.s.grad is not None
-            ):  # ∂L/∂s = Σ g(c − b·u): add Σ g·u·(in − b)
-                corr = (p.grad * u).mul_(inside.sub_(b)).sum_to_size(q.s.shape) * q.grad_scale
-                q.s.grad.add_(corr)
-            p.grad.mul_(b)
+    def _apply_slopes(self, us: list[Tensor], track_codes: bool = False) -> list[Tensor]:
+        """g ← b⊙g (and LSQ's ∂L/∂s corrected) for every managed weight at ``us``, in one pass per
+        weight (:func:`~.jacquant_passes.step_slopes`). ``track_codes``: the pass also gives the
+        codes, returned, and a step whose codes flip more than ``flip_rate`` since the last ends a
+        phase."""
+        codes, flips = [], []
+        for k, (e, u) in enumerate(zip(self.managed, us)):
+            grad, q, g = e.weight.grad, e.quantizer, self.groups[k]
+            correct_s = grad is not None and isinstance(q, LSQQuantizer) and q.s.grad is not None
+            g3 = None if grad is None else _grouped(grad if grad.is_contiguous() else grad.contiguous(), g)
+            last = None if self._codes is None or not track_codes else _grouped(self._codes[k], g)
+            c, n, corr = passes.step_slopes(
+                _grouped(u, g),
+                self.gamma[k].unsqueeze(-1),
+                self.alpha[k].unsqueeze(-1),
+                e.qn,
+                e.qp,
+                self.b_range,
+                g3,
+                correct_s,
+                torch.int8 if q.bits <= 8 else torch.int32,
+                last,
+            )
+            if grad is not None and not grad.is_contiguous():
+                grad.copy_(g3.view(grad.shape))
+            if corr is not None:  # ∂L/∂s = Σ g(c − b·u): add Σ g·u·(in − b)
+                q.s.grad.add_(corr.view(u.shape).sum_to_size(q.s.shape) * q.grad_scale)
+            codes.append(c.view(u.shape))
+            flips.append(n)
+        if track_codes and self._codes is not None:  # one host sync for all tensors
+            counts = torch.stack(flips).tolist()
+            if any(f > self.flip_rate * c.numel() for f, c in zip(counts, codes)):
+                self.phases += 1
+                self._d = None
+        return codes
 
     def _grads(self, closure: Closure) -> Tensor:
         """Gradients with the slopes at the weights as they are (STORM's pass at x_{t−1}, which
@@ -272,14 +293,6 @@ class JacQuant(OptimizerWrapper):
             loss = self._evaluate(closure)
         self._apply_slopes([e.u() for e in self.managed])
         return loss
-
-    def _phase_boundary(self, codes: list[Tensor]) -> bool:
-        """Whether some tensor's fraction of changed codes since the last step exceeds flip_rate
-        (one host sync for all tensors)."""
-        if self._codes is None:
-            return False
-        flips = torch.stack([(c != c0).sum() for c, c0 in zip(codes, self._codes)]).tolist()
-        return any(f > self.flip_rate * c.numel() for f, c in zip(flips, codes))
 
     def _closure_reason(self) -> str:
         if self.vr == "storm":
@@ -336,16 +349,7 @@ class JacQuant(OptimizerWrapper):
         us = [e.u() for e in self.managed]
         if self.steps % self.every == 0:
             self.refit(us)
-        pre = [self._slopes(k, u) for k, u in enumerate(us)]
-        codes = [
-            c.to(torch.int8 if e.quantizer.bits <= 8 else torch.int32)
-            for (_, _, c), e in zip(pre, self.managed)
-        ]
-        if self._phase_boundary(codes):
-            self.phases += 1
-            self._d = None
-        self._codes = codes
-        self._apply_slopes(us, [(b, inside) for b, inside, _ in pre])
+        self._codes = self._apply_slopes(us, track_codes=True)
         if self.vr == "storm":
             g_now = [p.grad.clone() if p.grad is not None else None for p in params]
             if self._d is not None and self.storm_a < 1.0:
