@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._compile import FUSE_MIN, compilable, kernel
+
 __all__ = [
     "Smoothing",
     "SMOOTHINGS",
@@ -144,7 +146,8 @@ def noise_slice(
     ``noise(kind, (n,), seed, ...)[start : start + length]`` for any n ≥ start + length, generated
     without the rest: z is a pure function of (seed, element index), so the slice is the hash
     evaluated at the global indices start … start + length − 1. A shard of a tensor (FSDP2) thus
-    draws exactly its part of the noise a single process draws. Returns a fresh flat tensor."""
+    draws exactly its part of the noise a single process draws. Returns a fresh flat tensor, made
+    by one compiled pass from ``FUSE_MIN`` elements on (the bits of the eager ops)."""
     from ._fused import key_halves, z_from_index
 
     if kind not in SMOOTHINGS:
@@ -155,7 +158,9 @@ def noise_slice(
         raise ValueError(
             f"FOGZO's noise indexes elements with int32: elements up to {start + length} are too many"
         )
-    k1, k2 = key_halves(seed)
     j = torch.arange(start, start + length, dtype=torch.int32, device=device)
-    z = z_from_index(kind, j, k1, k2)
+    fused = length >= FUSE_MIN and compilable(j)
+    # the key as tensors: a new seed each step must not recompile the pass
+    k1, k2 = (torch.tensor(k, dtype=torch.int32, device=device) if fused else k for k in key_halves(seed))
+    z = kernel(z_from_index, kind, fused)(kind, j, k1, k2)
     return z if dtype == torch.float32 else z.to(dtype)

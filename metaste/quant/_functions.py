@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .._compile import FUSE_MIN, compilable, kernel
+from .leaky import LeakySurrogate, leaky
 from .psi import approxsign, band, dlste, hardtanh, plste, pwl, slste
 from .surrogates import FixedSurrogate, LearnableSurrogate, Surrogate
 
@@ -29,6 +30,7 @@ _FUSED_PSI = {
     "slste": lambda u, qn, qp, th: slste(u, th[0], qn, qp),
     "plste": lambda u, qn, qp, th: plste(u, th[0], qn, qp),
     "dlste": lambda u, qn, qp, th: dlste(u, th[0], th[1], qn, qp),
+    "leaky": lambda u, qn, qp, th: leaky(u, th[0], th[1], qn, qp),
 }
 
 
@@ -36,7 +38,9 @@ def _fused_name(s: Surrogate, deferred: bool) -> str | None:
     """The key of ``s`` in :data:`_FUSED_PSI` ("" when ψ is deferred), or None: eager only."""
     if deferred:
         return ""
-    if isinstance(s, LearnableSurrogate) or (isinstance(s, FixedSurrogate) and not s.kwargs):
+    if isinstance(s, (LearnableSurrogate, LeakySurrogate)) or (
+        isinstance(s, FixedSurrogate) and not s.kwargs
+    ):
         return s.name if s.name in _FUSED_PSI else None
     return None
 
@@ -69,7 +73,7 @@ def _sign_backward(name: str, v: Tensor, u_scale: Tensor, g: Tensor, *theta: Ten
 
 
 def _theta(s: Surrogate) -> tuple[Tensor, ...]:
-    return s.params() if isinstance(s, LearnableSurrogate) else ()
+    return s.params() if isinstance(s, (LearnableSurrogate, LeakySurrogate)) else ()
 
 
 class _RoundQuantFn(torch.autograd.Function):

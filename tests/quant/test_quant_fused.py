@@ -11,13 +11,14 @@ from metaste.quant.surrogates import make_surrogate
 
 pytestmark = pytest.mark.compiled
 
-KINDS = ["ste", "hardtanh", "approxsign", "pwl", "slste", "plste", "dlste"]
+KINDS = ["ste", "hardtanh", "approxsign", "pwl", "slste", "plste", "dlste", "leaky"]
 
 
 def _surrogate(kind, shape, binary, dtype):
-    s = make_surrogate(kind, shape, binary=binary, dtype=dtype)
+    granularity = "tensor" if kind == "leaky" else "element"
+    s = make_surrogate(kind, shape, binary=binary, dtype=dtype, granularity=granularity)
     gen = torch.Generator().manual_seed(1)
-    for t in s.params() if s.learnable else ():
+    for t in s.params() if s.learnable or kind == "leaky" else ():
         t.copy_(torch.rand(t.shape, generator=gen, dtype=dtype) * 2 + 0.5)
     return s
 
