@@ -55,8 +55,8 @@ def _record(method: str, opt) -> dict[str, list[float]]:
             entry = next(
                 e for p in opt.params() if (e := lookup(p)) is not None and e.quantizer is site.module
             )
-            u, c, _ = site.grid(entry.weight)
-            errors.append(float((u - c).square().mean()))
+            e = site.front(entry.weight, None, 1.0)[0]  # u − c
+            errors.append(float(e.square().mean()))
         return {"ratio": [opt.ratio()], "error": errors}
     if method == "jacquant":
         out: dict[str, list[float]] = {}
