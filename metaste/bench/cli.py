@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from ..quant.quantizers import QUANTIZERS
-from ..quant.surrogates import SURROGATES
+from ..quant.surrogate_factory import SURROGATES
 from .compare import DEFAULT_TUNE_SEEDS, INITS, Protocol, Setup, check, compare
 from .pages import write_reports
 from .registry import METHODS, _parse_value

@@ -13,7 +13,8 @@ from .quantizers import (
     Quantizer,
 )
 from .registry import QuantEntry, lookup, quantized_weights, register, surrogate_parameters
-from .surrogates import FixedSurrogate, LearnableSurrogate, Surrogate, make_surrogate
+from .surrogate_factory import make_surrogate
+from .surrogates import FixedSurrogate, LearnableSurrogate, Surrogate
 
 __all__ = [
     "QUANT_MODULES",

@@ -18,7 +18,8 @@ from .quantizers import (
     check_bits,
     check_weight_dtype,
 )
-from .surrogates import A_MAX_DEFAULT, A_MIN_DEFAULT, make_surrogate
+from .surrogate_factory import make_surrogate
+from .surrogates import A_MAX_DEFAULT, A_MIN_DEFAULT
 
 __all__ = ["QuantConfig", "make_weight_quantizer"]
 
@@ -30,7 +31,7 @@ class QuantConfig:
     Args:
         bits: weight bits, 1..16 (1 = DoReFa binary, needs ``quantizer="dorefa"``).
         quantizer: ``"lsq"`` (learnable step), ``"fixed"`` (frozen step) or ``"dorefa"``.
-        surrogate: a name of :data:`metaste.quant.surrogates.SURROGATES`; ``surrogate_kwargs``
+        surrogate: a name of :data:`metaste.quant.surrogate_factory.SURROGATES`; ``surrogate_kwargs``
             passes ``h`` to ``fd`` or ``temperature`` to ``tanh``.
         per_channel: one step per output channel (LSQ/fixed).
         granularity, a_min, a_max, boundary: learnable-surrogate settings (docs/design.md §2).

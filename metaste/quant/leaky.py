@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .psi import band
-from .surrogates import Surrogate
+from .surrogates import Surrogate, registers
 
 __all__ = ["LeakySurrogate", "leaky"]
 
@@ -33,6 +33,7 @@ def leaky(u: Tensor, a: Tensor, lam: Tensor, qn: float, qp: float) -> Tensor:
     return m.mul_(a - lam).add_(lam)
 
 
+@registers("leaky")
 class LeakySurrogate(Surrogate):
     """ψ(u; a, λ) with ``a`` and ``lam`` buffers of the granularity's shape.
 
@@ -47,6 +48,16 @@ class LeakySurrogate(Surrogate):
     learnable = False
     calibrated = True
     param_names = ("a", "lam")
+
+    @classmethod
+    def build(cls, name: str, weight_shape: tuple[int, ...], settings: dict, kwargs: dict) -> Surrogate:
+        return cls(
+            weight_shape,
+            settings["granularity"],
+            binary=settings["binary"],
+            dtype=settings["dtype"],
+            **kwargs,
+        )
 
     def __init__(
         self,

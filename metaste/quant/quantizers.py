@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from ._functions import _RoundQuantFn, _SignQuantFn
-from .surrogates import Surrogate, make_surrogate
+from .surrogate_factory import make_surrogate
+from .surrogates import Surrogate
 
 __all__ = [
     "Quantizer",

@@ -1,6 +1,7 @@
 """Surrogate gradients ψ(u; θ) that replace ∂v̂/∂v in the backward pass (docs/design.md §2): the
-:class:`Surrogate` modules and :func:`make_surrogate`, which picks one by name. The formulas
-themselves (every ψ and ∂ψ/∂a) are the plain functions of :mod:`metaste.quant.psi`.
+:class:`Surrogate` modules, each class registered under the names it builds (:func:`registers`;
+:func:`metaste.quant.surrogate_factory.make_surrogate` picks one by name). The formulas themselves
+(every ψ and ∂ψ/∂a) are the plain functions of :mod:`metaste.quant.psi`.
 
 * :class:`FixedSurrogate`: a fixed ψ of ``u`` (``ste``, ``identity``, ``pwl``, ``hardtanh``,
   ``tanh``, ``approxsign``, ``fd(h)``);
@@ -41,12 +42,13 @@ from .psi import (
 __all__ = [
     "FIXED_SURROGATES",
     "LEARNABLE_SURROGATES",
-    "SURROGATES",
+    "SURROGATE_CLASSES",
     "GRANULARITIES",
     "Surrogate",
     "FixedSurrogate",
     "LearnableSurrogate",
-    "make_surrogate",
+    "registers",
+    "psi_differentiable",
 ]
 
 # Default clamp of learnable surrogate parameters. a = 1 is the baseline; a <= a_min would make
@@ -65,9 +67,21 @@ FIXED_SURROGATES: dict[str, Callable[..., Tensor]] = {
     "fd": fd,
 }
 LEARNABLE_SURROGATES = ("slste", "plste", "dlste")
-CALIBRATED_SURROGATES = ("leaky",)  # fitted by metaste.Calibrated (quant/leaky.py, docs/design.md §9)
-SURROGATES = tuple(FIXED_SURROGATES) + LEARNABLE_SURROGATES + CALIBRATED_SURROGATES
 GRANULARITIES = ("element", "channel", "tensor")
+
+#: surrogate name → the :class:`Surrogate` class that builds it (:func:`registers`)
+SURROGATE_CLASSES: dict[str, type[Surrogate]] = {}
+
+
+def registers(*names: str) -> Callable[[type[Surrogate]], type[Surrogate]]:
+    """Class decorator: the class builds the surrogates ``names`` (with :meth:`Surrogate.build`)."""
+
+    def register(cls: type[Surrogate]) -> type[Surrogate]:
+        for name in names:
+            SURROGATE_CLASSES[name] = cls
+        return cls
+
+    return register
 
 
 def _check_name(value: str, valid: Sequence[str], what: str) -> None:
@@ -91,6 +105,14 @@ class Surrogate(nn.Module):
     def __init__(self, binary: bool = False) -> None:
         super().__init__()
         self.binary = binary
+
+    @classmethod
+    def build(
+        cls, name: str, weight_shape: tuple[int, ...], settings: dict, kwargs: dict
+    ) -> Surrogate:  # pragma: no cover - abstract
+        """The surrogate ``name`` for a weight of ``weight_shape``: ``settings`` are the factory's
+        (binary, granularity, a_min, a_max, boundary, b, dtype), ``kwargs`` a fixed ψ's own."""
+        raise NotImplementedError
 
     def psi(self, u: Tensor, qn: float, qp: float) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -121,9 +143,14 @@ class Surrogate(nn.Module):
         return f"name={self.name!r}, binary={self.binary}"
 
 
+@registers(*FIXED_SURROGATES)
 class FixedSurrogate(Surrogate):
     """A fixed ψ from :data:`FIXED_SURROGATES` (no parameters). ``kwargs``: ``h`` for ``fd``,
     ``temperature`` for ``tanh``."""
+
+    @classmethod
+    def build(cls, name: str, weight_shape: tuple[int, ...], settings: dict, kwargs: dict) -> Surrogate:
+        return cls(name, binary=settings["binary"], **kwargs)
 
     def __init__(self, name: str, binary: bool = False, **kwargs: float) -> None:
         super().__init__(binary)
@@ -149,6 +176,7 @@ class FixedSurrogate(Surrogate):
         return self._fn(u, qn, qp, **self.kwargs)
 
 
+@registers(*LEARNABLE_SURROGATES)
 class LearnableSurrogate(Surrogate):
     """SLSTE / PLSTE / DLSTE with parameters held as buffers (``a``; ``a_n``/``a_p`` for DLSTE).
 
@@ -163,6 +191,12 @@ class LearnableSurrogate(Surrogate):
     """
 
     learnable = True
+
+    @classmethod
+    def build(cls, name: str, weight_shape: tuple[int, ...], settings: dict, kwargs: dict) -> Surrogate:
+        if kwargs:
+            raise TypeError(f"learnable surrogate {name!r} takes no extra arguments {sorted(kwargs)}")
+        return cls(name, weight_shape, **settings)
 
     def __init__(
         self,
@@ -293,37 +327,3 @@ def psi_differentiable(
     """ψ(u; θ) as a function autograd can differentiate in θ, with ∂ψ/∂θ = ``surrogate.dpsi``
     (so ``boundary="window"`` is respected). ``u`` is treated as a constant."""
     return _PsiWithCustomGrad.apply(surrogate, u.detach(), qn, qp, *params)
-
-
-def make_surrogate(
-    name: str,
-    weight_shape: Sequence[int] = (),
-    *,
-    binary: bool = False,
-    granularity: str = "element",
-    a_min: float = A_MIN_DEFAULT,
-    a_max: float = A_MAX_DEFAULT,
-    boundary: str = "none",
-    b: float = 0.5,
-    dtype: torch.dtype = torch.float32,
-    **kwargs: float,
-) -> Surrogate:
-    """Build a surrogate by name: a fixed one (``kwargs``: ``h``, ``temperature``) or a learnable
-    one (``weight_shape``, ``granularity``, clamp, boundary, parameter ``dtype``). ``granularity``
-    and ``boundary`` are validated for every name, so a typo never passes silently."""
-    if not isinstance(name, str):
-        raise TypeError(f"surrogate must be a name (str), got {type(name).__name__}")
-    _check_name(name, SURROGATES, "surrogate")
-    _check_name(granularity, GRANULARITIES, "granularity")
-    _check_name(boundary, BOUNDARIES, "boundary")
-    if name in CALIBRATED_SURROGATES:
-        from .leaky import LeakySurrogate
-
-        return LeakySurrogate(weight_shape, granularity, binary=binary, dtype=dtype, **kwargs)
-    if name in LEARNABLE_SURROGATES:
-        if kwargs:
-            raise TypeError(f"learnable surrogate {name!r} takes no extra arguments {sorted(kwargs)}")
-        return LearnableSurrogate(
-            name, weight_shape, granularity, a_min, a_max, boundary, b, binary=binary, dtype=dtype
-        )
-    return FixedSurrogate(name, binary=binary, **kwargs)

@@ -13,7 +13,7 @@ from torch import nn
 import metaste
 from metaste.quant.layers import QuantLinear
 from metaste.quant.quantizers import Quantizer
-from metaste.quant.surrogates import make_surrogate
+from metaste.quant.surrogate_factory import make_surrogate
 
 
 def mlp(seed: int = 0, dtype=torch.float32) -> nn.Module:

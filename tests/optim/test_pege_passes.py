@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import metaste
 from metaste import _compile
 from metaste.optim import pege_passes as passes
-from metaste.quant.surrogates import make_surrogate
+from metaste.quant.surrogate_factory import make_surrogate
 
 pytestmark = pytest.mark.compiled
 

@@ -7,7 +7,7 @@ import torch
 import metaste._compile as compile_
 from metaste.quant import _functions as functions
 from metaste.quant.quantizers import DoReFaBinaryQuantizer, FixedScaleQuantizer, LSQQuantizer
-from metaste.quant.surrogates import make_surrogate
+from metaste.quant.surrogate_factory import make_surrogate
 
 pytestmark = pytest.mark.compiled
 

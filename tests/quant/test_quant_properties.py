@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from metaste.quant import make_weight_quantizer
 from metaste.quant.quantizers import FixedScaleQuantizer
-from metaste.quant.surrogates import make_surrogate
+from metaste.quant.surrogate_factory import make_surrogate
 
 finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_subnormal=True, width=32)
 weights = st.lists(finite, min_size=1, max_size=40)

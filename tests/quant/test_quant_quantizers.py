@@ -8,7 +8,7 @@ import torch
 
 from metaste.quant import make_weight_quantizer
 from metaste.quant.quantizers import ActivationLSQQuantizer, FixedScaleQuantizer, LSQQuantizer
-from metaste.quant.surrogates import make_surrogate
+from metaste.quant.surrogate_factory import make_surrogate
 
 
 def _weight(shape=(6, 10), seed=0):

@@ -8,7 +8,8 @@ from scipy.integrate import quad
 
 from metaste.quant import psi as P
 from metaste.quant import surrogates as S
-from metaste.quant.surrogates import LearnableSurrogate, make_surrogate, psi_differentiable
+from metaste.quant.surrogate_factory import make_surrogate
+from metaste.quant.surrogates import LearnableSurrogate, psi_differentiable
 
 GRIDS = [(1, 1), (2, 1), (4, 3), (8, 7)]  # binary and b = 2, 3, 4
 

@@ -7,7 +7,8 @@ from torch import nn
 import metaste
 from metaste.quant import make_weight_quantizer
 from metaste.quant.quantizers import FixedScaleQuantizer, LSQQuantizer
-from metaste.quant.surrogates import LearnableSurrogate, make_surrogate
+from metaste.quant.surrogate_factory import make_surrogate
+from metaste.quant.surrogates import LearnableSurrogate
 
 
 def _mlp():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from metaste.quant.surrogates import make_surrogate
+from metaste.quant.surrogate_factory import make_surrogate
 
 
 @pytest.mark.parametrize("granularity", ["element", "channel", "tensor"])
