@@ -33,11 +33,11 @@ import metaste  # noqa: E402  (the checkout's, or $METASTE_PATH: _measure)
 CONFIGS = {
     # name: FOGZO kwargs (None: plain STE)
     "ste": None,
-    "n1-copy": dict(n=1),
+    "n1-copy": dict(n=1, restore="copy"),
     "n1-inplace": dict(n=1, restore="inplace"),
     "n1-keep": dict(n=1, keep_noise=True),
     "n1-1sided": dict(n=1, one_sided=True),
-    "n4-copy": dict(n=4),
+    "n4-copy": dict(n=4, restore="copy"),
     "n4-inplace": dict(n=4, restore="inplace"),
 }
 

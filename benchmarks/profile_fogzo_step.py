@@ -6,7 +6,7 @@ norm, the base optimizer's step) and reports ms per step; "other" is the rest of
 (guards, ε, copies, Python). Interleaved with a plain STE step and a no-grad forward of the same
 model. Run with one thread::
 
-    OMP_NUM_THREADS=1 python benchmarks/profile_fogzo_step.py [--model wide] [--config n1-copy] [--steps 20]
+    OMP_NUM_THREADS=1 python benchmarks/profile_fogzo_step.py [--model wide] [--config n1-inplace] [--steps 20]
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _timed(acc: dict[str, float], key: str, fn: Callable[..., Any]) -> Callable[
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="wide", choices=("mlp", "wide", "cnn", "llama"))
-    ap.add_argument("--config", default="n1-copy", choices=[c for c in bench_fogzo.CONFIGS if c != "ste"])
+    ap.add_argument("--config", default="n1-inplace", choices=[c for c in bench_fogzo.CONFIGS if c != "ste"])
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -119,8 +119,8 @@ def table(sub: dict, fog: dict, hyp: dict, new: dict, meta: str) -> str:
     for model, r in fog.items():
         name = MODEL_NAMES[model]
         limit = 0.30 if model == "mlp" else 0.10
-        for cfg, label in (("n1-copy", "n = 1, restore='copy'"), ("n1-inplace", "n = 1, restore='inplace'"),
-                           ("n4-copy", "n = 4, restore='copy'")):  # fmt: skip
+        for cfg, label in (("n1-inplace", "n = 1, restore='inplace' (default)"), ("n1-copy", "n = 1, restore='copy'"),
+                           ("n4-inplace", "n = 4, restore='inplace' (default)")):  # fmt: skip
             row = r["rows"][cfg]
             rows.append(
                 (
@@ -132,7 +132,7 @@ def table(sub: dict, fog: dict, hyp: dict, new: dict, meta: str) -> str:
                     _verdict(row["overhead"], limit),
                 )
             )
-        for cfg in ("n1-copy", "n1-inplace"):
+        for cfg in ("n1-inplace", "n1-copy"):
             m = r["rows"][cfg]["mem_ratio"]
             mib = f"{m * r['ste_peak_mib']:.1f} vs {r['ste_peak_mib']:.1f} MiB"
             rows.append(
