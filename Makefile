@@ -29,11 +29,11 @@ demo: install-demo
 
 # the default tests, then the slow ones (2-process torch.distributed runs)
 test: install-dev
-	$(PYTHON) -m pytest -n 2 -m "not slow" -q
-	$(PYTHON) -m pytest -n 2 -m slow -q
+	$(PYTHON) -m pytest -n 2 --dist worksteal -m "not slow" -q
+	$(PYTHON) -m pytest -n 2 --dist worksteal -m slow -q
 
 test-fast: install-dev
-	$(PYTHON) -m pytest -n 2 -m "not slow" -q
+	$(PYTHON) -m pytest -n 2 --dist worksteal -m "not slow" -q
 
 results: install-demo
 	for s in $(SUITES); do $(PYTHON) -m metaste.bench.cli compare --suite $$s --out docs/results || exit 1; done
