@@ -34,7 +34,7 @@ def _pege_front(
     s: Tensor,
     binary: bool,
     uniforms: Tensor | None,
-    r: Tensor,
+    r: Tensor | float,
     delta: float,
     qn: float,
     qp: float,
@@ -63,9 +63,11 @@ def front(
     """(e, ê, M) of a detached input ``x`` with step ``s``: c = clamp(round(u), −Qn, Qp) (the
     binary grid: ±1 by the sign of u, +1 at 0); ê = ψ_name(u; θ)·e·δ (``name`` None: not
     computed); M = 1{U < r} in x's dtype (``uniforms`` None: none)."""
-    r_t = x.new_tensor(r)  # a tensor: a new r(t) each step must not recompile the pass
     fused = _fused(x, s, uniforms, *theta)
-    return kernel(_pege_front, "pege", fused)(name, x, s, binary, uniforms, r_t, delta, qn, qp, *theta)
+    # compiled: r as a tensor (a new r(t) each step must not recompile the pass); it compares in
+    # x's dtype either way
+    r_arg = x.new_tensor(r) if fused else r
+    return kernel(_pege_front, "pege", fused)(name, x, s, binary, uniforms, r_arg, delta, qn, qp, *theta)
 
 
 def _pege_mix(mask: Tensor, vhat: Tensor, v: Tensor) -> Tensor:
@@ -100,12 +102,14 @@ def mix_backward(
     return kernel(_pege_mix_backward, "pege", _fused(g, mask, e_scaled, pen))(g, mask, e_scaled, pen)
 
 
-def _pege_penalty_grad(e: Tensor, s: Tensor, scale: Tensor, mask: Tensor | None) -> Tensor:
+def _pege_penalty_grad(e: Tensor, s: Tensor, scale: Tensor | float, mask: Tensor | None) -> Tensor:
     g = e * scale / s
     return g if mask is None else g.mul_(mask)
 
 
 def penalty_grad(e: Tensor, s: Tensor, mask: Tensor | None, lam_t: float) -> Tensor:
     """∂/∂x of λ_t·mean(M⊙(x/s − c)²) with c and s held: λ_t·2M⊙e/(n·s), n = e.numel()."""
-    scale = e.new_tensor(2.0 * lam_t / e.numel())  # a tensor: λ_t changes with r(t)
-    return kernel(_pege_penalty_grad, "pege", _fused(e, s, mask))(e, s, scale, mask)
+    fused = _fused(e, s, mask)
+    scale = 2.0 * lam_t / e.numel()
+    scale_arg = e.new_tensor(scale) if fused else scale  # compiled: λ_t changes with r(t)
+    return kernel(_pege_penalty_grad, "pege", fused)(e, s, scale_arg, mask)
