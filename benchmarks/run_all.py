@@ -134,7 +134,10 @@ def table(sub: dict, fog: dict, hyp: dict, new: dict, meta: str) -> str:
             )
         for cfg in ("n1-inplace", "n1-copy"):
             m = r["rows"][cfg]["mem_ratio"]
-            mib = f"{m * r['ste_peak_mib']:.1f} vs {r['ste_peak_mib']:.1f} MiB"
+            mib = (
+                f"{m * r['ste_peak_mib']:.1f} vs {r['ste_peak_mib']:.1f} MiB; "
+                f"STE with its gradients kept {r['ste_kept_peak_mib']:.1f} MiB"
+            )
             rows.append(
                 (
                     f"FOGZO peak memory, restore='{cfg[3:]}'",
