@@ -1,12 +1,11 @@
 """JacQuant's compiled passes give the bits of their eager twins and the hand formulas, and a
 JacQuant run with them is the eager run bit for bit."""
 
-import copy
 import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
+from _compiled_helpers import eager_and_compiled, eager_and_compiled_runs
 
 import metaste
 from metaste import _compile
@@ -16,16 +15,8 @@ pytestmark = pytest.mark.compiled
 
 
 def _both(fn, *args):
-    """fn(*args) on fresh copies of the tensor arguments, with the passes eager, then compiled;
-    returns the outputs and the copies (the in-place results)."""
-    outs = []
-    for limit in (1 << 40, 1):
-        copies = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(passes, "FUSE_MIN", limit)
-            outs.append((fn(*copies), copies))
-    assert not _compile._BROKEN, _compile._BROKEN
-    return outs
+    """fn(*args) eager, then compiled: (output, the argument copies it wrote into) of each."""
+    return eager_and_compiled(passes, fn, *args)
 
 
 def _case(dtype=torch.float32):
@@ -72,26 +63,25 @@ def test_step_slopes_compiled_give_the_eager_bits_and_the_formula(correct_s, wit
         assert torch.equal(corr, grad * u * (inside - b))
 
 
+def _jacquant(model, vr):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return metaste.JacQuant(torch.optim.SGD(model.parameters(), lr=0.1), vr=vr, every=3, flip_rate=1.0)
+
+
 @pytest.mark.parametrize("vr,quantizer", [("none", "lsq"), ("storm", "lsq"), ("none", "fixed")])
-def test_a_compiled_jacquant_run_is_the_eager_run_bitwise(vr, quantizer, monkeypatch):
+def test_a_compiled_jacquant_run_is_the_eager_run_bitwise(vr, quantizer):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(32, 24), torch.nn.ReLU(), torch.nn.Linear(24, 5))
     base = metaste.quantize_model(net, bits=2, quantizer=quantizer, keep_last=False)
-    g0 = torch.Generator().manual_seed(3)
-    x, y = torch.randn(16, 32, generator=g0), torch.randint(0, 5, (16,), generator=g0)
-    runs = []
-    for limit in (1 << 40, 1):
-        monkeypatch.setattr(passes, "FUSE_MIN", limit)
-        model = copy.deepcopy(base)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            opt = metaste.JacQuant(torch.optim.SGD(model.parameters(), lr=0.1), vr=vr, every=3, flip_rate=1.0)
-        for _ in range(7):
-            opt.step(lambda m=model: F.cross_entropy(m(x), y))
-        runs.append(
-            [t.detach().clone() for t in (*model.parameters(), *opt.alpha, *opt.gamma)] + [opt.phases]
-        )
-    assert not _compile._BROKEN, _compile._BROKEN
+    runs = eager_and_compiled_runs(
+        passes,
+        base,
+        lambda m: _jacquant(m, vr),
+        7,
+        lambda m, o: ([t.detach().clone() for t in (*m.parameters(), *o.alpha, *o.gamma)], o.phases),
+        32,
+    )
     assert "_jq_step_slopes" in _compile._COMPILED
-    assert runs[0][-1] == runs[1][-1]
-    assert all(torch.equal(a, b) for a, b in zip(runs[0][:-1], runs[1][:-1]))
+    (eager, phases_e), (compiled, phases_c) = runs
+    assert phases_e == phases_c and all(torch.equal(a, b) for a, b in zip(eager, compiled))

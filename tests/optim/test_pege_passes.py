@@ -1,11 +1,9 @@
 """PEGE's compiled passes give the bits of their eager twins, and a PEGE run with them is the eager
 run bit for bit."""
 
-import copy
-
 import pytest
 import torch
-import torch.nn.functional as F
+from _compiled_helpers import eager_and_compiled, eager_and_compiled_runs
 
 import metaste
 from metaste import _compile
@@ -16,14 +14,8 @@ pytestmark = pytest.mark.compiled
 
 
 def _both(fn, *args):
-    """fn(*args) with the passes eager, then compiled."""
-    outs = []
-    for limit in (1 << 40, 1):
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(passes, "FUSE_MIN", limit)
-            outs.append(fn(*args))
-    assert not _compile._BROKEN, _compile._BROKEN
-    return outs
+    """fn(*args) with the passes eager, then compiled: the two outputs."""
+    return [out for out, _ in eager_and_compiled(passes, fn, *args)]
 
 
 def _same(a, b):
@@ -87,12 +79,12 @@ def test_mix_and_its_backward_compiled_give_the_eager_bits(with_mask, with_e, wi
     mask = (torch.rand(v.shape, generator=g0) < 0.4).float() if with_mask else None
     e_scaled = torch.randn(v.shape, generator=g0) * 1e-3 if with_e else None
     pen = torch.randn(v.shape, generator=g0) * 1e-4 if with_pen else None
-    eager, fused = _both(passes.mix_backward, g, mask, e_scaled, pen)
+    (eager, args), (fused, _) = eager_and_compiled(passes, passes.mix_backward, g, mask, e_scaled, pen)
     assert all(_same(a, b) for a, b in zip(eager, fused))
     gv, gvhat = eager
     m = torch.zeros_like(g) if mask is None else mask
     if mask is None:
-        assert gvhat is g
+        assert gvhat is args[0]  # g passed through, not copied
     else:  # the hand formula: v gets (1 − M)g + M|g|ê + pen, v̂ gets Mg
         assert torch.equal(gvhat, g * m)
     want = (g - g * m) if mask is not None else None
@@ -119,26 +111,23 @@ def test_penalty_grad_compiled_gives_the_eager_bits_and_the_formula():
         assert torch.equal(eager, want if m is None else want * m)
 
 
-@pytest.mark.parametrize("select", ["random", "error"])
 @pytest.mark.parametrize(
-    "surrogate,quantizer,bits", [("ste", "lsq", 2), ("slste", "lsq", 2), ("ste", "dorefa", 1)]
+    "select,surrogate,quantizer,bits",
+    [("random", "ste", "lsq", 2), ("error", "slste", "lsq", 2), ("random", "ste", "dorefa", 1)],
 )
-def test_a_compiled_pege_run_is_the_eager_run_bitwise(select, surrogate, quantizer, bits, monkeypatch):
+def test_a_compiled_pege_run_is_the_eager_run_bitwise(select, surrogate, quantizer, bits):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
     base = metaste.quantize_model(net, bits=bits, quantizer=quantizer, surrogate=surrogate, keep_last=False)
-    g0 = torch.Generator().manual_seed(3)
-    x, y = torch.randn(16, 24, generator=g0), torch.randint(0, 5, (16,), generator=g0)
-    runs = []
-    for limit in (1 << 40, 1):
-        monkeypatch.setattr(passes, "FUSE_MIN", limit)
-        model = copy.deepcopy(base)
-        opt = metaste.PEGE(
-            torch.optim.SGD(model.parameters(), lr=0.1), replace_steps=6, select=select, lam=0.1
-        )
-        for _ in range(8):  # past T_r: the masks end at step 6
-            opt.step(lambda m=model: F.cross_entropy(m(x), y))
-        runs.append([t.detach().clone() for t in (*model.parameters(), *model.buffers())])
-    assert not _compile._BROKEN, _compile._BROKEN
+    runs = eager_and_compiled_runs(
+        passes,
+        base,
+        lambda m: metaste.PEGE(
+            torch.optim.SGD(m.parameters(), lr=0.1), replace_steps=6, select=select, lam=0.1
+        ),
+        8,  # past T_r: the masks end at step 6
+        lambda m, _: [t.detach().clone() for t in (*m.parameters(), *m.buffers())],
+        24,
+    )
     assert {"_pege_front", "_pege_mix", "_pege_mix_backward", "_pege_penalty_grad"} <= set(_compile._COMPILED)
     assert all(torch.equal(a, b) for a, b in zip(*runs))
