@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ..quant._functions import _fused_name, _theta
+from ..quant._functions import fused_psi_name, psi_params
 from ..quant.quantizers import ActivationLSQQuantizer, DoReFaBinaryQuantizer
 from ..quant.registry import claim_all, lookup, release
 from . import pege_passes as passes
@@ -91,8 +91,8 @@ class _Site:
             s = q.s.detach().clamp(min=1e-8) if isinstance(q, ActivationLSQQuantizer) else q.scale(x)
         name, theta = "ste", ()
         if self.kind == "weight":
-            name = _fused_name(q.surrogate, False)
-            theta = _theta(q.surrogate) if name is not None else ()
+            name = fused_psi_name(q.surrogate, False)
+            theta = psi_params(q.surrogate) if name is not None else ()
         fused_psi = name if self.delta != 0.0 else None
         e, e_scaled, mask = passes.front(fused_psi, x, s, binary, uniforms, r, self.delta, q.qn, q.qp, theta)
         if self.delta != 0.0 and name is None:  # a ψ with arguments (fd, tanh), eagerly

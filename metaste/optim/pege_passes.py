@@ -15,12 +15,9 @@ import torch
 from torch import Tensor
 
 from .._compile import FUSE_MIN, compilable, kernel
-from ..quant._functions import _FUSED_PSI
+from ..quant._functions import FUSED_PSI
 
-__all__ = ["front", "mix", "mix_backward", "penalty_grad", "FUSED_PSI"]
-
-#: the ψ that :func:`front` evaluates inside its pass (the quantizers' compiled set)
-FUSED_PSI = frozenset(_FUSED_PSI)
+__all__ = ["front", "mix", "mix_backward", "penalty_grad"]
 
 
 def _fused(*tensors: Tensor | None) -> bool:
@@ -44,7 +41,7 @@ def _pege_front(
     c = torch.where(u >= 0, 1.0, -1.0).to(x.dtype) if binary else torch.round(u).clamp_(-qn, qp)
     e = u - c
     mask = None if uniforms is None else (uniforms < r).to(x.dtype)
-    e_scaled = None if name is None else _FUSED_PSI[name](u, qn, qp, theta).mul_(e).mul_(delta)
+    e_scaled = None if name is None else FUSED_PSI[name](u, qn, qp, theta).mul_(e).mul_(delta)
     return e, e_scaled, mask
 
 

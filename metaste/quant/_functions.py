@@ -22,7 +22,7 @@ from .surrogates import FixedSurrogate, LearnableSurrogate, Surrogate
 # same ops in the same order either way: the same values (tests/quant/test_quant_fused.py).
 
 #: the surrogates whose ψ the compiled backward evaluates (the others run eagerly)
-_FUSED_PSI = {
+FUSED_PSI = {
     "ste": lambda u, qn, qp, th: band(u, -qn, qp),
     "hardtanh": lambda u, qn, qp, th: hardtanh(u, qn, qp),
     "approxsign": lambda u, qn, qp, th: approxsign(u, qn, qp),
@@ -34,14 +34,15 @@ _FUSED_PSI = {
 }
 
 
-def _fused_name(s: Surrogate, deferred: bool) -> str | None:
-    """The key of ``s`` in :data:`_FUSED_PSI` ("" when ψ is deferred), or None: eager only."""
+def fused_psi_name(s: Surrogate, deferred: bool) -> str | None:
+    """The key of ``s`` in :data:`FUSED_PSI` ("" when ψ is deferred), or None: eager only (also
+    PEGE's compiled front pass, :mod:`metaste.optim.pege_passes`)."""
     if deferred:
         return ""
     if isinstance(s, (LearnableSurrogate, LeakySurrogate)) or (
         isinstance(s, FixedSurrogate) and not s.kwargs
     ):
-        return s.name if s.name in _FUSED_PSI else None
+        return s.name if s.name in FUSED_PSI else None
     return None
 
 
@@ -58,7 +59,7 @@ def _round_backward(
             inside = band(u, -qn, qp)  # ψ_ste, shared with ∂v̂/∂s below
             gv = g * inside
         else:
-            gv = _FUSED_PSI[name](u, qn, qp, theta).mul_(g)
+            gv = FUSED_PSI[name](u, qn, qp, theta).mul_(g)
     if need_s:
         if inside is None:
             inside = band(u, -qn, qp)
@@ -69,10 +70,11 @@ def _round_backward(
 
 def _sign_backward(name: str, v: Tensor, u_scale: Tensor, g: Tensor, *theta: Tensor) -> Tensor:
     """∂L/∂v of :class:`_SignQuantFn`: g·ψ(v / u_scale) on the binary grid (Qn = Qp = 1)."""
-    return g * _FUSED_PSI[name](v / u_scale, 1, 1, theta)
+    return g * FUSED_PSI[name](v / u_scale, 1, 1, theta)
 
 
-def _theta(s: Surrogate) -> tuple[Tensor, ...]:
+def psi_params(s: Surrogate) -> tuple[Tensor, ...]:
+    """The parameters θ that :data:`FUSED_PSI`'s ψ of ``s`` takes (none for a fixed ψ)."""
     return s.params() if isinstance(s, (LearnableSurrogate, LeakySurrogate)) else ()
 
 
@@ -95,9 +97,9 @@ class _RoundQuantFn(torch.autograd.Function):
         (u,) = ctx.saved_tensors
         qn, qp, q = ctx.qn, ctx.qp, ctx.quantizer
         need_v, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        name = _fused_name(q.surrogate, q.defer_surrogate) if need_v else ""
+        name = fused_psi_name(q.surrogate, q.defer_surrogate) if need_v else ""
         if name is not None:
-            theta = _theta(q.surrogate) if name else ()
+            theta = psi_params(q.surrogate) if name else ()
             fused = u.numel() >= FUSE_MIN and compilable(u, g, *theta)
             gv, gs = kernel(_round_backward, "quant", fused)(name, u, g, need_v, need_s, qn, qp, *theta)
         else:  # a surrogate with arguments (fd, tanh), eagerly
@@ -123,9 +125,9 @@ class _SignQuantFn(torch.autograd.Function):
         q = ctx.quantizer
         if q.defer_surrogate:
             return g, None, None, None
-        name = _fused_name(q.surrogate, False)
+        name = fused_psi_name(q.surrogate, False)
         if name is None:
             return g * q.surrogate.psi(v / u_scale, 1, 1), None, None, None
-        theta = _theta(q.surrogate)
+        theta = psi_params(q.surrogate)
         fused = v.numel() >= FUSE_MIN and compilable(v, u_scale, g, *theta)
         return kernel(_sign_backward, "quant", fused)(name, v, u_scale, g, *theta), None, None, None
