@@ -52,8 +52,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..quant.learnable import psi_differentiable
 from ..quant.registry import QuantEntry
-from ..quant.surrogates import psi_differentiable
 
 __all__ = [
     "UpdateRecord",

@@ -5,6 +5,7 @@ from .config import QuantConfig, make_weight_quantizer
 from .convert import QUANT_MODULES, quantize_model, register_quant_module
 from .export import IntegerConv2d, IntegerLinear, QuantizedWeight, export_quantized, to_integer_model
 from .layers import QuantConv2d, QuantLayer, QuantLinear, float_layer_kwargs
+from .learnable import DLSTE, PLSTE, SLSTE, LearnableSurrogate
 from .quantizers import (
     ActivationLSQQuantizer,
     DoReFaBinaryQuantizer,
@@ -14,7 +15,7 @@ from .quantizers import (
 )
 from .registry import QuantEntry, lookup, quantized_weights, register, surrogate_parameters
 from .surrogate_factory import make_surrogate
-from .surrogates import FixedSurrogate, LearnableSurrogate, Surrogate
+from .surrogates import FixedSurrogate, Surrogate
 
 __all__ = [
     "QUANT_MODULES",
@@ -29,6 +30,9 @@ __all__ = [
     "IntegerLinear",
     "LSQQuantizer",
     "LearnableSurrogate",
+    "SLSTE",
+    "PLSTE",
+    "DLSTE",
     "QuantConv2d",
     "QuantEntry",
     "QuantLayer",

@@ -13,8 +13,9 @@ from torch import Tensor
 
 from .._compile import FUSE_MIN, compilable, kernel
 from .leaky import LeakySurrogate, leaky
+from .learnable import LearnableSurrogate
 from .psi import approxsign, band, dlste, hardtanh, plste, pwl, slste
-from .surrogates import FixedSurrogate, LearnableSurrogate, Surrogate
+from .surrogates import FixedSurrogate, Surrogate
 
 # The backward's element-wise work (ψ·g, and LSQ's per-element ∂v̂/∂s·g) as one function of the
 # surrogate's name and parameters: compiled into one pass for a weight of >= FUSE_MIN elements

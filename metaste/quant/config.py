@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import Tensor
 
+from .learnable import A_MAX_DEFAULT, A_MIN_DEFAULT
 from .quantizers import (
     QUANTIZERS,
     DoReFaBinaryQuantizer,
@@ -19,7 +20,6 @@ from .quantizers import (
     check_weight_dtype,
 )
 from .surrogate_factory import make_surrogate
-from .surrogates import A_MAX_DEFAULT, A_MIN_DEFAULT
 
 __all__ = ["QuantConfig", "make_weight_quantizer"]
 

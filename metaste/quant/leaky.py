@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .psi import band
-from .surrogates import Surrogate, registers
+from .surrogates import Surrogate, param_shape, registers
 
 __all__ = ["LeakySurrogate", "leaky"]
 
@@ -76,15 +76,13 @@ class LeakySurrogate(Surrogate):
                 f"{LEAKY_GRANULARITIES} (per element there are too few probes to fit it): "
                 "quantize_model(..., surrogate='leaky', granularity='tensor')"
             )
-        if granularity == "channel" and len(shape) < 2:
-            raise ValueError(f"granularity='channel' needs a weight with >= 2 dims, got shape {shape}")
         if not (math.isfinite(a_init) and a_init > 0):
             raise ValueError(f"Invalid a_init: {a_init}; it must be finite and > 0")
         if not (math.isfinite(lam_init) and lam_init >= 0):
             raise ValueError(f"Invalid lam_init: {lam_init}; it must be finite and >= 0")
         self.granularity = granularity
         self.weight_shape = shape
-        pshape = (shape[0],) + (1,) * (len(shape) - 1) if granularity == "channel" else (1,) * len(shape)
+        pshape = param_shape(shape, granularity)
         self.register_buffer("a", torch.full(pshape, float(a_init), dtype=dtype))
         self.register_buffer("lam", torch.full(pshape, float(lam_init), dtype=dtype))
 

@@ -9,7 +9,8 @@
   with their exact ∂ψ/∂a (``*_grad``) and SLSTE's one-byte region code (``slste_grad_code``) that
   HyperSTE keeps instead of u or ∂ψ/∂a.
 
-The modules that hold the parameters and pick a ψ by name are in :mod:`metaste.quant.surrogates`.
+The modules that hold the parameters are in :mod:`metaste.quant.surrogates` (fixed ψ) and
+:mod:`metaste.quant.learnable`; :func:`metaste.quant.surrogate_factory.make_surrogate` picks one by name.
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ from collections.abc import Sequence
 import torch
 
 from . import leaky  # noqa: F401  (registers "leaky")
+from .learnable import A_MAX_DEFAULT, A_MIN_DEFAULT
 from .psi import BOUNDARIES
-from .surrogates import A_MAX_DEFAULT, A_MIN_DEFAULT, GRANULARITIES, SURROGATE_CLASSES, Surrogate
+from .surrogates import GRANULARITIES, SURROGATE_CLASSES, Surrogate, check_choice
 
 __all__ = ["SURROGATES", "make_surrogate"]
 
@@ -39,8 +40,7 @@ def make_surrogate(
         raise TypeError(f"surrogate must be a name (str), got {type(name).__name__}")
     for value, valid, what in ((name, SURROGATES, "surrogate"), (granularity, GRANULARITIES, "granularity"),
                                (boundary, BOUNDARIES, "boundary")):  # fmt: skip
-        if value not in valid:
-            raise ValueError(f"Unknown {what} {value!r}; valid choices are {tuple(valid)}")
+        check_choice(value, valid, what)
     settings = dict(
         binary=binary, granularity=granularity, a_min=a_min, a_max=a_max, boundary=boundary, b=b, dtype=dtype
     )

@@ -18,7 +18,7 @@ from metaste.optim.diffopt import (
     one_step_hypergradient,
     record_update,
 )
-from metaste.quant.surrogates import psi_differentiable
+from metaste.quant.learnable import psi_differentiable
 
 
 @pytest.mark.parametrize(

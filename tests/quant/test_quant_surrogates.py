@@ -8,8 +8,10 @@ from scipy.integrate import quad
 
 from metaste.quant import psi as P
 from metaste.quant import surrogates as S
-from metaste.quant.surrogate_factory import make_surrogate
-from metaste.quant.surrogates import LearnableSurrogate, psi_differentiable
+from metaste.quant.leaky import LeakySurrogate
+from metaste.quant.learnable import DLSTE, PLSTE, SLSTE, psi_differentiable
+from metaste.quant.surrogate_factory import SURROGATES, make_surrogate
+from metaste.quant.surrogates import FixedSurrogate
 
 GRIDS = [(1, 1), (2, 1), (4, 3), (8, 7)]  # binary and b = 2, 3, 4
 
@@ -102,14 +104,14 @@ def test_pwl_at_one_bit_is_approxsign():
 def test_slste_with_a_equal_one_matches_ste(qn, qp):
     u = torch.cat([_random_u(), _edges(qn, qp)]).float()
     assert torch.equal(P.slste(u, torch.ones(()), qn, qp), P.ste(u, qn, qp))
-    fresh = LearnableSurrogate("slste", u.shape)
+    fresh = SLSTE(u.shape)
     assert torch.equal(fresh.psi(u, qn, qp), P.ste(u, qn, qp))
 
 
 @pytest.mark.parametrize("name", ["plste", "dlste"])
 def test_fresh_plste_and_dlste_equal_pwl(name):
     u = _random_u().float()
-    assert torch.equal(LearnableSurrogate(name, u.shape).psi(u, 4, 3), P.pwl(u, 4, 3))
+    assert torch.equal(make_surrogate(name, u.shape).psi(u, 4, 3), P.pwl(u, 4, 3))
 
 
 @pytest.mark.parametrize("a", [0.5, 0.8, 2.0, 3.0])
@@ -228,7 +230,7 @@ def test_slste_window_dpsi_da_matches_hand_table():
 def test_psi_differentiable_gradient_is_dpsi_summed_to_the_parameter_shape(granularity, name, boundary):
     gen = torch.Generator().manual_seed(1)
     shape = (4, 6)
-    sur = LearnableSurrogate(name, shape, granularity=granularity, boundary=boundary, dtype=torch.float64)
+    sur = make_surrogate(name, shape, granularity=granularity, boundary=boundary, dtype=torch.float64)
     params = [(torch.rand(p.shape, generator=gen, dtype=torch.float64) * 1.5 + 0.5) for p in sur.params()]
     params = [p.requires_grad_() for p in params]
     u = torch.randn(shape, generator=gen, dtype=torch.float64) * 2
@@ -244,7 +246,7 @@ def test_psi_differentiable_gradient_is_dpsi_summed_to_the_parameter_shape(granu
 
 @pytest.mark.parametrize("granularity,pshape", [("element", (3, 5)), ("channel", (3, 1)), ("tensor", (1, 1))])
 def test_learnable_parameters_have_the_granularity_shape_start_at_one_and_clamp(granularity, pshape):
-    sur = LearnableSurrogate("dlste", (3, 5), granularity=granularity, a_min=0.5, a_max=2.0)
+    sur = DLSTE((3, 5), granularity=granularity, a_min=0.5, a_max=2.0)
     assert sur.param_names == ("a_n", "a_p")
     for p in sur.params():
         assert p.shape == pshape and torch.equal(p, torch.ones(pshape))
@@ -258,5 +260,23 @@ def test_ste_kind_is_identity_for_multibit_and_the_matching_sign_kind_for_binary
     assert make_surrogate("tanh").ste_kind == "identity"
     expected = {"ste": "hardtanh", "hardtanh": "hardtanh", "tanh": "tanh", "approxsign": "approxsign"}
     expected |= {"pwl": "approxsign", "fd": "hardtanh", "slste": "hardtanh", "plste": "approxsign"}
+    expected |= {"dlste": "approxsign", "identity": "hardtanh", "leaky": "hardtanh"}
+    assert set(expected) == set(SURROGATES)
     for name, kind in expected.items():
-        assert make_surrogate(name, (2, 2), binary=True).ste_kind == kind, name
+        granularity = "tensor" if name == "leaky" else "element"
+        assert make_surrogate(name, (2, 2), binary=True, granularity=granularity).ste_kind == kind, name
+
+
+@pytest.mark.parametrize(
+    "name, cls",
+    [("ste", FixedSurrogate), ("fd", FixedSurrogate), ("slste", SLSTE), ("plste", PLSTE), ("dlste", DLSTE)]
+    + [("leaky", LeakySurrogate)],
+)
+def test_each_name_builds_its_class_and_a_learnable_one_holds_its_own_parameters(name, cls):
+    granularity = "tensor" if name == "leaky" else "element"
+    sur = make_surrogate(name, (3, 2), granularity=granularity)
+    assert type(sur) is cls and sur.name == name
+    assert sur.learnable == (cls in (SLSTE, PLSTE, DLSTE))
+    if sur.learnable:
+        assert sorted(dict(sur.named_buffers())) == sorted(sur.param_names)
+        assert sur.param_names == (("a_n", "a_p") if name == "dlste" else ("a",))

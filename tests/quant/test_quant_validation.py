@@ -6,9 +6,9 @@ from torch import nn
 
 import metaste
 from metaste.quant import make_weight_quantizer
+from metaste.quant.learnable import SLSTE
 from metaste.quant.quantizers import FixedScaleQuantizer, LSQQuantizer
 from metaste.quant.surrogate_factory import make_surrogate
-from metaste.quant.surrogates import LearnableSurrogate
 
 
 def _mlp():
@@ -66,7 +66,7 @@ def test_surrogate_keyword_arguments_are_checked():
     with pytest.raises(ValueError, match="temperature: 0"):
         make_surrogate("tanh", temperature=0)
     with pytest.raises(ValueError, match=r"\[2.0, 4.0\]"):
-        LearnableSurrogate("slste", (2, 2), a_min=2.0)
+        SLSTE((2, 2), a_min=2.0)
 
 
 def test_keep_fp_naming_a_missing_module_lists_the_layers():

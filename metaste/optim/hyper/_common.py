@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..._compile import FUSE_MIN, compilable, kernel
+from ...quant.learnable import SLSTE
 from ...quant.psi import slste, slste_grad_code
 from ...quant.registry import QuantEntry
 from .._closure import Closure
@@ -209,7 +210,7 @@ class HyperMethod:
             s = mw.surrogate
             if (
                 compact
-                and s.name == "slste"
+                and isinstance(s, SLSTE)
                 and u.numel() >= FUSE_MIN
                 and u.dtype == theta[0].dtype
                 and compilable(u, g, theta[0])

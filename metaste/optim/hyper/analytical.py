@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..._compile import FUSE_MIN, kernel
+from ...quant.learnable import SLSTE
 from ...quant.psi import slste, slste_grad_code, slste_grad_from_code
 from .._closure import Closure
 from .._fused import host_floats as _host_floats
@@ -81,7 +82,7 @@ class Analytical(MethodOptions):
         self.check_groups(optimizer)
         for mw in managed:
             s = mw.surrogate
-            if s.name != "slste" or s.granularity != "element":
+            if not isinstance(s, SLSTE) or s.granularity != "element":
                 raise ValueError(
                     f"method='analytical' supports only SLSTE with granularity='element' (its branch "
                     f"rule is per element); weight {mw.name!r} has surrogate {s.name!r} with "
