@@ -150,7 +150,7 @@ class HyperSTE(OptimizerWrapper):
         sharded = [mw for mw in managed if is_dtensor(mw.param)]
         for mw in sharded:
             shard_group(mw.param)  # raises for a placement other than fully_shard's rows
-        if sharded and opts.name not in ("analytical", "delayed"):
+        if sharded and isinstance(opts, HorizonOptions):
             raise NotImplementedError(
                 f"HyperSTE(method={opts.name!r}) does not run on FSDP2-sharded weights (weight "
                 f"{sharded[0].name!r}): its horizon snapshots and replays work on whole tensors. "
