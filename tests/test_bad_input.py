@@ -50,6 +50,8 @@ def _wrapper(kind, **kw):
         opt = JacQuant(_bare(model), group=1, **kw)
     elif kind == "calibrated":
         opt = Calibrated(_bare(model), **kw)
+    elif kind == "fagu":
+        opt = HyperSTE(_bare(model), method="fagu", model=model, horizon=3, replays=2, **kw)
     else:
         opt = hyper(model, kind, **kw)
     return model, _stepped(opt, model)
@@ -59,7 +61,137 @@ def _bare(model):
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
 
-# -- FOGZO.step --------------------------------------------------------------------------------
+def _stepping(kind, closure):
+    """Build a case: ``kind``'s wrapper, stepped once, then stepped with ``closure(model, x, y)``."""
+
+    def build():
+        model, opt = _wrapper(kind)
+        x, y = images()
+        return model, opt, lambda: opt.step(closure(model, x, y))
+
+    return build
+
+
+def _nan_batch(m, *_):
+    """A closure over the batch with one NaN pixel."""
+    return closure_for(m, *_nan_images())
+
+
+# -- step --------------------------------------------------------------------------------------
+
+
+# the step protocol every wrapper shares: the same bad closures, on each of the five
+# (case, exception, the word its message names, what step is handed given model and batch)
+_STEP_DEFECTS = [
+    ("closure_not_callable", TypeError, "callable", lambda m, x, y: torch.tensor(1.0)),
+    (
+        "closure_returns_float",
+        TypeError,
+        "torch.Tensor",
+        lambda m, x, y: lambda: float(F.cross_entropy(m(x), y)),
+    ),
+    ("closure_returns_strings", TypeError, "return the loss tensor alone", lambda m, x, y: lambda: ["loss"]),
+    (
+        "closure_returns_loss_and_aux",
+        TypeError,
+        "return the loss tensor alone",
+        lambda m, x, y: lambda: (F.cross_entropy(m(x), y), m(x).detach()),
+    ),
+    (
+        "closure_returns_unreduced_loss",
+        ValueError,
+        "scalar",
+        lambda m, x, y: lambda: F.cross_entropy(m(x), y, reduction="none"),
+    ),
+    (
+        "closure_returns_an_empty_generator",
+        ValueError,
+        "empty",
+        lambda m, x, y: lambda: (F.cross_entropy(m(x), y) for _ in ()),
+    ),
+    (
+        "inf_loss",
+        NonFiniteLossError,
+        "non-finite",
+        lambda m, x, y: lambda: F.cross_entropy(m(x), y) * float("inf"),
+    ),
+    ("nan_pixel", NonFiniteLossError, "non-finite", _nan_batch),
+]
+_FIVE = ("fogzo", "analytical", "pege", "jacquant", "calibrated")
+
+for _kind in _FIVE:
+    for _name, _exc, _word, _closure in _STEP_DEFECTS:
+        CASES[f"{_kind}_{_name}"] = (_stepping(_kind, _closure), _exc, _word)
+
+
+# three closure bodies: one runs backward itself, one computes the loss under no_grad, one raises
+def _backward(m, x, y):
+    loss = F.cross_entropy(m(x), y)
+    loss.backward()
+    return loss
+
+
+def _no_grad(m, x, y):
+    with torch.no_grad():
+        return F.cross_entropy(m(x), y)
+
+
+def _raising(m, x, y):
+    m(x)
+    raise KeyError("batch")
+
+
+def _nan_second_half(m, *_):
+    """A closure that yields the losses of two micro-batches of eight, the NaN image in the second."""
+    x, y = _nan_images()
+    x, y = x.flip(0), y.flip(0)
+    return lambda: (F.cross_entropy(m(a), b) for a, b in zip(x.split(8), y.split(8)))
+
+
+def _scaled(m, x, y):
+    """A closure that returns the loss a GradScaler scaled."""
+    scaler = torch.amp.GradScaler("cpu")
+    return lambda: scaler.scale(F.cross_entropy(m(x), y))
+
+
+# a bad closure handed to one wrapper's step: (case, whose first word names the wrapper,
+# exception, the word its message names, the closure given model and batch)
+_BAD_CLOSURES = [
+    ("fogzo_closure_runs_backward", RuntimeError, "backward", lambda m, x, y: lambda: _backward(m, x, y)),
+    ("fogzo_loss_under_no_grad", ValueError, "require grad", lambda m, x, y: lambda: _no_grad(m, x, y)),
+    ("fogzo_closure_raises_after_the_forward", KeyError, "batch", lambda m, x, y: lambda: _raising(m, x, y)),
+    (
+        "fogzo_wrong_input_channels",
+        RuntimeError,
+        "channels",
+        lambda m, x, y: closure_for(m, torch.rand(16, 3, 8, 8), y),
+    ),
+    (
+        "fogzo_label_out_of_range",
+        IndexError,
+        "out of bounds",
+        lambda m, x, y: closure_for(m, x, torch.full((16,), 12)),
+    ),
+    ("fogzo_closure_yields_nothing", ValueError, "empty", lambda m, x, y: lambda: iter(())),
+    (
+        "fogzo_micro_batch_not_reduced",
+        ValueError,
+        "scalar",
+        lambda m, x, y: lambda: (F.cross_entropy(m(x), y, reduction="none") for _ in range(2)),
+    ),
+    ("fogzo_nan_in_the_second_micro_batch", NonFiniteLossError, "micro-batch 1", _nan_second_half),
+    ("delayed_closure_returns_none", TypeError, "torch.Tensor", lambda m, x, y: lambda: None),
+    # the NaN pixel on the other HyperSTE methods (analytical's is in the step protocol above)
+    ("delayed_nan_pixel", NonFiniteLossError, "non-finite", _nan_batch),
+    ("fagu_nan_pixel", NonFiniteLossError, "non-finite", _nan_batch),
+    # a GradScaler's scaled loss
+    ("fogzo_gradscaler_scaled_loss", ValueError, "GradScaler", _scaled),
+    ("delayed_gradscaler_scaled_loss", ValueError, "GradScaler", _scaled),
+]
+
+
+for _name, _exc, _word, _closure in _BAD_CLOSURES:
+    CASES[_name] = (_stepping(_name.split("_")[0], _closure), _exc, _word)
 
 
 @case(ValueError, "closure")
@@ -68,68 +200,22 @@ def fogzo_no_closure():
     return model, opt, lambda: opt.step()
 
 
-# the step protocol every wrapper shares: the same bad closures, on each of the five
-# (case, exception, the word its message names, the step to take given model, opt, batch)
-_STEP_DEFECTS = [
-    ("closure_not_callable", TypeError, "callable", lambda m, o, x, y: o.step(torch.tensor(1.0))),
-    (
-        "closure_returns_float",
-        TypeError,
-        "torch.Tensor",
-        lambda m, o, x, y: o.step(lambda: float(F.cross_entropy(m(x), y))),
-    ),
-    (
-        "closure_returns_strings",
-        TypeError,
-        "return the loss tensor alone",
-        lambda m, o, x, y: o.step(lambda: ["loss"]),
-    ),
-    (
-        "closure_returns_loss_and_aux",
-        TypeError,
-        "return the loss tensor alone",
-        lambda m, o, x, y: o.step(lambda: (F.cross_entropy(m(x), y), m(x).detach())),
-    ),
-    (
-        "closure_returns_unreduced_loss",
-        ValueError,
-        "scalar",
-        lambda m, o, x, y: o.step(lambda: F.cross_entropy(m(x), y, reduction="none")),
-    ),
-    (
-        "closure_returns_an_empty_generator",
-        ValueError,
-        "empty",
-        lambda m, o, x, y: o.step(lambda: (F.cross_entropy(m(x), y) for _ in ())),
-    ),
-    (
-        "inf_loss",
-        NonFiniteLossError,
-        "non-finite",
-        lambda m, o, x, y: o.step(lambda: F.cross_entropy(m(x), y) * float("inf")),
-    ),
-    (
-        "nan_pixel",
-        NonFiniteLossError,
-        "non-finite",
-        lambda m, o, x, y: o.step(closure_for(m, *_nan_images())),
-    ),
-]
-_FIVE = ("fogzo", "analytical", "pege", "jacquant", "calibrated")
+@case(ValueError, "run_horizon")
+def delayed_run_horizon():
+    model, opt = _wrapper("delayed")
+    return model, opt, lambda: opt.run_horizon([closure_for(model, *images())])
 
 
-def _step_defect(kind, act):
-    def build():
-        model, opt = _wrapper(kind)
-        x, y = images()
-        return model, opt, lambda: act(model, opt, x, y)
-
-    return build
+@case(RuntimeError, "not supported")
+def fogzo_scaler_step():
+    model, opt = _wrapper("fogzo")
+    return model, opt, lambda: torch.amp.GradScaler("cpu").step(opt, closure_for(model, *images()))
 
 
-for _kind in _FIVE:
-    for _name, _exc, _word, _act in _STEP_DEFECTS:
-        CASES[f"{_kind}_{_name}"] = (_step_defect(_kind, _act), _exc, _word)
+@case(RuntimeError, "Closure use is not currently supported")
+def analytical_scaler_step_with_a_closure():
+    model, opt = _wrapper("analytical")
+    return model, opt, lambda: torch.amp.GradScaler("cpu").step(opt, closure=closure_for(model, *images()))
 
 
 @case(RuntimeError, "was released")
@@ -138,45 +224,6 @@ def hyperste_step_after_release():
     x, y = images()
     opt.release()
     return model, opt, lambda: opt.step(lambda: F.cross_entropy(model(x), y))
-
-
-def _bf16_wrapper(kind):
-    if kind == "calibrated":
-        torch.manual_seed(0)
-        net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
-        model = metaste.quantize_model(net, bits=2, surrogate="leaky", granularity="tensor")
-    else:
-        model = cnn()
-    model = model.to(torch.bfloat16)
-    base = torch.optim.SGD(model.parameters(), lr=0.1)
-    build = {
-        "pege": lambda: metaste.PEGE(base, total_steps=10, model=model),
-        "jacquant": lambda: metaste.JacQuant(base),
-        "calibrated": lambda: metaste.Calibrated(base),
-    }[kind]
-    return model, base, build
-
-
-@case(TypeError, "must be float32")
-def pege_bf16_latents():
-    return _bf16_wrapper("pege")
-
-
-@case(TypeError, "must be float32")
-def jacquant_bf16_latents():
-    return _bf16_wrapper("jacquant")
-
-
-@case(TypeError, "must be float32")
-def calibrated_bf16_latents():
-    return _bf16_wrapper("calibrated")
-
-
-@case(ValueError, "none of whose parameters the optimizer trains")
-def pege_model_other_than_the_trained_one():
-    model, other = cnn(surrogate="ste"), cnn(surrogate="ste")
-    base = torch.optim.SGD(model.parameters(), lr=0.1)
-    return model, base, lambda: metaste.PEGE(base, total_steps=10, model=other)
 
 
 @case(NonFiniteLossError, "non-finite")
@@ -195,60 +242,9 @@ def fogzo_nan_in_an_nspsa_step_without_backward():
     return model, opt, lambda: opt.step(closure_for(model, *_nan_images()))
 
 
-@case(RuntimeError, "backward")
-def fogzo_closure_runs_backward():
-    model, opt = _wrapper("fogzo")
-    x, y = images()
-
-    def closure():
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    return model, opt, lambda: opt.step(closure)
-
-
-@case(ValueError, "require grad")
-def fogzo_loss_under_no_grad():
-    model, opt = _wrapper("fogzo")
-    x, y = images()
-
-    def closure():
-        with torch.no_grad():
-            return F.cross_entropy(model(x), y)
-
-    return model, opt, lambda: opt.step(closure)
-
-
-@case(KeyError, "batch")
-def fogzo_closure_raises_after_the_forward():
-    model, opt = _wrapper("fogzo")
-    x, _ = images()
-
-    def closure():
-        model(x)
-        raise KeyError("batch")
-
-    return model, opt, lambda: opt.step(closure)
-
-
-@case(RuntimeError, "channels")
-def fogzo_wrong_input_channels():
-    model, opt = _wrapper("fogzo")
-    _, y = images()
-    return model, opt, lambda: opt.step(closure_for(model, torch.rand(16, 3, 8, 8), y))
-
-
-@case(IndexError, "out of bounds")
-def fogzo_label_out_of_range():
-    model, opt = _wrapper("fogzo")
-    x, _ = images()
-    return model, opt, lambda: opt.step(closure_for(model, x, torch.full((16,), 12)))
-
-
 @case(RuntimeError, "perturbed")
 def fogzo_closure_fails_in_a_perturbed_pass():
-    model, opt = _wrapper("fogzo", restore="copy")  # bitwise; "inplace": tests/optim/test_fogzo.py
+    model, opt = _wrapper("fogzo", restore="copy")  # bitwise; "inplace": tests/optim/fogzo/test_fogzo.py
     x, y = images()
     calls = []
 
@@ -260,49 +256,6 @@ def fogzo_closure_fails_in_a_perturbed_pass():
         return F.cross_entropy(model(x), y)
 
     return model, opt, lambda: opt.step(closure)
-
-
-@case(ValueError, "GradScaler")
-def fogzo_gradscaler_scaled_loss():
-    model, opt = _wrapper("fogzo")
-    x, y = images()
-    scaler = torch.amp.GradScaler("cpu")
-    return model, opt, lambda: opt.step(lambda: scaler.scale(F.cross_entropy(model(x), y)))
-
-
-@case(RuntimeError, "not supported")
-def fogzo_scaler_step():
-    model, opt = _wrapper("fogzo")
-    return model, opt, lambda: torch.amp.GradScaler("cpu").step(opt, closure_for(model, *images()))
-
-
-@case(ValueError, "empty")
-def fogzo_closure_yields_nothing():
-    model, opt = _wrapper("fogzo")
-    return model, opt, lambda: opt.step(lambda: iter(()))
-
-
-@case(ValueError, "scalar")
-def fogzo_micro_batch_not_reduced():
-    model, opt = _wrapper("fogzo")
-    x, y = images()
-    return (
-        model,
-        opt,
-        lambda: opt.step(lambda: (F.cross_entropy(model(x), y, reduction="none") for _ in range(2))),
-    )
-
-
-@case(NonFiniteLossError, "micro-batch 1")
-def fogzo_nan_in_the_second_micro_batch():
-    model, opt = _wrapper("fogzo")
-    x, y = _nan_images()
-    x, y = x.flip(0), y.flip(0)  # the NaN image in the second half
-    return (
-        model,
-        opt,
-        lambda: opt.step(lambda: (F.cross_entropy(model(a), b) for a, b in zip(x.split(8), y.split(8)))),
-    )
 
 
 @case(ValueError, "frozen")
@@ -330,29 +283,6 @@ def fogzo_scale_callable_returns_zero_later():
     return model, opt, lambda: opt.step(closure_for(model, *images()))
 
 
-# -- HyperSTE.step -----------------------------------------------------------------------------
-
-
-@case(NonFiniteLossError, "non-finite")
-def analytical_nan_pixel():
-    model, opt = _wrapper("analytical")
-    return model, opt, lambda: opt.step(closure_for(model, *_nan_images()))
-
-
-@case(NonFiniteLossError, "non-finite")
-def delayed_nan_pixel():
-    model, opt = _wrapper("delayed")
-    return model, opt, lambda: opt.step(closure_for(model, *_nan_images()))
-
-
-@case(NonFiniteLossError, "non-finite")
-def fagu_nan_pixel():
-    model = cnn(surrogate="slste")
-    opt = HyperSTE(_bare(model), method="fagu", model=model, horizon=3, replays=2)
-    opt = _stepped(opt, model)
-    return model, opt, lambda: opt.step(closure_for(model, *_nan_images()))
-
-
 @case(ValueError, "momentum")
 def analytical_momentum_switched_on():
     model, opt = _wrapper("analytical")
@@ -360,37 +290,11 @@ def analytical_momentum_switched_on():
     return model, opt, lambda: opt.step(closure_for(model, *images()))
 
 
-@case(TypeError, "torch.Tensor")
-def delayed_closure_returns_none():
-    model, opt = _wrapper("delayed")
-    return model, opt, lambda: opt.step(lambda: None)
-
-
-@case(ValueError, "GradScaler")
-def delayed_gradscaler_scaled_loss():
-    model, opt = _wrapper("delayed")
-    x, y = images()
-    scaler = torch.amp.GradScaler("cpu")
-    return model, opt, lambda: opt.step(lambda: scaler.scale(F.cross_entropy(model(x), y)))
-
-
-@case(RuntimeError, "Closure use is not currently supported")
-def analytical_scaler_step_with_a_closure():
-    model, opt = _wrapper("analytical")
-    return model, opt, lambda: torch.amp.GradScaler("cpu").step(opt, closure=closure_for(model, *images()))
-
-
 @case(ValueError, "closure")
 def fagu_no_closure():
     model = cnn(surrogate="slste")
     opt = HyperSTE(_bare(model), method="fagu", model=model, horizon=2, replays=2)
     return model, opt, lambda: opt.step(None)
-
-
-@case(ValueError, "run_horizon")
-def delayed_run_horizon():
-    model, opt = _wrapper("delayed")
-    return model, opt, lambda: opt.run_horizon([closure_for(model, *images())])
 
 
 # -- load_state_dict ---------------------------------------------------------------------------
@@ -455,10 +359,32 @@ def fogzo_loads_a_damaged_state():
 # -- construction ------------------------------------------------------------------------------
 
 
-@case(TypeError, "torch.optim.Optimizer")
-def fogzo_over_parameters_instead_of_an_optimizer():
-    model = cnn()
-    return model, _bare(model), lambda: FOGZO(model.parameters(), total_steps=10)
+def _bf16_wrapper(kind):
+    if kind == "calibrated":
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+        model = metaste.quantize_model(net, bits=2, surrogate="leaky", granularity="tensor")
+    else:
+        model = cnn()
+    model = model.to(torch.bfloat16)
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    build = {
+        "pege": lambda: metaste.PEGE(base, total_steps=10, model=model),
+        "jacquant": lambda: metaste.JacQuant(base),
+        "calibrated": lambda: metaste.Calibrated(base),
+    }[kind]
+    return model, base, build
+
+
+for _kind in ("pege", "jacquant", "calibrated"):
+    CASES[f"{_kind}_bf16_latents"] = (lambda k=_kind: _bf16_wrapper(k), TypeError, "must be float32")
+
+
+@case(ValueError, "none of whose parameters the optimizer trains")
+def pege_model_other_than_the_trained_one():
+    model, other = cnn(surrogate="ste"), cnn(surrogate="ste")
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, base, lambda: metaste.PEGE(base, total_steps=10, model=other)
 
 
 @case(TypeError, "again")
@@ -467,41 +393,72 @@ def fogzo_over_fogzo():
     return model, opt, lambda: FOGZO(opt, total_steps=10)
 
 
-@case(ValueError, "n")
-def fogzo_zero_directions():
-    model = cnn()
-    return model, _bare(model), lambda: FOGZO(_bare(model), n=0, total_steps=10)
+@case(ValueError, "already driven by a HyperSTE")
+def hyperste_twice_over_the_same_weights():
+    model, opt = _wrapper("delayed")
+    return model, opt, lambda: HyperSTE(_bare(model), method="delayed")
 
 
-@case(ValueError, "total_steps")
-def fogzo_without_total_steps():
-    model = cnn()
-    return model, _bare(model), lambda: FOGZO(_bare(model))
+def _slste():
+    return cnn(surrogate="slste")
 
 
-@case(ValueError, "no managed")
-def fogzo_over_a_float_model():
+def _bf16(make_model):
+    return lambda: make_model().to(torch.bfloat16)
+
+
+def _float_net():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-    return model, _bare(model), lambda: FOGZO(_bare(model), total_steps=10)
+    return nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
 
 
-@case(TypeError, "bfloat16")
-def fogzo_over_bf16_latents():
-    model = cnn().to(torch.bfloat16)
-    return model, _bare(model), lambda: FOGZO(_bare(model), total_steps=10)
+# a wrapper built over a fresh SGD, with bad keywords or over a model it can't drive:
+# (case, exception, the word its message names, the model, the wrapper, its keywords)
+_CONSTRUCTIONS = [
+    ("fogzo_zero_directions", ValueError, "n", cnn, FOGZO, {"n": 0, "total_steps": 10}),
+    ("fogzo_without_total_steps", ValueError, "total_steps", cnn, FOGZO, {}),
+    ("fogzo_over_a_float_model", ValueError, "no managed", _float_net, FOGZO, {"total_steps": 10}),
+    ("fogzo_over_bf16_latents", TypeError, "bfloat16", _bf16(cnn), FOGZO, {"total_steps": 10}),
+    (
+        "fogzo_scales_names_a_foreign_tensor",
+        ValueError,
+        "not a parameter",
+        cnn,
+        FOGZO,
+        {"total_steps": 10, "scales": {torch.zeros(3): 0.1}},
+    ),
+    ("hyperste_unknown_method", ValueError, "Unknown method", _slste, HyperSTE, {"method": "analytic"}),
+    ("delayed_window_one", ValueError, "window", _slste, HyperSTE, {"method": "delayed", "window": 1}),
+    (
+        "delayed_with_an_analytical_option",
+        TypeError,
+        "does not take",
+        _slste,
+        HyperSTE,
+        {"method": "delayed", "resolve": "halve"},
+    ),
+    ("hyperste_over_a_fixed_surrogate", ValueError, "learnable", cnn, HyperSTE, {"method": "delayed"}),
+    ("hyperste_over_bf16_latents", TypeError, "bfloat16", _bf16(_slste), HyperSTE, {"method": "delayed"}),
+    ("fagu_without_model", ValueError, "model=", _slste, HyperSTE, {"method": "fagu", "horizon": 2}),
+]
 
 
-@case(ValueError, "not a parameter")
-def fogzo_scales_names_a_foreign_tensor():
+def _constructing(make_model, wrapper, kw):
+    def build():
+        model = make_model()
+        return model, _bare(model), lambda: wrapper(_bare(model), **kw)
+
+    return build
+
+
+for _name, _exc, _word, _make_model, _cls, _kw in _CONSTRUCTIONS:
+    CASES[_name] = (_constructing(_make_model, _cls, _kw), _exc, _word)
+
+
+@case(TypeError, "torch.optim.Optimizer")
+def fogzo_over_parameters_instead_of_an_optimizer():
     model = cnn()
-    return model, _bare(model), lambda: FOGZO(_bare(model), total_steps=10, scales={torch.zeros(3): 0.1})
-
-
-@case(ValueError, "Unknown method")
-def hyperste_unknown_method():
-    model = cnn(surrogate="slste")
-    return model, _bare(model), lambda: HyperSTE(_bare(model), method="analytic")
+    return model, _bare(model), lambda: FOGZO(model.parameters(), total_steps=10)
 
 
 @case(ValueError, "SGD")
@@ -510,86 +467,48 @@ def analytical_over_adam():
     return model, _bare(model), lambda: HyperSTE(torch.optim.Adam(model.parameters()), method="analytical")
 
 
-@case(ValueError, "window")
-def delayed_window_one():
-    model = cnn(surrogate="slste")
-    return model, _bare(model), lambda: HyperSTE(_bare(model), method="delayed", window=1)
-
-
-@case(TypeError, "does not take")
-def delayed_with_an_analytical_option():
-    model = cnn(surrogate="slste")
-    return model, _bare(model), lambda: HyperSTE(_bare(model), method="delayed", resolve="halve")
-
-
-@case(ValueError, "learnable")
-def hyperste_over_a_fixed_surrogate():
-    model = cnn(surrogate="ste")
-    return model, _bare(model), lambda: HyperSTE(_bare(model), method="delayed")
-
-
-@case(TypeError, "bfloat16")
-def hyperste_over_bf16_latents():
-    model = cnn(surrogate="slste").to(torch.bfloat16)
-    return model, _bare(model), lambda: HyperSTE(_bare(model), method="delayed")
-
-
-@case(ValueError, "model=")
-def fagu_without_model():
-    model = cnn(surrogate="slste")
-    return model, _bare(model), lambda: HyperSTE(_bare(model), method="fagu", horizon=2)
-
-
-@case(ValueError, "already driven by a HyperSTE")
-def hyperste_twice_over_the_same_weights():
-    model, opt = _wrapper("delayed")
-    return model, opt, lambda: HyperSTE(_bare(model), method="delayed")
-
-
 # -- the substrate -----------------------------------------------------------------------------
 
 
-@case(ValueError, "bits")
-def quantize_with_zero_bits():
-    model = cnn()
-    return model, _bare(model), lambda: metaste.quantize_model(model, bits=0)
+# quantize_model over the small net, with a bad keyword: (case, the word its message names, keywords)
+_QUANTIZATIONS = [
+    ("quantize_with_zero_bits", "bits", {"bits": 0}),
+    ("quantize_keeping_an_unknown_module", "keep_fp", {"bits": 2, "keep_fp": ["fc9"]}),
+    ("quantize_with_an_unknown_surrogate", "surrogate", {"bits": 2, "surrogate": "slstee", "inplace": True}),
+]
 
 
-@case(ValueError, "keep_fp")
-def quantize_keeping_an_unknown_module():
-    model = cnn()
-    return model, _bare(model), lambda: metaste.quantize_model(model, bits=2, keep_fp=["fc9"])
+def _quantizing(kw):
+    def build():
+        model = cnn()
+        return model, _bare(model), lambda: metaste.quantize_model(model, **kw)
+
+    return build
 
 
-@case(ValueError, "surrogate")
-def quantize_with_an_unknown_surrogate():
-    model = cnn()
-    return (
-        model,
-        _bare(model),
-        lambda: metaste.quantize_model(model, bits=2, surrogate="slstee", inplace=True),
-    )
+for _name, _word, _kw in _QUANTIZATIONS:
+    CASES[_name] = (_quantizing(_kw), ValueError, _word)
 
 
-@case(ValueError, "grid")
-def load_a_2bit_checkpoint_into_a_3bit_model():
-    model = cnn(bits=3)
-    sd = cnn(bits=2).state_dict()
-    return model, _bare(model), lambda: model.load_state_dict(sd)
+# a checkpoint of another grid loads into a quantized model: (case, the model's, the checkpoint's)
+_GRID_MISMATCHES = [
+    ("load_a_2bit_checkpoint_into_a_3bit_model", {"bits": 3}, {"bits": 2}),
+    ("load_an_lsq_checkpoint_into_a_fixed_model", {"quantizer": "fixed"}, {"quantizer": "lsq"}),
+    ("load_a_plste_checkpoint_into_an_slste_model", {"surrogate": "slste"}, {"surrogate": "plste"}),
+]
 
 
-@case(ValueError, "grid")
-def load_an_lsq_checkpoint_into_a_fixed_model():
-    model = cnn(quantizer="fixed")
-    sd = cnn(quantizer="lsq").state_dict()
-    return model, _bare(model), lambda: model.load_state_dict(sd)
+def _loads_another_grid(kw, saved_kw):
+    def build():
+        model = cnn(**kw)
+        sd = cnn(**saved_kw).state_dict()
+        return model, _bare(model), lambda: model.load_state_dict(sd)
+
+    return build
 
 
-@case(ValueError, "grid")
-def load_a_plste_checkpoint_into_an_slste_model():
-    model = cnn(surrogate="slste")
-    sd = cnn(surrogate="plste").state_dict()
-    return model, _bare(model), lambda: model.load_state_dict(sd)
+for _name, _kw, _saved_kw in _GRID_MISMATCHES:
+    CASES[_name] = (_loads_another_grid(_kw, _saved_kw), ValueError, "grid")
 
 
 @case(RuntimeError, "eval mode")

@@ -1,29 +1,10 @@
-"""FOGZO's counter-based noise and its fused passes (docs/design.md §4.2, §4.5).
-
-The noise z of (seed, t, i, k) is a pure function of a 64-bit key (``derive_seed(seed, t, i, k)``)
-and the element index j — nothing is drawn in sequence and nothing has to be stored:
-
-    h(x)  = x ^= x >>> 16; x *= 0x7FEB352D; x ^= x >>> 15; x *= 0x846CA68B; x ^= x >>> 16   (mod 2^32)
-    bits  = h((j·0x9E3779B9 + key_lo) ^ key_hi)                                              (32 bits)
-    W     = (bits >> 16 (as a signed int16) + ½) / 2^15        ∈ (−1, 1), the 2^16-level midpoint grid
-    W'    = the same of the low 16 bits
-
-(``h`` is C. Wellons's low-bias 32-bit integer hash, one round over a keyed Weyl sequence, as in
-SplitMix.) z follows from W by the sampler of :data:`~metaste.optim.smoothing.SMOOTHINGS`; the
-approxsign kind's two uniforms are W and W' of the same hash. Everything is written in torch
-int32/float ops, so the same Python function is
-
-* the **eager** path (any device, no compiler), and
-* the body of a ``torch.compile`` kernel (inductor: one vectorised C++ loop on CPU, one Triton
-  kernel on GPU) that computes z inside the pass that uses it.
-
-Integer ops are exact and the float ops are the same ops in the same order (inductor contracts
-no multiply-add on CPU: ``cpp.enable_floating_point_contract_flag`` is off), so both give the
-same bits on the same device; the tests check it. The tanh kind (``atanh``, whose compiled and
-library versions may differ in the last bit) always runs eagerly.
+"""FOGZO's fused passes (docs/design.md §4.5): each regenerates the noise z of its samples from
+the element index (:func:`metaste.optim.core.noise.z_from_index`) inside the pass that uses it,
+eagerly or as one compiled kernel (the same ops in the same order, the same bits).
 
 :func:`perturb_` is one pass v += α·(z⊙bε + aσ·g⊙ε²); :func:`combine_` is the final
-G = g·s_g + Σ_i (b·c_i/n)·z_i ⊘ ε, one pass for all n samples.
+G = g·s_g + Σ_i (b·c_i/n)·z_i ⊘ ε, one pass for all n samples; :func:`restore_combine_` undoes the
+last perturbation in the same pass.
 """
 
 from __future__ import annotations
@@ -31,13 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .smoothing import SQRT3, SQRT6, TANH_EPS  # the laws' constants, defined once
+from ..core.noise import z_from_index
 
 __all__ = [
-    "host_floats",
-    "key_halves",
-    "bits_from_index",
-    "z_from_index",
+    "delta",
     "perturb_",
     "combine_",
     "restore_combine_",
@@ -45,50 +23,6 @@ __all__ = [
     "combine_many_",
     "restore_combine_many_",
 ]
-
-
-def _s32(x: int) -> int:
-    x &= 0xFFFFFFFF
-    return x - (1 << 32) if x >= 1 << 31 else x
-
-
-_GAMMA, _M1, _M2 = _s32(0x9E3779B9), _s32(0x7FEB352D), _s32(0x846CA68B)
-
-
-def key_halves(key: int) -> tuple[int, int]:
-    """The two signed 32-bit halves of a 64-bit key."""
-    return _s32(key), _s32(key >> 32)
-
-
-def _h32_(x: Tensor) -> Tensor:
-    """The hash, in place in ``x`` (a fresh int32 tensor): eager runs a third of the allocations."""
-    # >>> (logical shift) = arithmetic shift, masked; int32 multiplication wraps modulo 2^32
-    x.bitwise_xor_((x >> 16).bitwise_and_(0xFFFF)).mul_(_M1)
-    x.bitwise_xor_((x >> 15).bitwise_and_(0x1FFFF)).mul_(_M2)
-    return x.bitwise_xor_((x >> 16).bitwise_and_(0xFFFF))
-
-
-def bits_from_index(j: Tensor, k1: Tensor | int, k2: Tensor | int) -> Tensor:
-    """The 32 hashed bits (int32) of the int32 indices ``j`` for the key halves (k1, k2)."""
-    return _h32_(torch.mul(j, _GAMMA).add_(k1).bitwise_xor_(k2))
-
-
-def _w(half: Tensor) -> Tensor:
-    """W = (k + ½)/2^15 ∈ (−1, 1) (float32) of signed 16-bit values k held in int32."""
-    return half.to(torch.float32).add_(0.5).mul_(2.0**-15)
-
-
-def z_from_index(kind: str, j: Tensor, k1: Tensor | int, k2: Tensor | int) -> Tensor:
-    """z ∼ p̄ of ``kind`` (float32) at the int32 indices ``j``."""
-    bits = bits_from_index(j, k1, k2)
-    w = _w(bits >> 16)
-    if kind in ("identity", "hardtanh"):
-        return w.mul_(SQRT3)
-    if kind == "approxsign":
-        return w.add_(_w((bits & 0xFFFF).bitwise_xor_(0x8000).sub_(0x8000))).mul_(SQRT6 / 2)
-    if kind == "tanh":
-        return w.atanh_().div_(TANH_EPS)
-    raise ValueError(f"unknown STE kind {kind!r}")
 
 
 def _index(v: Tensor, offset: Tensor | int = 0) -> Tensor:
@@ -213,9 +147,3 @@ def restore_combine_many_(
             vs[k], gs[k], eps2s[k], bepss[k], a_sigs[k], alphas[k], k1[k], k2[k], Gs[k], epss[k], scale_gs[k],
             zero, vals[k], k1s[k], k2s[k], kind, offsets[k],
         )  # fmt: skip
-
-
-def host_floats(xs: list[Tensor]) -> list[float]:
-    """0-dim tensors as Python floats in one host transfer (exact: float64 holds every float32)."""
-    dev = xs[0].device
-    return torch.stack([x.to(device=dev, dtype=torch.float64) for x in xs]).tolist()
