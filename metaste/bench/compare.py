@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..quant.config import QuantConfig
+from ..quant.convert import quantize_model
 from ..quant.quantizers import check_bits
 from .registry import METHODS, STE_BASELINES, RunContext, check_options, parse_method
 from .runner import RunResult, RunSpec, eval_marks, loss_at, run_all, worker_pool
@@ -220,8 +221,6 @@ def _try_build(setup: Setup, label: str, name: str, opts: dict) -> None:
     a negative ``float_frac``) is refused before any run."""
     import torch
     from torch import nn
-
-    from ..quant.convert import quantize_model
 
     method = METHODS[name]
     model: nn.Module = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))

@@ -10,7 +10,9 @@ import re
 from pathlib import Path
 
 from . import suites
+from .answer import answer_rows, answer_table
 from .compare import Comparison
+from .report import deltas, format_table, verdict_lines
 from .suites import SuiteEntry
 
 __all__ = ["write_reports", "replace_block", "tally_verdicts", "tally_table", "suite_summary"]
@@ -39,8 +41,6 @@ def _load(results: Path) -> dict[str, list[tuple[SuiteEntry, Comparison | None]]
 def tally_verdicts(comp: Comparison, tally: dict[str, dict[str, list[str]]]) -> None:
     """Add each method's test-metric verdicts (equal steps, equal compute) of ``comp`` to ``tally``:
     method → verdict → the comparisons (task, bits, optimizer) where it was reached."""
-    from .report import deltas
-
     s = comp.setup
     where = f"{s['task']} {s['bits']}-bit {s['quantizer']} {s['optimizer']}"
     for label in comp.choices:
@@ -70,9 +70,6 @@ def write_reports(results: Path, doc: Path, readme: Path) -> list[Path]:
     """Rewrite ``doc`` (the one-screen answer, the verdict tally and lines, every suite's tables
     and plots) and the ``results:answer`` / ``results:demo`` blocks of ``readme`` from the saved
     JSON."""
-    from .answer import answer_rows, answer_table
-    from .report import format_table, verdict_lines
-
     found = _load(results)
     rel = lambda p: Path(p).relative_to(doc.parent).as_posix()  # noqa: E731
     summary: list[str] = []
@@ -184,8 +181,6 @@ PROTOCOL = (
 
 def suite_summary(entries: list[tuple[SuiteEntry, Comparison | None]]) -> str:
     """The verdict lines of one suite's comparisons, grouped under each comparison's title."""
-    from .report import verdict_lines
-
     parts = []
     for entry, comp in entries:
         parts.append(f"- **{entry.title}** (`{entry.id}`)" + (": *not run yet*" if comp is None else ""))

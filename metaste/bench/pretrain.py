@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .registry import RunContext, base_optimizer
 from .tasks import Task
 
 __all__ = ["float_weights", "cache_dir", "cache_key"]
@@ -76,8 +77,6 @@ def _checksum(state: dict[str, Tensor]) -> str:
 
 
 def _train(task: Task, seed: int, holdout: bool) -> dict[str, Tensor]:
-    from .registry import RunContext, base_optimizer  # here: methods imports the optimizers
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -9,6 +9,7 @@ import dataclasses
 from pathlib import Path
 
 from .compare import Protocol, Setup, compare
+from .report import write_outputs
 from .suite_entry import FIXED_LSQ_INIT, LR_SGD, SuiteEntry, mnist
 from .suites_new_methods import NEW_METHODS
 
@@ -322,8 +323,6 @@ def run_suite(
     ``OUT/NAME/<id>.comparison.json``, ``.table.md`` and ``.curves.png``. ``device``, ``scale``,
     ``steps`` and ``seeds`` (the first n evaluation seeds) override every entry's, e.g. to try the
     GPU suite on the CPU at a tiny size."""
-    from .report import write_outputs
-
     ids = [e.id for e in SUITES[name]]
     unknown = sorted(set(only or ()) - set(ids))
     if unknown:
