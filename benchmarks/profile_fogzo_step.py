@@ -24,9 +24,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_fogzo  # noqa: E402
 
-import metaste.optim._probe as probe  # noqa: E402
-import metaste.optim._wrapper as wrapper  # noqa: E402
-import metaste.optim.fogzo_estimator as estimator  # noqa: E402
+import metaste.optim.core.probe as probe  # noqa: E402
+import metaste.optim.core.wrapper as wrapper  # noqa: E402
+import metaste.optim.fogzo.estimator as estimator  # noqa: E402
 
 
 def _timed(acc: dict[str, float], key: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -54,7 +54,7 @@ def main() -> None:
     kernel = estimator.kernel
     patches = {
         (probe, "closure_value"): "perturbed closures",
-        (estimator, "_joint_norm"): "joint norm",
+        (estimator, "joint_norm"): "joint norm",
         (wrapper.OptimizerWrapper, "_evaluate"): "clean pass + backward",
         (opt.optimizer, "step"): "base optimizer step",
     }

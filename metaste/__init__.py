@@ -15,7 +15,7 @@ Public API::
 
 The design (what each module computes, the formulas and their sources, every decision) is in
 docs/design.md. Registry internals (``lookup``, ``register``) are in :mod:`metaste.quant`; the
-math users and tests call is in :mod:`metaste.optim.smoothing`, :mod:`metaste.optim.diffopt`,
+math users and tests call is in :mod:`metaste.optim.fogzo.smoothing`, :mod:`metaste.optim.hyper.diffopt`,
 :func:`metaste.optim.fogzo_estimate` and :func:`metaste.optim.analytical_update`.
 """
 

@@ -38,16 +38,19 @@ def test_every_file_the_readme_layout_names_exists():
     text = (ROOT / "README.md").read_text()
     layout = text[text.index("## Layout") :]
     block = layout[layout.index("```") + 3 : layout.index("```", layout.index("```") + 3)]
-    folder = None
+    folders: list[str] = []  # the folder of each indentation level above the line
     missing = []
     for line in block.splitlines():
-        m = re.match(r"\s{2}(\w+)/\s", line)
+        m = re.match(r"(\s+)(\w+)/(\s|$)", line)
+        indent = len(line) - len(line.lstrip())
         if m:
-            folder = m.group(1)
-        if folder is None:
+            folders = folders[: len(m.group(1)) // 2 - 1] + [m.group(2)]
+        elif re.match(r"\s+\w+\.py\b", line) and indent <= 2 * len(folders):  # a file beside folders
+            folders = folders[: indent // 2 - 1]
+        if not folders:
             continue
+        here = ROOT / "metaste" / Path(*folders)
         for name in re.findall(r"\b(\w+\.py)\b", line):
-            hits = list((ROOT / "metaste" / folder).rglob(name))
-            if not hits:
-                missing.append(f"{folder}/{name}")
+            if not (here / name).exists():
+                missing.append(f"{'/'.join(folders)}/{name}")
     assert not missing, f"README Layout names files that do not exist: {missing}"

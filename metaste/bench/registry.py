@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from ..optim._wrapper import OptimizerWrapper
+from ..optim.core.wrapper import OptimizerWrapper
 
 __all__ = [
     "Method",

@@ -10,10 +10,10 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ..optim.calibrated import Calibrated
-from ..optim.fogzo import FOGZO
-from ..optim.hyperste import HyperSTE
-from ..optim.jacquant import JacQuant
-from ..optim.pege import PEGE
+from ..optim.fogzo.optimizer import FOGZO
+from ..optim.hyper.optimizer import HyperSTE
+from ..optim.jacquant.optimizer import JacQuant
+from ..optim.pege.optimizer import PEGE
 from .registry import Method, RunContext, base_optimizer, register_method
 
 # --- HyperSTE (docs/design.md §3.1–3.2) ------------------------------------------------------------------

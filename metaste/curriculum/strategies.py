@@ -31,7 +31,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..optim.smoothing import derive_seed
+from ..optim.core.noise import derive_seed
 from ..quant.registry import QuantEntry
 
 __all__ = ["Curriculum", "CURRICULA", "register_curriculum"]

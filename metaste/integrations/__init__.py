@@ -6,7 +6,7 @@ import the one you use; the core package never imports them.
 * :mod:`metaste.integrations.accelerate` — ``prepare(accelerator, ...)``, extra ``[hf]``.
 
 fp16 loss scaling, clipping and accumulation live in the wrappers themselves
-(:mod:`metaste.optim.amp`); the integrations hand them the framework's scaler, clip value and
+(:mod:`metaste.optim.core.amp`); the integrations hand them the framework's scaler, clip value and
 micro-batches.
 """
 

@@ -1,16 +1,17 @@
-"""Optimizer wrappers: FOGZO (docs/design.md §4) and HyperSTE (docs/design.md §3), and the math
-they are built from: :mod:`.smoothing` (FOGZO's smoothing table and noise), :mod:`.diffopt` (the
-update as a differentiable function of the surrogate parameters; the one-step hypergradient),
-:func:`~.fogzo_estimator.fogzo_estimate` and :func:`~.hyper.analytical_math.analytical_update`."""
+"""Optimizer wrappers, one package or module per method beside the machinery they share
+(docs/design.md §5):
 
-from ._closure import NonFiniteLossError
-from ._wrapper import OptimizerWrapper
-from .amp import Accumulated
+* :mod:`.core` — the step protocol and base class every wrapper runs, checkpoints, the closure
+  contract, buffer guards, zeroth-order passes and their noise, GradScaler/accumulation, FSDP2;
+* :mod:`.fogzo` — FOGZO (§4); :mod:`.hyper` — HyperSTE and its methods (§3); :mod:`.pege` — PEGE
+  (§7); :mod:`.jacquant` — JacQuant (§8); :mod:`.calibrated` — the calibrated surrogate (§9).
+"""
+
 from .calibrated import Calibrated
-from .fogzo import FOGZO
-from .fogzo_estimator import fogzo_estimate
-from .hyper import FAGU, LGATT, PFAGU, Analytical, Delayed, HorizonMemoryError, analytical_update
-from .hyperste import HyperSTE
+from .core import Accumulated, NonFiniteLossError, OptimizerWrapper
+from .core.fsdp import fully_shard
+from .fogzo import FOGZO, fogzo_estimate
+from .hyper import FAGU, LGATT, PFAGU, Analytical, Delayed, HorizonMemoryError, HyperSTE, analytical_update
 from .jacquant import JacQuant
 from .pege import PEGE
 
@@ -31,4 +32,5 @@ __all__ = [
     "OptimizerWrapper",
     "analytical_update",
     "fogzo_estimate",
+    "fully_shard",
 ]

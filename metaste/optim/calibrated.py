@@ -24,11 +24,12 @@ from torch.optim import Optimizer
 from ..quant.leaky import LeakySurrogate
 from ..quant.psi import band
 from ..quant.registry import QuantEntry, lookup
-from ._closure import Closure
-from ._probe import Probe
-from ._wrapper import OptimizerWrapper, check_quantized_dtypes
-from .fogzo_estimator import _joint_norm, fogzo_estimate
-from .smoothing import SMOOTHINGS, derive_seed, noise, rademacher
+from .core.closure import Closure
+from .core.noise import derive_seed, noise, rademacher
+from .core.probe import Probe
+from .core.wrapper import OptimizerWrapper, check_quantized_dtypes
+from .fogzo.estimator import fogzo_estimate, joint_norm
+from .fogzo.smoothing import SMOOTHINGS
 
 __all__ = ["Calibrated", "NormalEquations", "probe_features", "PROBE_UPDATES", "RIDGE_TO"]
 
@@ -59,10 +60,10 @@ def probe_features(
     ``grads[k]`` is the raw g_k = ∂L/∂v̂_k, ``inside[k]`` the band mask 1{−Qn ≤ u ≤ Qp},
     ``guides[k]`` the surrogate gradient g_k ⊙ ψ_k that FOGZO's mixed directions tilt toward (unused
     at β = 0). The directions d_ik are exactly those
-    :func:`~metaste.optim.fogzo_estimator.fogzo_estimate` draws with the same (seed, step, β):
+    :func:`~metaste.optim.fogzo.estimator.fogzo_estimate` draws with the same (seed, step, β):
     ε⊙d = √(1−β)·ε⊙z + (√β σ_i / N)·ε²⊙guide.
     """
-    norm = _joint_norm(guides, eps) if beta > 0 else 0.0
+    norm = joint_norm(guides, eps) if beta > 0 else 0.0
     inv = 1.0 / norm if 0.0 < norm < math.inf else 0.0
     ga, gb = math.sqrt(beta) * inv, math.sqrt(1.0 - beta)
     rows = []

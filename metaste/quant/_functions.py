@@ -37,7 +37,7 @@ FUSED_PSI = {
 
 def fused_psi_name(s: Surrogate, deferred: bool) -> str | None:
     """The key of ``s`` in :data:`FUSED_PSI` ("" when ψ is deferred), or None: eager only (also
-    PEGE's compiled front pass, :mod:`metaste.optim.pege_passes`)."""
+    PEGE's compiled front pass, :mod:`metaste.optim.pege.passes`)."""
     if deferred:
         return ""
     if isinstance(s, (LearnableSurrogate, LeakySurrogate)) or (

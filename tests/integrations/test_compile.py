@@ -17,7 +17,7 @@ from torch._dynamo.testing import CompileCounter
 
 import metaste
 from metaste import FOGZO, HyperSTE
-from metaste.optim._modules import captured_modules
+from metaste.optim.core.modules import captured_modules
 
 STEPS = 6
 

@@ -14,8 +14,8 @@ from _ddp import spawn_ranks
 from torch import nn
 
 import metaste
-from metaste.optim.fsdp import fully_shard, global_offset, local, register_sharded
-from metaste.optim.smoothing import derive_seed, noise, noise_slice
+from metaste.optim.core.fsdp import fully_shard, global_offset, local, register_sharded
+from metaste.optim.core.noise import derive_seed, noise, noise_slice
 
 STEPS = 3
 QUANT = {

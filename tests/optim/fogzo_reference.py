@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from metaste.optim.smoothing import derive_seed, noise, rademacher
+from metaste.optim.core.noise import derive_seed, noise, rademacher
 
 
 def reference_estimate(

@@ -17,7 +17,8 @@ from torch import nn
 import metaste
 from metaste import Calibrated
 from metaste.optim.calibrated import probe_features
-from metaste.optim.smoothing import SMOOTHINGS, derive_seed, noise, rademacher
+from metaste.optim.core.noise import derive_seed, noise, rademacher
+from metaste.optim.fogzo.smoothing import SMOOTHINGS
 from metaste.quant.leaky import LeakySurrogate
 from metaste.quant.psi import band
 from metaste.quant.quantizers import Quantizer

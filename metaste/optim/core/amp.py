@@ -69,7 +69,7 @@ def found_inf(scaler: Any, optimizer: torch.optim.Optimizer) -> bool:
 
 def install_grad_scaler_guard(wrapper: type) -> None:
     """Make ``GradScaler.step(w, ...)`` call ``w._grad_scaler_step`` for an instance ``w`` of
-    ``wrapper`` (:class:`~metaste.optim._wrapper.OptimizerWrapper`): torch's step for a one-forward
+    ``wrapper`` (:class:`~metaste.optim.core.wrapper.OptimizerWrapper`): torch's step for a one-forward
     method, else a metaste error that says what to do instead of a failure inside torch on its
     ``_scale is None`` assertion. Other optimizers are untouched."""
     cls = torch.amp.GradScaler

@@ -3,7 +3,7 @@ optimizer's own plus ``"metaste"``, the wrapper's state (step counters, history,
 hyper-optimizer state) with its kind, its base optimizer and the settings that define the
 trajectory; ``load_state_dict`` validates all of it before anything is loaded and rolls back a
 load that fails. The mixin :class:`WrapperCheckpoint` is part of
-:class:`~metaste.optim._wrapper.OptimizerWrapper`.
+:class:`~metaste.optim.core.wrapper.OptimizerWrapper`.
 """
 
 from __future__ import annotations

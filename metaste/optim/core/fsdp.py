@@ -6,7 +6,7 @@ mesh): metaste's registry, keyed by the old ``Parameter``, no longer knows it, s
 :func:`register_sharded` (or shard with :func:`fully_shard`, which does both). FOGZO then
 perturbs each rank's rows in place (FSDP2 all-gathers the perturbed shards in the next forward),
 draws the noise of exactly those elements (the counter-based noise at their global indices,
-:func:`~metaste.optim.smoothing.noise_slice`, so the union of the shards' noise is the
+:func:`~metaste.optim.core.noise.noise_slice`, so the union of the shards' noise is the
 single-process noise), sums the
 partial ‖ε ⊙ g‖² over the mesh and averages the c_i over the ranks; the gradient shards are
 already the batch mean (FSDP2's reduce-scatter). The step sizes s are gathered when they are
@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..quant.layers import QuantLayer
-from ..quant.registry import register
+from ...quant.layers import QuantLayer
+from ...quant.registry import register
 
 __all__ = [
     "fully_shard",
@@ -199,7 +199,7 @@ def fully_shard(model: nn.Module, **kwargs: Any) -> nn.Module:
 
     if "mesh" not in kwargs and not dist.is_initialized():
         raise RuntimeError(
-            "metaste.optim.fsdp.fully_shard needs torch.distributed initialised (dist.init_process_group) "
+            "metaste.optim.fully_shard needs torch.distributed initialised (dist.init_process_group) "
             "or a mesh= argument; the model was not changed"
         )
     for m in list(model.modules()):  # FSDP2 refuses 0-dim parameters (LSQ's per-tensor s): make them (1,)

@@ -1,7 +1,7 @@
 """Which modules a closure runs, found without hooks (docs/design.md §4.5, §10.5).
 
 FOGZO's perturbed passes must leave the buffers (BatchNorm running statistics) as the clean pass
-left them. Without a list of modules, :class:`~._snapshot.BufferGuard` finds the modules that run
+left them. Without a list of modules, :class:`~.snapshot.BufferGuard` finds the modules that run
 with a global forward pre-hook; Dynamo cannot trace that hook through ``torch.compile(model)`` (an ``AssertionError``:
 the module is "already tracked for mutation") and, with ``model.compile()``, every new hook handle
 is a new guard, so each step recompiles until the recompile limit drops the model to eager.

@@ -66,6 +66,7 @@ SQRT3 = math.sqrt(3.0)
 SQRT6 = math.sqrt(6.0)
 TANH_EPS = math.pi / math.sqrt(12.0)
 
+
 def derive_seed(*key: int) -> int:
     """A 63-bit seed from integers (e.g. (seed, t, i, k)): stable across runs and platforms."""
     digest = hashlib.blake2b(struct.pack(f"<{len(key)}q", *key), digest_size=8).digest()

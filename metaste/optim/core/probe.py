@@ -12,9 +12,9 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from ._closure import Closure, closure_value
-from ._snapshot import BufferGuard, RngState
+from .closure import Closure, closure_value
 from .fsdp import reshard
+from .snapshot import BufferGuard, RngState
 
 __all__ = ["Probe"]
 

@@ -1,5 +1,5 @@
 """The base class of every metaste optimizer wrapper (docs/design.md §5): the step protocol
-they all run, param_groups/state sharing and, from :mod:`._checkpoint`, state_dict nesting.
+they all run, param_groups/state sharing and, from :mod:`.checkpoint`, state_dict nesting.
 
 A wrapper *is* a ``torch.optim.Optimizer`` whose ``param_groups`` list and ``state`` dict are
 the wrapped optimizer's own objects, so LR schedulers, ``zero_grad`` and ``add_param_group``
@@ -26,12 +26,12 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ..quant.registry import model_roots
-from ._checkpoint import WrapperCheckpoint
-from ._closure import Closure, NonFiniteLossError, check_closure, losses
-from ._modules import captured_modules, outermost
-from ._snapshot import BufferGuard
+from ...quant.registry import lookup, model_roots
 from .amp import GradientOverflow, check_grad_scaler, found_inf, install_grad_scaler_guard
+from .checkpoint import WrapperCheckpoint
+from .closure import Closure, NonFiniteLossError, check_closure, losses
+from .modules import captured_modules, outermost
+from .snapshot import BufferGuard
 
 __all__ = ["OptimizerWrapper", "check_latent_dtype", "check_quantized_dtypes"]
 
@@ -59,7 +59,7 @@ class OptimizerWrapper(WrapperCheckpoint, Optimizer):
         self.state = optimizer.state
         self.defaults = optimizer.defaults
         self._warned_no_grad = False
-        # fp16 loss scaling and clipping inside step (docs/design.md §5.1, optim/amp.py)
+        # fp16 loss scaling and clipping inside step (docs/design.md §5.1, optim/core/amp.py)
         self.grad_scaler: Any = None
         self.max_grad_norm: float | None = None
         self.configure_amp(grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
@@ -355,7 +355,7 @@ class OptimizerWrapper(WrapperCheckpoint, Optimizer):
         return s if s is not None and s.is_enabled() else None
 
     def _run_step(self, step: Callable[[Closure | None], Tensor], closure: Closure | None) -> Tensor:
-        """Run one wrapper step ``step(closure)`` under the scaler protocol of optim/amp.py: an
+        """Run one wrapper step ``step(closure)`` under the scaler protocol of optim/core/amp.py: an
         overflow skips it (only the scale changes), ``scaler.update()`` ends it."""
         self._in_step, self._unscaled, self.last_step_skipped = True, False, False
         try:
@@ -421,7 +421,6 @@ class OptimizerWrapper(WrapperCheckpoint, Optimizer):
 def check_quantized_dtypes(params: Iterator[Tensor] | list[Tensor], who: str) -> None:
     """:func:`check_latent_dtype` on every trainable quantized weight among ``params``: the
     wrappers call it first, before they change anything on the model."""
-    from ..quant.registry import lookup
 
     for p in params:
         if p.requires_grad and lookup(p) is not None:

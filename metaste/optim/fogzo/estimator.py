@@ -2,7 +2,7 @@
 against the formula line by line, with its sharded (FSDP2) and fused paths, and the joint norm
 N = ‖ε ⊙ g‖₂ over all managed tensors. The class that schedules β and keeps the RNG, buffers and
 checkpoints is :class:`metaste.optim.fogzo.FOGZO`; the (ε̄, p̄, sampler) table of §4.2 is in
-:mod:`metaste.optim.smoothing`.
+:mod:`metaste.optim.fogzo.smoothing`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .._compile import FUSE_MIN, kernel
-from ._fused import combine_many_, delta, key_halves, perturb_many_, restore_combine_many_
-from .smoothing import derive_seed, noise_slice, rademacher
+from ..._compile import FUSE_MIN, kernel
+from ..core.noise import derive_seed, key_halves, noise_slice, rademacher
+from .passes import combine_many_, delta, perturb_many_, restore_combine_many_
 
 __all__ = ["fogzo_estimate"]
 
@@ -49,7 +49,7 @@ def fogzo_estimate(
     ``"inplace"``: +1, −2, +1, within 4 ulp of max|v| per cycle); ``loss_at`` is called 2n times (n if
     ``one_sided``, then c_i = L₊ − ``loss0``). ``reduce`` averages the c_i across processes.
     ``grads`` are overwritten with G. Returns (G per tensor, c), or (None, c) if some c_i is
-    not finite (the caller keeps g). Sharded tensors (FSDP2, :mod:`metaste.optim.fsdp`): ``weights``
+    not finite (the caller keeps g). Sharded tensors (FSDP2, :mod:`metaste.optim.core.fsdp`): ``weights``
     are the rank's shards, ``offsets[k]``/``numels[k]`` their flat offset in and the size of the full
     tensor (the noise is that slice of the full tensor's: the counter-based noise at the global
     indices offset + j, :func:`~.smoothing.noise_slice`), and
@@ -57,10 +57,10 @@ def fogzo_estimate(
 
     The noise z_ik is regenerated from ``derive_seed(seed, step, i, k)`` each time it is used
     (``keep_noise=True`` keeps the n·D values instead: same result, fewer regenerations). Each
-    perturbation is one pass that computes z from the element index (:func:`~metaste.optim._fused.perturb_`),
-    the final G one pass for all n samples (:func:`~metaste.optim._fused.combine_`; ``"inplace"`` at
-    n = 1: the same pass also restores the weights, :func:`~metaste.optim._fused.restore_combine_`); ``fused=True``
-    compiles both with ``torch.compile`` (the same numbers, :mod:`metaste.optim._fused`)::
+    perturbation is one pass that computes z from the element index (:func:`~metaste.optim.fogzo.passes.perturb_`),
+    the final G one pass for all n samples (:func:`~metaste.optim.fogzo.passes.combine_`; ``"inplace"`` at
+    n = 1: the same pass also restores the weights, :func:`~metaste.optim.fogzo.passes.restore_combine_`); ``fused=True``
+    compiles both with ``torch.compile`` (the same numbers, :mod:`metaste.optim.fogzo.passes`)::
 
         N  = ‖ε ⊙ g‖₂ over all tensors; ĝ = ε ⊙ g / N  (0 if N is 0 or not finite)
         for i in 1..n:
@@ -69,7 +69,7 @@ def fogzo_estimate(
         G = (1/n) Σ_i c_i d_i ⊘ ε  =  g·√β Σ_i σ_i c_i / (nN)  +  Σ_i √(1−β) c_i/n · z_i ⊘ ε
     """
     # 1. ĝ = ε⊙g / N with N = ‖ε⊙g‖ over all managed tensors jointly
-    norm = _joint_norm(grads, eps, reduce_sum) if beta > 0 else 0.0
+    norm = joint_norm(grads, eps, reduce_sum) if beta > 0 else 0.0
     inv_norm = 1.0 / norm if 0.0 < norm < math.inf else 0.0
     # ε⊙d_i = a σ_i (ε²⊙g) + b (ε⊙z_i): a = √β/N, b = √(1−β)
     a, b = math.sqrt(beta) * inv_norm, math.sqrt(1.0 - beta)
@@ -254,7 +254,7 @@ def fogzo_estimate(
                 shift(offset[0], -offset[1], pending)
 
 
-def _joint_norm(
+def joint_norm(
     grads: Sequence[Tensor | None], eps: Sequence[Tensor], reduce_sum: Callable[[float], float] | None = None
 ) -> float:
     """N = ‖ε ⊙ g‖₂ over all tensors, without a tensor-sized temporary for a scalar ε."""

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..quant import registry
-from ..quant.registry import lookup
-from ._fused import host_floats as _host_floats
-from ._wrapper import check_latent_dtype
-from .fsdp import local, local_scale
+from ...quant import registry
+from ...quant.registry import lookup
+from ..core.fsdp import local, local_scale
+from ..core.host import host_floats as _host_floats
+from ..core.wrapper import check_latent_dtype
 from .smoothing import SMOOTHINGS, STE_KINDS
 
 __all__ = ["ManagedWeights", "ScaleSpec"]

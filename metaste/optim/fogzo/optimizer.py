@@ -2,8 +2,8 @@
 
 The class :class:`FOGZO` does the bookkeeping (β schedule, managed parameters, RNG and buffer
 hygiene, DDP, the GradScaler path, checkpoints); the math is the plain function
-:func:`~metaste.optim.fogzo_estimator.fogzo_estimate`, which reads against docs/design.md §4.3
-line by line. The (ε̄, p̄, sampler) table of §4.2 is in :mod:`metaste.optim.smoothing`.
+:func:`~metaste.optim.fogzo.estimator.fogzo_estimate`, which reads against docs/design.md §4.3
+line by line. The (ε̄, p̄, sampler) table of §4.2 is in :mod:`metaste.optim.fogzo.smoothing`.
 """
 
 from __future__ import annotations
@@ -18,20 +18,13 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .._compile import FUSE_MIN
-from ._closure import Closure
-from ._probe import Probe
-from ._wrapper import OptimizerWrapper
-from .fogzo_estimator import fogzo_estimate
-from .fogzo_managed import ManagedWeights, ScaleSpec
-from .fsdp import (
-    all_reduce_sum,
-    as_dtensor_like,
-    global_offset,
-    is_dtensor,
-    local,
-    mesh_group,
-)
+from ..._compile import FUSE_MIN
+from ..core.closure import Closure
+from ..core.fsdp import all_reduce_sum, as_dtensor_like, global_offset, is_dtensor, local, mesh_group
+from ..core.probe import Probe
+from ..core.wrapper import OptimizerWrapper
+from .estimator import fogzo_estimate
+from .managed import ManagedWeights, ScaleSpec
 
 __all__ = ["FOGZO", "RESTORE_MODES"]
 
@@ -138,7 +131,7 @@ class FOGZO(ManagedWeights, OptimizerWrapper):
           perturbation.
         * Gradient accumulation: the closure may yield the micro-batch losses (a generator);
           each is backpropagated as it comes and the perturbed passes loop over the same
-          micro-batches (:class:`~metaste.optim.amp.Accumulated` builds such a closure). AMP:
+          micro-batches (:class:`~metaste.optim.core.amp.Accumulated` builds such a closure). AMP:
           run the closure's forward under ``torch.autocast``; fp16 takes ``grad_scaler=`` (a
           loss scaled by the user raises).
         * ``load_state_dict`` keeps the constructor's settings: a checkpoint saved with another

@@ -34,6 +34,7 @@ __all__ = [
     "STE_KINDS",
 ]
 
+
 @dataclass(frozen=True)
 class Smoothing:
     """One row of the table: ``eps_bar`` (ε̄), ``density`` (p̄), ``hard`` (h) and ``soft`` (h_s);
@@ -97,4 +98,3 @@ SMOOTHINGS: dict[str, Smoothing] = {
     ),
 }
 STE_KINDS = tuple(SMOOTHINGS)
-

@@ -1,5 +1,7 @@
-"""HyperSTE methods (docs/design.md §3): one module per method, each with an options object that
-validates itself (``HyperSTE(opt, method=Delayed(window=3))``) and the runtime it builds.
+"""HyperSTE (docs/design.md §3): the wrapper :class:`HyperSTE` (:mod:`.optimizer`) and its methods,
+one module per method, each with an options object that validates itself
+(``HyperSTE(opt, method=Delayed(window=3))``) and the runtime it builds; :mod:`.methods` names
+them, :mod:`.diffopt` is the update as a differentiable function of θ that they differentiate.
 
 ========== ============================ ============================================
 method     options                      module
@@ -21,10 +23,11 @@ from .fagu import FAGU, PFAGU
 from .horizon import HorizonMemoryError
 from .horizon_options import HorizonOptions
 from .lgatt import LGATT
-
-METHODS: dict[str, type[MethodOptions]] = {cls.name: cls for cls in (Analytical, Delayed, FAGU, PFAGU, LGATT)}
+from .methods import METHODS
+from .optimizer import HyperSTE
 
 __all__ = [
+    "HyperSTE",
     "METHODS",
     "Analytical",
     "Delayed",

@@ -27,10 +27,10 @@ from ..._compile import FUSE_MIN, compilable, kernel
 from ...quant.learnable import SLSTE
 from ...quant.psi import slste, slste_grad_code
 from ...quant.registry import QuantEntry
-from .._closure import Closure
-from ..diffopt import UpdateRecord, one_step_hypergradient
-from ..fsdp import all_reduce_sums, as_dtensor_like, is_dtensor, local, local_scale, shard_group
+from ..core.closure import Closure
+from ..core.fsdp import all_reduce_sums, as_dtensor_like, is_dtensor, local, local_scale, shard_group
 from ._hyper_lr import HyperLR
+from .diffopt import UpdateRecord, one_step_hypergradient, record_update
 
 if TYPE_CHECKING:
     from ._options import MethodOptions
@@ -50,7 +50,7 @@ class ManagedWeight(QuantEntry):
 
     Under FSDP2 (docs/design.md §10.4) the weight is a DTensor sharded by rows and the method
     works on the rank's rows: ``u()``, :meth:`local_grad` and :meth:`theta` are those rows (θ is
-    sharded like the weight when it has an entry per row, :func:`~metaste.optim.fsdp.shard_rows_like`;
+    sharded like the weight when it has an entry per row, :func:`~metaste.optim.core.fsdp.shard_rows_like`;
     a per-tensor θ is whole on every rank), :meth:`set_grad` hands the rows back as a DTensor and
     :attr:`group` is the mesh to sum over (``None`` on one process: every method is unchanged)."""
 
@@ -244,8 +244,6 @@ class HyperMethod:
         ``compact``: u_t kept as the surrogate's one-byte code where it has one (SLSTE,
         ``LearnableSurrogate.code`` with the current θ, which must be the θ the hypergradient
         uses: θ frozen until then)."""
-        from ..diffopt import record_update
-
         idx = sorted(raw)
         record = record_update(self.optimizer, [self.managed[i].param for i in idx], light=True)
         record.params = [local(p) for p in record.params]  # FSDP2: the rank's rows
@@ -261,7 +259,7 @@ class HyperMethod:
         self, pending: PendingStep, lam: dict[int, Tensor]
     ) -> Iterator[tuple[int, Tensor]]:
         """(surrogate tensor index k, h_k) of ⟨λ_{t+1}, ∂v_{t+1}/∂θ_t⟩ for the pending step
-        (:func:`~metaste.optim.diffopt.one_step_hypergradient`); weights without λ_{t+1} give none."""
+        (:func:`~metaste.optim.hyper.diffopt.one_step_hypergradient`); weights without λ_{t+1} give none."""
         if not pending.idx or all(lam.get(i) is None for i in pending.idx):
             return  # no managed weight got a gradient at t or t+1 (a loss that missed them)
         entries = [self.managed[i] for i in pending.idx]

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..fsdp import all_reduce_sums
+from ..core.fsdp import all_reduce_sums
 
 __all__ = ["HyperLR"]
 

@@ -19,8 +19,8 @@ from torch.optim import Optimizer
 from ..._compile import FUSE_MIN, kernel
 from ...quant.learnable import SLSTE
 from ...quant.psi import slste, slste_grad_code, slste_grad_from_code
-from .._closure import Closure
-from .._fused import host_floats as _host_floats
+from ..core.closure import Closure
+from ..core.host import host_floats as _host_floats
 from ._common import Evaluate, HyperMethod, ManagedWeight
 from ._options import MethodOptions, runs
 from .analytical_math import (

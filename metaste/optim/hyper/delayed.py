@@ -1,6 +1,6 @@
 """``method="delayed"``: θ frozen over windows of k steps, one-step hypergradients from inside the
 window applied at the next window (thesis A.2, docs/design.md §3.2). Any optimizer, any learnable
-ψ, any granularity; the hypergradient is :func:`~metaste.optim.diffopt.one_step_hypergradient`.
+ψ, any granularity; the hypergradient is :func:`~metaste.optim.hyper.diffopt.one_step_hypergradient`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .._closure import Closure
+from ..core.closure import Closure
 from ._common import Evaluate, HyperMethod, ManagedWeight, PendingStep
 from ._options import HyperOptimizerSpec, MethodOptions, resolve_hyper_optimizer, runs
 

@@ -52,8 +52,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..quant.learnable import psi_differentiable
-from ..quant.registry import QuantEntry
+from ...quant.learnable import psi_differentiable
+from ...quant.registry import QuantEntry
 
 __all__ = [
     "UpdateRecord",

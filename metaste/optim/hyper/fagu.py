@@ -2,7 +2,7 @@
 "Relaxed ATT" = P-FAGU 5.4): greedy one-step hypergradients over a replayed horizon.
 
 The replay protocol is :class:`~.horizon.HorizonMethod`; the hypergradient is
-:func:`~metaste.optim.diffopt.one_step_hypergradient`, the same function ``delayed`` uses.
+:func:`~metaste.optim.hyper.diffopt.one_step_hypergradient`, the same function ``delayed`` uses.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .._closure import Closure
+from ..core.closure import Closure
 from ._common import Evaluate, PendingStep
 from ._options import runs
 from .horizon import HorizonMethod

@@ -20,7 +20,7 @@ learned schedule (the *final pass*)::
     restore S; run the T steps with θ^K; keep the result          (final_pass=True)
 
 The base optimizer's update as a function of θ (and of v_t and its state, for lgatt) comes from
-:mod:`metaste.optim.diffopt`; nothing here re-derives an optimizer.
+:mod:`metaste.optim.hyper.diffopt`; nothing here re-derives an optimizer.
 
 The step-driven API (docs/design.md §3.3, a decision): the user's ``opt.step(closure)`` loop is unchanged. The
 user's pass over a horizon is replay 0: each ``step`` runs with θ^0, returns that step's loss and
@@ -41,8 +41,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .._closure import Closure, NonFiniteLossError, check_closure
-from .._snapshot import RngState, Snapshot, captured_bytes, clone_value
+from ..core.closure import Closure, NonFiniteLossError, check_closure
+from ..core.snapshot import RngState, Snapshot, captured_bytes, clone_value
 from ._common import Evaluate, HyperMethod, ManagedWeight
 from .horizon_options import HorizonOptions
 

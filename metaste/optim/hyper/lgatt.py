@@ -18,11 +18,11 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .._closure import Closure, summed_loss
-from .._snapshot import Snapshot
-from ..diffopt import UpdateRecord, differentiable_step, differentiable_update
+from ..core.closure import Closure, summed_loss
+from ..core.snapshot import Snapshot
 from ._common import Evaluate, ManagedWeight
 from ._options import runs
+from .diffopt import UpdateRecord, differentiable_step, differentiable_update
 from .horizon import HorizonMethod
 from .horizon_options import HorizonOptions
 
@@ -271,7 +271,7 @@ class LGATTMethod(HorizonMethod):
     it, for t = F−1 … 0: restore x_t, recompute step t on its batch with θ_t as autograd leaves and
     ψ applied inside the quantizer's backward (so every ∂v̂/∂v, also the one inside g_t, is the
     surrogate ψ(u_t; θ_t): H_t = ∂(g_t ⊙ ψ_t)/∂v_t of the surrogate gradient), build x_{t+1} by
-    :func:`~metaste.optim.diffopt.differentiable_step` (differentiable in v_t, the optimizer
+    :func:`~metaste.optim.hyper.diffopt.differentiable_step` (differentiable in v_t, the optimizer
     state and θ_t) and take ONE vector-Jacobian product with (λ_{t+1}, λ^state_{t+1}): it gives
     λ_t, λ^state_t and h_t (one Hessian-vector product per step). Only one step's graph exists at
     a time: memory grows as T × |x|, not with an unrolled create_graph trajectory. On the smooth

@@ -10,14 +10,14 @@ from typing import Any
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ..quant.registry import claim_all, foreign_libraries, lookup, release
-from ._closure import Closure
-from ._wrapper import OptimizerWrapper, check_latent_dtype
-from .fsdp import gather, is_dtensor, shard_group, shard_rows_like
-from .hyper import METHODS
-from .hyper._common import ManagedWeight, surrogate_stats
-from .hyper._options import MethodOptions
-from .hyper.horizon_options import HorizonOptions
+from ...quant.registry import claim_all, foreign_libraries, lookup, release
+from ..core.closure import Closure
+from ..core.fsdp import gather, is_dtensor, shard_group, shard_rows_like
+from ..core.wrapper import OptimizerWrapper, check_latent_dtype
+from ._common import ManagedWeight, surrogate_stats
+from ._options import MethodOptions
+from .horizon_options import HorizonOptions
+from .methods import METHODS
 
 __all__ = ["HyperSTE"]
 
@@ -49,7 +49,7 @@ class HyperSTE(OptimizerWrapper):
     all-reduced across ranks by DDP. Every rank therefore computes the same θ, equal to a
     single-process run on the concatenated batch (docs/design.md §3.1).
 
-    FSDP2 (``metaste.optim.fsdp.fully_shard``, docs/design.md §10.4): ``"analytical"`` and
+    FSDP2 (``metaste.optim.fully_shard``, docs/design.md §10.4): ``"analytical"`` and
     ``"delayed"`` run on the sharded weights, each rank on its rows; a per-element or per-channel
     θ is sharded with its weight (a DTensor buffer with the weight's placement, so the model's
     ``state_dict`` holds it as it holds the weights), a per-tensor θ is whole on every rank; the
@@ -68,7 +68,7 @@ class HyperSTE(OptimizerWrapper):
     * ``"delayed"`` (docs/design.md §3.2, thesis A.2): θ frozen over windows of ``window`` steps; the
       one-step hypergradient of the first pair (or of all within-window pairs) is applied at the
       next window by ``hyper_optimizer``. Any torch.optim optimizer (its ``differentiable=True``
-      mode, :mod:`metaste.optim.diffopt`), any learnable surrogate and granularity.
+      mode, :mod:`metaste.optim.hyper.diffopt`), any learnable surrogate and granularity.
     * ``"fagu"`` / ``"pfagu"`` / ``"lgatt"`` (docs/design.md §3.3–3.4, thesis 4.4–4.5, FAGU / P-FAGU /
       FLAGU): θ follows a schedule over a horizon of T steps that is learned by K replays of the
       horizon from a snapshot, then a final pass with the learned schedule

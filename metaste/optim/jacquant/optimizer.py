@@ -20,13 +20,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..quant.psi import band
-from ..quant.quantizers import LSQQuantizer
-from ..quant.registry import QuantEntry, claim_all, lookup, release
-from . import jacquant_passes as passes
-from ._closure import Closure, closure_value
-from ._wrapper import OptimizerWrapper, check_quantized_dtypes
-from .smoothing import derive_seed
+from ...quant.psi import band
+from ...quant.quantizers import LSQQuantizer
+from ...quant.registry import QuantEntry, claim_all, lookup, release
+from ..core.closure import Closure, closure_value
+from ..core.noise import derive_seed
+from ..core.wrapper import OptimizerWrapper, check_quantized_dtypes
+from . import passes
 
 __all__ = ["JacQuant", "fit_slope", "slope_phi", "FITS", "VRS"]
 
@@ -217,7 +217,7 @@ class JacQuant(OptimizerWrapper):
     @torch.no_grad()
     def _slopes(self, k: int, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(b, in, c) of managed weight k at ``u``, each of the weight's shape
-        (:func:`~.jacquant_passes.slopes`)."""
+        (:func:`~.passes.slopes`)."""
         e = self.managed[k]
         out = passes.slopes(
             _grouped(u, self.groups[k]),
@@ -252,7 +252,7 @@ class JacQuant(OptimizerWrapper):
     @torch.no_grad()
     def _apply_slopes(self, us: list[Tensor], track_codes: bool = False) -> list[Tensor]:
         """g ← b⊙g (and LSQ's ∂L/∂s corrected) for every managed weight at ``us``, in one pass per
-        weight (:func:`~.jacquant_passes.step_slopes`). ``track_codes``: the pass also gives the
+        weight (:func:`~.passes.step_slopes`). ``track_codes``: the pass also gives the
         codes, returned, and a step whose codes flip more than ``flip_rate`` since the last ends a
         phase."""
         codes, flips = [], []

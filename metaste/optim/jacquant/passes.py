@@ -1,6 +1,6 @@
 """JacQuant's element-wise passes (docs/design.md §8), each a function of tensors that runs eagerly
 or, on a weight of at least ``FUSE_MIN`` elements, compiled into one pass (:mod:`metaste._compile`):
-the same ops in the same order either way, so the same values (tests/optim/test_jacquant_passes.py).
+the same ops in the same order either way, so the same values (tests/optim/jacquant/test_jacquant_passes.py).
 
 Every tensor is in the grouped layout (out, in/G, G) of the weight; α and γ are (out, in/G, 1).
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._compile import FUSE_MIN, compilable, kernel
+from ..._compile import FUSE_MIN, compilable, kernel
 
 __all__ = ["slopes", "step_slopes"]
 

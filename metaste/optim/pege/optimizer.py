@@ -28,13 +28,13 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ..quant._functions import fused_psi_name, psi_params
-from ..quant.quantizers import ActivationLSQQuantizer, DoReFaBinaryQuantizer
-from ..quant.registry import claim_all, lookup, release
-from . import pege_passes as passes
-from ._closure import Closure
-from ._wrapper import OptimizerWrapper, check_quantized_dtypes
-from .smoothing import derive_seed
+from ...quant._functions import fused_psi_name, psi_params
+from ...quant.quantizers import ActivationLSQQuantizer, DoReFaBinaryQuantizer
+from ...quant.registry import claim_all, lookup, release
+from ..core.closure import Closure
+from ..core.noise import derive_seed
+from ..core.wrapper import OptimizerWrapper, check_quantized_dtypes
+from . import passes
 
 __all__ = ["PEGE", "replace_ratio", "SELECTS"]
 

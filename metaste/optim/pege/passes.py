@@ -1,6 +1,6 @@
 """PEGE's element-wise passes (docs/design.md §7), each a function of tensors that runs eagerly or,
 on a tensor of at least ``FUSE_MIN`` elements, compiled into one pass (:mod:`metaste._compile`):
-the same ops in the same order either way, so the same values (tests/optim/test_pege_passes.py).
+the same ops in the same order either way, so the same values (tests/optim/pege/test_pege_passes.py).
 
 * :func:`front`: e = u − c with u = x/s and c the grid point, the mask M = 1{U < r} of the
   uniforms U, and EWGS's ê = δ·ψ(u)·e;
@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._compile import FUSE_MIN, compilable, kernel
-from ..quant._functions import FUSED_PSI
+from ..._compile import FUSE_MIN, compilable, kernel
+from ...quant._functions import FUSED_PSI
 
 __all__ = ["front", "mix", "mix_backward", "penalty_grad"]
 

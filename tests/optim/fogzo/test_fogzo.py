@@ -17,9 +17,9 @@ from torch import nn
 
 import metaste
 from metaste import FOGZO
-from metaste.optim._closure import NonFiniteLossError
-from metaste.optim.fogzo_estimator import fogzo_estimate
-from metaste.optim.smoothing import SMOOTHINGS
+from metaste.optim.core.closure import NonFiniteLossError
+from metaste.optim.fogzo.estimator import fogzo_estimate
+from metaste.optim.fogzo.smoothing import SMOOTHINGS
 
 # -- helpers ---------------------------------------------------------------------------------
 

@@ -12,9 +12,9 @@ import torch
 import metaste
 from metaste import _compile
 from metaste._compile import kernel
-from metaste.optim import _fused, smoothing
-from metaste.optim._fused import combine_, key_halves, perturb_, restore_combine_, z_from_index
-from metaste.optim.smoothing import derive_seed, noise, noise_slice
+from metaste.optim.core import noise as noise_module
+from metaste.optim.core.noise import SQRT3, SQRT6, derive_seed, key_halves, noise, noise_slice, z_from_index
+from metaste.optim.fogzo.passes import combine_, perturb_, restore_combine_
 
 pytestmark = pytest.mark.compiled
 
@@ -55,7 +55,7 @@ def test_compiled_noise_gives_the_eager_bits(kind, dtype, monkeypatch):
     for seed in (derive_seed(3, 1, 0, 0), derive_seed(3, 2, 0, 1)):
         outs = []
         for limit in (1 << 40, 1):
-            monkeypatch.setattr(smoothing, "FUSE_MIN", limit)
+            monkeypatch.setattr(noise_module, "FUSE_MIN", limit)
             outs.append(noise_slice(kind, 5, 1000, seed, torch.device("cpu"), dtype))
         assert torch.equal(outs[0], outs[1])
     assert not _compile._BROKEN, _compile._BROKEN
@@ -71,9 +71,9 @@ def test_the_stream_is_the_documented_hash_of_key_and_index():
     w_hi = torch.tensor([(hi + 0.5) / 2**15 for hi, _ in ref], dtype=torch.float32)
     w_lo = torch.tensor([(lo + 0.5) / 2**15 for _, lo in ref], dtype=torch.float32)
     z = noise("identity", torch.Size([2000]), key, torch.device("cpu"), torch.float32)
-    assert torch.equal(z, w_hi * _fused.SQRT3)
+    assert torch.equal(z, w_hi * SQRT3)
     z = noise("approxsign", torch.Size([2000]), key, torch.device("cpu"), torch.float32)
-    assert torch.equal(z, (w_hi + w_lo) * (_fused.SQRT6 / 2))
+    assert torch.equal(z, (w_hi + w_lo) * (SQRT6 / 2))
     k1, k2 = key_halves(12345)
     whole = z_from_index("approxsign", torch.arange(1000, dtype=torch.int32), k1, k2)
     part = z_from_index("approxsign", torch.arange(200, 300, dtype=torch.int32), k1, k2)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from scipy import integrate, stats
 
-from metaste.optim.smoothing import SMOOTHINGS, STE_KINDS, derive_seed, noise
+from metaste.optim.core.noise import NOISE_KINDS, derive_seed, noise
+from metaste.optim.fogzo.smoothing import SMOOTHINGS, STE_KINDS
 
 # -- 1. the smoothing table (docs/design.md §4.2) ------------------------------------------------------
 
@@ -79,3 +80,7 @@ def test_sampler_passes_a_ks_test_and_is_regenerated_bitwise(kind):
     assert stats.kstest(1.02 * z.double().numpy(), CDF[kind]).pvalue < 1e-3
     other = noise(kind, torch.Size([200_000]), derive_seed(7, 0, 0, 1), torch.device("cpu"), torch.float32)
     assert abs(float(torch.corrcoef(torch.stack([z, other]))[0, 1])) < 0.02
+
+
+def test_the_table_has_one_row_per_law_of_the_noise():
+    assert STE_KINDS == NOISE_KINDS

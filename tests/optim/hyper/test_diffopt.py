@@ -1,4 +1,4 @@
-"""metaste.optim.diffopt (docs/design.md §3.2): the differentiable update equals the real one,
+"""metaste.optim.hyper.diffopt (docs/design.md §3.2): the differentiable update equals the real one,
 is differentiable in v_t and the optimizer state, and the one-step hypergradient matches central
 finite differences of ⟨λ, v_{t+1}(θ)⟩ — the function delayed and fagu share."""
 
@@ -12,7 +12,7 @@ from _hyperste_helpers import batches, loss_fn, quantized_mlp, set_surrogate_par
 from torch import nn
 
 import metaste
-from metaste.optim.diffopt import (
+from metaste.optim.hyper.diffopt import (
     differentiable_step,
     differentiable_update,
     one_step_hypergradient,

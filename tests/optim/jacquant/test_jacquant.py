@@ -10,7 +10,7 @@ from _lockstep import assert_lockstep
 from torch import nn
 
 import metaste
-from metaste.optim.jacquant import JacQuant, fit_slope
+from metaste.optim.jacquant.optimizer import JacQuant, fit_slope
 
 
 def mlp(seed=0, quantizer="lsq", width=128):
@@ -186,7 +186,7 @@ def test_fit_ignores_columns_of_weight_zero(fit):
 
 
 def test_wrapper_fits_with_the_recorded_input_moment(monkeypatch):
-    import metaste.optim.jacquant as jq
+    import metaste.optim.jacquant.optimizer as jq
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 4))

@@ -9,7 +9,7 @@ from _compiled_helpers import eager_and_compiled, eager_and_compiled_runs
 
 import metaste
 from metaste import _compile
-from metaste.optim import jacquant_passes as passes
+from metaste.optim.jacquant import passes
 
 pytestmark = pytest.mark.compiled
 

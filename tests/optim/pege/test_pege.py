@@ -14,7 +14,7 @@ from torch import nn
 
 import metaste
 from metaste import PEGE
-from metaste.optim.pege import replace_ratio
+from metaste.optim.pege.optimizer import replace_ratio
 
 
 def mlp(seed=0, quantizer="fixed", act_bits=None, width=16):

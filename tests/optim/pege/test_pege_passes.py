@@ -7,7 +7,7 @@ from _compiled_helpers import eager_and_compiled, eager_and_compiled_runs
 
 import metaste
 from metaste import _compile
-from metaste.optim import pege_passes as passes
+from metaste.optim.pege import passes
 from metaste.quant.surrogate_factory import make_surrogate
 
 pytestmark = pytest.mark.compiled
