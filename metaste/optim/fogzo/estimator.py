@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -17,7 +18,19 @@ from ..._compile import FUSE_MIN, kernel
 from ..core.noise import derive_seed, key_halves, noise_slice, rademacher
 from .passes import combine_many_, delta, perturb_many_, restore_combine_many_
 
-__all__ = ["fogzo_estimate"]
+__all__ = ["Shards", "fogzo_estimate", "joint_norm"]
+
+
+@dataclass(frozen=True)
+class Shards:
+    """Where each managed tensor's shard sits in its full tensor (FSDP2, docs/design.md §10.4):
+    ``offsets[k]``/``numels[k]`` the shard's flat offset in and the size of the full tensor k (the
+    noise of a shard is that slice of the full tensor's), ``reduce_sum`` the sum of a float over
+    the ranks (of ‖ε⊙g‖² here)."""
+
+    offsets: Sequence[int]
+    numels: Sequence[int]
+    reduce_sum: Callable[[float], float]
 
 
 def fogzo_estimate(
@@ -37,9 +50,7 @@ def fogzo_estimate(
     keep_noise: bool = False,
     reduce: Callable[[Tensor], Tensor] | None = None,
     fused: bool = False,
-    offsets: Sequence[int] | None = None,
-    numels: Sequence[int] | None = None,
-    reduce_sum: Callable[[float], float] | None = None,
+    shards: Shards | None = None,
 ) -> tuple[list[Tensor] | None, Tensor]:
     """The FOGZO estimate G of docs/design.md §4.3 for the managed tensors ``weights`` (v_k).
 
@@ -49,18 +60,16 @@ def fogzo_estimate(
     ``"inplace"``: +1, −2, +1, within 4 ulp of max|v| per cycle); ``loss_at`` is called 2n times (n if
     ``one_sided``, then c_i = L₊ − ``loss0``). ``reduce`` averages the c_i across processes.
     ``grads`` are overwritten with G. Returns (G per tensor, c), or (None, c) if some c_i is
-    not finite (the caller keeps g). Sharded tensors (FSDP2, :mod:`metaste.optim.core.fsdp`): ``weights``
-    are the rank's shards, ``offsets[k]``/``numels[k]`` their flat offset in and the size of the full
-    tensor (the noise is that slice of the full tensor's: the counter-based noise at the global
-    indices offset + j, :func:`~.smoothing.noise_slice`), and
-    ``reduce_sum`` sums ‖ε⊙g‖² over the ranks.
+    not finite (the caller keeps g). ``shards``: the weights are the rank's shards of sharded
+    tensors (:class:`Shards`).
 
     The noise z_ik is regenerated from ``derive_seed(seed, step, i, k)`` each time it is used
     (``keep_noise=True`` keeps the n·D values instead: same result, fewer regenerations). Each
-    perturbation is one pass that computes z from the element index (:func:`~metaste.optim.fogzo.passes.perturb_`),
-    the final G one pass for all n samples (:func:`~metaste.optim.fogzo.passes.combine_`; ``"inplace"`` at
-    n = 1: the same pass also restores the weights, :func:`~metaste.optim.fogzo.passes.restore_combine_`); ``fused=True``
-    compiles both with ``torch.compile`` (the same numbers, :mod:`metaste.optim.fogzo.passes`)::
+    perturbation is one pass that computes z from the element index
+    (:func:`~metaste.optim.fogzo.passes.perturb_`), the final G one pass for all n samples
+    (:func:`~metaste.optim.fogzo.passes.combine_`; ``"inplace"`` at n = 1: the same pass also
+    restores the weights, :func:`~metaste.optim.fogzo.passes.restore_combine_`); ``fused=True``
+    compiles them with ``torch.compile`` (the same numbers)::
 
         N  = ‖ε ⊙ g‖₂ over all tensors; ĝ = ε ⊙ g / N  (0 if N is 0 or not finite)
         for i in 1..n:
@@ -68,109 +77,20 @@ def fogzo_estimate(
             c_i = [L(v + ε⊙d_i) − L(v − ε⊙d_i)] / 2
         G = (1/n) Σ_i c_i d_i ⊘ ε  =  g·√β Σ_i σ_i c_i / (nN)  +  Σ_i √(1−β) c_i/n · z_i ⊘ ε
     """
-    # 1. ĝ = ε⊙g / N with N = ‖ε⊙g‖ over all managed tensors jointly
-    norm = joint_norm(grads, eps, reduce_sum) if beta > 0 else 0.0
-    inv_norm = 1.0 / norm if 0.0 < norm < math.inf else 0.0
-    # ε⊙d_i = a σ_i (ε²⊙g) + b (ε⊙z_i): a = √β/N, b = √(1−β)
-    a, b = math.sqrt(beta) * inv_norm, math.sqrt(1.0 - beta)
-    sigmas = [rademacher(seed, step, i) for i in range(n)]
-    eps2 = [e * e for e in eps]
-    beps = [e * b for e in eps]
-    keys = [[key_halves(derive_seed(seed, step, i, k)) for k in range(len(weights))] for i in range(n)]
-    kept: dict[tuple[int, int], Tensor] = {}
-    # the eager path on a small step keeps the noise it draws (at most FUSE_MIN values; the same
-    # numbers as regenerating them): one hash per sample instead of 2–4, the bulk of its time
-    keep = keep_noise or (not fused and n * sum(v.numel() for v in weights) <= FUSE_MIN)
-    # a shard (FSDP2) draws the full tensor's noise at its global indices offset + j
-    starts = [0] * len(weights) if offsets is None else list(offsets)
-    totals = [v.numel() for v in weights] if numels is None else list(numels)
-    for v, s0, m in zip(weights, starts, totals):
-        if not 0 <= s0 <= s0 + v.numel() <= m < 1 << 31:
-            raise ValueError(
-                f"a shard of {v.numel()} elements at offset {s0} does not fit a tensor of {m} elements "
-                "(FOGZO's noise indexes elements with int32: at most 2^31 - 1)"
-            )
-    # the kernels' index offsets per tensor (0-dim int32): 0 for whole tensors
-    i32 = torch.int32
-    offs: list = [0] * len(weights) if offsets is None else [torch.tensor(s0, dtype=i32) for s0 in starts]
-    # the keys as int32 tensors: [i, k] halves of sample i, tensor k
-    key1 = torch.tensor([[k1 for k1, _ in row] for row in keys], dtype=i32)
-    key2 = torch.tensor([[k2 for _, k2 in row] for row in keys], dtype=i32)
-    # the tensors of each STE kind and device: one kernel call per group and pass for all of them,
-    # with the group's keys on its device
-    groups: dict[tuple[str, torch.device], list[int]] = {}
-    for k, (kind, v) in enumerate(zip(kinds, weights)):
-        groups.setdefault((kind, v.device), []).append(k)
-    every = list(range(len(weights)))  # the usual single group: no gather
-    group_keys = {
-        gk: (key1, key2) if sel == every else (key1[:, sel], key2[:, sel]) for gk, sel in groups.items()
-    }
-    group_keys = {gk: (k1.to(gk[1]), k2.to(gk[1])) for gk, (k1, k2) in group_keys.items()}
-    scalars: dict[tuple[str, float, torch.dtype, torch.device], Tensor] = {}
-
-    def scalar(x: float, like: Tensor, role: str = "") -> Tensor:
-        # a 0-dim tensor (one compiled kernel for all values), one per role, value, dtype and
-        # device: the lists a kernel gets alias the same way at every call (no recompiles)
-        key = (role, x, like.dtype, like.device)
-        if key not in scalars:
-            scalars[key] = torch.tensor(x, dtype=like.dtype, device=like.device)
-        return scalars[key]
-
-    def z(i: int, k: int) -> Tensor:  # keep_noise: the stored z_ik (a shard's: its slice of the full z)
-        if (i, k) not in kept:
-            v = weights[k]
-            kept[(i, k)] = noise_slice(
-                kinds[k], starts[k], v.numel(), derive_seed(seed, step, i, k), v.device, v.dtype
-            ).view(v.shape)
-        return kept[(i, k)]
-
-    def shift(i: int, alpha: float, ks: Sequence[int] | None = None) -> None:
-        # v += alpha · ε⊙d_i, one pass per tensor (``ks``: only those tensors, eagerly: the same
-        # numbers, and no compiled variant for a subset that only an error asks for)
-        if b == 0.0:  # β = 1: d_i = σ_i ĝ, no noise
-            for k in range(len(weights)) if ks is None else ks:
-                if grads[k] is not None:
-                    weights[k].add_(grads[k] * (eps2[k] * (a * sigmas[i])), alpha=alpha)
-            return
-        if keep:
-            for k in range(len(weights)) if ks is None else ks:
-                v, gk = weights[k], grads[k] if a != 0.0 else None
-                v.add_(
-                    delta(z(i, k), gk, eps2[k], beps[k], scalar(a * sigmas[i], v, "a_sig"))
-                    * scalar(alpha, v, "alpha")
-                )
-            return
-        for (kind, _), group in groups.items():
-            pos = [j for j, k in enumerate(group) if ks is None or k in ks]
-            if pos:
-                sel = [group[j] for j in pos]
-                k1s, k2s = group_keys[(kind, _)]
-                kernel(perturb_many_, kind, fused and ks is None)(
-                    [weights[k] for k in sel],
-                    [grads[k] if a != 0.0 else None for k in sel],
-                    [eps2[k] for k in sel],
-                    [beps[k] for k in sel],
-                    [scalar(a * sigmas[i], weights[k], "a_sig") for k in sel],
-                    [scalar(alpha, weights[k], "alpha") for k in sel],
-                    k1s[i] if ks is None else k1s[i, pos],
-                    k2s[i] if ks is None else k2s[i, pos],
-                    kind,
-                    [offs[k] for k in sel],
-                )
-
-    # 2. c_i from 2 (one-sided: 1) no-grad passes at v ± ε⊙d_i
+    d = _Directions(weights, grads, eps, kinds, beta, n, seed, step, keep_noise, fused, shards)
     originals = [v.clone() for v in weights] if restore == "copy" else None
-    # in-place restore, n = 1: the restoring pass is also the combine pass of step 3 (it computes
-    # the same noise), so it waits for c; ``pending`` are the tensors not yet restored. (n > 1
-    # would save one of 4n draws and give the compiled kernel one more variant per n: Dynamo's
-    # recompile limit, shared by all calls of a function, then turns every fused pass eager.)
-    fuse_last = originals is None and not keep and b != 0.0 and n == 1
-    pending = list(range(len(weights)))
+    # in-place restore, n = 1: the restoring pass is also the combine pass (it computes the same
+    # noise), so it waits for c. (n > 1 would save one of 4n draws and give the compiled kernel
+    # one more variant per n: Dynamo's recompile limit, shared by all calls of a function, then
+    # turns every fused pass eager.)
+    fuse_last = originals is None and not d.keep and d.b != 0.0 and n == 1
+    pending = list(range(len(weights)))  # the tensors not yet restored
     c = torch.empty(n, dtype=torch.float64)
     offset = (0, 0.0)  # (i, m): the weights ``pending`` are now v + m·ε⊙d_i
     try:
+        # c_i from 2 (one-sided: 1) no-grad passes at v ± ε⊙d_i
         for i in range(n):
-            shift(i, 1.0)
+            d.shift(i, 1.0)
             offset = (i, 1.0)
             plus = loss_at()
             if one_sided:
@@ -180,7 +100,7 @@ def fogzo_estimate(
                     for v, v0 in zip(weights, originals):
                         v.lerp_(v0, 2.0)  # v0 − (v⁺ − v0): the mirror image, no regeneration
                 else:
-                    shift(i, -2.0)
+                    d.shift(i, -2.0)
                 offset = (i, -1.0)
                 c[i] = (plus - loss_at()) / 2
             if originals is not None:
@@ -189,69 +109,196 @@ def fogzo_estimate(
             elif fuse_last and i == n - 1:
                 break  # restored with the combine below (or by ``finally``)
             else:
-                shift(i, -offset[1])
+                d.shift(i, -offset[1])
             offset = (i, 0.0)
         originals = None  # every tensor is restored: the copies are freed
         if reduce is not None:
             c = reduce(c)
         if not bool(torch.isfinite(c).all()):
             return None, c
-
-        # 3. G = g·√β Σσ_i c_i/(nN) + Σ_i √(1−β) c_i/n · z_i ⊘ ε   (replaces g)
-        cs = c.tolist()
-        scale_g = a * sum(s * ci for s, ci in zip(sigmas, cs)) / n
-        Gs = [grads[k] if grads[k] is not None else torch.zeros_like(v) for k, v in enumerate(weights)]
-        zero = scale_g == 0.0  # ĝ = 0: drop g (even a non-finite one) exactly
-        if b == 0.0 or keep:
-            for k, G in enumerate(Gs):
-                G.zero_() if zero else G.mul_(scale_g)
-                if b != 0.0:
-                    for i in range(n):
-                        G.add_((scalar(b * cs[i] / n, G) * z(i, k)) / eps[k])
-            return Gs, c
-        vals = {}  # per dtype and device: b·c_i/n
-        for G in Gs:
-            if (G.dtype, G.device) not in vals:
-                vals[(G.dtype, G.device)] = torch.tensor(
-                    [b * ci / n for ci in cs], dtype=G.dtype, device=G.device
-                )
-        for (kind, dev), sel in groups.items():
-            k1s, k2s = group_keys[(kind, dev)]
-            common = (
-                [Gs[k] for k in sel],
-                [eps[k] for k in sel],
-                [scalar(scale_g, Gs[k], "scale_g") for k in sel],
-                zero,
-                [vals[(Gs[k].dtype, Gs[k].device)] for k in sel],
-                k1s.T.contiguous(),
-                k2s.T.contiguous(),
-                kind,
-                [offs[k] for k in sel],
-            )
-            if fuse_last and offset[1] != 0.0:
-                i = n - 1
-                kernel(restore_combine_many_, kind, fused)(
-                    [weights[k] for k in sel],
-                    [grads[k] if a != 0.0 else None for k in sel],
-                    [eps2[k] for k in sel],
-                    [beps[k] for k in sel],
-                    [scalar(a * sigmas[i], weights[k], "a_sig") for k in sel],
-                    [scalar(-offset[1], weights[k], "alpha") for k in sel],
-                    k1s[i],
-                    k2s[i],
-                    *common,
-                )
-                pending = [k for k in pending if k not in sel]
-            else:
-                kernel(combine_many_, kind, fused)(*common)
-        return Gs, c
+        return d.combine(c.tolist(), -offset[1] if fuse_last else 0.0, pending), c
     finally:
         if offset[1] != 0.0 and pending:  # a pass raised (or c is not finite): put the weights back
             if restore == "copy":
                 for k in pending:
                     weights[k].copy_(originals[k])  # type: ignore[index]
             else:
-                shift(offset[0], -offset[1], pending)
+                d.shift(offset[0], -offset[1], pending)
+
+
+class _Directions:
+    """The n directions of one estimate, ε⊙d_i = a σ_i (ε²⊙g) + b (ε⊙z_i) with a = √β/N and
+    b = √(1−β), and the passes along them: :meth:`shift` moves the weights, :meth:`combine` forms G.
+
+    The tensors are grouped by STE kind and device: one kernel call per group and pass, with the
+    group's keys on its device. On a small eager step (at most ``FUSE_MIN`` noise values) the noise
+    drawn is kept: the same numbers as regenerating them, one hash per sample instead of 2–4."""
+
+    def __init__(
+        self,
+        weights: Sequence[Tensor],
+        grads: Sequence[Tensor | None],
+        eps: Sequence[Tensor],
+        kinds: Sequence[str],
+        beta: float,
+        n: int,
+        seed: int,
+        step: int,
+        keep_noise: bool,
+        fused: bool,
+        shards: Shards | None,
+    ) -> None:
+        self.weights, self.grads, self.eps, self.kinds = weights, grads, eps, kinds
+        self.n, self.seed, self.step, self.fused = n, seed, step, fused
+        # ĝ = ε⊙g / N with N = ‖ε⊙g‖ over all managed tensors jointly
+        norm = joint_norm(grads, eps, shards and shards.reduce_sum) if beta > 0 else 0.0
+        inv_norm = 1.0 / norm if 0.0 < norm < math.inf else 0.0
+        self.a, self.b = math.sqrt(beta) * inv_norm, math.sqrt(1.0 - beta)
+        self.sigmas = [rademacher(seed, step, i) for i in range(n)]
+        self.eps2 = [e * e for e in eps]
+        self.beps = [e * self.b for e in eps]
+        self.keep = keep_noise or (not fused and n * sum(v.numel() for v in weights) <= FUSE_MIN)
+        self.kept: dict[tuple[int, int], Tensor] = {}
+        self.scalars: dict[tuple[str, float, torch.dtype, torch.device], Tensor] = {}
+        # a shard (FSDP2) draws the full tensor's noise at its global indices offset + j
+        self.starts = [0] * len(weights) if shards is None else list(shards.offsets)
+        totals = [v.numel() for v in weights] if shards is None else list(shards.numels)
+        for v, s0, m in zip(weights, self.starts, totals):
+            if not 0 <= s0 <= s0 + v.numel() <= m < 1 << 31:
+                raise ValueError(
+                    f"a shard of {v.numel()} elements at offset {s0} does not fit a tensor of {m} elements "
+                    "(FOGZO's noise indexes elements with int32: at most 2^31 - 1)"
+                )
+        i32 = torch.int32
+        # the kernels' index offsets per tensor (0-dim int32): 0 for whole tensors
+        self.offs: list = (
+            [0] * len(weights) if shards is None else [torch.tensor(s, dtype=i32) for s in self.starts]
+        )
+        keys = [[key_halves(derive_seed(seed, step, i, k)) for k in range(len(weights))] for i in range(n)]
+        key1 = torch.tensor([[k1 for k1, _ in row] for row in keys], dtype=i32)  # [i, k]
+        key2 = torch.tensor([[k2 for _, k2 in row] for row in keys], dtype=i32)
+        self.groups: dict[tuple[str, torch.device], list[int]] = {}
+        for k, (kind, v) in enumerate(zip(kinds, weights)):
+            self.groups.setdefault((kind, v.device), []).append(k)
+        every = list(range(len(weights)))  # the usual single group: no gather
+        self.group_keys = {
+            gk: (k1.to(gk[1]), k2.to(gk[1]))
+            for gk, (k1, k2) in (
+                (gk, (key1, key2) if sel == every else (key1[:, sel], key2[:, sel]))
+                for gk, sel in self.groups.items()
+            )
+        }
+
+    def scalar(self, x: float, like: Tensor, role: str = "") -> Tensor:
+        """``x`` as a 0-dim tensor (one compiled kernel for all values), one per role, value, dtype
+        and device: the lists a kernel gets alias the same way at every call (no recompiles)."""
+        key = (role, x, like.dtype, like.device)
+        if key not in self.scalars:
+            self.scalars[key] = torch.tensor(x, dtype=like.dtype, device=like.device)
+        return self.scalars[key]
+
+    def z(self, i: int, k: int) -> Tensor:
+        """The kept z_ik (a shard's: its slice of the full z), drawn on first use."""
+        if (i, k) not in self.kept:
+            v = self.weights[k]
+            self.kept[(i, k)] = noise_slice(
+                self.kinds[k],
+                self.starts[k],
+                v.numel(),
+                derive_seed(self.seed, self.step, i, k),
+                v.device,
+                v.dtype,
+            ).view(v.shape)
+        return self.kept[(i, k)]
+
+    def _move_args(self, i: int, alpha: float, sel: list[int]) -> tuple:
+        """The arguments of a pass v += α·ε⊙d_i over the tensors ``sel``, before the keys."""
+        w, a_sig = self.weights, self.a * self.sigmas[i]
+        return (
+            [w[k] for k in sel],
+            [self.grads[k] if self.a != 0.0 else None for k in sel],
+            [self.eps2[k] for k in sel],
+            [self.beps[k] for k in sel],
+            [self.scalar(a_sig, w[k], "a_sig") for k in sel],
+            [self.scalar(alpha, w[k], "alpha") for k in sel],
+        )
+
+    def shift(self, i: int, alpha: float, ks: Sequence[int] | None = None) -> None:
+        """v += alpha · ε⊙d_i, one pass per tensor (``ks``: only those tensors, eagerly: the same
+        numbers, and no compiled variant for a subset that only an error asks for)."""
+        every = range(len(self.weights)) if ks is None else ks
+        if self.b == 0.0:  # β = 1: d_i = σ_i ĝ, no noise
+            for k in every:
+                if self.grads[k] is not None:
+                    self.weights[k].add_(
+                        self.grads[k] * (self.eps2[k] * (self.a * self.sigmas[i])), alpha=alpha
+                    )
+            return
+        if self.keep:
+            for k in every:
+                v, gk = self.weights[k], self.grads[k] if self.a != 0.0 else None
+                a_sig = self.scalar(self.a * self.sigmas[i], v, "a_sig")
+                v.add_(
+                    delta(self.z(i, k), gk, self.eps2[k], self.beps[k], a_sig)
+                    * self.scalar(alpha, v, "alpha")
+                )
+            return
+        for gk, group in self.groups.items():
+            pos = [j for j, k in enumerate(group) if ks is None or k in ks]
+            if pos:
+                sel = [group[j] for j in pos]
+                k1s, k2s = self.group_keys[gk]
+                kernel(perturb_many_, gk[0], self.fused and ks is None)(
+                    *self._move_args(i, alpha, sel),
+                    k1s[i] if ks is None else k1s[i, pos],
+                    k2s[i] if ks is None else k2s[i, pos],
+                    gk[0],
+                    [self.offs[k] for k in sel],
+                )
+
+    def combine(self, cs: list[float], restore_alpha: float, pending: list[int]) -> list[Tensor]:
+        """G = g·√β Σσ_i c_i/(nN) + Σ_i √(1−β) c_i/n · z_i ⊘ ε, in the gradients' buffers.
+        ``restore_alpha`` ≠ 0: the weights are still at v − restore_alpha·ε⊙d_{n−1}, and each
+        group's pass moves them back too (removing its tensors from ``pending``)."""
+        n, a, b = self.n, self.a, self.b
+        scale_g = a * sum(s * ci for s, ci in zip(self.sigmas, cs)) / n
+        Gs = [g if g is not None else torch.zeros_like(v) for g, v in zip(self.grads, self.weights)]
+        zero = scale_g == 0.0  # ĝ = 0: drop g (even a non-finite one) exactly
+        if b == 0.0 or self.keep:
+            for k, G in enumerate(Gs):
+                G.zero_() if zero else G.mul_(scale_g)
+                if b != 0.0:
+                    for i in range(n):
+                        G.add_((self.scalar(b * cs[i] / n, G) * self.z(i, k)) / self.eps[k])
+            return Gs
+        vals = {}  # per dtype and device: b·c_i/n
+        for G in Gs:
+            if (G.dtype, G.device) not in vals:
+                vals[(G.dtype, G.device)] = torch.tensor(
+                    [b * ci / n for ci in cs], dtype=G.dtype, device=G.device
+                )
+        for gk, sel in self.groups.items():
+            k1s, k2s = self.group_keys[gk]
+            common = (
+                [Gs[k] for k in sel],
+                [self.eps[k] for k in sel],
+                [self.scalar(scale_g, Gs[k], "scale_g") for k in sel],
+                zero,
+                [vals[(Gs[k].dtype, Gs[k].device)] for k in sel],
+                k1s.T.contiguous(),
+                k2s.T.contiguous(),
+                gk[0],
+                [self.offs[k] for k in sel],
+            )
+            if restore_alpha != 0.0:
+                i = n - 1
+                kernel(restore_combine_many_, gk[0], self.fused)(
+                    *self._move_args(i, restore_alpha, sel), k1s[i], k2s[i], *common
+                )
+                pending[:] = [k for k in pending if k not in sel]
+            else:
+                kernel(combine_many_, gk[0], self.fused)(*common)
+        return Gs
 
 
 def joint_norm(

@@ -23,7 +23,7 @@ from ..core.closure import Closure
 from ..core.fsdp import all_reduce_sum, as_dtensor_like, global_offset, is_dtensor, local, mesh_group
 from ..core.probe import Probe
 from ..core.wrapper import OptimizerWrapper
-from .estimator import fogzo_estimate
+from .estimator import Shards, fogzo_estimate
 from .managed import ManagedWeights, ScaleSpec
 
 __all__ = ["FOGZO", "RESTORE_MODES"]
@@ -320,9 +320,13 @@ class FOGZO(ManagedWeights, OptimizerWrapper):
                 keep_noise=self.keep_noise,
                 reduce=lambda c: self._all_reduce_mean(c, weights[0].device),
                 fused=self.fused is True or (self.fused == "auto" and d_managed >= FUSE_MIN),
-                offsets=[global_offset(p) for p in weights] if sharded else None,
-                numels=[p.numel() for p in weights] if sharded else None,
-                reduce_sum=(lambda x: all_reduce_sum(x, group, weights[0].device)) if sharded else None,
+                shards=Shards(
+                    [global_offset(p) for p in weights],
+                    [p.numel() for p in weights],
+                    lambda x: all_reduce_sum(x, group, weights[0].device),
+                )
+                if sharded
+                else None,
             )
         if G is None:
             self.fallbacks += 1
