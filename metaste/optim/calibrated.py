@@ -125,7 +125,7 @@ class NormalEquations:
 
 
 @dataclass(frozen=True)
-class _Managed:
+class Managed:
     entry: QuantEntry
     surrogate: LeakySurrogate
 
@@ -225,14 +225,14 @@ class Calibrated(OptimizerWrapper):
         self.history: list[tuple[int, list[tuple[float, float]]]] = []
         self._warned = False
 
-    def _find_managed(self) -> list[_Managed]:
+    def _find_managed(self) -> list[Managed]:
         out, other = [], []
         for p in self.params():
             entry = lookup(p)
             if entry is None or not p.requires_grad:
                 continue
             if isinstance(entry.surrogate, LeakySurrogate):
-                out.append(_Managed(entry, entry.surrogate))
+                out.append(Managed(entry, entry.surrogate))
             else:
                 other.append(getattr(entry.surrogate, "name", type(entry.surrogate).__name__))
         if other:

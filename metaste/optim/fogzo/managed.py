@@ -27,7 +27,10 @@ ScaleSpec = Tensor | float | Callable[[], Tensor | float]
 
 
 @dataclass(frozen=True)
-class _Managed:
+class Managed:
+    """One weight FOGZO perturbs: the parameter, its step size s, its STE kind (the smoothing of
+    its noise) and the name its errors give."""
+
     param: Tensor
     scale: Callable[[], Tensor | float | None]
     kind: str
@@ -38,18 +41,18 @@ class ManagedWeights:
     """The managed weights of a FOGZO wrapper (its ``params()`` and ``scales=``), their ε and the
     step-size record (:attr:`initial_scales`, :attr:`scales`)."""
 
-    _scales: dict[Tensor, _Managed]
+    _scales: dict[Tensor, Managed]
     initial_scales: dict[str, float]
     scales: dict[str, float]
     _warned_scale: bool
 
-    def _parse_scales(self, scales: Mapping | None) -> dict[Tensor, _Managed]:
+    def _parse_scales(self, scales: Mapping | None) -> dict[Tensor, Managed]:
         if scales is None:
             return {}
         if not isinstance(scales, Mapping):
             raise TypeError(f"scales must be a dict weight -> s or (s, kind), got {type(scales).__name__}")
         own = {id(p) for p in self.params()}
-        parsed: dict[Tensor, _Managed] = {}
+        parsed: dict[Tensor, Managed] = {}
         for p, spec in scales.items():
             if not isinstance(p, Tensor) or id(p) not in own:
                 raise ValueError("scales= names a tensor that is not a parameter of the wrapped optimizer")
@@ -57,10 +60,10 @@ class ManagedWeights:
             if kind not in STE_KINDS:
                 raise ValueError(f"Invalid STE kind {kind!r} in scales=; choose one of {STE_KINDS}")
             fn = s if callable(s) else (lambda s=s: s)
-            parsed[p] = _Managed(p, fn, kind, "")
+            parsed[p] = Managed(p, fn, kind, "")
         return parsed
 
-    def _managed(self, include_frozen: bool = False) -> list[_Managed]:
+    def _managed(self, include_frozen: bool = False) -> list[Managed]:
         """The managed weights, in parameter order (registry entries or ``scales=``). Cached per
         step until the parameter list, a ``requires_grad`` / dtype or the registry changes (the
         lookups were a visible part of a small model's step)."""
@@ -72,7 +75,7 @@ class ManagedWeights:
             cached = self._managed_cache = (key, self._find_managed(False))
         return cached[1]
 
-    def _find_managed(self, include_frozen: bool) -> list[_Managed]:
+    def _find_managed(self, include_frozen: bool) -> list[Managed]:
         out = []
         for k, p in enumerate(self.params()):
             if not p.requires_grad and not include_frozen:
@@ -83,14 +86,14 @@ class ManagedWeights:
                 entry = lookup(p)
                 if entry is None:
                     continue
-                m = _Managed(p, entry.scale, entry.ste_kind, name)
+                m = Managed(p, entry.scale, entry.ste_kind, name)
             else:
-                m = _Managed(p, m.scale, m.kind, name)
+                m = Managed(p, m.scale, m.kind, name)
             check_latent_dtype(p, "FOGZO", name)
             out.append(m)
         return out
 
-    def _eps(self, m: _Managed) -> Tensor:
+    def _eps(self, m: Managed) -> Tensor:
         s = local_scale(m.scale(), m.param)  # FSDP2: the rows of this rank's shard
         if s is None:
             raise ValueError(
@@ -102,7 +105,7 @@ class ManagedWeights:
         s = torch.as_tensor(s, dtype=m.param.dtype, device=m.param.device).detach()
         return s * SMOOTHINGS[m.kind].eps_bar
 
-    def _check_scale(self, m: _Managed) -> None:
+    def _check_scale(self, m: Managed) -> None:
         e = self._eps(m)
         try:
             torch.broadcast_shapes(e.shape, local(m.param).shape)
@@ -118,7 +121,7 @@ class ManagedWeights:
     #: step triggers the run-away warning
     SCALE_ALARM = 10.0
 
-    def _track_scales(self, managed: list[_Managed], eps: list[Tensor], t: int) -> None:
+    def _track_scales(self, managed: list[Managed], eps: list[Tensor], t: int) -> None:
         """Record each managed weight's step size s (mean) and warn once when one has grown or
         shrunk by :attr:`SCALE_ALARM` or more since its first FOGZO step. The run-away it flags:
         FOGZO's noise term moves every managed weight by about lr·√((1−β)D)·|∇L| per step

@@ -24,7 +24,7 @@ from ..core.fsdp import all_reduce_sum, as_dtensor_like, global_offset, is_dtens
 from ..core.probe import Probe
 from ..core.wrapper import OptimizerWrapper
 from .estimator import Shards, fogzo_estimate
-from .managed import ManagedWeights, ScaleSpec
+from .managed import Managed, ManagedWeights, ScaleSpec
 
 __all__ = ["FOGZO", "RESTORE_MODES"]
 
@@ -257,9 +257,8 @@ class FOGZO(ManagedWeights, OptimizerWrapper):
         micro-batch losses); returns the clean loss. If it raises, no weight, buffer or optimizer
         state has changed."""
         assert closure is not None  # step() refuses a missing one (_closure_reason)
-        name = type(self).__name__
         t = self.steps
-        if t < math.floor(self.ste_fraction * (self.total_steps or 0)):
+        if t < math.floor(self.ste_fraction * (self.total_steps or 0)):  # the STE phase
             loss = self._evaluate(closure)
             self._clip()
             self.optimizer.step()
@@ -290,10 +289,31 @@ class FOGZO(ManagedWeights, OptimizerWrapper):
             self._zero_grads()
             raise
         self._track_scales(managed, eps, t)
+        fused = self.fused is True or (self.fused == "auto" and d_managed >= FUSE_MIN)
+        G, c = self._estimate(closure, probe, managed, eps, beta=beta, loss=float(loss), step=t, fused=fused)
+        self._set_grads(weights, G, c, t)
+        self.optimizer.step()
+        self.steps = t + 1
+        return loss
 
+    def _estimate(
+        self,
+        closure: Closure,
+        probe: Probe,
+        managed: list[Managed],
+        eps: list[Tensor],
+        *,
+        beta: float,
+        loss: float,
+        step: int,
+        fused: bool,
+    ) -> tuple[list[Tensor] | None, Tensor]:
+        """:func:`fogzo_estimate` over the managed weights (the rank's shards under FSDP2), each
+        perturbed pass run by ``probe`` on the modules the step guard found."""
         # the buffers of the modules the step guard found; a global forward hook only as the
         # fallback (it cannot be traced through torch.compile: docs/design.md §10.5)
         modules = self._step_modules or []
+        weights = [m.param for m in managed]
         # FSDP2 (docs/design.md §10.4): the rank's shards, their offsets, the norm summed over ranks
         sharded = [p for p in weights if is_dtensor(p)]
         if sharded and not modules:
@@ -302,9 +322,16 @@ class FOGZO(ManagedWeights, OptimizerWrapper):
                 "between the perturbed passes); let the closure refer to the model, e.g. "
                 "opt.step(lambda: loss_fn(model(x), y))"
             )
-        group = mesh_group(sharded[0]) if sharded else None
-        with probe.passes(closure, name, modules, reshard_between=bool(sharded)) as loss_at:
-            G, c = fogzo_estimate(
+        shards = None
+        if sharded:
+            group = mesh_group(sharded[0])
+            shards = Shards(
+                [global_offset(p) for p in weights],
+                [p.numel() for p in weights],
+                lambda x: all_reduce_sum(x, group, weights[0].device),
+            )
+        with probe.passes(closure, type(self).__name__, modules, reshard_between=bool(sharded)) as loss_at:
+            return fogzo_estimate(
                 [local(p) for p in weights],
                 [None if p.grad is None else local(p.grad) for p in weights],
                 eps,
@@ -313,21 +340,19 @@ class FOGZO(ManagedWeights, OptimizerWrapper):
                 beta=beta,
                 n=self.n,
                 seed=self.seed,
-                step=t,
+                step=step,
                 one_sided=self.one_sided,
-                loss0=float(loss),
+                loss0=loss,
                 restore=self.restore,
                 keep_noise=self.keep_noise,
                 reduce=lambda c: self._all_reduce_mean(c, weights[0].device),
-                fused=self.fused is True or (self.fused == "auto" and d_managed >= FUSE_MIN),
-                shards=Shards(
-                    [global_offset(p) for p in weights],
-                    [p.numel() for p in weights],
-                    lambda x: all_reduce_sum(x, group, weights[0].device),
-                )
-                if sharded
-                else None,
+                fused=fused,
+                shards=shards,
             )
+
+    def _set_grads(self, weights: list[Tensor], G: list[Tensor] | None, c: Tensor, t: int) -> None:
+        """G as the weights' gradients for the base step, or, where a perturbed loss was not
+        finite (G is None), the STE gradient kept (counted, warned once)."""
         if G is None:
             self.fallbacks += 1
             if not self._warned_fallback:
@@ -336,19 +361,14 @@ class FOGZO(ManagedWeights, OptimizerWrapper):
                     f"FOGZO step {t}: a perturbed loss was not finite (c = {c.tolist()}); kept the STE "
                     "gradient for this step (counted in FOGZO.fallbacks; warning once)",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
-        else:
-            for p, g in zip(weights, G):
-                if not is_dtensor(p):
-                    p.grad = g
-                elif (
-                    p.grad is None or local(p.grad).data_ptr() != g.data_ptr()
-                ):  # G was not computed in place
-                    p.grad = as_dtensor_like(g, p)
-        self.optimizer.step()
-        self.steps = t + 1
-        return loss
+            return
+        for p, g in zip(weights, G):
+            if not is_dtensor(p):
+                p.grad = g
+            elif p.grad is None or local(p.grad).data_ptr() != g.data_ptr():  # G was not computed in place
+                p.grad = as_dtensor_like(g, p)
 
     @property
     def diagnostics(self) -> dict[str, Any]:
