@@ -1,5 +1,6 @@
 """The quantization substrate: forward quantizers, surrogates, layers, conversion, registry."""
 
+from .activation import ActivationLSQQuantizer
 from .bn import recalibrate_bn
 from .config import QuantConfig, make_weight_quantizer
 from .convert import QUANT_MODULES, quantize_model, register_quant_module
@@ -7,7 +8,6 @@ from .export import IntegerConv2d, IntegerLinear, QuantizedWeight, export_quanti
 from .layers import QuantConv2d, QuantLayer, QuantLinear, float_layer_kwargs
 from .learnable import DLSTE, PLSTE, SLSTE, LearnableSurrogate
 from .quantizers import (
-    ActivationLSQQuantizer,
     DoReFaBinaryQuantizer,
     FixedScaleQuantizer,
     LSQQuantizer,

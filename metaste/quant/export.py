@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .activation import ActivationLSQQuantizer
 from .layers import QuantConv2d, QuantLayer, QuantLinear, float_layer_kwargs
-from .quantizers import _S_EPS, ActivationLSQQuantizer, DoReFaBinaryQuantizer, Quantizer
+from .quantizers import S_EPS, DoReFaBinaryQuantizer, Quantizer
 
 __all__ = [
     "QuantizedWeight",
@@ -79,7 +80,7 @@ def _export_layer(layer: QuantLayer) -> QuantizedWeight:
         qp=q.qp,
         bias=None if layer.bias is None else layer.bias.detach().clone(),
         act_bits=None if aq is None else aq.bits,
-        act_scale=None if aq is None else aq.s.detach().clamp(min=_S_EPS).clone(),
+        act_scale=None if aq is None else aq.s.detach().clamp(min=S_EPS).clone(),
     )
 
 

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .activation import ActivationLSQQuantizer
 from .config import QuantConfig, make_weight_quantizer
-from .quantizers import ActivationLSQQuantizer, Quantizer, check_grid
+from .quantizers import Quantizer, check_grid
 from .registry import register
 
 __all__ = ["QuantLinear", "QuantConv2d", "QuantLayer", "float_layer_kwargs"]

@@ -13,14 +13,12 @@ all-reduced) gradient — the HyperSTE design (docs/design.md §3.1).
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ._functions import _RoundQuantFn, _SignQuantFn
-from .surrogate_factory import make_surrogate
 from .surrogates import Surrogate
 
 __all__ = [
@@ -28,15 +26,15 @@ __all__ = [
     "FixedScaleQuantizer",
     "LSQQuantizer",
     "DoReFaBinaryQuantizer",
-    "ActivationLSQQuantizer",
     "QUANTIZERS",
     "signed_grid",
     "check_bits",
     "check_weight_dtype",
+    "S_EPS",
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
-_S_EPS = 1e-8  # lower clamp of a learnable step size
+S_EPS = 1e-8  # lower clamp of a learnable step size
 
 
 def check_bits(bits: int) -> int:
@@ -248,7 +246,7 @@ class FixedScaleQuantizer(Quantizer):
             s = lsq_init(weight, self.qp, per_channel)
         else:
             raise ValueError(f"Invalid init: {init!r}; choose 'max', 'lsq' or a float")
-        self.register_buffer("s", torch.clamp(s, min=_S_EPS).to(weight.device))
+        self.register_buffer("s", torch.clamp(s, min=S_EPS).to(weight.device))
 
     def scale(self, weight: Tensor) -> Tensor:
         return self.s
@@ -274,20 +272,20 @@ class LSQQuantizer(Quantizer):
     def __init__(self, weight: Tensor, bits: int, surrogate: Surrogate, per_channel: bool = False) -> None:
         super().__init__(surrogate)
         self._set_grid(weight, bits, per_channel)
-        self.s = nn.Parameter(torch.clamp(lsq_init(weight, self.qp, per_channel), min=_S_EPS))
+        self.s = nn.Parameter(torch.clamp(lsq_init(weight, self.qp, per_channel), min=S_EPS))
         n = weight[0].numel() if per_channel else weight.numel()
         self.grad_scale = 1.0 / math.sqrt(n * self.qp)
 
     def scale(self, weight: Tensor) -> Tensor:
-        return self.s.detach().clamp(min=_S_EPS)
+        return self.s.detach().clamp(min=S_EPS)
 
     def forward(self, weight: Tensor) -> Tensor:
-        s = self.s.clamp(min=_S_EPS)
+        s = self.s.clamp(min=S_EPS)
         return _RoundQuantFn.apply(weight, s, self.qn, self.qp, self, self.grad_scale)
 
     def at_bits(self, weight: Tensor, bits: int) -> Tensor:
         qn, qp = signed_grid(bits)
-        s = self.s.clamp(min=_S_EPS) / 2.0 ** (bits - self.bits)
+        s = self.s.clamp(min=S_EPS) / 2.0 ** (bits - self.bits)
         return _RoundQuantFn.apply(weight, s, qn, qp, self, self.grad_scale)
 
     def extra_repr(self) -> str:
@@ -319,7 +317,7 @@ class DoReFaBinaryQuantizer(Quantizer):
 
     def scale(self, weight: Tensor) -> Tensor:
         if self.binary_surrogate_scale == "E":
-            return self.magnitude(weight).clamp(min=_S_EPS)
+            return self.magnitude(weight).clamp(min=S_EPS)
         return torch.ones((), dtype=weight.dtype, device=weight.device)
 
     def forward(self, weight: Tensor) -> Tensor:
@@ -331,72 +329,6 @@ class DoReFaBinaryQuantizer(Quantizer):
 
     def extra_repr(self) -> str:
         return f"bits=1, binary_surrogate_scale={self.binary_surrogate_scale!r}"
-
-
-class ActivationLSQQuantizer(GridSpecMixin, nn.Module):
-    """LSQ for activations: unsigned grid Qn = 0, Qp = 2^b − 1 (after a ReLU) or signed grid
-    Qn = 2^(b−1), Qp = 2^(b−1) − 1; clipped STE backward; s learnable, initialised from the first
-    training batch to 2·mean|x|/sqrt(Qp).
-
-    ``signed=None`` (default) picks the grid from that first batch: signed if it has a negative
-    value (raw inputs, LayerNorm outputs, a Linear after a Linear), else unsigned. The choice is a
-    buffer, so it is saved in ``state_dict()``.
-    """
-
-    def __init__(self, bits: int, signed: bool | None = None) -> None:
-        super().__init__()
-        self.bits = check_bits(bits)
-        if bits == 1 and signed:
-            raise ValueError("a signed 1-bit activation grid is degenerate; use bits >= 2")
-        self.s = nn.Parameter(torch.ones(()))
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-        self.register_buffer("signed", torch.tensor(bool(signed)))
-        self._auto_signed = signed is None
-        self.surrogate = make_surrogate("ste")
-        self.defer_surrogate = False
-
-    @property
-    def qn(self) -> int:
-        return 2 ** (self.bits - 1) if bool(self.signed) else 0
-
-    @property
-    def qp(self) -> int:
-        return 2 ** (self.bits - 1) - 1 if bool(self.signed) else 2**self.bits - 1
-
-    def grid_spec(self) -> str:
-        return f"act_lsq:bits={self.bits}"
-
-    def forward_written(self) -> list[Tensor]:
-        """What the next forward may write besides the buffers: ``s``, until the first training
-        batch has set it (the wrappers' step guard restores it if the step fails)."""
-        return [] if bool(self.initialized) else [self.s]
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not bool(self.initialized):
-            if not self.training:
-                raise RuntimeError(
-                    "activation quantizer used in eval mode before any training batch set its "
-                    "step size; run one forward in train mode (or recalibrate) first"
-                )
-            with torch.no_grad():
-                if self._auto_signed:
-                    self.signed.fill_(bool((x < 0).any()) and self.bits > 1)
-                elif not bool(self.signed) and bool((x < 0).any()):
-                    warnings.warn(
-                        f"unsigned {self.bits}-bit activation quantizer got negative inputs (min "
-                        f"{x.min().item():.3g}); they are clipped to 0. Use signed=None/True, or keep "
-                        "the layer that reads them in full precision (keep_fp=[name]).",
-                        stacklevel=2,
-                    )
-                self.s.copy_(2 * x.detach().abs().mean() / math.sqrt(self.qp) + _S_EPS)
-                self.initialized.fill_(True)
-        qn, qp = self.qn, self.qp
-        gscale = 1.0 / math.sqrt(x[0].numel() * qp) if x.dim() > 1 else 1.0
-        return _RoundQuantFn.apply(x, self.s.clamp(min=_S_EPS), qn, qp, self, gscale)
-
-    def extra_repr(self) -> str:
-        mode = "auto" if self._auto_signed else ("signed" if bool(self.signed) else "unsigned")
-        return f"bits={self.bits}, grid={mode}"
 
 
 QUANTIZERS = ("fixed", "lsq", "dorefa")

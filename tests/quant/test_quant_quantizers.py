@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from metaste.quant import make_weight_quantizer
-from metaste.quant.quantizers import ActivationLSQQuantizer, FixedScaleQuantizer, LSQQuantizer
+from metaste.quant.activation import ActivationLSQQuantizer
+from metaste.quant.quantizers import FixedScaleQuantizer, LSQQuantizer
 from metaste.quant.surrogate_factory import make_surrogate
 
 

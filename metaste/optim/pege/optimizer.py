@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ...quant._functions import fused_psi_name, psi_params
-from ...quant.quantizers import ActivationLSQQuantizer, DoReFaBinaryQuantizer
+from ...quant.activation import ActivationLSQQuantizer
+from ...quant.quantizers import DoReFaBinaryQuantizer
 from ...quant.registry import claim_all, lookup, release
 from ..core.closure import Closure
 from ..core.noise import derive_seed
