@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ...quant.registry import lookup, model_roots
-from .amp import GradientOverflow, check_grad_scaler, found_inf, install_grad_scaler_guard
+from .amp import GradientOverflow, ScaledStep, install_grad_scaler_guard
 from .checkpoint import WrapperCheckpoint
 from .closure import Closure, NonFiniteLossError, check_closure, losses
 from .modules import captured_modules, outermost
@@ -36,7 +36,7 @@ from .snapshot import BufferGuard
 __all__ = ["OptimizerWrapper", "check_latent_dtype", "check_quantized_dtypes"]
 
 
-class OptimizerWrapper(WrapperCheckpoint, Optimizer):
+class OptimizerWrapper(WrapperCheckpoint, ScaledStep, Optimizer):
     """Base class of metaste's optimizer wrappers: it owns :meth:`step`; a wrapper implements
     :meth:`_update` (and :meth:`_closure_reason` if some of its steps need extra forward passes)."""
 
@@ -332,59 +332,6 @@ class OptimizerWrapper(WrapperCheckpoint, Optimizer):
         self._warn_if_no_grad()
         return None
 
-    def _unscale(self, scaler: Any, loss: Tensor | None) -> None:
-        scaler.unscale_(self.optimizer)
-        self._unscaled = True
-        if found_inf(scaler, self.optimizer):
-            raise GradientOverflow(loss)
-
-    # -- fp16 loss scaling and clipping (docs/design.md §5.1) ------------------------------
-
-    def configure_amp(self, *, grad_scaler: Any = None, max_grad_norm: float | None = None) -> None:
-        """Set the ``GradScaler`` and the clip value (the constructor's ``grad_scaler=`` and
-        ``max_grad_norm=``; the trainer integrations call it with the framework's). ``None``
-        turns either off."""
-        who = type(self).__name__
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm}; it must be > 0 (or None: no clipping)")
-        self.grad_scaler = check_grad_scaler(grad_scaler, who)
-        self.max_grad_norm = max_grad_norm
-
-    def _active_scaler(self) -> Any:
-        s = self.grad_scaler
-        return s if s is not None and s.is_enabled() else None
-
-    def _run_step(self, step: Callable[[Closure | None], Tensor], closure: Closure | None) -> Tensor:
-        """Run one wrapper step ``step(closure)`` under the scaler protocol of optim/core/amp.py: an
-        overflow skips it (only the scale changes), ``scaler.update()`` ends it."""
-        self._in_step, self._unscaled, self.last_step_skipped = True, False, False
-        try:
-            loss = step(closure)
-        except GradientOverflow as overflow:
-            loss, self.last_step_skipped = overflow.loss, True
-        finally:
-            self._in_step = False
-            if self._unscaled:  # also after an error, so that the scaler stays usable
-                self._unscaled = False
-                self.grad_scaler.update()
-        return loss
-
-    #: where ``max_grad_norm`` clips: right before the base update (the surrogate gradient
-    #: g ⊙ ψ, HyperSTE), or — False — where the subclass calls :meth:`_clip` (FOGZO: the
-    #: backprop gradient, before its zeroth-order estimate replaces it)
-    _clip_before_base_step = True
-
-    def _clip(self) -> None:
-        if self.max_grad_norm is not None:
-            grads = [p for p in self.params() if p.grad is not None]
-            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
-
-    def _before_base_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        """Step pre-hook of the base optimizer: clip right before the base update, only inside
-        this wrapper's own step."""
-        if self._in_step and self._clip_before_base_step:
-            self._clip()
-
     def _warn_if_no_grad(self) -> None:
         managed = self._managed_params()
         if managed and not self._warned_no_grad and all(p.grad is None for p in managed):
@@ -396,26 +343,6 @@ class OptimizerWrapper(WrapperCheckpoint, Optimizer):
                 RuntimeWarning,
                 stacklevel=4,
             )
-
-    def _grad_scaler_step(self, scaler: Any, *args: Any, **kwargs: Any) -> Any:
-        """What ``scaler.step(wrapper, ...)`` does (:func:`~.amp.install_grad_scaler_guard`): torch's
-        own ``GradScaler.step`` (unscale, skip on inf/NaN, else ``wrapper.step()``) for a method that
-        needs one forward; an error that says what to do for one that needs more."""
-        who = type(self).__name__
-        why = self._closure_reason()
-        if why:
-            raise RuntimeError(
-                f"scaler.step({who}, ...) is not supported: {who} needs a closure {why}, so a GradScaler "
-                f"cannot unscale the gradients in between. Give the scaler to the wrapper instead — "
-                f"{who}(base, ..., grad_scaler=scaler) — and call loss = opt.step(closure) with a closure that "
-                "returns the unscaled loss; it scales, unscales, skips overflow steps and updates the scale "
-                "(docs/design.md §5.1)"
-            )
-        own, self.grad_scaler = self.grad_scaler, None  # the caller's scaler unscales and checks inf
-        try:
-            return torch.amp.GradScaler.step._metaste_original(scaler, self, *args, **kwargs)  # type: ignore[attr-defined]
-        finally:
-            self.grad_scaler = own
 
 
 def check_quantized_dtypes(params: Iterator[Tensor] | list[Tensor], who: str) -> None:
