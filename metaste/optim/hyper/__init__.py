@@ -20,7 +20,7 @@ from .analytical import Analytical
 from .analytical_math import analytical_update
 from .delayed import Delayed
 from .fagu import FAGU, PFAGU
-from .horizon import HorizonMemoryError
+from .horizon_memory import HorizonMemoryError
 from .horizon_options import HorizonOptions
 from .lgatt import LGATT
 from .methods import METHODS

@@ -1,7 +1,8 @@
 """Horizon methods of HyperSTE (docs/design.md §3.3–3.4): ``fagu`` (All Times Together, thesis 4.4 = FAGU
 5.3), ``pfagu`` (its relaxed per-epoch form, thesis 4.4 "Relaxed ATT" = P-FAGU 5.4) and ``lgatt``
 (Less-Greedy ATT, thesis 4.5 = FLAGU 5.3). This module holds the runtime the three share: the
-replay protocol, the schedules, snapshots and the memory estimate (:class:`HorizonMethod`); their
+replay protocol, the schedules and snapshots (:class:`HorizonMethod`; its memory estimate is
+:mod:`.horizon_memory`); their
 options are :class:`~.horizon_options.HorizonOptions`, the hypergradients are in :mod:`.fagu` and
 :mod:`.lgatt`.
 
@@ -42,18 +43,15 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..core.closure import Closure, NonFiniteLossError, check_closure
-from ..core.snapshot import RngState, Snapshot, captured_bytes, clone_value
+from ..core.snapshot import RngState, Snapshot, clone_value
 from ._common import Evaluate, HyperMethod, ManagedWeight
+from .horizon_memory import HorizonMemory
 from .horizon_options import HorizonOptions
 
-__all__ = ["HorizonMemoryError", "HorizonMethod"]
+__all__ = ["HorizonMethod"]
 
 
-class HorizonMemoryError(MemoryError):
-    """A horizon's up-front memory estimate exceeds ``memory_budget``; nothing was changed."""
-
-
-class HorizonMethod(HyperMethod):
+class HorizonMethod(HorizonMemory, HyperMethod):
     """Replays, schedules, snapshots and the step-driven protocol shared by fagu / pfagu / lgatt.
 
     Subclasses say how a replay's hypergradient is collected (:class:`~.fagu.FAGUMethod`:
@@ -154,47 +152,6 @@ class HorizonMethod(HyperMethod):
     def _set_hparams(self, hps: list[dict[str, Any]]) -> None:
         for g, hp in zip(self.optimizer.param_groups, hps):
             g.update({k: clone_value(v) for k, v in hp.items()})
-
-    # -- memory ------------------------------------------------------------------------------
-
-    def estimate_memory(self, closures: Sequence[Closure]) -> dict[str, int]:
-        """Up-front estimate (bytes) of what one horizon keeps alive (docs/design.md §3.3): recorded batches
-        (tensors captured by the closures, the first one's times T if only it is known), the
-        schedule and its hypergradient, the snapshot S and the method's per-step storage. The
-        optimizer state is counted as it is now (before the first step of a run, Adam's moments
-        do not exist yet and are not counted)."""
-        T = self.opts.horizon
-        own = {
-            t.untyped_storage().data_ptr() for t in list(self.model.parameters()) + list(self.model.buffers())
-        }
-        batches = sum(captured_bytes(c, own) for c in closures)
-        if len(closures) < T:
-            batches = batches * T // max(1, len(closures))
-        sched = 2 * sum(s.numel() * s.element_size() for s in self.schedule)
-        snap = self._capture(with_rng=False).nbytes()
-        out = {"batches": batches, "schedule": sched, "snapshot": snap}
-        out.update(self._method_memory(snap))
-        out["total"] = sum(out.values())
-        return out
-
-    def _method_memory(self, snap_bytes: int) -> dict[str, int]:
-        """The method's own storage per horizon (bytes, by name), given the snapshot's size."""
-        raise NotImplementedError
-
-    def _check_memory(self, closures: Sequence[Closure]) -> dict[str, int]:
-        """The estimate of :meth:`estimate_memory`; raises if it is above the budget."""
-        est = self.estimate_memory(closures)
-        budget = self.opts.memory_budget
-        if est["total"] > budget:
-            self.memory_estimate = est  # what the error explains, kept for the user to read
-            mib = 2.0**20
-            parts = ", ".join(f"{k} {v / mib:.1f} MiB" for k, v in est.items() if k != "total")
-            raise HorizonMemoryError(
-                f"HyperSTE(method={self.name!r}): a horizon of T={self.opts.horizon} steps needs about "
-                f"{est['total'] / mib:.1f} MiB ({parts}), above memory_budget={budget / mib:.1f} MiB. "
-                "Use a shorter horizon, schedule='shared', smaller batches, or raise memory_budget"
-            )
-        return est
 
     # -- the step-driven protocol --------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from torch import nn
 
 import metaste
 from metaste import HyperSTE
-from metaste.optim.hyper.horizon import HorizonMemoryError
+from metaste.optim.hyper.horizon_memory import HorizonMemoryError
 
 
 def _data(n, seed=0):
