@@ -18,7 +18,10 @@ from ..._compile import FUSE_MIN, kernel
 from ..core.noise import derive_seed, key_halves, noise_slice, rademacher
 from .passes import combine_many_, delta, perturb_many_, restore_combine_many_
 
-__all__ = ["Shards", "fogzo_estimate", "joint_norm"]
+__all__ = ["RESTORE_MODES", "Shards", "fogzo_estimate", "joint_norm"]
+
+#: how the weights are put back after the perturbed passes (``restore=`` of :func:`fogzo_estimate`)
+RESTORE_MODES = ("copy", "inplace")
 
 
 @dataclass(frozen=True)

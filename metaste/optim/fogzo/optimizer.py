@@ -25,10 +25,9 @@ from ..core.probe import Probe
 from ..core.wrapper import OptimizerWrapper
 from .estimator import Shards, fogzo_estimate
 from .managed import Managed, ManagedWeights, ScaleSpec
+from .settings import beta_at, check_settings
 
-__all__ = ["FOGZO", "RESTORE_MODES"]
-
-RESTORE_MODES = ("copy", "inplace")
+__all__ = ["FOGZO"]
 
 
 class FOGZO(ManagedWeights, OptimizerWrapper):
@@ -160,36 +159,7 @@ class FOGZO(ManagedWeights, OptimizerWrapper):
         grad_scaler: Any = None,
         max_grad_norm: float | None = None,
     ) -> None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"Invalid n: {n!r}; the number of directions must be an int >= 1")
-        if beta_min is not None and not 0.0 <= beta_min <= 1.0:
-            raise ValueError(f"Invalid beta_min: {beta_min}; it must lie in [0, 1]")
-        if total_steps is not None and (
-            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
-        ):
-            raise ValueError(f"Invalid total_steps: {total_steps!r}; it must be an int >= 1")
-        if not 0.0 <= ste_fraction <= 1.0:
-            raise ValueError(f"Invalid ste_fraction: {ste_fraction}; it must lie in [0, 1]")
-        if beta_schedule is not None and not callable(beta_schedule):
-            raise TypeError(f"beta_schedule must be callable t -> beta, got {type(beta_schedule).__name__}")
-        decays = beta_schedule is None and (beta_min is None or beta_min < 1.0)
-        if total_steps is None and (decays or ste_fraction > 0):
-            raise ValueError(
-                "total_steps is required: "
-                + (
-                    f"ste_fraction={ste_fraction} is a fraction of it"
-                    if ste_fraction > 0
-                    else "β decays linearly from 1 to beta_min (default 1 - 1/D) over total_steps; "
-                    "pass total_steps=<training steps>, or a constant schedule such as "
-                    "beta_schedule=lambda t: 0.999"
-                )
-            )
-        if restore not in RESTORE_MODES:
-            raise ValueError(f"Invalid restore: {restore!r}; choose one of {RESTORE_MODES}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        if fused not in (True, False, "auto"):
-            raise ValueError(f"Invalid fused: {fused!r}; choose True, False or 'auto'")
+        check_settings(n, beta_min, total_steps, beta_schedule, ste_fraction, restore, seed, fused)
         super().__init__(optimizer, grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
         self.fused = fused
         self.n = n
@@ -235,17 +205,9 @@ class FOGZO(ManagedWeights, OptimizerWrapper):
 
     def beta_at(self, t: int, num_managed: int | None = None) -> float:
         """β_t (docs/design.md §4.4); ``num_managed`` = D for the default β_min = 1 − 1/D."""
-        if self.beta_schedule is not None:
-            beta = float(self.beta_schedule(t))
-            if not 0.0 <= beta <= 1.0:
-                raise ValueError(f"Invalid beta: beta_schedule({t}) = {beta}; it must lie in [0, 1]")
-            return beta
-        if num_managed is None:
+        if num_managed is None and self.beta_schedule is None:
             num_managed = sum(m.param.numel() for m in self._managed())
-        beta_min = self.beta_min if self.beta_min is not None else 1.0 - 1.0 / num_managed
-        if beta_min == 1.0:
-            return 1.0
-        return 1.0 - (1.0 - beta_min) * min(1.0, t / self.total_steps)
+        return beta_at(t, num_managed, self.beta_min, self.total_steps, self.beta_schedule)
 
     # -- the step ----------------------------------------------------------------------------
 
