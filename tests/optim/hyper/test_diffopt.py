@@ -111,6 +111,29 @@ def test_differentiable_step_is_differentiable_in_params_and_state():
     assert math.isfinite(fd_m)
 
 
+def _before_an_update(surrogate, granularity, cls, kw):
+    """A float64 quantized MLP whose optimizer ``cls(**kw)`` has taken two steps (so momentum /
+    Adam state exist) and whose raw gradients ∂L/∂v̂ of a third are in: (entries, opt, the raw
+    gradients, the u, the θ values)."""
+    model = quantized_mlp(surrogate=surrogate, granularity=granularity, dtype=torch.float64)
+    set_surrogate_params(model, 0.7, 1.3)
+    entries = [e for _, e in metaste.quantized_weights(model)]
+    for e in entries:
+        e.quantizer.defer_surrogate = True  # p.grad = raw ∂L/∂v̂
+    opt = cls(model.parameters(), **kw)
+    x, y = batches(1, size=16, dtype=torch.float64)[0]
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+    opt.zero_grad()
+    loss_fn(model, x, y).backward()
+    raw = [e.weight.grad.clone() for e in entries]
+    us = [e.u() for e in entries]
+    thetas = [[t.detach().clone() for t in e.surrogate.params()] for e in entries]
+    return entries, opt, raw, us, thetas
+
+
 @pytest.mark.parametrize(
     "cls,kw",
     [
@@ -123,23 +146,8 @@ def test_differentiable_step_is_differentiable_in_params_and_state():
 def test_one_step_hypergradient_matches_finite_differences_of_the_real_update(cls, kw, surrogate):
     """h = ⟨λ, ∂v_{t+1}/∂θ⟩ against a central difference of ⟨λ, v_{t+1}(θ ± δ·d)⟩, where v_{t+1} is the
     REAL optimizer's step on g ⊙ ψ(u; θ ± δ·d) (PLSTE/DLSTE: ψ is smooth in θ inside the band)."""
-    model = quantized_mlp(surrogate=surrogate, granularity="tensor", dtype=torch.float64)
-    set_surrogate_params(model, 0.7, 1.3)
-    entries = [e for _, e in metaste.quantized_weights(model)]
+    entries, opt, raw, us, thetas = _before_an_update(surrogate, "tensor", cls, kw)
     params = [e.weight for e in entries]
-    for e in entries:
-        e.quantizer.defer_surrogate = True  # p.grad = raw ∂L/∂v̂
-    opt = cls(model.parameters(), **kw)
-    x, y = batches(1, size=16, dtype=torch.float64)[0]
-    for _ in range(2):  # a step first, so that momentum / Adam state exist
-        opt.zero_grad()
-        loss_fn(model, x, y).backward()
-        opt.step()
-    opt.zero_grad()
-    loss_fn(model, x, y).backward()
-    raw = [p.grad.clone() for p in params]
-    us = [e.u() for e in entries]
-    thetas = [[t.detach().clone() for t in e.surrogate.params()] for e in entries]
     rec = record_update(opt, params)
     gen = torch.Generator().manual_seed(0)
     lams = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
@@ -182,23 +190,8 @@ def test_one_step_hypergradient_matches_finite_differences_of_the_real_update(cl
 def test_light_records_give_the_hypergradient_of_the_differentiable_replay(cls, kw):
     """the closed forms behind record_update(light=True) — SGD from its hyperparameters, Adam /
     AdamW from the state after the update — equal the differentiable replay of a full record."""
-    model = quantized_mlp(surrogate="plste", granularity="channel", dtype=torch.float64)
-    set_surrogate_params(model, 0.7, 1.3)
-    entries = [e for _, e in metaste.quantized_weights(model)]
+    entries, opt, raw, us, thetas = _before_an_update("plste", "channel", cls, kw)
     params = [e.weight for e in entries]
-    for e in entries:
-        e.quantizer.defer_surrogate = True
-    opt = cls(model.parameters(), **kw)
-    x, y = batches(1, size=16, dtype=torch.float64)[0]
-    for _ in range(2):
-        opt.zero_grad()
-        loss_fn(model, x, y).backward()
-        opt.step()
-    opt.zero_grad()
-    loss_fn(model, x, y).backward()
-    raw = [p.grad.clone() for p in params]
-    us = [e.u() for e in entries]
-    thetas = [[t.detach().clone() for t in e.surrogate.params()] for e in entries]
     for e, g, u, th in zip(entries, raw, us, thetas):  # the step uses g ⊙ ψ, as HyperSTE's does
         e.weight.grad = g * e.surrogate.psi(u, e.qn, e.qp, th)
     full, light = record_update(opt, params), record_update(opt, params, light=True)
