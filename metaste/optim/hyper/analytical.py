@@ -136,7 +136,6 @@ class AnalyticalMethod(HyperMethod):
         return super().step(closure, evaluate, t)
 
     def before_update(self, step: int) -> None:
-        o = self.opts
         # the groups of now: load_state_dict replaces the group dicts (an LR scheduler's lr)
         group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
         self.step_stats = {}
@@ -147,63 +146,14 @@ class AnalyticalMethod(HyperMethod):
             g = mw.local_grad()  # FSDP2: g, u, a, c and the history are the rank's rows
             if g is None:  # weight not used by this loss: the base optimizer skips it too
                 continue
-            s, a, u = mw.surrogate, mw.theta()[0], mw.u()
-            hist = self.history[i]
-            # c = η_w⁻·g·g⁻·d⁻, in one buffer (the same products in the same order)
+            a, u = mw.theta()[0], mw.u()
             fast = g.numel() >= FUSE_MIN and g.shape == u.shape == a.shape  # compiled passes, the same values
-            window = s.boundary == "window"
-            if hist is None:
-                c = torch.zeros_like(g)
-            elif fast and hist[0].shape == hist[1].shape == g.shape:  # one compiled pass
-                lr = torch.tensor(hist[2], dtype=g.dtype, device=g.device)
-                if hist[1].dtype == torch.uint8:
-                    c = kernel(_history_product_code, "analytical", True)(
-                        g, lr, hist[0], hist[1], a, window, float(s.b)
-                    )
-                else:
-                    c = kernel(_history_product, "analytical", True)(g, lr, hist[0], hist[1])
-            else:
-                d_prev = hist[1]
-                if d_prev.dtype == torch.uint8:
-                    d_prev = slste_grad_from_code(d_prev, a, s.boundary, s.b)
-                c = torch.mul(g, hist[2]).mul_(hist[0]).mul_(d_prev)
-                del d_prev
+            c = self._history_product(i, mw, g, a, fast)
             # g⁻ and d⁻ are spent: drop them now, not after the new ones exist (two weight copies
             # less at this step's peak; the history is rebuilt below before anything can raise)
-            self.history[i] = hist = None
-            # counts over the rank's elements (summed over the shards below): regions, halvings
-            if fast and o.resolve != "threshold":  # no region masks: their counts
-                a_new, counts, halv = _update_counts(
-                    a, u, c, self.hyper_lr(i, c), mw.qn, mw.qp, o.resolve, o.max_halvings
-                )
-                counts += list(halv)
-            else:
-                res = analytical_update(a, u, c, self.hyper_lr(i, c), mw.qn, mw.qp, o.resolve, o.max_halvings)
-                a_new = res.a
-                counts = [float(res.regions[k].count_nonzero()) for k in REGIONS]
-                if counts[REGIONS.index("gap")] == 0:  # no gap element: nothing halved or unresolved
-                    counts += [0.0, 0.0, 0.0]
-                else:
-                    counts += [
-                        float(res.halvings.sum()),
-                        float((res.halvings > 0).sum()),
-                        float(res.unresolved.sum()),
-                    ]
-                del res
-            if fast:  # clamp(a′) and the back pass in one compiled pass
-                d, nnz, sq = kernel(_back, "analytical", True)(
-                    u, a, a_new, g, c, float(mw.qn), float(mw.qp), window, float(s.b),
-                    float(s.a_min), float(s.a_max),
-                )  # fmt: skip
-                nnz, sq = _host_floats([nnz, sq])
-                grad = c  # g·ψ, written into c's buffer
-            else:
-                a_new.clamp_(s.a_min, s.a_max)  # a′ clamped
-                psi = slste(u, a_new, mw.qn, mw.qp)
-                nnz = float(psi.count_nonzero())
-                sq = float(torch.linalg.vector_norm(c.mul_(psi))) ** 2  # ∂L_t/∂a = −c·ψ(u_t; a')
-                grad = psi.mul_(g)  # g·ψ, in ψ's buffer
-                d = slste_grad_code(u, a_new, mw.qn, mw.qp, s.boundary, s.b)
+            self.history[i] = None
+            a_new, counts = self._solve(i, mw, a, u, c, fast)
+            grad, d, nnz, sq = self._back(mw, g, a, u, c, a_new, fast)
             del c, u
             n, *counts, nnz, sq = mw.sum_over_shards([g.numel(), *counts, nnz, sq], g.device)
             stats = {k: x / n for k, x in zip(REGIONS, counts)}
@@ -216,6 +166,65 @@ class AnalyticalMethod(HyperMethod):
             self.step_stats[mw.name] = stats
         self.hypergrad_norm = sq_norm**0.5
         self.a_new = new_a
+
+    def _history_product(self, i: int, mw: ManagedWeight, g: Tensor, a: Tensor, fast: bool) -> Tensor:
+        """c = η_w⁻·g·g⁻·d⁻ of weight i, in one buffer (the same products in the same order; 0 at
+        its first step)."""
+        hist, s = self.history[i], mw.surrogate
+        if hist is None:
+            return torch.zeros_like(g)
+        if fast and hist[0].shape == hist[1].shape == g.shape:  # one compiled pass
+            lr = torch.tensor(hist[2], dtype=g.dtype, device=g.device)
+            if hist[1].dtype == torch.uint8:
+                return kernel(_history_product_code, "analytical", True)(
+                    g, lr, hist[0], hist[1], a, s.boundary == "window", float(s.b)
+                )
+            return kernel(_history_product, "analytical", True)(g, lr, hist[0], hist[1])
+        d_prev = hist[1]
+        if d_prev.dtype == torch.uint8:
+            d_prev = slste_grad_from_code(d_prev, a, s.boundary, s.b)
+        return torch.mul(g, hist[2]).mul_(hist[0]).mul_(d_prev)
+
+    def _solve(
+        self, i: int, mw: ManagedWeight, a: Tensor, u: Tensor, c: Tensor, fast: bool
+    ) -> tuple[Tensor, list[float]]:
+        """a′ of the self-consistent update and the counts over the rank's elements: each region's,
+        then the halvings, the halved and the unresolved elements."""
+        o = self.opts
+        if fast and o.resolve != "threshold":  # no region masks: their counts
+            a_new, counts, halv = _update_counts(
+                a, u, c, self.hyper_lr(i, c), mw.qn, mw.qp, o.resolve, o.max_halvings
+            )
+            return a_new, counts + list(halv)
+        res = analytical_update(a, u, c, self.hyper_lr(i, c), mw.qn, mw.qp, o.resolve, o.max_halvings)
+        counts = [float(res.regions[k].count_nonzero()) for k in REGIONS]
+        if counts[REGIONS.index("gap")] == 0:  # no gap element: nothing halved or unresolved
+            return res.a, counts + [0.0, 0.0, 0.0]
+        return res.a, counts + [
+            float(res.halvings.sum()),
+            float((res.halvings > 0).sum()),
+            float(res.unresolved.sum()),
+        ]
+
+    def _back(
+        self, mw: ManagedWeight, g: Tensor, a: Tensor, u: Tensor, c: Tensor, a_new: Tensor, fast: bool
+    ) -> tuple[Tensor, Tensor, float, float]:
+        """a′ clamped in place, and (g·ψ(u; a′), the code of ∂ψ/∂a for the next step, the count of
+        ψ ≠ 0, ‖c·ψ‖²); g·ψ is written into c's buffer or ψ's."""
+        s = mw.surrogate
+        if fast:  # clamp(a′) and the back pass in one compiled pass
+            d, nnz, sq = kernel(_back, "analytical", True)(
+                u, a, a_new, g, c, float(mw.qn), float(mw.qp), s.boundary == "window", float(s.b),
+                float(s.a_min), float(s.a_max),
+            )  # fmt: skip
+            nnz, sq = _host_floats([nnz, sq])
+            return c, d, nnz, sq  # g·ψ, written into c's buffer
+        a_new.clamp_(s.a_min, s.a_max)  # a′ clamped
+        psi = slste(u, a_new, mw.qn, mw.qp)
+        nnz = float(psi.count_nonzero())
+        sq = float(torch.linalg.vector_norm(c.mul_(psi))) ** 2  # ∂L_t/∂a = −c·ψ(u_t; a')
+        grad = psi.mul_(g)  # g·ψ, in ψ's buffer
+        return grad, slste_grad_code(u, a_new, mw.qn, mw.qp, s.boundary, s.b), nnz, sq
 
     def after_update(self, step: int) -> None:
         """a ← a′, now that the base step is done."""
