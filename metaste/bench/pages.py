@@ -130,7 +130,13 @@ def write_reports(results: Path, doc: Path, readme: Path) -> list[Path]:
     ]
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(parts).rstrip("\n") + "\n")
-    written = [doc]
+    return [doc, *_write_blocks(readme, doc.parent, found, answer, demo)]
+
+
+def _write_blocks(readme: Path, docs: Path, found: dict, answer: str, demo: str) -> list[Path]:
+    """The ``results:answer`` / ``results:demo`` blocks of ``readme`` and the ``results:suite:NAME``
+    blocks of any page under ``docs``, rewritten; returns the files written."""
+    written = []
     if readme.exists():
         text = readme.read_text()
         if "<!-- results:answer -->" in text:
@@ -139,7 +145,7 @@ def write_reports(results: Path, doc: Path, readme: Path) -> list[Path]:
             text = replace_block(text, "demo", demo)
         readme.write_text(text)
         written.append(readme)
-    for page in sorted(doc.parent.rglob("*.md")):  # a docs page may hold one suite's verdicts
+    for page in sorted(docs.rglob("*.md")):  # a docs page may hold one suite's verdicts
         text = page.read_text()
         blocks = [name for name in found if f"<!-- results:suite:{name} -->" in text]
         for name in blocks:
