@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _reliability_helpers import assert_untouched, capture, closure_for, cnn, fogzo, hyper, images
 from torch import nn
 
 import metaste
 from metaste import FOGZO, PEGE, Calibrated, HyperSTE, JacQuant, NonFiniteLossError
+from tests.helpers.reliability import assert_untouched, capture, closure_for, cnn, fogzo, hyper, images
 
 CASES: dict[str, tuple] = {}
 

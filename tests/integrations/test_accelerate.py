@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _integration_helpers import assert_same_tensors, batches, loss_fn, mlp, tensors_of
+
+from tests.helpers.integration import assert_same_tensors, batches, loss_fn, mlp, tensors_of
 
 accelerate = pytest.importorskip("accelerate", reason="needs the [hf] extra: pip install 'metaste[hf]'")
 

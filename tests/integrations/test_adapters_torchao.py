@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _integration_helpers import batches
 from torch import nn
+
+from tests.helpers.integration import batches
 
 pytest.importorskip("torchao", reason="needs the [torchao] extra: pip install 'metaste[torchao]'")
 

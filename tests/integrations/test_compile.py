@@ -11,13 +11,13 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from _integration_helpers import batches
 from torch import nn
 from torch._dynamo.testing import CompileCounter
 
 import metaste
 from metaste import FOGZO, HyperSTE
 from metaste.optim.core.modules import captured_modules
+from tests.helpers.integration import batches
 
 STEPS = 6
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _ddp import spawn_ranks
 from torch import nn
 
 import metaste
 from metaste.optim.core.fsdp import fully_shard, global_offset, local, register_sharded
 from metaste.optim.core.noise import derive_seed, noise, noise_slice
+from tests.helpers.ddp import spawn_ranks
 
 STEPS = 3
 QUANT = {

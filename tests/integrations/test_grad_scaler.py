@@ -9,10 +9,10 @@ import copy
 
 import pytest
 import torch
-from _integration_helpers import assert_same_tensors, batches, loss_fn, mlp, nested_equal, tensors_of
 
 import metaste
 from metaste import FOGZO, Accumulated, HyperSTE
+from tests.helpers.integration import assert_same_tensors, batches, loss_fn, mlp, nested_equal, tensors_of
 
 STEPS = 20
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _integration_helpers import assert_same_tensors, batches, mlp, tensors_of
+
+from tests.helpers.integration import assert_same_tensors, batches, mlp, tensors_of
 
 L = pytest.importorskip(
     "lightning.pytorch", reason="needs the [lightning] extra: pip install 'metaste[lightning]'"

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _lockstep import assert_lockstep
 from torch import nn
 
 import metaste
@@ -23,6 +22,7 @@ from metaste.quant.leaky import LeakySurrogate
 from metaste.quant.psi import band
 from metaste.quant.quantizers import Quantizer
 from metaste.quant.registry import register
+from tests.helpers.lockstep import assert_lockstep
 
 
 def mlp(surrogate="leaky", quantizer="fixed", granularity="tensor", seed=0):

@@ -10,11 +10,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from _reliability_helpers import assert_untouched, capture, closure_for, cnn, fogzo, hyper, images, mlp
 from torch import nn
 
 import metaste
 from metaste import FOGZO, HyperSTE, NonFiniteLossError
+from tests.helpers.reliability import assert_untouched, capture, closure_for, cnn, fogzo, hyper, images, mlp
 
 # -- 1. an error in step() leaves the buffers (BN statistics, activation quantizer) as they were ----
 

@@ -11,11 +11,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _reliability_helpers import assert_untouched, capture, closure_for, cnn, images, same
 from torch import nn
 
 import metaste
 from metaste.optim import OptimizerWrapper
+from tests.helpers.reliability import assert_untouched, capture, closure_for, cnn, images, same
 
 
 def _base(model, momentum=0.9):

@@ -9,10 +9,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _ddp import spawn_ranks
-from _optim_db import optim_db_cases
-from _reliability_helpers import same
-from fogzo_reference import reference_estimate
 from torch import nn
 
 import metaste
@@ -20,6 +16,10 @@ from metaste import FOGZO
 from metaste.optim.core.closure import NonFiniteLossError
 from metaste.optim.fogzo.estimator import fogzo_estimate
 from metaste.optim.fogzo.smoothing import SMOOTHINGS
+from tests.helpers.ddp import spawn_ranks
+from tests.helpers.fogzo_reference import reference_estimate
+from tests.helpers.optim_db import optim_db_cases
+from tests.helpers.reliability import same
 
 # -- helpers ---------------------------------------------------------------------------------
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _hyperste_helpers import batches, loss_fn, quantized_mlp
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import metaste
 from metaste import HyperSTE
 from metaste.optim.hyper.analytical_math import REGIONS, analytical_update
+from tests.helpers.hyperste import batches, loss_fn, quantized_mlp
 
 QN, QP = 2, 1  # 2-bit grid
 # (a, u, c, region, a' for halve, threshold, passive); η_a = 1, max_halvings = 10

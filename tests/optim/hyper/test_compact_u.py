@@ -39,11 +39,10 @@ def test_code_is_only_for_slste():
 def test_compiled_surrogate_grads_give_the_eager_trajectory_bitwise(boundary, opt_name, monkeypatch):
     """above FUSE_MIN, delayed's λ, region code and clipped count are one compiled pass
     (``_slste_lambda``); a run with it equals the eager run bit for bit."""
-    from _hyperste_helpers import batches, loss_fn, quantized_mlp
-
     import metaste._compile as compile_
     from metaste import HyperSTE
     from metaste.optim.hyper import _common
+    from tests.helpers.hyperste import batches, loss_fn, quantized_mlp
 
     runs = []
     for limit in (1 << 40, 1):

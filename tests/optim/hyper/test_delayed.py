@@ -8,7 +8,10 @@ from contextlib import nullcontext
 import pytest
 import torch
 import torch.nn.functional as F
-from _hyperste_helpers import (
+
+import metaste
+from metaste import HyperSTE
+from tests.helpers.hyperste import (
     OPTIMIZERS,
     WARMUP,
     batches,
@@ -18,9 +21,6 @@ from _hyperste_helpers import (
     set_surrogate_params,
     warmed_up_smooth_model,
 )
-
-import metaste
-from metaste import HyperSTE
 
 
 def _smooth_setup(name):

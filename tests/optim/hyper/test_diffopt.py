@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from _hyperste_helpers import batches, loss_fn, quantized_mlp, set_surrogate_params
 from torch import nn
 
 import metaste
@@ -19,6 +18,7 @@ from metaste.optim.hyper.diffopt import (
     record_update,
 )
 from metaste.quant.learnable import psi_differentiable
+from tests.helpers.hyperste import batches, loss_fn, quantized_mlp, set_surrogate_params
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _hyperste_helpers import (
+from torch import nn
+
+import metaste
+from metaste import HyperSTE
+from metaste.optim.hyper.horizon_memory import HorizonMemoryError
+from tests.helpers.hyperste import (
     OPTIMIZERS,
     WARMUP,
     SmoothSLSTEQuantizer,
@@ -19,11 +24,6 @@ from _hyperste_helpers import (
     set_surrogate_params,
     warmed_up_smooth_model,
 )
-from torch import nn
-
-import metaste
-from metaste import HyperSTE
-from metaste.optim.hyper.horizon_memory import HorizonMemoryError
 
 
 def _data(n, seed=0):

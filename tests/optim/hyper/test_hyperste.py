@@ -7,11 +7,11 @@ import io
 
 import pytest
 import torch
-from _hyperste_helpers import batches, loss_fn, mlp, quantized_mlp
-from _optim_db import optim_db_cases
 
 import metaste
 from metaste import HyperSTE
+from tests.helpers.hyperste import batches, loss_fn, mlp, quantized_mlp
+from tests.helpers.optim_db import optim_db_cases
 
 
 def _bare_run(cls, kw, data, surrogate="slste"):

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _ddp import spawn_ranks
-from _hyperste_helpers import batches, loss_fn, quantized_mlp
 from torch.nn.parallel import DistributedDataParallel
 
 import metaste
 from metaste import HyperSTE
+from tests.helpers.ddp import spawn_ranks
+from tests.helpers.hyperste import batches, loss_fn, quantized_mlp
 
 STEPS = 4
 

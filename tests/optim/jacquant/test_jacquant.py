@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _lockstep import assert_lockstep
 from torch import nn
 
 import metaste
 from metaste.optim.jacquant.optimizer import JacQuant, fit_slope
+from tests.helpers.lockstep import assert_lockstep
 
 
 def mlp(seed=0, quantizer="lsq", width=128):

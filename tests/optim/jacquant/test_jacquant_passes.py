@@ -5,11 +5,11 @@ import warnings
 
 import pytest
 import torch
-from _compiled_helpers import eager_and_compiled, eager_and_compiled_runs
 
 import metaste
 from metaste import _compile
 from metaste.optim.jacquant import passes
+from tests.helpers.compiled import eager_and_compiled, eager_and_compiled_runs
 
 pytestmark = pytest.mark.compiled
 

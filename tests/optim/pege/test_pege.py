@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _lockstep import assert_lockstep
 from torch import nn
 
 import metaste
 from metaste import PEGE
 from metaste.optim.pege.optimizer import replace_ratio
+from tests.helpers.lockstep import assert_lockstep
 
 
 def mlp(seed=0, quantizer="fixed", act_bits=None, width=16):
@@ -215,7 +215,7 @@ def test_activation_penalty_gradient_equals_autograd_of_the_penalized_loss():
     got = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
 
     inputs = []
-    acts = [m for m in ref.modules() if isinstance(m, metaste.quant.quantizers.ActivationLSQQuantizer)]
+    acts = [m for m in ref.modules() if isinstance(m, metaste.quant.ActivationLSQQuantizer)]
     handles = [m.register_forward_hook(lambda mod, a, out: inputs.append((mod, a[0]))) for m in acts]
     loss = F.cross_entropy(ref(x), y)
     for h in handles:

@@ -3,12 +3,12 @@ run bit for bit."""
 
 import pytest
 import torch
-from _compiled_helpers import eager_and_compiled, eager_and_compiled_runs
 
 import metaste
 from metaste import _compile
 from metaste.optim.pege import passes
 from metaste.quant.surrogate_factory import make_surrogate
+from tests.helpers.compiled import eager_and_compiled, eager_and_compiled_runs
 
 pytestmark = pytest.mark.compiled
 
