@@ -22,7 +22,7 @@ extra=()
 export OMP_NUM_THREADS=1
 if [ "$DEVICE" != cpu ]; then
   python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')"
-  python -m pytest -q -rs $(grep -rl "needs CUDA" tests)
+  python -m pytest -q -rs $(grep -rl --include="*.py" "needs CUDA" tests)
 fi
 python -m metaste.bench.cli compare --suite gpu --device "$DEVICE" --workers "$WORKERS" --out "$OUT" "${extra[@]}"
 python -m metaste.bench.cli report --results "$OUT" --doc "${DOC:-docs/results.md}" --readme "${README:-README.md}"
