@@ -22,7 +22,7 @@ from metaste.quant.leaky import LeakySurrogate
 from metaste.quant.psi import band
 from metaste.quant.quantizers import Quantizer
 from metaste.quant.registry import register
-from tests.helpers.lockstep import assert_lockstep
+from tests.helpers.lockstep import assert_lockstep, assert_twins
 
 
 def mlp(surrogate="leaky", quantizer="fixed", granularity="tensor", seed=0):
@@ -257,12 +257,7 @@ def test_checkpoint_resumes_identical_trajectory():
         wrong.load_state_dict(copy.deepcopy(opt.state_dict()))
     opt2 = Calibrated(torch.optim.Adam(net2.parameters(), lr=0.01), every=3, seed=4)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
-    for t in range(7, 15):
-        x, y = batch(seed=t)
-        opt.step(lambda x=x, y=y: F.cross_entropy(net(x), y))
-        opt2.step(lambda x=x, y=y: F.cross_entropy(net2(x), y))
-    for p, q in zip(net.parameters(), net2.parameters()):
-        assert torch.equal(p, q)
+    assert_twins(net, opt, net2, opt2, [batch(seed=t) for t in range(7, 15)])
     assert opt.history == opt2.history
 
 

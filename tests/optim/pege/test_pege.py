@@ -14,7 +14,7 @@ from torch import nn
 import metaste
 from metaste import PEGE
 from metaste.optim.pege.optimizer import replace_ratio
-from tests.helpers.lockstep import assert_lockstep
+from tests.helpers.lockstep import assert_lockstep, assert_twins
 
 
 def mlp(seed=0, quantizer="fixed", act_bits=None, width=16):
@@ -164,12 +164,7 @@ def test_checkpoint_resumes_identical_trajectory():
     wrong.remove()  # its forward hooks would mix into net2's passes
     opt2 = PEGE(torch.optim.Adam(net2.parameters(), lr=0.01), total_steps=20, seed=2)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
-    for t in range(5, 12):
-        x, y = batch(seed=t)
-        opt.step(lambda x=x, y=y: F.cross_entropy(net(x), y))
-        opt2.step(lambda x=x, y=y: F.cross_entropy(net2(x), y))
-    for p, q in zip(net.parameters(), net2.parameters()):
-        assert torch.equal(p, q)
+    assert_twins(net, opt, net2, opt2, [batch(seed=t) for t in range(5, 12)])
 
 
 @pytest.mark.parametrize(
