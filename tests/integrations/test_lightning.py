@@ -119,7 +119,7 @@ def test_lightning_module_equals_the_plain_metaste_loop(method):
 
 
 @pytest.mark.parametrize("method", ["fogzo", "analytical"])
-def test_16_mixed_uses_the_precision_plugins_scaler(method):
+def test_mixed_uses_the_precision_plugins_scaler(method):
     from lightning.pytorch.plugins.precision import MixedPrecision
 
     mk = lambda: torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=2)  # noqa: E731

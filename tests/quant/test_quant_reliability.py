@@ -1,5 +1,5 @@
-"""The substrate defects a new user hit: tied weights, quantizing twice, quantizing
-nothing, checkpoints of another grid. Each test failed before its fix."""
+"""The substrate on a user's edge cases: tied weights stay tied, quantizing twice takes the new
+bits, quantizing nothing warns with the reason, a checkpoint of another grid is refused."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 import metaste
 from metaste.quant import QuantLinear, lookup
 
-# -- 2. tied weights stay tied ------------------------------------------------------------------
+# -- tied weights stay tied ------------------------------------------------------------------
 
 
 class _Tied(nn.Module):
@@ -29,7 +29,7 @@ class _Tied(nn.Module):
         return self.head(torch.relu(self.b(torch.relu(self.a(x)))))
 
 
-def test_2_tied_weights_share_one_latent_weight_and_one_quantizer_and_stay_tied():
+def test_tied_weights_share_one_latent_weight_and_one_quantizer_and_stay_tied():
     m = _Tied()
     q = metaste.quantize_model(m, bits=2)
     assert isinstance(q.a, QuantLinear) and isinstance(q.b, QuantLinear)
@@ -47,7 +47,7 @@ def test_2_tied_weights_share_one_latent_weight_and_one_quantizer_and_stay_tied(
     assert q.a.weight is q.b.weight
 
 
-def test_2_ties_survive_inplace_quantization_and_a_shared_module_is_swapped_everywhere():
+def test_ties_survive_inplace_quantization_and_a_shared_module_is_swapped_everywhere():
     m = _Tied()
     q = metaste.quantize_model(m, bits=2, inplace=True)
     assert q is m and q.a.weight is q.b.weight
@@ -58,7 +58,7 @@ def test_2_ties_survive_inplace_quantization_and_a_shared_module_is_swapped_ever
     assert isinstance(q[0], QuantLinear) and q[2] is q[0]
 
 
-def test_2_a_float_module_that_shares_a_quantized_weight_keeps_sharing_it():
+def test_a_float_module_that_shares_a_quantized_weight_keeps_sharing_it():
     m = _Tied()
     m.head = nn.Linear(8, 8)
     m.head.weight = m.a.weight  # tied with the last layer, which stays float
@@ -66,7 +66,7 @@ def test_2_a_float_module_that_shares_a_quantized_weight_keeps_sharing_it():
     assert type(q.head) is nn.Linear and q.head.weight is q.a.weight is q.b.weight
 
 
-# -- 6. quantizing twice ------------------------------------------------------------------------
+# -- quantizing twice ------------------------------------------------------------------------
 
 
 def _mlp():
@@ -75,7 +75,7 @@ def _mlp():
 
 
 @pytest.mark.parametrize("inplace", [False, True])
-def test_6_quantizing_twice_takes_the_new_bits(inplace):
+def test_quantizing_twice_takes_the_new_bits(inplace):
     q2 = metaste.quantize_model(_mlp(), bits=2)
     w = q2[0].weight.detach().clone()
     q3 = metaste.quantize_model(q2, bits=3, inplace=inplace)
@@ -88,20 +88,20 @@ def test_6_quantizing_twice_takes_the_new_bits(inplace):
     assert keep[0].weight_quant.bits == 2 and keep[2].weight_quant.bits == 4
 
 
-# -- 7. quantizing nothing warns with the reason ------------------------------------------------
+# -- quantizing nothing warns with the reason ------------------------------------------------
 
 
 class _TheirLinear(nn.Linear):
     """Stands for torchao's / brevitas' Linear subclasses."""
 
 
-def test_7_linear_subclasses_of_another_library_warn_with_the_fix():
+def test_linear_subclasses_of_another_library_warn_with_the_fix():
     m = nn.Sequential(_TheirLinear(4, 4), nn.ReLU(), _TheirLinear(4, 2))
     with pytest.warns(UserWarning, match=r"quantized nothing.*subclasses.*scales=.*register_quant_module"):
         metaste.quantize_model(m, bits=2)
 
 
-def test_7_a_single_layer_model_warns_that_the_last_layer_is_kept():
+def test_a_single_layer_model_warns_that_the_last_layer_is_kept():
     with pytest.warns(UserWarning, match=r"only Linear/Conv2d layer '0' is the last one.*keep_last=False"):
         q = metaste.quantize_model(nn.Sequential(nn.Linear(4, 2)), bits=2)
     with pytest.warns(UserWarning, match="no quantized layer"):
@@ -112,12 +112,12 @@ def test_7_a_single_layer_model_warns_that_the_last_layer_is_kept():
         assert len(metaste.export_quantized(q)) == 1
 
 
-def test_7_everything_in_keep_fp_warns():
+def test_everything_in_keep_fp_warns():
     with pytest.warns(UserWarning, match="keep_fp"):
         metaste.quantize_model(_mlp(), bits=2, keep_fp=["0", "2"])
 
 
-# -- 8. a checkpoint of another grid does not load ----------------------------------------------
+# -- a checkpoint of another grid does not load ----------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -130,7 +130,7 @@ def test_7_everything_in_keep_fp_warns():
         (dict(act_bits=4), dict(act_bits=3)),
     ],
 )
-def test_8_a_state_dict_of_another_grid_raises_naming_both(saved, now):
+def test_a_state_dict_of_another_grid_raises_naming_both(saved, now):
     src = metaste.quantize_model(_mlp(), **saved)
     dst = metaste.quantize_model(_mlp(), **now)
     before = {k: v.clone() for k, v in dst.state_dict().items()}
@@ -139,7 +139,7 @@ def test_8_a_state_dict_of_another_grid_raises_naming_both(saved, now):
     assert torch.equal(before["0.weight"], dst[0].weight)  # the layer was checked before it loaded
 
 
-def test_8_the_same_grid_loads_and_a_float_state_dict_still_loads_into_the_weights():
+def test_the_same_grid_loads_and_a_float_state_dict_still_loads_into_the_weights():
     src = metaste.quantize_model(_mlp(), bits=3, surrogate="slste")
     dst = metaste.quantize_model(_mlp(), bits=3, surrogate="slste")
     dst.load_state_dict(src.state_dict())

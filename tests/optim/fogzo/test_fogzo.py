@@ -20,7 +20,7 @@ from tests.helpers.fogzo import batch, closure_for, mlp, params_equal
 from tests.helpers.optim_db import optim_db_cases
 from tests.helpers.reliability import same
 
-# -- 6. restore, buffers, RNG, closure calls ---------------------------------------------------
+# -- restore, buffers, RNG, closure calls ---------------------------------------------------
 
 
 def test_copy_restore_is_bitwise_and_inplace_drift_stays_within_4_ulp_per_cycle():
@@ -159,7 +159,7 @@ def test_non_finite_perturbed_loss_keeps_g_counts_and_warns_once():
     assert opt.fallbacks == 2
 
 
-# -- 8. checkpoints ---------------------------------------------------------------------------
+# -- checkpoints ---------------------------------------------------------------------------
 
 
 def test_resume_from_state_dict_continues_the_trajectory_bitwise(tmp_path):

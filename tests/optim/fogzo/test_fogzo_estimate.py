@@ -17,7 +17,7 @@ from metaste.optim.fogzo.smoothing import SMOOTHINGS
 from tests.helpers.fogzo import batch, closure_for, managed_inputs, mlp
 from tests.helpers.fogzo_reference import reference_estimate
 
-# -- 2-4, 7. the estimator's statistics (docs/design.md §4.3) ------------------------------------------
+# -- the estimator's statistics (docs/design.md §4.3) ------------------------------------------
 
 
 def _quadratic_problem():
@@ -171,7 +171,7 @@ def test_nspsa_clean_pass_runs_without_backward():
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-# -- 5. the fast estimator equals the stored-d reference bitwise ------------------------------
+# -- the fast estimator equals the stored-d reference bitwise ------------------------------
 
 
 @pytest.mark.parametrize(

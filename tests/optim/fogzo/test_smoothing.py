@@ -13,7 +13,7 @@ from scipy import integrate, stats
 from metaste.optim.core.noise import NOISE_KINDS, derive_seed, noise
 from metaste.optim.fogzo.smoothing import SMOOTHINGS, STE_KINDS
 
-# -- 1. the smoothing table (docs/design.md §4.2) ------------------------------------------------------
+# -- the smoothing table (docs/design.md §4.2) ------------------------------------------------------
 
 CDF = {
     "identity": lambda z: np.clip((z + math.sqrt(3)) / (2 * math.sqrt(3)), 0, 1),

@@ -233,8 +233,7 @@ def test_weighted_fit_changes_the_slopes():
 
 @pytest.mark.parametrize("fit", ["dither", "probe"])
 def test_a_conv_weight_is_fitted_as_its_flattened_matrix(fit):
-    """(out, in, kh, kw) is fitted as (out, in·kh·kw), element for element (the draws too); it
-    used to fail with a shape error on every conv layer."""
+    """(out, in, kh, kw) is fitted as (out, in·kh·kw), element for element (the draws too)."""
     g = torch.Generator().manual_seed(0)
     u = torch.randn(4, 2, 3, 3, generator=g) * 1.5
     weight = torch.rand(2 * 3 * 3, generator=g)
