@@ -63,8 +63,21 @@ def _specs(path: Path) -> list[tuple[str, str, float, RunSpec]]:
     return out
 
 
-def _metric(spec: RunSpec) -> float:
-    return run_one(spec).final_metric
+def check(paths: list[Path], workers: int = 1) -> list[tuple[str, str, float, float]]:
+    """(entry, method label, saved metric, metric now) of one re-run per method of each saved
+    comparison in ``paths``."""
+    todo = [t for path in paths for t in _specs(path)]
+    specs = [spec for *_, spec in todo]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(run_one, specs))
+    else:
+        results = [run_one(spec) for spec in specs]
+    return [(entry, label, saved, r.final_metric) for (entry, label, saved, _), r in zip(todo, results)]
+
+
+def reproduces(saved: float, now: float) -> bool:
+    return saved == now or (math.isnan(saved) and math.isnan(now))
 
 
 def main() -> None:
@@ -80,20 +93,19 @@ def main() -> None:
     args = p.parse_args()
     tasks = None if args.tasks == "all" else set(args.tasks.split(","))
     only = set(filter(None, args.only.split(",")))
-    todo = []
+    paths = []
     for path in sorted(args.results.rglob("*.comparison.json")):
         entry = path.name.removesuffix(".comparison.json")
         task = json.loads(path.read_text())["setup"]["task"]
         if (tasks is None or task in tasks) and (not only or entry in only):
-            todo += _specs(path)
-    with ProcessPoolExecutor(args.workers) as pool:
-        now = list(pool.map(_metric, [spec for *_, spec in todo]))
+            paths.append(path)
+    rows = check(paths, args.workers)
     stale = 0
-    for (entry, label, saved, _), metric in zip(todo, now):
-        same = saved == metric or (math.isnan(saved) and math.isnan(metric))
+    for entry, label, saved, metric in rows:
+        same = reproduces(saved, metric)
         stale += not same
         print(f"{entry:45s} {label:40s} saved {saved:.6g}  now {metric:.6g}  {'same' if same else 'STALE'}")
-    print(f"{stale} of {len(todo)} runs do not reproduce")
+    print(f"{stale} of {len(rows)} runs do not reproduce")
 
 
 if __name__ == "__main__":
